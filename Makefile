@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: demo test lint typecheck unit bench reliability env node-env clean systemd-tools
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[torch,dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+$(NODE_STAMP): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+node-env: $(NODE_STAMP)
+
+# systemd-analyze verifies the unit files; install it where the machine lacks it.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "installing systemd (for systemd-analyze)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null) || \
+	  echo "warning: could not install systemd; unit verification tests will fail"; }
+
+demo: $(STAMP)
+	$(PY) -m examples.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check uploader ckpt tests bench examples
+	$(VENV)/bin/ruff format --check uploader ckpt tests bench examples
+	$(VENV)/bin/mypy uploader ckpt
+
+unit: $(STAMP) $(NODE_STAMP) systemd-tools
+	$(VENV)/bin/pytest -q -x --durations=15 $(PYTEST_ARGS)
+
+test: lint unit
+
+bench: $(STAMP)
+	$(PY) -m bench.transfer
+	$(PY) -m bench.stall
+	$(PY) -m bench.daemon
+
+reliability: $(STAMP) $(NODE_STAMP)
+	$(PY) -m bench.reliability
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

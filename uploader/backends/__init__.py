@@ -1,0 +1,1 @@
+"""One thin adapter per provider family; see ``base.Backend`` for the interface."""

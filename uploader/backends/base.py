@@ -1,0 +1,113 @@
+"""The storage-client interface every backend adapter implements.
+
+The :class:`uploader.store.ObjectStore` owns everything that is the same for
+every store: reading the file in parts, hashing each part once, parallelism,
+retries, progress, digests, and verified downloads. A backend only maps a few
+primitive operations onto one provider, as thinly as it can, over libcloud.
+
+Multipart protocol (S3 multipart, Azure block blobs): ``begin`` -> ``put_part``
+(any order, in parallel) -> ``complete``; ``abort`` on failure. Backends
+without one set ``multipart = False`` and implement ``put_stream``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Backend", "ObjectInfo", "PartToken"]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store says about one object."""
+
+    name: str
+    size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    etag: str | None = None
+    mtime: float | None = None
+
+
+PartToken = Any  # whatever ``complete`` needs to stitch a part in (ETag, block id ...)
+
+
+class Backend(ABC):
+    """One provider. Methods raise ``uploader.errors`` types (or transport errors that
+    ``uploader.retry.is_transient`` recognises) and never retry by themselves."""
+
+    #: Whether begin/put_part/complete/abort are implemented.
+    multipart: bool = False
+    #: Largest part the provider accepts, and the most parts in one object.
+    max_part_size: int = 5 << 30
+    max_parts: int = 10_000
+    #: Smallest part (except the last) the provider accepts.
+    min_part_size: int = 5 << 20
+    #: Whether object metadata survives a round trip (LOCAL keeps none).
+    keeps_metadata: bool = True
+
+    # -- container ---------------------------------------------------------------------
+    @abstractmethod
+    def check_container(self, create: bool = False) -> None:
+        """Raise ContainerNotFoundError (saying how to create it) unless it exists;
+        create it instead when ``create`` is true. Also surfaces bad credentials."""
+
+    # -- small objects -----------------------------------------------------------------
+    @abstractmethod
+    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+        """Store ``data`` in one request; ``sha256`` is its binary digest (for signing)."""
+
+    # -- streaming upload (backends without multipart) ---------------------------------------
+    def put_stream(
+        self, name: str, chunks: Iterable[bytes], metadata: Mapping[str, str], size: int
+    ) -> None:  # pragma: no cover - overridden where used
+        raise NotImplementedError
+
+    # -- multipart ---------------------------------------------------------------------
+    def begin(self, name: str, metadata: Mapping[str, str]) -> str:  # pragma: no cover
+        raise NotImplementedError
+
+    def put_part(
+        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+    ) -> PartToken:  # pragma: no cover
+        """Upload part ``index`` (0-based), which starts at byte ``offset`` of the object.
+        ``sha256`` is the part's binary digest (sign with it; never hash again).
+        Must be safe to call again for the same index (retries)."""
+        raise NotImplementedError
+
+    def complete(
+        self, name: str, upload_id: str, tokens: list[PartToken]
+    ) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def abort(self, name: str, upload_id: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """Unfinished multipart uploads as (name, upload_id, started_unix_time)."""
+        return []
+
+    # -- reading -----------------------------------------------------------------------
+    @abstractmethod
+    def stat(self, name: str) -> ObjectInfo:
+        """Raise ObjectNotFoundError when absent."""
+
+    @abstractmethod
+    def read_range(
+        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        """Yield the bytes ``[start, start+length)`` (to the end when ``length`` is None),
+        in chunks of about ``chunk_size``. Raise ObjectNotFoundError when absent."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects whose name starts with ``prefix``, in name order where the store allows."""
+
+    @abstractmethod
+    def delete(self, name: str) -> bool:
+        """Delete; False when it did not exist."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,388 @@
+"""ObjectStoreHparams: which store, which container, and where the credentials live.
+
+To prevent accidental leakage of API keys, secrets are never fields: the
+hparams name the environment variables that hold them (``key_environ``,
+``secret_environ``), and their values are read only when the store is built.
+
+A URI is a second way in, mapping onto the same fields::
+
+    s3://bucket/prefix                      AWS S3 (region from ?region= or AWS_REGION)
+    s3://bucket/prefix?endpoint=http://127.0.0.1:9000   an S3-compatible server
+    azure://container/prefix                Azure Blob Storage (?endpoint= for Azurite)
+    gs://bucket/prefix                      Google Cloud Storage
+    file:///abs/dir/prefix                  a local directory as the bucket (libcloud LOCAL)
+
+Example::
+
+    hp = ObjectStoreHparams(provider="s3", container="ckpts",
+                            key_environ="AWS_ACCESS_KEY_ID",
+                            secret_environ="AWS_SECRET_ACCESS_KEY")
+    store = hp.initialize_object()
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import ObjectStore
+
+__all__ = [
+    "ObjectStoreHparams",
+    "StoreLocation",
+    "parse_uri",
+    "provider_family",
+    "is_loopback",
+    "KNOWN_PROVIDERS",
+]
+
+# Providers by the libcloud name (lower case), grouped by the adapter that serves them.
+_S3_FAMILY = {
+    "s3",
+    "minio",
+    "digitalocean_spaces",
+    "scaleway",
+    "ovh",
+    "backblaze_b2_s3",
+    "s3_rgw",
+    "s3_rgw_outscale",
+    "aurora",
+    "kakao",
+    "linode",
+    "wasabi",
+} | {
+    "s3_us_east_2",
+    "s3_us_west",
+    "s3_us_west_2",
+    "s3_us_gov_west",
+    "s3_us_gov_east",
+    "s3_cn_north",
+    "s3_cn_northwest",
+    "s3_eu_west",
+    "s3_eu_west2",
+    "s3_eu_central",
+    "s3_eu_north_1",
+    "s3_ap_south",
+    "s3_ap_southeast",
+    "s3_ap_southeast2",
+    "s3_ap_northeast",
+    "s3_ap_northeast1",
+    "s3_ap_northeast2",
+    "s3_ap_northeast3",
+    "s3_sa_east",
+    "s3_sa_east2",
+    "s3_ca_central",
+    "s3_me_south",
+}
+_AZURE = {"azure_blobs"}
+_GCS = {"google_storage"}
+_LOCAL = {"local"}
+KNOWN_PROVIDERS = frozenset(_S3_FAMILY | _AZURE | _GCS | _LOCAL)
+
+_SCHEMES = {
+    "s3": "s3",
+    "s3a": "s3",
+    "azure": "azure_blobs",
+    "az": "azure_blobs",
+    "gs": "google_storage",
+    "gcs": "google_storage",
+    "file": "local",
+}
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def provider_family(provider: str) -> str:
+    """``s3``, ``azure``, ``gcs`` or ``local`` for a libcloud provider name."""
+    p = provider.lower()
+    if p in _S3_FAMILY:
+        return "s3"
+    if p in _AZURE:
+        return "azure"
+    if p in _GCS:
+        return "gcs"
+    if p in _LOCAL:
+        return "local"
+    raise ConfigError(_unknown_provider(provider))
+
+
+def _unknown_provider(provider: str) -> str:
+    close = difflib.get_close_matches(provider.lower(), sorted(KNOWN_PROVIDERS), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"unknown object store provider {provider!r}.{hint} Use a libcloud provider name "
+        "such as 's3', 'minio', 'azure_blobs', 'google_storage' or 'local'."
+    )
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    h = host.strip("[]")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ObjectStoreHparams:
+    """Where checkpoints go. Fields follow the seed API exactly.
+
+    provider: the libcloud provider name (``s3``, ``azure_blobs``, ``google_storage``,
+        ``local``, ``minio`` ...).
+    container: the container or bucket; for ``local``, an absolute directory whose
+        last component is the container.
+    key_environ / secret_environ: names of the environment variables holding the
+        access key and secret. Never the values themselves.
+    host / port: an endpoint override, e.g. an S3-compatible server. Plain HTTP is
+        used on loopback, or when ``extra_init_kwargs={"secure": False}`` asks for it.
+    region: the region, where the provider has them.
+    extra_init_kwargs: further keyword arguments for the libcloud driver.
+    """
+
+    provider: str
+    container: str
+    key_environ: str | None = None
+    secret_environ: str | None = None
+    host: str | None = None
+    port: int | None = None
+    region: str | None = None
+    extra_init_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the fields without touching the network or reading secrets."""
+        if not isinstance(self.provider, str) or not self.provider.strip():
+            raise ConfigError("provider is empty; name a libcloud provider such as 's3' or 'local'")
+        self.provider = self.provider.strip().lower()
+        family = provider_family(self.provider)
+        if not isinstance(self.container, str) or not self.container.strip():
+            raise ConfigError(
+                "container is empty; name the bucket (or, for 'local', "
+                "an absolute directory) to upload into"
+            )
+        if family == "local":
+            if not os.path.isabs(self.container):
+                raise ConfigError(
+                    f"local container {self.container!r} must be an absolute "
+                    "directory path, e.g. file:///data/bucket"
+                )
+        elif "/" in self.container or "\\" in self.container:
+            raise ConfigError(
+                f"container {self.container!r} contains a slash; put the path "
+                "inside the bucket in the object name prefix instead"
+            )
+        for name in ("key_environ", "secret_environ"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _ENV_NAME.match(value)):
+                raise ConfigError(
+                    f"{name} must be the NAME of an environment variable "
+                    f"(letters, digits, underscore), not a value"
+                )
+        if self.port is not None:
+            try:
+                port = int(self.port)
+            except (TypeError, ValueError):
+                raise ConfigError(f"port {self.port!r} is not a number; give 1-65535") from None
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"port {port} is out of range; give 1-65535")
+            self.port = port
+        if self.host is not None and (
+            not isinstance(self.host, str) or not self.host.strip() or "/" in self.host
+        ):
+            raise ConfigError(
+                f"host {self.host!r} must be a host name or address "
+                "without scheme or path (use --port for the port)"
+            )
+        if not isinstance(self.extra_init_kwargs, dict):
+            raise ConfigError(
+                "extra_init_kwargs must be a mapping (a JSON object on the command line)"
+            )
+        for bad in ("key", "secret"):
+            if bad in self.extra_init_kwargs:
+                raise ConfigError(
+                    f"extra_init_kwargs may not contain {bad!r}: credentials come "
+                    "only from the environment variables named by key_environ "
+                    "and secret_environ"
+                )
+
+    @property
+    def family(self) -> str:
+        return provider_family(self.provider)
+
+    @property
+    def secure(self) -> bool:
+        """TLS unless asked otherwise by name, or the endpoint is on loopback."""
+        if "secure" in self.extra_init_kwargs:
+            return bool(self.extra_init_kwargs["secure"])
+        return not is_loopback(self.host)
+
+    # -- credentials ----------------------------------------------------------------------
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Read the key and secret from the named environment variables."""
+        values: list[str | None] = []
+        for name in ("key_environ", "secret_environ"):
+            var = getattr(self, name)
+            if var is None:
+                values.append(None)
+                continue
+            value = os.environ.get(var)
+            if value is None:
+                raise ConfigError(
+                    f"environment variable {var} (named by {name}) is not set; "
+                    f"export it before starting, e.g. export {var}=..."
+                )
+            if not value.strip():
+                raise ConfigError(
+                    f"environment variable {var} (named by {name}) is empty; "
+                    "set it to the credential"
+                )
+            values.append(value)
+        if self.family in ("s3", "azure", "gcs") and values[0] is None:
+            raise ConfigError(
+                f"provider {self.provider!r} needs credentials: set key_environ and "
+                "secret_environ to the names of the environment variables that hold them"
+            )
+        return values[0], values[1]
+
+    def __repr__(self) -> str:  # the default repr is safe too; keep it explicit
+        inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"ObjectStoreHparams({inner})"
+
+    # -- construction -------------------------------------------------------------------
+    def initialize_object(self, **options: Any) -> ObjectStore:
+        """Build the ObjectStore. ``options`` go to :class:`uploader.ObjectStore`."""
+        from .store import ObjectStore
+
+        return ObjectStore(self, **options)
+
+    @classmethod
+    def from_uri(cls, uri: str, **overrides: Any) -> ObjectStoreHparams:
+        """Hparams for a URI; the prefix part is dropped (see :func:`parse_uri`)."""
+        return parse_uri(uri, **overrides).hparams
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A parsed URI: the store and the object name prefix inside it."""
+
+    hparams: ObjectStoreHparams
+    prefix: str
+
+    def key(self, name: str) -> str:
+        return join_key(self.prefix, name)
+
+
+def join_key(prefix: str, name: str) -> str:
+    prefix = prefix.strip("/")
+    name = name.lstrip("/")
+    return f"{prefix}/{name}" if prefix and name else (prefix or name)
+
+
+def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
+    """Parse ``scheme://container/prefix[?endpoint=..&region=..&key_environ=..]``.
+
+    ``overrides`` (any hparams field not None) refine what the URI says.
+    """
+    if not isinstance(uri, str) or "://" not in uri:
+        raise ConfigError(
+            f"malformed store URI {uri!r}; expected e.g. s3://bucket/prefix, "
+            "azure://container/prefix, gs://bucket/prefix or file:///abs/dir"
+        )
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"unsupported URI scheme {scheme!r} in {uri!r}; use one of "
+            "s3://, azure://, gs://, file://"
+        )
+    provider = _SCHEMES[scheme]
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    kw: dict[str, Any] = {"provider": provider}
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"file URI {uri!r} names a host; use file:///absolute/path")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise ConfigError(f"file URI {uri!r} needs an absolute path: file:///abs/dir")
+        root = path.rstrip("/") or "/"
+        # The whole path is the container; prefixes go through ?prefix= for local stores.
+        kw["container"] = root
+        prefix = query.pop("prefix", "")
+    else:
+        if not parts.netloc:
+            raise ConfigError(
+                f"URI {uri!r} names no container; expected {scheme}://container/prefix"
+            )
+        if "@" in parts.netloc:
+            raise ConfigError(
+                "credentials must not be written into the URI; name environment "
+                "variables with key_environ / secret_environ instead"
+            )
+        kw["container"] = unquote(parts.netloc)
+        prefix = unquote(parts.path).strip("/")
+    if ".." in prefix.split("/"):
+        raise ConfigError(f"object name prefix {prefix!r} contains '..'; use a plain path")
+    endpoint = query.pop("endpoint", None)
+    extra: dict[str, Any] = {}
+    if endpoint:
+        ep = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        if ep.scheme not in ("", "http", "https"):
+            raise ConfigError(
+                f"endpoint {endpoint!r} must be http://host:port or https://host:port"
+            )
+        if not ep.hostname:
+            raise ConfigError(f"endpoint {endpoint!r} names no host")
+        kw["host"] = ep.hostname
+        try:
+            if ep.port:
+                kw["port"] = ep.port
+        except ValueError:
+            raise ConfigError(f"endpoint {endpoint!r} has a bad port; give 1-65535") from None
+        if ep.scheme == "http":
+            extra["secure"] = False
+        elif ep.scheme == "https":
+            extra["secure"] = True
+    for name in ("region", "key_environ", "secret_environ"):
+        if name in query:
+            kw[name] = query.pop(name) or None
+    if query:
+        raise ConfigError(
+            f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; "
+            "accepted: endpoint, region, key_environ, secret_environ, prefix (file://)"
+        )
+    if provider == "s3":
+        kw.setdefault("key_environ", "AWS_ACCESS_KEY_ID")
+        kw.setdefault("secret_environ", "AWS_SECRET_ACCESS_KEY")
+    elif provider == "azure_blobs":
+        kw.setdefault("key_environ", "AZURE_STORAGE_ACCOUNT")
+        kw.setdefault("secret_environ", "AZURE_STORAGE_KEY")
+    elif provider == "google_storage":
+        kw.setdefault("key_environ", "GOOGLE_CLIENT_EMAIL")
+        kw.setdefault("secret_environ", "GOOGLE_APPLICATION_CREDENTIALS")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k == "extra_init_kwargs":
+            extra.update(v)
+        else:
+            kw[k] = v
+    kw["extra_init_kwargs"] = extra
+    return StoreLocation(ObjectStoreHparams(**kw), prefix)
