@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The CPU build of torch lies on this kind of machine's disk; a plain PyPI torch is a CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
@@ -10,13 +12,13 @@ NODE_STAMP := node_modules/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[torch,dev]'
+	$(PY) -m pip install -q $(FIND_LINKS) -c constraints.txt -e '.[torch,dev]'
 	touch $(STAMP)
 
 env: $(STAMP)
 
-$(NODE_STAMP): package.json
-	npm install --no-audit --no-fund --loglevel=error
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
 node-env: $(NODE_STAMP)
