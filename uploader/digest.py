@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from .errors import IntegrityError
 __all__ = ["Digest", "PartHasher", "file_digest", "verify_file", "combine_parts"]
 
 _READ = 4 << 20
+# ASCII only: int() would also accept other scripts' digits.
+_DIGEST_RE = re.compile(
+    r"(?:sha256:|sha256-parts:(?P<size>[0-9]{1,20}):)?(?P<hex>[0-9a-fA-F]{64})", re.ASCII
+)
 
 
 @dataclass(frozen=True)
@@ -46,21 +51,13 @@ class Digest:
     def parse(cls, text: str) -> Digest:
         """Parse the string form; a bare 64-hex string is a plain sha256."""
         text = text.strip()
-        parts = text.split(":")
-        try:
-            if len(parts) == 1 and len(text) == 64:
-                int(text, 16)
-                return cls("sha256", text.lower())
-            if parts[0] == "sha256" and len(parts) == 2 and len(parts[1]) == 64:
-                int(parts[1], 16)
-                return cls("sha256", parts[1].lower())
-            if parts[0] == "sha256-parts" and len(parts) == 3 and len(parts[2]) == 64:
-                int(parts[2], 16)
-                size = int(parts[1])
-                if size > 0:
-                    return cls("sha256-parts", parts[2].lower(), size)
-        except ValueError:
-            pass
+        m = _DIGEST_RE.fullmatch(text)
+        if m:
+            if m.group("size") is None:
+                return cls("sha256", m.group("hex").lower())
+            size = int(m.group("size"))
+            if size > 0:
+                return cls("sha256-parts", m.group("hex").lower(), size)
         raise IntegrityError(
             f"unrecognised digest {text[:80]!r}; expected 'sha256:<hex>' "
             "or 'sha256-parts:<part_size>:<hex>'"

@@ -306,7 +306,10 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
             f"malformed store URI {uri!r}; expected e.g. s3://bucket/prefix, "
             "azure://container/prefix, gs://bucket/prefix or file:///abs/dir"
         )
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # e.g. an unbalanced '[' in the host part
+        raise ConfigError(f"malformed store URI {uri!r} ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         raise ConfigError(
@@ -343,7 +346,10 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
     endpoint = query.pop("endpoint", None)
     extra: dict[str, Any] = {}
     if endpoint:
-        ep = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        try:
+            ep = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        except ValueError as exc:
+            raise ConfigError(f"malformed endpoint {endpoint!r} ({exc})") from None
         if ep.scheme not in ("", "http", "https"):
             raise ConfigError(
                 f"endpoint {endpoint!r} must be http://host:port or https://host:port"

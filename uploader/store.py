@@ -238,21 +238,27 @@ class ObjectStore:
             st = os.fstat(fd)
             size = st.st_size
             part_size = self.effective_part_size(size)
+
+            def unchanged() -> None:
+                # Checked before the object is committed, so a torn copy never lands.
+                after = os.fstat(fd)
+                if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
+                    raise IntegrityError(
+                        f"{path} changed while it was uploaded; upload it again once it is complete"
+                    )
+
             if size <= part_size:
-                digest, parts = self._upload_single(fd, size, object_name, meta, progress), 1
+                digest = self._upload_single(fd, size, object_name, meta, progress, unchanged)
+                parts = 1
             elif self.backend.multipart:
                 digest, parts = self._upload_multipart(
-                    fd, size, part_size, object_name, meta, progress
+                    fd, size, part_size, object_name, meta, progress, unchanged
                 )
             else:
                 digest, parts = self._upload_stream(
-                    fd, size, part_size, object_name, meta, progress
+                    fd, size, part_size, object_name, meta, progress, unchanged
                 )
-            after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
-                raise IntegrityError(
-                    f"{path} changed while it was uploaded; upload it again once it is complete"
-                )
+            unchanged()
         if verify:
             info = self._call(lambda: self.backend.stat(object_name), f"stat {object_name}")
             if info.size != size:
@@ -264,11 +270,19 @@ class ObjectStore:
         return UploadResult(object_name, size, digest, parts, self.retries.n - retries_before)
 
     def _upload_single(
-        self, fd: int, size: int, name: str, meta: dict[str, str], progress: ProgressFn | None
+        self,
+        fd: int,
+        size: int,
+        name: str,
+        meta: dict[str, str],
+        progress: ProgressFn | None,
+        before_commit: Callable[[], None] | None = None,
     ) -> Digest:
         with self._buffer(size) as buf:
             view = memoryview(buf)[:size]
             _pread_exact(fd, view, 0)
+            if before_commit is not None:
+                before_commit()
             sha = hashlib.sha256(view).digest()
             digest = Digest("sha256", sha.hex())
             meta = dict(meta)
@@ -290,6 +304,7 @@ class ObjectStore:
         name: str,
         meta: dict[str, str],
         progress: ProgressFn | None,
+        before_commit: Callable[[], None] | None = None,
     ) -> tuple[Digest, int]:
         hasher = PartHasher(size, part_size)
         upload_id = self._call(lambda: self.backend.begin(name, meta), f"start upload of {name}")
@@ -315,6 +330,8 @@ class ObjectStore:
 
         try:
             self._run_parallel(part, range(hasher.count), failed)
+            if before_commit is not None:
+                before_commit()
             self._call(
                 lambda: self.backend.complete(
                     name, upload_id, [tokens[i] for i in range(hasher.count)]
@@ -337,6 +354,7 @@ class ObjectStore:
         name: str,
         meta: dict[str, str],
         progress: ProgressFn | None,
+        before_commit: Callable[[], None] | None = None,
     ) -> tuple[Digest, int]:
         holder: dict[str, PartHasher] = {}
 
@@ -356,6 +374,8 @@ class ObjectStore:
                     pos += len(data)
                     if progress:
                         progress(len(data))
+                    if pos >= size and before_commit is not None:
+                        before_commit()  # before the last bytes go out
                     yield data
                 hasher.add(index, h.digest())
 
@@ -416,11 +436,13 @@ class ObjectStore:
         if digest is None:
             try:
                 side = json.loads(self.get_bytes(object_name + DIGEST_SUFFIX))
-                if int(side.get("size", -1)) == info.size:
-                    digest = Digest.parse(str(side["digest"]))
-                else:
+                digest = Digest.parse(str(side["digest"]))
+                if int(side.get("size", -1)) != info.size:
+                    # Keep the recorded digest: a truncated or replaced object must
+                    # fail verification, not pass as "no digest, size only".
                     log.warning(
-                        "digest sidecar of %s names %s bytes but the object has %d; ignoring it",
+                        "digest sidecar of %s names %s bytes but the object has %d; "
+                        "the object was truncated or replaced, downloads will fail verification",
                         object_name,
                         side.get("size"),
                         info.size,

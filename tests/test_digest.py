@@ -1,0 +1,111 @@
+"""Content digests: plain sha256 for one part, sha256 over part digests for more."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.local import write_random
+from uploader import Digest, IntegrityError
+from uploader.digest import PartHasher, combine_parts, file_digest, verify_file
+
+KiB = 1 << 10
+
+
+def _expected(data: bytes, part: int) -> Digest:
+    if len(data) <= part:
+        return Digest("sha256", hashlib.sha256(data).hexdigest())
+    parts = b"".join(hashlib.sha256(data[i : i + part]).digest() for i in range(0, len(data), part))
+    return Digest("sha256-parts", hashlib.sha256(parts).hexdigest(), part)
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 300 * KiB])
+def test_file_digest_matches_definition(tmp_path: Path, size: int) -> None:
+    path = write_random(tmp_path / "f", size, seed=size)
+    data = path.read_bytes()
+    d = file_digest(path, 64 * KiB)
+    assert d == _expected(data, 64 * KiB)
+    # Thread count does not change the result.
+    assert file_digest(path, 64 * KiB, threads=1) == d
+    if size <= 64 * KiB:
+        assert str(d) == "sha256:" + hashlib.sha256(data).hexdigest()  # what sha256sum prints
+
+
+def test_part_hasher_out_of_order_and_missing() -> None:
+    data = bytes(range(256)) * 10  # 2560 bytes
+    h = PartHasher(len(data), 1000)
+    assert h.count == 3
+    for i in (2, 0):
+        h.add(i, hashlib.sha256(data[i * 1000 : (i + 1) * 1000]).digest())
+    with pytest.raises(ValueError, match="not hashed"):
+        h.digest()
+    h.add(1, hashlib.sha256(data[1000:2000]).digest())
+    assert h.digest() == _expected(data, 1000)
+    assert PartHasher(0, 1000).count == 1
+
+
+def test_combine_parts_rules() -> None:
+    assert combine_parts([], 0, 10) == Digest("sha256", hashlib.sha256(b"").hexdigest())
+    with pytest.raises(ValueError):
+        combine_parts([b"a" * 32, b"b" * 32], 5, 10)
+
+
+def test_verify_file(tmp_path: Path) -> None:
+    path = write_random(tmp_path / "f", 200 * KiB)
+    d = file_digest(path, 64 * KiB)
+    assert verify_file(path, d) == d
+    assert verify_file(path, str(d), size=200 * KiB) == d
+    with pytest.raises(IntegrityError, match="size"):
+        verify_file(path, d, size=1)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(IntegrityError, match="does not match"):
+        verify_file(path, d)
+    small = tmp_path / "s"
+    small.write_bytes(b"hello")
+    assert verify_file(small, hashlib.sha256(b"hello").hexdigest()).algo == "sha256"
+    with pytest.raises(IntegrityError):
+        verify_file(small, "sha256:" + "0" * 64)
+
+
+def test_parse_forms() -> None:
+    hexd = "ab" * 32
+    assert Digest.parse(hexd) == Digest("sha256", hexd)
+    assert Digest.parse(" sha256:" + hexd.upper() + "\n") == Digest("sha256", hexd)
+    assert Digest.parse(f"sha256-parts:1048576:{hexd}") == Digest("sha256-parts", hexd, 1048576)
+    for bad in (
+        "",
+        "md5:" + hexd,
+        "sha256:" + hexd[:-1],
+        "sha256:" + "zz" * 32,
+        f"sha256-parts:0:{hexd}",
+        f"sha256-parts:-5:{hexd}",
+        f"sha256-parts:x:{hexd}",
+        f"sha256-parts:{hexd}",
+        "\u0663" * 64,  # Arabic-Indic digits: int() takes them, a digest must not
+        f"sha256-parts:\uff15:{hexd}",
+    ):
+        with pytest.raises(IntegrityError, match="unrecognised digest"):
+            Digest.parse(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=120))
+def test_parse_never_raises_anything_but_integrity_error(text: str) -> None:
+    try:
+        d = Digest.parse(text)
+    except IntegrityError:
+        return
+    assert Digest.parse(str(d)) == d
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.integers(min_value=1, max_value=2**40))
+def test_str_parse_round_trip(raw: bytes, part: int) -> None:
+    for d in (Digest("sha256", raw.hex()), Digest("sha256-parts", raw.hex(), part)):
+        assert Digest.parse(str(d)) == d

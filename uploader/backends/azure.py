@@ -1,0 +1,541 @@
+"""Azure Blob Storage (and Azurite) over libcloud's AZURE_BLOBS driver.
+
+Block blobs carry the multipart protocol: ``begin`` only names the upload,
+``put_part`` is a Put Block, ``complete`` a Put Block List that also sets the
+metadata. Requests are built here but signed and sent by libcloud's connection
+(Shared Key), one driver per thread because a libcloud connection holds the
+state of the request in flight.
+
+Integrity in transit: Azure checks ``Content-MD5`` (or CRC64) and nothing
+stronger; the part's sha256 that the store passes in cannot be used. Each block
+and each small blob is therefore sent with its MD5, computed in the uploading
+thread (hashlib releases the GIL, so parts hash in parallel; MD5 runs at about
+400 MiB/s a core, more than one block upload sustains on most links). Where
+that second pass is not wanted (TLS already protects the bytes in transit),
+``extra_init_kwargs={"content_md5": False}`` turns it off. The store's sha256
+digest is kept as the ``ckptdigest`` metadata or sidecar as usual, and checked
+after every download.
+
+Unfinished uploads leave uncommitted blocks, which Azure discards by itself
+(after a week, or at the next commit of that blob), so ``abort`` sends nothing.
+
+Example::
+
+    hp = ObjectStoreHparams(provider="azure_blobs", container="ckpts",
+                            key_environ="AZURE_STORAGE_ACCOUNT",
+                            secret_environ="AZURE_STORAGE_KEY")
+    store = hp.initialize_object()   # builds AzureBackend(hp)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+from xml.etree import ElementTree as ET
+
+from ..errors import (
+    AuthError,
+    ConfigError,
+    ContainerNotFoundError,
+    ObjectNotFoundError,
+    PermanentError,
+    TransientError,
+    UploaderError,
+)
+from ..hparams import ObjectStoreHparams
+from ..redact import redact, register_secret
+from ..retry import TRANSIENT_HTTP, is_transient
+from .base import Backend, ObjectInfo, PartToken
+
+__all__ = ["AzureBackend", "install_request_timeout"]
+
+_MiB = 1 << 20
+_CONTAINER = re.compile(r"^(\$root|[a-z0-9][a-z0-9-]{1,61}[a-z0-9])$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Metadata keys that are blob properties rather than x-ms-meta-* values.
+_PROPERTIES = {
+    "content-type": "x-ms-blob-content-type",
+    "content-encoding": "x-ms-blob-content-encoding",
+    "content-language": "x-ms-blob-content-language",
+    "cache-control": "x-ms-blob-cache-control",
+}
+DEFAULT_TIMEOUT = 120.0
+_PUBLIC_SUFFIX = "blob.core.windows.net"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def install_request_timeout(session: Any, timeout: float) -> None:
+    """Give every request of a ``requests.Session`` a timeout: libcloud's raw
+    (streaming) requests set none, so a silent server would block forever."""
+    from requests import PreparedRequest, Response
+    from requests.adapters import HTTPAdapter
+
+    class _Adapter(HTTPAdapter):
+        def send(
+            self,
+            request: PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: bool | str = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> Response:
+            return super().send(
+                request,
+                stream=stream,
+                timeout=default if timeout is None else timeout,
+                verify=verify,
+                cert=cert,
+                proxies=proxies,
+            )
+
+    default = timeout
+
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, _Adapter())
+
+
+class AzureBackend(Backend):
+    """Block blobs in one Azure container.
+
+    Args:
+        hparams: ``provider="azure_blobs"``; ``key_environ`` names the variable with
+            the account name, ``secret_environ`` the one with the account key;
+            ``host``/``port`` point at another endpoint (Azurite, sovereign clouds);
+            ``extra_init_kwargs`` may hold ``secure``, ``timeout`` (seconds per
+            request, default 120), ``content_md5`` (default True) and further
+            libcloud driver arguments.
+
+    Example::
+
+        backend = AzureBackend(hp)
+        backend.check_container(create=True)
+        backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
+    """
+
+    multipart = True
+    keeps_metadata = True
+    # 50,000 committed blocks per blob. Blocks may be 4000 MiB from service version
+    # 2019-12-12 on, but libcloud signs requests as 2018-11-09, where the limit is
+    # 100 MiB per block (and 256 MiB per single Put Blob).
+    max_part_size = 100 * _MiB
+    max_parts = 50_000
+    min_part_size = 1 * _MiB
+
+    def __init__(self, hparams: ObjectStoreHparams) -> None:
+        from libcloud.storage.drivers.azure_blobs import AzureBlobsStorageDriver
+
+        account, key = hparams.credentials()
+        if not account or not key:
+            raise ConfigError(
+                "Azure needs the account name (key_environ) and the account key (secret_environ)"
+            )
+        register_secret(account)
+        register_secret(key)
+        try:
+            base64.b64decode(key, validate=True)
+        except ValueError:
+            raise ConfigError(
+                f"the Azure account key in ${hparams.secret_environ} is not base64; copy the "
+                "key exactly as the portal shows it"
+            ) from None
+        if not _CONTAINER.match(hparams.container) or "--" in hparams.container:
+            raise ConfigError(
+                f"Azure container name {hparams.container!r} is invalid: use 3-63 lower-case "
+                "letters, digits and single hyphens, starting with a letter or digit"
+            )
+        self.hparams = hparams
+        self.container = hparams.container
+        self._account = account
+        self._key = key
+        extra = dict(hparams.extra_init_kwargs)
+        extra.pop("secure", None)
+        self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
+        self._content_md5 = bool(extra.pop("content_md5", True))
+        host = hparams.host
+        if host and host.lower() == f"{account}.{_PUBLIC_SUFFIX}".lower():
+            # The public endpoint written out in full: libcloud builds it itself, and
+            # would otherwise address the account by path as it does for Azurite.
+            host = None
+        self._driver_kwargs: dict[str, Any] = {
+            "secure": hparams.secure,
+            "host": host,
+            "port": hparams.port,
+            "timeout": self._timeout,
+            **extra,
+        }
+        self._driver_cls = AzureBlobsStorageDriver
+        self._local = threading.local()
+        self._drivers: list[Any] = []
+        self._lock = threading.Lock()
+        self._uploads: dict[str, dict[str, str]] = {}
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _driver(self) -> Any:
+        drv = getattr(self._local, "driver", None)
+        if drv is None:
+            try:
+                drv = self._driver_cls(self._account, self._key, **self._driver_kwargs)
+            except Exception as exc:  # bad kwargs, bad key format ...
+                raise ConfigError(
+                    f"cannot set up the Azure driver: {redact(str(exc))}; check host, port "
+                    "and extra_init_kwargs"
+                ) from None
+            drv.connection.connect()
+            http: Any = drv.connection.connection
+            install_request_timeout(http.session, self._timeout)
+            self._local.driver = drv
+            with self._lock:
+                self._drivers.append(drv)
+        return drv
+
+    def _path(self, name: str | None = None) -> str:
+        base = f"/{self.container}"
+        return base if name is None else f"{base}/{quote(name, safe='/')}"
+
+    def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """Send one signed request; return the ``requests.Response``. Transport errors
+        become TransientError with a clean message."""
+        drv = self._driver()
+        conn = drv.connection
+        try:
+            conn.request(
+                path,
+                params=params or {},
+                data=data,
+                headers=headers or {},
+                method=method,
+                raw=True,
+                stream=stream,
+            )
+        except Exception as exc:
+            if isinstance(exc, UploaderError):
+                raise
+            text = f"{what}: {type(exc).__name__}: {redact(str(exc))[:300]}"
+            if is_transient(exc):
+                raise TransientError(
+                    f"{text}; check that {self._endpoint()} is reachable"
+                ) from None
+            raise PermanentError(text) from None
+        return conn.connection.response
+
+    def _endpoint(self) -> str:
+        if self.hparams.host:
+            port = f":{self.hparams.port}" if self.hparams.port else ""
+            return f"the Azure endpoint {self.hparams.host}{port}"
+        return "the Azure Blob endpoint"
+
+    def _fail(self, what: str, resp: Any, name: str | None = None) -> Exception:
+        """The uploader error for a failed response (its body is read and closed)."""
+        status = int(resp.status_code)
+        code = resp.headers.get("x-ms-error-code", "")
+        message = ""
+        try:
+            body = resp.content if resp.request.method != "HEAD" else b""
+            if body:
+                root = ET.fromstring(body)
+                code = root.findtext("Code") or code
+                message = (root.findtext("Message") or "").split("\n")[0]
+        except Exception:
+            pass
+        finally:
+            resp.close()
+        detail = redact(f"HTTP {status} {code} {message}".strip())
+        if status in (401, 403):
+            return AuthError(
+                f"{what}: the store refused the credentials ({detail}); check the account "
+                f"name in ${self.hparams.key_environ} and the key in "
+                f"${self.hparams.secret_environ}"
+            )
+        if code == "ContainerNotFound":
+            return self._no_container()
+        if status == 404:
+            return ObjectNotFoundError(
+                f"{what}: object {name!r} not found in container {self.container!r}"
+            )
+        md5_bad = code == "Md5Mismatch" or ("md5" in message.lower() and "match" in message)
+        if md5_bad:  # bytes damaged on the way (Azurite words it differently): resend
+            return TransientError(f"{what}: {detail}; the bytes were damaged in transit")
+        if status in TRANSIENT_HTTP or code in ("ServerBusy", "OperationTimedOut"):
+            return TransientError(f"{what}: {detail}; the store is busy, retrying helps")
+        return PermanentError(f"{what}: the store answered {detail}")
+
+    def _no_container(self) -> ContainerNotFoundError:
+        return ContainerNotFoundError(
+            f"Azure container {self.container!r} does not exist on {self._endpoint()}; "
+            "create it (az storage container create --name "
+            f"{self.container}) or pass --create-container (create_container=True)"
+        )
+
+    def _headers_for(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for key, value in metadata.items():
+            k = key.lower()
+            v = str(value)
+            if not v.isascii() or "\n" in v or "\r" in v:
+                raise ConfigError(f"metadata value of {key!r} must be one line of ASCII text")
+            if k in _PROPERTIES:
+                headers[_PROPERTIES[k]] = v
+            elif _IDENT.match(k):
+                headers[f"x-ms-meta-{k}"] = v
+            else:
+                raise ConfigError(
+                    f"metadata key {key!r} is not valid on Azure: use letters, digits "
+                    "and underscores, starting with a letter"
+                )
+        return headers
+
+    # -- container ---------------------------------------------------------------------
+    def check_container(self, create: bool = False) -> None:
+        what = f"checking container {self.container!r}"
+        resp = self._request(what, self._path(), "HEAD", {"restype": "container"})
+        if resp.status_code == 200:
+            resp.close()
+            return
+        if resp.status_code == 404 and create:
+            resp.close()
+            resp = self._request(
+                f"creating container {self.container!r}",
+                self._path(),
+                "PUT",
+                {"restype": "container"},
+            )
+            if resp.status_code in (201, 409):  # 409: created meanwhile
+                resp.close()
+                return
+            raise self._fail(f"creating container {self.container!r}", resp)
+        if resp.status_code == 404:
+            resp.close()
+            raise self._no_container()
+        raise self._fail(what, resp)
+
+    # -- small objects -----------------------------------------------------------------
+    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+        headers = self._headers_for(metadata)
+        headers["x-ms-blob-type"] = "BlockBlob"
+        if data:
+            # An empty body is signed with an empty Content-Length, so send none.
+            headers["Content-Length"] = str(len(data))
+            if self._content_md5:
+                headers["Content-MD5"] = _b64(hashlib.md5(data).digest())
+        headers.setdefault("x-ms-blob-content-type", "application/octet-stream")
+        what = f"upload {name}"
+        resp = self._request(what, self._path(name), "PUT", None, headers, data or None)
+        if resp.status_code != 201:
+            raise self._fail(what, resp, name)
+        resp.close()
+
+    # -- multipart (block blobs) -------------------------------------------------------------
+    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
+        headers = self._headers_for(metadata)  # validate before any byte is sent
+        upload_id = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[upload_id] = headers
+        return upload_id
+
+    @staticmethod
+    def block_id(upload_id: str, index: int) -> str:
+        """The block id of part ``index``: fixed length, unique per upload."""
+        return _b64(f"{upload_id}-{index:08d}".encode())
+
+    def put_part(
+        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+    ) -> PartToken:
+        block = self.block_id(upload_id, index)
+        headers = {"Content-Length": str(len(data))}
+        if self._content_md5:
+            headers["Content-MD5"] = _b64(hashlib.md5(data).digest())
+        what = f"upload block {index + 1} of {name}"
+        resp = self._request(
+            what, self._path(name), "PUT", {"comp": "block", "blockid": block}, headers, data
+        )
+        if resp.status_code != 201:
+            raise self._fail(what, resp, name)
+        resp.close()
+        return block
+
+    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
+        root = ET.Element("BlockList")
+        for block in tokens:
+            ET.SubElement(root, "Latest").text = str(block)
+        body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+        with self._lock:
+            headers = dict(self._uploads.get(upload_id, {}))
+        headers.setdefault("x-ms-blob-content-type", "application/octet-stream")
+        headers.update(
+            {
+                "Content-Length": str(len(body)),
+                "Content-MD5": _b64(hashlib.md5(body).digest()),
+                "Content-Type": "application/xml",
+            }
+        )
+        what = f"commit blocks of {name}"
+        resp = self._request(what, self._path(name), "PUT", {"comp": "blocklist"}, headers, body)
+        if resp.status_code != 201:
+            raise self._fail(what, resp, name)
+        resp.close()
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    def abort(self, name: str, upload_id: str) -> None:
+        # Uncommitted blocks expire by themselves; nothing to send.
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    # -- reading -----------------------------------------------------------------------
+    def stat(self, name: str) -> ObjectInfo:
+        what = f"stat {name}"
+        resp = self._request(what, self._path(name), "HEAD")
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        h = resp.headers
+        resp.close()
+        meta = {
+            k[len("x-ms-meta-") :].lower(): v
+            for k, v in h.items()
+            if k.lower().startswith("x-ms-meta-")
+        }
+        return ObjectInfo(
+            name,
+            int(h.get("content-length", 0)),
+            meta,
+            h.get("etag"),
+            _mtime(h.get("last-modified")),
+        )
+
+    def read_range(
+        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        if length == 0:
+            self.stat(name)
+            return
+        headers: dict[str, str] = {}
+        if start > 0 or length is not None:
+            end = "" if length is None else str(start + length - 1)
+            headers["x-ms-range"] = f"bytes={start}-{end}"
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", None, headers, stream=True)
+        if resp.status_code == 416:  # start at or past the end
+            resp.close()
+            return
+        if resp.status_code not in (200, 206):
+            raise self._fail(what, resp, name)
+        try:
+            # A server that ignores the range answers 200 with the whole blob.
+            skip = start if (resp.status_code == 200 and start > 0) else 0
+            remaining = length if length is not None else -1
+            for chunk in resp.iter_content(chunk_size):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                if remaining >= 0:
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                if chunk:
+                    yield chunk
+                if remaining == 0:
+                    return
+        except Exception as exc:
+            if isinstance(exc, (TransientError, PermanentError)):
+                raise
+            raise TransientError(
+                f"{what}: the connection broke ({type(exc).__name__}: {redact(str(exc))[:200]})"
+            ) from None
+        finally:
+            resp.close()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        from libcloud.storage.base import Container
+        from libcloud.storage.types import ContainerDoesNotExistError
+
+        drv = self._driver()
+        container = Container(self.container, {}, drv)
+        try:
+            for obj in drv.iterate_container_objects(container, prefix=prefix or None):
+                meta = {k.lower(): v for k, v in (obj.meta_data or {}).items()}
+                yield ObjectInfo(
+                    obj.name,
+                    int(obj.size),
+                    meta,
+                    obj.extra.get("etag"),
+                    _mtime(obj.extra.get("last_modified")),
+                )
+        except ContainerDoesNotExistError:
+            raise self._no_container() from None
+        except (TransientError, PermanentError, ConfigError):
+            raise
+        except Exception as exc:
+            raise _map_libcloud(f"list {prefix!r}", exc, self) from None
+
+    def delete(self, name: str) -> bool:
+        what = f"delete {name}"
+        resp = self._request(what, self._path(name), "DELETE")
+        if resp.status_code == 202:
+            resp.close()
+            return True
+        if resp.status_code == 404 and resp.headers.get("x-ms-error-code") != "ContainerNotFound":
+            resp.close()
+            return False
+        raise self._fail(what, resp, name)
+
+    def close(self) -> None:
+        with self._lock:
+            drivers, self._drivers = self._drivers, []
+        for drv in drivers:
+            try:
+                drv.connection.connection.session.close()
+            except Exception:  # noqa: S110 - closing is best effort
+                pass
+
+
+def _mtime(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _map_libcloud(what: str, exc: Exception, backend: AzureBackend) -> Exception:
+    """Map an exception raised inside libcloud's driver code."""
+    from libcloud.common.types import InvalidCredsError, LibcloudError
+
+    text = redact(str(exc))[:300]
+    if isinstance(exc, InvalidCredsError):
+        return AuthError(
+            f"{what}: the store refused the credentials; check ${backend.hparams.key_environ} "
+            f"and ${backend.hparams.secret_environ}"
+        )
+    if isinstance(exc, LibcloudError):
+        m = re.search(r"[Ss]tatus code:? (\d{3})", text)
+        status = int(m.group(1)) if m else 0
+        if status in (401, 403):
+            return AuthError(f"{what}: the store refused the credentials ({text})")
+        if status in TRANSIENT_HTTP:
+            return TransientError(f"{what}: {text}")
+        return PermanentError(f"{what}: {text}")
+    if is_transient(exc):
+        return TransientError(f"{what}: {type(exc).__name__}: {text}")
+    return PermanentError(f"{what}: {type(exc).__name__}: {text}")

@@ -1,0 +1,449 @@
+"""Google Cloud Storage over libcloud's google_storage driver (XML API).
+
+Uploads go through libcloud's streaming upload (``upload_object_via_stream``):
+one PUT whose body is produced while the store reads and hashes the file, with
+its length announced up front so nothing is buffered and no chunked encoding
+is needed. ``multipart`` is False: the XML API's resumable and compose uploads
+are not used, so an object is written by one request of any size up to 5 TiB.
+
+Small objects carry their MD5 in ``x-goog-hash`` (GCS checks it); streamed ones rely on TLS
+in transit and on the store's digest, checked after every download.
+
+Credentials: ``key_environ`` names the variable with the service account email
+(or an HMAC access id starting with ``GOOG``), ``secret_environ`` the one with
+the key file path (or the HMAC secret). ``extra_init_kwargs`` may hold
+``project`` and ``timeout`` and other libcloud driver arguments.
+
+Example::
+
+    hp = ObjectStoreHparams(provider="google_storage", container="ckpts",
+                            key_environ="GOOGLE_CLIENT_EMAIL",
+                            secret_environ="GOOGLE_APPLICATION_CREDENTIALS",
+                            extra_init_kwargs={"project": "my-project"})
+    store = hp.initialize_object()   # builds GCSBackend(hp)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+from xml.etree import ElementTree as ET
+
+from ..errors import (
+    AuthError,
+    ConfigError,
+    ContainerNotFoundError,
+    ObjectNotFoundError,
+    PermanentError,
+    TransientError,
+    UploaderError,
+)
+from ..hparams import ObjectStoreHparams
+from ..redact import redact, register_secret
+from ..retry import TRANSIENT_HTTP, is_transient
+from .azure import install_request_timeout
+from .base import Backend, ObjectInfo
+
+__all__ = ["GCSBackend"]
+
+_MiB = 1 << 20
+DEFAULT_TIMEOUT = 120.0
+_META_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_PROPERTIES = {"content-type", "content-encoding", "content-language", "cache-control"}
+
+
+class _SizedStream:
+    """An iterator of chunks with a known total length, so the PUT carries a
+    Content-Length and streams without chunked encoding."""
+
+    def __init__(self, chunks: Iterable[bytes], size: int) -> None:
+        self._it = iter(chunks)
+        self._size = size
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self) -> _SizedStream:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = next(self._it)
+        self.sent += len(chunk)
+        if self.sent > self._size:
+            raise PermanentError(f"stream yielded more than the announced {self._size} bytes")
+        return chunk
+
+
+class GCSBackend(Backend):
+    """Objects in one Google Cloud Storage bucket.
+
+    Args:
+        hparams: ``provider="google_storage"``; see the module docstring for the
+            credentials; ``host``/``port`` point at another endpoint.
+
+    Example::
+
+        backend = GCSBackend(hp)
+        backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
+    """
+
+    multipart = False
+    keeps_metadata = True
+    # One PUT per object (up to GCS's 5 TiB limit); "parts" here are only the
+    # units the store hashes while streaming, so the usual limits apply to them.
+    max_part_size = 5 << 30
+    max_parts = 10_000
+    min_part_size = 64 << 10
+
+    def __init__(self, hparams: ObjectStoreHparams) -> None:
+        from libcloud.storage.drivers.google_storage import GoogleStorageDriver
+
+        key, secret = hparams.credentials()
+        register_secret(key)
+        register_secret(secret)
+        self.hparams = hparams
+        self.container = hparams.container
+        self._key = key
+        self._secret = secret
+        extra = dict(hparams.extra_init_kwargs)
+        extra.pop("secure", None)
+        self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
+        self._driver_kwargs: dict[str, Any] = {
+            "secure": hparams.secure,
+            "timeout": self._timeout,
+            **extra,
+        }
+        self._driver_cls = GoogleStorageDriver
+        self._local = threading.local()
+        self._drivers: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _driver(self) -> Any:
+        drv = getattr(self._local, "driver", None)
+        if drv is None:
+            try:
+                drv = self._driver_cls(self._key, self._secret, **self._driver_kwargs)
+            except Exception as exc:
+                raise AuthError(
+                    f"cannot set up Google Cloud Storage credentials: {redact(str(exc))[:200]}; "
+                    f"check ${self.hparams.key_environ} (service account email or HMAC id) and "
+                    f"${self.hparams.secret_environ} (key file or HMAC secret)"
+                ) from None
+            conn = drv.connection
+            if self.hparams.host:
+                # Set on the connection: libcloud's GCS connection takes its 4th
+                # positional argument as the auth type, so host cannot go through
+                # the driver's constructor.
+                conn.host = self.hparams.host
+                conn.secure = self.hparams.secure
+                conn.port = self.hparams.port or (443 if self.hparams.secure else 80)
+            conn.connect()
+            http: Any = conn.connection
+            install_request_timeout(http.session, self._timeout)
+            self._local.driver = drv
+            with self._lock:
+                self._drivers.append(drv)
+        return drv
+
+    def _path(self, name: str | None = None) -> str:
+        base = f"/{self.container}"
+        return base if name is None else f"{base}/{quote(name, safe='/')}"
+
+    def _endpoint(self) -> str:
+        if self.hparams.host:
+            port = f":{self.hparams.port}" if self.hparams.port else ""
+            return f"{self.hparams.host}{port}"
+        return "storage.googleapis.com"
+
+    def _auth_error(self, what: str, detail: str = "") -> AuthError:
+        extra = f" ({detail})" if detail else ""
+        return AuthError(
+            f"{what}: the store refused the credentials{extra}; check "
+            f"${self.hparams.key_environ} and ${self.hparams.secret_environ}"
+        )
+
+    def _map(self, what: str, exc: BaseException) -> UploaderError:
+        """An uploader error for an exception raised by libcloud or the transport."""
+        from libcloud.common.types import InvalidCredsError, LibcloudError
+
+        if isinstance(exc, UploaderError):
+            return exc
+        if isinstance(exc, InvalidCredsError):
+            return self._auth_error(what)
+        text = redact(str(exc))[:300]
+        if isinstance(exc, LibcloudError):
+            m = re.search(r"[Ss]tatus[ _]code[:=]? ?(\d{3})", text)
+            status = int(m.group(1)) if m else 0
+            if status in (401, 403):
+                return self._auth_error(what)
+            if status == 404:
+                return ObjectNotFoundError(f"{what}: not found in bucket {self.container!r}")
+            if status in TRANSIENT_HTTP:
+                return TransientError(f"{what}: {text}")
+            return PermanentError(f"{what}: {text}")
+        if is_transient(exc):
+            return TransientError(
+                f"{what}: {type(exc).__name__}: {text}; check that {self._endpoint()} is reachable"
+            )
+        return PermanentError(f"{what}: {type(exc).__name__}: {text}")
+
+    def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """One signed request through libcloud; the ``requests.Response``."""
+        conn = self._driver().connection
+        try:
+            conn.request(
+                path,
+                params=params or {},
+                data=data,
+                headers=headers or {},
+                method=method,
+                raw=True,
+                stream=stream,
+            )
+        except Exception as exc:
+            raise self._map(what, exc) from None
+        return conn.connection.response
+
+    def _fail(self, what: str, resp: Any, name: str | None = None) -> UploaderError:
+        status = int(resp.status_code)
+        code = ""
+        try:
+            if resp.request.method != "HEAD" and resp.content:
+                code = ET.fromstring(resp.content).findtext("Code") or ""
+        except Exception:
+            pass
+        finally:
+            resp.close()
+        if status in (401, 403):
+            return self._auth_error(what, f"HTTP {status} {code}".strip())
+        if code == "NoSuchBucket":
+            return self._no_bucket()
+        if status == 404:
+            return ObjectNotFoundError(f"{what}: {name!r} not found in bucket {self.container!r}")
+        if status in TRANSIENT_HTTP:
+            return TransientError(f"{what}: HTTP {status} {code}".strip())
+        return PermanentError(f"{what}: the store answered HTTP {status} {code}".strip())
+
+    def _no_bucket(self) -> ContainerNotFoundError:
+        return ContainerNotFoundError(
+            f"bucket {self.container!r} does not exist on {self._endpoint()}; create it "
+            f"(gcloud storage buckets create gs://{self.container}) or pass "
+            "--create-container (create_container=True)"
+        )
+
+    def _headers_for(self, metadata: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+        meta: dict[str, str] = {}
+        content_type = None
+        for key, value in metadata.items():
+            k = key.lower()
+            v = str(value)
+            if not v.isascii() or "\n" in v or "\r" in v:
+                raise ConfigError(f"metadata value of {key!r} must be one line of ASCII text")
+            if k == "content-type":
+                content_type = v
+            elif k in _PROPERTIES:
+                meta[k] = v
+            elif _META_KEY.match(k):
+                meta[f"x-goog-meta-{k}"] = v
+            else:
+                raise ConfigError(
+                    f"metadata key {key!r} is not valid: use letters, digits, '-', '_' and '.'"
+                )
+        return meta, content_type
+
+    # -- container ---------------------------------------------------------------------
+    def check_container(self, create: bool = False) -> None:
+        what = f"checking bucket {self.container!r}"
+        resp = self._request(what, self._path(), "HEAD")
+        if resp.status_code == 200:
+            resp.close()
+            return
+        if resp.status_code == 404:
+            resp.close()
+            if not create:
+                raise self._no_bucket()
+            resp = self._request(f"creating bucket {self.container!r}", self._path(), "PUT")
+            if resp.status_code in (200, 201, 409):
+                resp.close()
+                return
+            raise self._fail(f"creating bucket {self.container!r}", resp)
+        raise self._fail(what, resp)
+
+    # -- uploads -----------------------------------------------------------------------
+    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+        headers, content_type = self._headers_for(metadata)
+        headers["Content-Type"] = content_type or "application/octet-stream"
+        # x-goog-hash rather than Content-MD5: libcloud lower-cases Content-MD5 when it
+        # signs with HMAC keys, which breaks the signature.
+        headers["x-goog-hash"] = "md5=" + base64.b64encode(hashlib.md5(data).digest()).decode()
+        headers["Content-Length"] = str(len(data))
+        what = f"upload {name}"
+        resp = self._request(what, self._path(name), "PUT", None, headers, data)
+        if resp.status_code not in (200, 201):
+            raise self._fail(what, resp, name)
+        resp.close()
+
+    def put_stream(
+        self, name: str, chunks: Iterable[bytes], metadata: Mapping[str, str], size: int
+    ) -> None:
+        from libcloud.storage.base import Container
+
+        headers, content_type = self._headers_for(metadata)
+        meta = {k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-")}
+        props = {k: v for k, v in headers.items() if not k.startswith("x-goog-")}
+        props["Content-Length"] = str(size)
+        drv = self._driver()
+        body = _SizedStream(chunks, size)
+        what = f"upload {name}"
+        try:
+            drv.upload_object_via_stream(
+                body,
+                Container(self.container, {}, drv),
+                name,
+                extra={
+                    "meta_data": meta,
+                    "content_type": content_type or "application/octet-stream",
+                },
+                headers=props,
+            )
+        except Exception as exc:
+            err = self._map(what, exc)
+            # A PUT finds no object to miss: a 404 means the bucket is gone.
+            raise (self._no_bucket() if isinstance(err, ObjectNotFoundError) else err) from None
+        if body.sent != size:
+            raise TransientError(f"{what}: sent {body.sent} of {size} bytes")
+
+    # -- reading -----------------------------------------------------------------------
+    def stat(self, name: str) -> ObjectInfo:
+        what = f"stat {name}"
+        resp = self._request(what, self._path(name), "HEAD")
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        h = resp.headers
+        resp.close()
+        size = h.get("x-goog-stored-content-length") or h.get("content-length") or 0
+        meta = {
+            k[len("x-goog-meta-") :].lower(): v
+            for k, v in h.items()
+            if k.lower().startswith("x-goog-meta-")
+        }
+        return ObjectInfo(name, int(size), meta, h.get("etag"), _mtime(h.get("last-modified")))
+
+    def read_range(
+        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        if length == 0:
+            self.stat(name)
+            return
+        headers: dict[str, str] = {}
+        if start > 0 or length is not None:
+            end = "" if length is None else str(start + length - 1)
+            headers["Range"] = f"bytes={start}-{end}"
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", None, headers, stream=True)
+        if resp.status_code == 416:
+            resp.close()
+            return
+        if resp.status_code not in (200, 206):
+            raise self._fail(what, resp, name)
+        try:
+            skip = start if (resp.status_code == 200 and start > 0) else 0
+            remaining = length if length is not None else -1
+            for chunk in resp.iter_content(chunk_size):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                if remaining >= 0:
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                if chunk:
+                    yield chunk
+                if remaining == 0:
+                    return
+        except UploaderError:
+            raise
+        except Exception as exc:
+            raise TransientError(
+                f"{what}: the connection broke ({type(exc).__name__}: {redact(str(exc))[:200]})"
+            ) from None
+        finally:
+            resp.close()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        from libcloud.storage.base import Container
+
+        drv = self._driver()
+        what = f"list {prefix!r}"
+        try:
+            for obj in drv.iterate_container_objects(
+                Container(self.container, {}, drv), prefix=prefix or None
+            ):
+                yield ObjectInfo(
+                    obj.name,
+                    int(obj.size),
+                    {},
+                    obj.hash,
+                    _mtime(obj.extra.get("last_modified")),
+                )
+        except UploaderError:
+            raise
+        except Exception as exc:
+            if "NoSuchBucket" in str(exc) or "status code: 404" in str(exc):
+                raise self._no_bucket() from None
+            raise self._map(what, exc) from None
+
+    def delete(self, name: str) -> bool:
+        what = f"delete {name}"
+        resp = self._request(what, self._path(name), "DELETE")
+        if resp.status_code in (200, 204):
+            resp.close()
+            return True
+        if resp.status_code == 404:
+            err = self._fail(what, resp, name)
+            if isinstance(err, ContainerNotFoundError):
+                raise err
+            return False
+        raise self._fail(what, resp, name)
+
+    def close(self) -> None:
+        with self._lock:
+            drivers, self._drivers = self._drivers, []
+        for drv in drivers:
+            try:
+                drv.connection.connection.session.close()
+            except Exception:  # noqa: S110 - closing is best effort
+                pass
+
+
+def _mtime(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        if "T" in text:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
