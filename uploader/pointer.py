@@ -102,7 +102,7 @@ class Pointer:
             latest = PointerEntry.from_dict(d["latest"])
             history = tuple(PointerEntry.from_dict(e) for e in d.get("history", []))
             return cls(int(d["rank"]), latest, history or (latest,))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(
                 f"commit pointer {where} is unreadable ({exc}); it was not "
                 "written by ckpt-uploader or is damaged: restore it by running "

@@ -316,7 +316,15 @@ class S3Backend(Backend):
                     conn.putheader(k, v)
                 conn.endheaders()
                 if len(body):
-                    conn.send(body)
+                    try:
+                        conn.send(body)
+                    except _STALE_CONNECTION:
+                        # The server may have answered before reading the body (an error
+                        # such as NoSuchUpload) and closed: that answer is the result.
+                        early = _early_error(conn)
+                        if early is None:
+                            raise
+                        return early
                 return conn.getresponse()
             except _STALE_CONNECTION:
                 # A kept-alive connection the server closed while idle: send once more on a
@@ -616,6 +624,15 @@ class S3Backend(Backend):
         except ObjectNotFoundError:
             return False
         return True
+
+
+def _early_error(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """An error reply the server sent before the request body was fully sent, if any."""
+    try:
+        resp = conn.getresponse()
+    except Exception:
+        return None
+    return resp if resp.status >= 400 else None
 
 
 def _xml_escape(text: str) -> str:

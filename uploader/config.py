@@ -1,0 +1,173 @@
+"""Configuration: command-line flags and an optional TOML file, merged into hparams.
+
+The store is named three ways, which combine: ``--to URI``; the
+ObjectStoreHparams fields as flags (``--provider``, ``--container``,
+``--key-environ``, ``--secret-environ``, ``--host``, ``--port``, ``--region``,
+``--extra-init-kwargs JSON``), which also refine a URI; or ``--config FILE``.
+Flags override the file. Credentials are never configuration values: only the
+names of the environment variables that hold them.
+
+A config file::
+
+    [store]
+    uri = "s3://ckpts/exp1?endpoint=http://127.0.0.1:9000"   # or the fields below
+    # provider = "s3"
+    # container = "ckpts"
+    # key_environ = "AWS_ACCESS_KEY_ID"
+    # secret_environ = "AWS_SECRET_ACCESS_KEY"
+    # host = "127.0.0.1"
+    # port = 9000
+    # region = "us-east-1"
+    # extra_init_kwargs = { secure = false }
+    # prefix = "exp1"
+
+    [watch]
+    keep_local = 3
+    drain_timeout = 600
+    include = ["*.pt", "*.safetensors"]
+    bwlimit = "200M"
+
+Keys of ``[watch]`` are the long option names with ``_`` for ``-``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
+
+__all__ = [
+    "STORE_FIELDS",
+    "load_config_file",
+    "store_location",
+    "parse_bytes",
+    "parse_extra_kwargs",
+]
+
+STORE_FIELDS = (
+    "provider",
+    "container",
+    "key_environ",
+    "secret_environ",
+    "host",
+    "port",
+    "region",
+    "extra_init_kwargs",
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.I)
+
+
+def load_config_file(path: str | None) -> dict[str, dict[str, Any]]:
+    """Read a TOML config file into ``{"store": {...}, "watch": {...}}``."""
+    if not path:
+        return {"store": {}, "watch": {}}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                "reading --config needs Python 3.11+ or the 'tomli' package; "
+                "pip install tomli, or pass the options as flags"
+            ) from None
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"store", "watch"}
+    if unknown:
+        raise ConfigError(
+            f"config file {p}: unknown section(s) {', '.join(sorted(unknown))}; "
+            "use [store] and [watch]"
+        )
+    store = dict(data.get("store", {}))
+    for secret in ("key", "secret", "password", "access_key", "secret_key"):
+        if secret in store:
+            raise ConfigError(
+                f"config file {p}: [store] {secret} is not accepted; credentials come only "
+                "from environment variables named by key_environ / secret_environ"
+            )
+    known = set(STORE_FIELDS) | {"uri", "prefix"}
+    bad = set(store) - known
+    if bad:
+        raise ConfigError(
+            f"config file {p}: unknown [store] key(s) {', '.join(sorted(bad))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return {"store": store, "watch": dict(data.get("watch", {}))}
+
+
+def parse_extra_kwargs(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--extra-init-kwargs is not valid JSON ({exc.msg}); e.g. '{{\"secure\": false}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError("--extra-init-kwargs must be a JSON object, e.g. '{\"secure\": false}'")
+    return value
+
+
+def store_location(
+    uri: str | None,
+    flags: dict[str, Any],
+    file_store: dict[str, Any] | None = None,
+    prefix: str | None = None,
+) -> StoreLocation:
+    """Merge URI, config-file [store] and flags (highest priority) into a StoreLocation.
+
+    ``flags`` holds the STORE_FIELDS given on the command line (None when absent).
+    """
+    file_store = dict(file_store or {})
+    uri = uri or file_store.pop("uri", None)
+    file_prefix = file_store.pop("prefix", None)
+    merged: dict[str, Any] = {k: v for k, v in file_store.items() if v is not None}
+    for k in STORE_FIELDS:
+        if flags.get(k) is not None:
+            if k == "extra_init_kwargs" and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **flags[k]}
+            else:
+                merged[k] = flags[k]
+    if uri:
+        loc = parse_uri(uri, **merged)
+    else:
+        if not merged.get("provider") or not merged.get("container"):
+            raise ConfigError(
+                "no store given: pass --to URI (e.g. s3://bucket/prefix or file:///abs/dir), "
+                "or --provider and --container, or --config FILE with a [store] section"
+            )
+        if merged.get("extra_init_kwargs") is None:
+            merged.pop("extra_init_kwargs", None)
+        loc = StoreLocation(ObjectStoreHparams(**merged), "")
+    final_prefix = prefix if prefix is not None else (file_prefix or loc.prefix)
+    final_prefix = join_key(final_prefix or "", "")
+    if ".." in final_prefix.split("/"):
+        raise ConfigError(f"prefix {final_prefix!r} contains '..'; use a plain path")
+    return StoreLocation(loc.hparams, final_prefix.strip("/"))
+
+
+def parse_bytes(text: str | int | float | None, what: str = "--bwlimit") -> int:
+    """``"200M"`` -> 209715200 (K, M, G, T are powers of 1024); 0 or None means no limit."""
+    if text is None:
+        return 0
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"{what} {text!r} is not a size; e.g. 500K, 200M, 1G (bytes per second)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
