@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -118,6 +117,9 @@ class LocalBackend(Backend):
         self._path(name)
         tmp = self._staging_file()
         tmp.touch()
+        # Remember which object the staged file is for, so stale-upload recovery can
+        # abort only the uploads under its own prefix.
+        tmp.with_suffix(".name").write_text(name)
         return tmp.name
 
     def put_part(
@@ -140,16 +142,29 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
         self._commit(tmp, name)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.with_suffix(".name").unlink()
 
     def abort(self, name: str, upload_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.staging / upload_id).unlink()
+        for path in (self.staging / upload_id, (self.staging / upload_id).with_suffix(".name")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         if not self.staging.is_dir():
             return []
-        # Staged files do not record their object name; report them under the prefix.
-        return [(prefix, p.name, p.stat().st_mtime) for p in self.staging.iterdir()]
+        uploads = []
+        for p in self.staging.iterdir():
+            if p.suffix == ".name":
+                continue
+            try:
+                name = p.with_suffix(".name").read_text()
+            except FileNotFoundError:
+                name = ""  # a single-request write that never finished: no object name
+            if name.startswith(prefix) and (name or not prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    uploads.append((name, p.name, p.stat().st_mtime))
+        return uploads
 
     def stat(self, name: str) -> ObjectInfo:
         self._require_root()
@@ -211,6 +226,3 @@ class LocalBackend(Backend):
                 break
             parent = parent.parent
         return True
-
-    def age(self, upload_id: str) -> float:
-        return time.time() - (self.staging / upload_id).stat().st_mtime
