@@ -1,0 +1,50 @@
+"""The Callback base class. Callbacks are duck-typed: any object with some of these methods works.
+
+The Trainer calls, in the training thread and when present:
+
+* ``fit_start(trainer)``, ``epoch_start(trainer)``, ``batch_end(trainer)``,
+  ``epoch_end(trainer)``, ``fit_end(trainer)``;
+* ``checkpoint_saved(trainer, path)`` at the first event after a checkpoint
+  file is complete on disk (before that event's own method);
+* ``state_dict()`` / ``load_state_dict(d)`` to keep callback state in checkpoints.
+
+``fit_end`` comes after the last checkpoint write is on disk, so a callback that
+uploads files sees every checkpoint.
+
+Example::
+
+    class PrintLoss(ckpt.Callback):
+        def batch_end(self, trainer):
+            print(trainer.timer.batch, trainer.last_loss)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Callback", "EVENTS"]
+
+EVENTS = ("fit_start", "epoch_start", "batch_end", "epoch_end", "fit_end")
+
+
+class Callback:
+    """No-op implementations of every event; override the ones you need."""
+
+    def fit_start(self, trainer: Any) -> None:
+        pass
+
+    def epoch_start(self, trainer: Any) -> None:
+        pass
+
+    def batch_end(self, trainer: Any) -> None:
+        pass
+
+    def epoch_end(self, trainer: Any) -> None:
+        pass
+
+    def checkpoint_saved(self, trainer: Any, path: Path) -> None:
+        pass
+
+    def fit_end(self, trainer: Any) -> None:
+        pass

@@ -1,0 +1,275 @@
+"""Load a checkpoint from a local path, a URI, an object-store path, or ``latest``.
+
+Every load goes through ``torch.load(..., weights_only=True)``: only tensors and
+plain data are accepted, so a file carrying pickled code is refused without
+running it. Compressed files and Composer-style tar archives are recognised by
+their first bytes and unpacked into a temporary folder that is removed
+afterwards; an uncompressed file's zip CRCs are checked before loading, so a
+damaged file gives a clear error instead of wrong weights.
+
+Remote checkpoints are downloaded through :class:`uploader.ObjectStore` in
+``chunk_size`` pieces with a progress bar, into a temporary file, and checked
+against the digest recorded at upload (the commit pointer entry naming the
+object when there is one, else the object's own record). A mismatch raises
+:class:`uploader.IntegrityError`; nothing is loaded.
+
+Example::
+
+    model.load_state_dict(ckpt.load("runs/.../ep3.pt.zst")["state"]["model"])
+    ckpt.load("s3://bucket/run1/latest", rank=0)
+    ckpt.load("run1/rank_0/checkpoints/ep3.pt", object_store=store)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .codecs import decompress_file, detect_format, extract_tar_member
+from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["load", "read_checkpoint", "local_copy", "resolve_remote", "DEFAULT_CHUNK_SIZE"]
+
+log = logging.getLogger("ckpt.loader")
+
+#: Download chunk size: 1 MiB.
+DEFAULT_CHUNK_SIZE = 1 << 20
+_COMPRESSED = ("gzip", "bzip2", "xz", "lzma", "zstd")
+_RANK_DIR = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
+
+
+def _head(path: Path, n: int = 512) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+@contextlib.contextmanager
+def _plain_torch_file(path: Path, tmp_dir: str | None) -> Iterator[Path]:
+    """Yield a path to an uncompressed torch file for ``path`` (unpacking when needed)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (and {{rank}} in load_path_format)"
+        )
+    fmt = detect_format(_head(path), path.name)
+    if fmt in ("zip", "pickle"):
+        yield path
+        return
+    work = Path(tempfile.mkdtemp(prefix="ckpt-load-", dir=tmp_dir))
+    try:
+        current = path
+        if fmt in _COMPRESSED:
+            assert fmt is not None
+            out = work / "decompressed"
+            decompress_file(current, fmt, out)
+            current = out
+            fmt = detect_format(_head(current), "")
+        if fmt == "tar" or (fmt is None and current.name.endswith(".tar")):
+            out = work / "member.pt"
+            extract_tar_member(current, out)
+            current = out
+            fmt = detect_format(_head(current), "")
+        if fmt not in ("zip", "pickle"):
+            size = path.stat().st_size
+            raise CorruptCheckpointError(
+                f"{path} is not a checkpoint: its first bytes match no torch file, "
+                f"compression format or tar archive ({size} bytes). "
+                + ("The file is empty. " if size == 0 else "")
+                + "Load another file, or fetch it again if it was damaged in transit"
+            )
+        yield current
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_zip(path: Path, shown: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} is truncated or damaged ({exc}); load an earlier checkpoint or fetch it again"
+        ) from None
+    if bad is not None:
+        raise CorruptCheckpointError(
+            f"{shown} is corrupt: record {bad!r} fails its CRC check. Do not use it; load an "
+            "earlier checkpoint or fetch it again"
+        )
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    verify: bool = True,
+    tmp_dir: str | None = None,
+) -> Any:
+    """Load a local checkpoint file (any codec, or a tar archive) with weights_only=True."""
+    src = Path(path)
+    with _plain_torch_file(src, tmp_dir) as plain:
+        if verify and detect_format(_head(plain)) == "zip":
+            _check_zip(plain, src)
+        try:
+            return torch.load(plain, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"refused to load {src}: it contains pickled objects other than tensors and "
+                f"plain data, which could run code ({str(exc).splitlines()[0][:300]}). "
+                "Only load it with weights_only=False if you fully trust its origin"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise CorruptCheckpointError(
+                f"{src} could not be read as a torch checkpoint ({str(exc).splitlines()[0][:300]}); "
+                "it is truncated or damaged: load an earlier checkpoint or fetch it again"
+            ) from None
+
+
+# -- remote ------------------------------------------------------------------------------
+
+
+def _store(obj: Any) -> tuple[Any, bool]:
+    """(ObjectStore, owned) for an ObjectStore or ObjectStoreHparams."""
+    from uploader import ObjectStore, ObjectStoreHparams
+
+    if isinstance(obj, ObjectStore):
+        return obj, False
+    if isinstance(obj, ObjectStoreHparams):
+        return obj.initialize_object(), True
+    raise TypeError(
+        f"load_object_store must be an uploader.ObjectStore or ObjectStoreHparams, not {type(obj).__name__}"
+    )
+
+
+def resolve_remote(
+    store: Any, name: str, prefix: str | None, rank: int, world_size: int | None
+) -> tuple[str, str | None, int | None]:
+    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``."""
+    from uploader import pointer
+    from uploader.errors import UploaderError
+
+    name = name.strip("/")
+    if name == "latest" or name.endswith("/latest"):
+        base = name[: -len("latest")].strip("/")
+        if prefix is not None:
+            base = "/".join(p for p in (prefix.strip("/"), base) if p)
+        entries = pointer.resolve_latest(store, base, world_size)
+        if rank not in entries:
+            raise CheckpointError(
+                f"'latest' under {base or '(root)'!r} has no entry for rank {rank}; "
+                f"ranks with commit pointers: {sorted(entries)}"
+            )
+        e = entries[rank]
+        log.info("latest resolves to %s (%s)", e.object, e.digest)
+        return e.object, e.digest, e.size
+    if prefix:
+        name = f"{prefix.strip('/')}/{name}"
+    m = _RANK_DIR.match(name)
+    if m:
+        with contextlib.suppress(UploaderError):
+            p = pointer.read_pointer(store, m.group(1) or "", int(m.group(2)))
+            if p is not None:
+                for e in (p.latest, *p.history):
+                    if e.object == name:
+                        return name, e.digest, e.size
+    return name, None, None
+
+
+@contextlib.contextmanager
+def local_copy(
+    path_or_uri: str,
+    *,
+    object_store: Any = None,
+    prefix: str | None = None,
+    rank: int = 0,
+    world_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+    tmp_dir: str | None = None,
+) -> Iterator[Path]:
+    """Yield a local, verified path for a checkpoint; downloads are removed afterwards."""
+    name = str(path_or_uri).replace("{rank}", str(rank))
+    if object_store is None and "://" not in name:
+        if name == "latest" or name.endswith("/latest"):
+            raise CheckpointError(
+                f"{name!r} needs an object store: pass load_object_store (or a URI such as "
+                "s3://bucket/prefix/latest)"
+            )
+        yield Path(name)
+        return
+    if object_store is None:
+        from uploader import parse_uri
+
+        loc = parse_uri(name)
+        object_store, name = loc.hparams, loc.prefix
+        if not name:
+            raise CheckpointError(
+                f"{path_or_uri!r} names a bucket but no object; add the checkpoint path or "
+                "'latest' after it"
+            )
+    store, owned = _store(object_store)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
+    try:
+        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size)
+        dest = work / Path(obj).name
+        store.download_file(
+            obj,
+            dest,
+            chunk_size=chunk_size,
+            progress=progress,
+            expected_digest=digest,
+            expected_size=size,
+            require_digest=True,
+        )
+        yield dest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if owned:
+            store.close()
+
+
+def load(
+    path_or_uri: str | os.PathLike[str],
+    *,
+    object_store: Any = None,
+    prefix: str | None = None,
+    rank: int = 0,
+    world_size: int | None = None,
+    map_location: Any = "cpu",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+    verify: bool = True,
+    tmp_dir: str | None = None,
+) -> Any:
+    """Load a checkpoint: what ``torch.load`` returns, for any codec and location.
+
+    Args:
+        path_or_uri: a local file; a URI (``s3://bucket/run1/rank_0/ep3.pt``,
+            ``s3://bucket/run1/latest``); or, with ``object_store``, the object
+            name inside the bucket (or ``latest``). ``{rank}`` is replaced by ``rank``.
+        object_store: an ``uploader.ObjectStore`` or ``ObjectStoreHparams``.
+        prefix: object name prefix for ``latest`` (or prepended to the name).
+        rank / world_size: which rank's file; how many ranks must agree on ``latest``.
+        map_location: as for ``torch.load``.
+        chunk_size / progress: download chunk size (1 MiB) and progress bar.
+        verify: check the zip CRCs of the torch file before loading.
+    """
+    with local_copy(
+        str(path_or_uri),
+        object_store=object_store,
+        prefix=prefix,
+        rank=rank,
+        world_size=world_size,
+        chunk_size=chunk_size,
+        progress=progress,
+        tmp_dir=tmp_dir,
+    ) as path:
+        return read_checkpoint(path, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
