@@ -6,6 +6,7 @@ on hosts where the training environment is not importable.
 
 from __future__ import annotations
 
+from .callback import RunDirectoryUploader
 from .digest import Digest
 from .errors import (
     AuthError,
@@ -19,7 +20,9 @@ from .errors import (
 )
 from .hparams import ObjectStoreHparams, StoreLocation, parse_uri
 from .retry import RetryPolicy
+from .sidecar import Sidecar
 from .store import ObjectStat, ObjectStore, UploadResult
+from .worker import WorkerError
 
 __all__ = [
     "ObjectStoreHparams",
@@ -38,6 +41,9 @@ __all__ = [
     "ContainerNotFoundError",
     "ObjectNotFoundError",
     "IntegrityError",
+    "RunDirectoryUploader",
+    "Sidecar",
+    "WorkerError",
 ]
 
 __version__ = "0.1.0"
