@@ -173,6 +173,40 @@ def test_watch_uploads_existing_and_new_files_then_drains_on_sigterm(
     assert {f["path"] for f in body["files"]} == {"ep1.pt", "sub/ep2.pt", "ep3.pt"}
 
 
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_right_after_renames_still_uploads_every_file(
+    tmp_path: Path, local_bucket: Path, daemons: list[Daemon], attempt: int
+) -> None:
+    """Checkpoints renamed into place just before SIGTERM, whose events the daemon has not
+    processed yet, are part of the drain: exit 0 means all of them are in the bucket."""
+    run = tmp_path / "rank_0"
+    run.mkdir()
+    d = Daemon(tmp_path, run, "--to", local_uri(local_bucket, "t"), "--settle", "0.3")
+    daemons.append(d)
+    d.wait_running()
+    digests = {f"ep{i}.pt": atomic_write(run / f"ep{i}.pt", 200_000, seed=i) for i in (1, 2, 3)}
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    objs = local_bucket / "t" / "rank_0"
+    assert {n: sha256(objs / n) for n in digests} == digests
+    assert pointer(local_bucket, "t")["latest"]["name"] == "ep3.pt"
+
+
+def test_sigterm_before_the_engine_starts_drains_instead_of_dying(
+    tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
+) -> None:
+    run = tmp_path / "rank_0"
+    run.mkdir()
+    digest = atomic_write(run / "ep1.pt", 100_000, seed=7)
+    d = Daemon(tmp_path, run, "--to", local_uri(local_bucket, "e"))
+    daemons.append(d)
+    # As soon as the status file says "starting" (store not yet open or engine not running).
+    d.wait_status(lambda s: s.get("state") in ("starting", "running"))
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    assert sha256(local_bucket / "e" / "rank_0" / "ep1.pt") == digest
+
+
 def test_slow_in_place_writer_is_not_uploaded_early(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:

@@ -514,6 +514,9 @@ def _early_status(args: argparse.Namespace, state: str, error: str | None = None
 
 
 def _run_engine(args: argparse.Namespace, push: bool) -> int:
+    from .engine import capture_early_signals
+
+    capture_early_signals()  # from here on, SIGTERM drains instead of killing
     _early_status(args, "starting")
     try:
         return _run_engine_inner(args, push)

@@ -609,19 +609,25 @@ class Engine:
 
     async def _signal_task(self, tg: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            # Signals that arrived while the store was being opened count too.
+            while _early_signals:
+                self._on_signal(_early_signals.pop(0))
             async for signum in signals:
-                self._signals += 1
-                name = signal.Signals(signum).name
-                if self._signals == 1:
-                    log.info("%s received: draining (a second signal exits at once)", name)
-                    self._request_stop("signal")
-                else:
-                    log.warning("second signal %s: exiting now; the journal is intact", name)
-                    self.state = "failed"
-                    self._last_error = f"interrupted by a second {name}"
-                    self._write_status()
-                    logging.shutdown()
-                    os._exit(128 + signum)
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s received: draining (a second signal exits at once)", name)
+            self._request_stop("signal")
+        else:
+            log.warning("second signal %s: exiting now; the journal is intact", name)
+            self.state = "failed"
+            self._last_error = f"interrupted by a second {name}"
+            self._write_status()
+            logging.shutdown()
+            os._exit(128 + signum)
 
     async def _supervise(self) -> int:
         await self._stop.wait()
@@ -630,21 +636,28 @@ class Engine:
         if self._watcher is not None:
             self._watcher.stop(join=False)
         if reason == "signal":
-            self._accepting = False
-            self._cands.clear()
-        left = len(self._outstanding)
+            # A checkpoint renamed into place just before the signal is part of the drain,
+            # even if its event was not processed yet: take every file complete on disk.
+            self._final = True
+            found = await anyio.to_thread.run_sync(_scan_list, self.root, self.opts.filter, "")
+            for rel in found:
+                self._consider(rel, "scan")
+            self._wake.set()
+        left = len(self._outstanding) + len(self._cands)
         if left:
             log.info("draining %d file(s), timeout %.0fs", left, self.opts.drain_timeout)
         with anyio.move_on_after(self.opts.drain_timeout):
-            while self._busy():
-                await self._changed.wait()
+            while self._busy() or self._cands:
+                with anyio.move_on_after(0.1):
+                    await self._changed.wait()
                 self._changed = anyio.Event()
-        if self._busy():
+        self._accepting = False
+        if self._busy() or self._cands:
             log.error(
-                "drain timeout (%.0fs) hit with %d file(s) not verified; they stay in the "
-                "journal and are resumed at the next start",
+                "drain timeout (%.0fs) hit with %d file(s) not verified; the next start "
+                "resumes them from the journal and the run directory",
                 self.opts.drain_timeout,
-                len(self._outstanding),
+                len(self._outstanding) + len(self._cands),
             )
             return EXIT_TIMEOUT
         totals = self.journal.totals()
@@ -700,6 +713,25 @@ class Engine:
                 write_status_file(self.opts.status_file, s)
             self._progress.tick(s)
             await anyio.sleep(1.0)
+
+
+_early_signals: list[int] = []
+
+
+def capture_early_signals() -> None:
+    """Remember SIGTERM/SIGINT arriving before the engine runs (while the store is opened).
+
+    The engine drains for them once it starts, instead of the process dying with the
+    default action; a second early signal exits at once (the journal is intact).
+    """
+
+    def remember(signum: int, frame: object) -> None:
+        _early_signals.append(signum)
+        if len(_early_signals) >= 2:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, remember)
+    signal.signal(signal.SIGINT, remember)
 
 
 def _merge(cur: Pointer | None, rank: int, e: PointerEntry) -> Pointer:
