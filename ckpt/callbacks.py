@@ -9,7 +9,10 @@ The Trainer calls, in the training thread and when present:
 * ``state_dict()`` / ``load_state_dict(d)`` to keep callback state in checkpoints.
 
 ``fit_end`` comes after the last checkpoint write is on disk, so a callback that
-uploads files sees every checkpoint.
+uploads files sees every checkpoint. When ``fit()`` fails with an exception,
+``on_exception(trainer, exc)`` is called instead of ``fit_end`` (after pending
+checkpoint writes finished); errors a callback raises there are logged, and
+the training error is the one that propagates.
 
 Example::
 
@@ -47,4 +50,7 @@ class Callback:
         pass
 
     def fit_end(self, trainer: Any) -> None:
+        pass
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
         pass

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -626,13 +627,34 @@ class Trainer:
                 for path in saver.wait():
                     self._notify_saved(path)
             ok = True
-        finally:
-            if saver and not ok:
+        except Exception as exc:
+            if saver:
                 try:
                     saver.wait()
-                except Exception as exc:  # the original error is more useful
-                    log.error("a checkpoint write also failed: %s", exc)
+                except Exception as write_exc:  # the original error is more useful
+                    log.error("a checkpoint write also failed: %s", write_exc)
+            self._exception_event(exc)
+            raise
+        finally:
+            if saver and not ok:
+                with contextlib.suppress(Exception):
+                    saver.wait()
         self._event("fit_end")
+
+    def _exception_event(self, exc: BaseException) -> None:
+        """Tell callbacks that ``fit()`` is failing; their own errors are logged, not raised,
+        so the training error is the one the caller sees."""
+        for cb in self.callbacks:
+            fn = getattr(cb, "on_exception", None)
+            if callable(fn):
+                try:
+                    fn(self, exc)
+                except Exception as cb_exc:
+                    log.error(
+                        "callback %s failed while handling the training error: %s",
+                        type(cb).__name__,
+                        cb_exc,
+                    )
 
     def _epoch_unfinished(self, it: Iterator[Any]) -> bool:
         """After stopping on a batch count: is the epoch's data not yet exhausted?"""

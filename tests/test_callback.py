@@ -62,10 +62,19 @@ class Probe:
         worker = self.uploader.worker
         assert worker is not None and worker.pid is not None
         pid = worker.pid
+        # Right after fork the child may not have exec'd yet: wait (bounded) for its
+        # own command line before reading it.
+        deadline = time.monotonic() + 10
+        cmdline = b""
+        while time.monotonic() < deadline:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"uploader" in cmdline:
+                break
+            time.sleep(0.02)
         self.seen = {
             "pid": pid,
             "sid": os.getsid(pid),
-            "cmdline": Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"),
+            "cmdline": cmdline.split(b"\0"),
             "environ": Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"),
         }
 
@@ -322,6 +331,49 @@ def test_events_never_wait_for_uploads_only_fit_end_does(tmp_path: Path) -> None
     # 1 MiB at 256 KiB/s: about 3 s, all of it spent in fit_end, none in the events.
     assert drain > 2.0, drain
     assert events < drain / 4, (events, drain)
+
+
+class FailAtEpoch:
+    """A callback that makes training fail at the end of epoch ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def epoch_end(self, trainer: Any) -> None:
+        if trainer.timer.epoch >= self.n:
+            raise RuntimeError("loss is NaN")
+
+
+def test_training_error_still_uploads_saved_checkpoints_and_keeps_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    cb = RunDirectoryUploader(
+        ObjectStoreHparams(provider="local", container=str(bucket)), "exp", progress_bar=False
+    )
+    trainer = Trainer(
+        model=TinyModel(),
+        train_dataloader=tiny_loader(),
+        max_duration="5ep",
+        save_folder="checkpoints",
+        save_interval="1ep",
+        callbacks=[FailAtEpoch(3), cb],
+        seed=1,
+    )
+    with pytest.raises(RuntimeError, match="loss is NaN"):
+        trainer.fit()
+    # The error propagated only after the worker drained: ep1 and ep2 are in the bucket.
+    assert cb.worker is not None and cb.worker.finished
+    assert cb.final_status is not None and cb.final_status.failed == 0
+    stored = sorted(p.name for p in (bucket / "exp" / "rank_0" / "checkpoints").glob("ep*.pt"))
+    assert stored == ["ep1.pt", "ep2.pt"]
+    local = trainer.checkpoint_saver.checkpoint_folder
+    for name in stored:
+        assert (bucket / "exp" / "rank_0" / "checkpoints" / name).read_bytes() == (
+            local / name
+        ).read_bytes()
 
 
 def test_drain_timeout_raises_and_the_journal_finishes_the_upload_later(tmp_path: Path) -> None:

@@ -189,6 +189,23 @@ class RunDirectoryUploader:
         """Drain the worker: wait for every checkpoint to be verified in the store."""
         self.close()
 
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        """Training failed: still get the checkpoints already saved into the store.
+
+        Drains like ``fit_end``; a drain failure is logged (the trainer re-raises the
+        training error, which is the one the caller needs to see).
+        """
+        if self.worker is None or self.worker.proc is None or self.worker.finished:
+            return
+        log.warning(
+            "training failed (%s); draining uploads of the checkpoints already saved",
+            type(exc).__name__,
+        )
+        try:
+            self.close()
+        except Exception as drain_exc:
+            log.error("%s", drain_exc)
+
     # -- public helpers ---------------------------------------------------------------------
     def check(self) -> None:
         """Raise :class:`WorkerError` if the worker died or an upload failed for good."""
