@@ -164,3 +164,42 @@ def test_config_rejects_secrets_and_garbage(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError):
         parse_bytes("fast")
+
+
+def test_journal_keeps_recording_on_a_full_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real 12 MiB tmpfs, filled to the last byte: the journal releases its reserve,
+    shrinks its write-ahead log and goes on recording. Mounting needs root, as
+    ``make test`` has here; without it the test fails loudly rather than skip."""
+    import errno
+
+    from tests.reliability import small_filesystem
+    from uploader.journal import RESERVE_NAME
+
+    mount = tmp_path / "small"
+    with small_filesystem(mount, 12) as mounted:
+        assert mounted, "could not mount a tmpfs (this test needs root, as make test has)"
+        journal = Journal.open(mount)
+        try:
+            reserve = mount / RESERVE_NAME
+            assert reserve.stat().st_size == 2 << 20
+            # Fill the disk completely.
+            with open(mount / "ballast", "wb") as f:
+                chunk = b"\0" * (256 << 10)
+                with pytest.raises(OSError) as full:
+                    for _ in range(200):
+                        f.write(chunk)
+                        f.flush()
+            assert full.value.errno == errno.ENOSPC
+            with caplog.at_level("WARNING", logger="uploader.journal"):
+                for i in range(200):
+                    rec = FileRecord(f"ep{i}.pt", 0, f"ep{i}.pt", f"p/rank_0/ep{i}.pt", i, i, True)
+                    journal.accept(rec)
+                    journal.start(rec.path)
+                    journal.done(rec.path, "sha256:" + "0" * 64)
+            assert not reserve.exists()
+            assert "released its 2 MiB reserve" in caplog.text
+            assert journal.totals().done == 200
+        finally:
+            journal.close()

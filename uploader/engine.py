@@ -41,7 +41,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .errors import AuthError, ConfigError, ContainerNotFoundError, IntegrityError
-from .journal import FileRecord, Journal
+from .journal import FileRecord, Journal, JournalFullError
 from .pointer import HISTORY_LIMIT, Pointer, PointerEntry, commit, read_pointer
 from .redact import redact
 from .retention import apply_local, remote_deletions
@@ -121,6 +121,9 @@ class TokenBucket:
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
         if wait > 0:
             time.sleep(wait)
+
+
+_FULL_PAUSE = 2.0  # seconds between attempts while the journal's disk is full
 
 
 @dataclass
@@ -341,6 +344,17 @@ class Engine:
         """Accept a complete file into the journal (unless that version is known) and queue it."""
         if not self._accepting:
             return
+        try:
+            await self._take_inner(rel, st)
+        except JournalFullError as exc:
+            # Cannot record it yet: keep it as a complete candidate and try again later.
+            self._last_error = str(exc)
+            log.error("%s; will accept %s once there is room", exc, rel)
+            c = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic() + _FULL_PAUSE, closed=True)
+            self._cands[rel] = c
+            self._wake.set()
+
+    async def _take_inner(self, rel: str, st: os.stat_result) -> None:
         rec = self.journal.get(rel)
         if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
             if rec.state == "pending":
@@ -371,12 +385,24 @@ class Engine:
     async def _worker(self) -> None:
         async for rel in self._work_recv:
             try:
-                await self._process(rel)
+                while True:
+                    try:
+                        await self._process(rel)
+                        break
+                    except JournalFullError as exc:
+                        # Not the file's fault: keep it (it is on disk and in flight here)
+                        # and try again once the disk has room; the drain timeout bounds it.
+                        self._last_error = str(exc)
+                        log.error("%s; trying %s again in %.0fs", exc, rel, _FULL_PAUSE)
+                        await anyio.sleep(_FULL_PAUSE)
             except Exception as exc:  # a bug must not lose the file: record it
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 log.exception("internal error on %s", rel)
-                self.journal.fail(rel, msg)
                 self._last_error = msg
+                try:
+                    self.journal.fail(rel, msg)
+                except Exception:
+                    log.exception("could not record the failure of %s in the journal", rel)
             finally:
                 self._outstanding.discard(rel)
                 self._changed.set()
@@ -534,8 +560,11 @@ class Engine:
                     return
                 await anyio.sleep(min(60.0, self.opts.retry_delay * 2 ** (attempt - 1)))
         self._pointers[rank] = pointer
-        for r in batch:
-            self.journal.mark_committed(r.path)
+        try:
+            for r in batch:
+                self.journal.mark_committed(r.path)
+        except JournalFullError as exc:  # the pointer is written; a restart re-commits, harmlessly
+            log.error("%s", exc)
         log.info(
             "committed rank=%d latest=%s (after %s)",
             rank,

@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -32,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UploaderError
+
+log = logging.getLogger("uploader.journal")
 
 __all__ = [
     "Journal",
@@ -42,10 +46,15 @@ __all__ = [
     "LOCK_NAME",
     "STATE_NAMES",
     "journal_path",
+    "JournalFullError",
+    "RESERVE_NAME",
 ]
 
 JOURNAL_NAME = ".ckpt-uploader.sqlite"
 LOCK_NAME = ".ckpt-uploader.lock"
+#: Space kept aside so the journal can still record progress when the disk fills up.
+RESERVE_NAME = ".ckpt-uploader.reserve"
+RESERVE_BYTES = 2 << 20
 #: Names the watcher must never upload (the journal and its sqlite companions).
 STATE_NAMES = frozenset(
     {
@@ -54,6 +63,7 @@ STATE_NAMES = frozenset(
         JOURNAL_NAME + "-shm",
         JOURNAL_NAME + "-journal",
         LOCK_NAME,
+        RESERVE_NAME,
     }
 )
 STATES = ("pending", "uploading", "done", "failed")
@@ -152,6 +162,15 @@ def journal_path(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / JOURNAL_NAME
 
 
+class JournalFullError(UploaderError):
+    """The journal's disk is full even after releasing the space reserve."""
+
+
+def _is_full(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "full" in text or "no space" in text
+
+
 class Journal:
     """The sqlite journal of one run directory.
 
@@ -180,6 +199,76 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         self._db.row_factory = sqlite3.Row
+        self._reserve = path.parent / RESERVE_NAME
+        self._reserve_checked = 0.0
+        if not readonly:
+            self._make_reserve()
+
+    # -- disk-full safety ---------------------------------------------------------------
+    # The journal usually lives in the run directory, on the disk training fills with
+    # checkpoints. A small reserve file is kept beside it; when a journal write fails
+    # for lack of space, the reserve is released so the daemon can still record its
+    # uploads (which need no local space) and retention can free the disk. It is
+    # re-created once space is back.
+    def _make_reserve(self) -> None:
+        self._reserve_checked = time.monotonic()
+        if self._reserve.exists():
+            return
+        try:
+            st = os.statvfs(self._reserve.parent)
+            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
+                return
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        # Keep the write-ahead log small from now on: move it into the database and
+        # truncate it (frees its space), and checkpoint every 64 pages instead of 1000.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA wal_autocheckpoint=64")
+        log.warning(
+            "the disk holding the journal %s is full: released its %d MiB reserve to keep "
+            "recording uploads; free space there (e.g. --keep-local) or move the journal "
+            "with --state-dir",
+            self.path,
+            RESERVE_BYTES >> 20,
+        )
+        return True
+
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """Execute one write; on a full disk, release the reserve, then retry (bounded)."""
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                self._db.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                if self._release_reserve():
+                    continue
+                if attempt == 7:
+                    raise JournalFullError(
+                        f"the journal {self.path} cannot be written: the disk is full; free "
+                        "space there or move the journal with --state-dir (nothing is lost: "
+                        "the files stay on disk and are taken again)"
+                    ) from None
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            if not self._reserve.exists() and time.monotonic() - self._reserve_checked > 10:
+                self._make_reserve()
+            return
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -294,7 +383,7 @@ class Journal:
     def accept(self, rec: FileRecord) -> FileRecord:
         """Record a file (new, or changed since it was last recorded) as pending."""
         now = time.time()
-        self._db.execute(
+        self._write(
             "INSERT INTO files (path, rank, name, object, size, mtime_ns, checkpoint, state, "
             "attempts, digest, committed, last_error, accepted_at, started_at, finished_at, "
             "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, NULL, 0, NULL, ?, NULL, "
@@ -323,21 +412,21 @@ class Journal:
     def start(self, path: str) -> None:
         """Mark an upload attempt as begun (attempts + 1)."""
         now = time.time()
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'uploading', attempts = attempts + 1, started_at = ?, "
             "updated_at = ? WHERE path = ?",
             (now, now, path),
         )
 
     def retry_later(self, path: str, error: str) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'pending', last_error = ?, updated_at = ? WHERE path = ?",
             (error, time.time(), path),
         )
 
     def fail(self, path: str, error: str) -> None:
         now = time.time()
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'failed', last_error = ?, finished_at = ?, updated_at = ? "
             "WHERE path = ?",
             (error, now, now, path),
@@ -345,23 +434,23 @@ class Journal:
 
     def done(self, path: str, digest: str) -> None:
         now = time.time()
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'done', digest = ?, last_error = NULL, finished_at = ?, "
             "updated_at = ? WHERE path = ?",
             (digest, now, now, path),
         )
 
     def mark_committed(self, path: str) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE files SET committed = 1, updated_at = ? WHERE path = ?", (time.time(), path)
         )
 
     def sync(self) -> None:
         """Force everything recorded so far to disk (checkpoint the WAL, with fsync)."""
-        self._db.execute("PRAGMA wal_checkpoint(FULL)")
+        self._write("PRAGMA wal_checkpoint(FULL)")
 
     def forget(self, path: str) -> None:
-        self._db.execute("DELETE FROM files WHERE path = ?", (path,))
+        self._write("DELETE FROM files WHERE path = ?", (path,))
 
     def recover(self) -> list[FileRecord]:
         """After a restart: interrupted uploads and failures go back to pending.
@@ -370,11 +459,11 @@ class Journal:
         """
         stale = self.records("uploading")
         now = time.time()
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'pending', updated_at = ? WHERE state = 'uploading'",
             (now,),
         )
-        self._db.execute(
+        self._write(
             "UPDATE files SET state = 'pending', attempts = 0, updated_at = ? "
             "WHERE state = 'failed'",
             (now,),
