@@ -544,6 +544,11 @@ def _run_engine_inner(args: argparse.Namespace, push: bool) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"RUN_DIR {run_dir} is not a directory")
+    if push and not run_dir.exists():
+        raise ConfigError(
+            f"RUN_DIR {run_dir} does not exist, so there is nothing to push; check the path "
+            "(watch creates a missing RUN_DIR and waits for files, push does not)"
+        )
     if not run_dir.exists():
         try:
             run_dir.mkdir(parents=True)
