@@ -31,13 +31,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
-from .hparams import ObjectStoreHparams, join_key, parse_uri
-from .worker import UploadWorker, WorkerError, WorkerStatus
+from .hparams import ObjectStoreHparams, join_key
+from .worker import (
+    UploadWorker,
+    WorkerError,
+    WorkerOptions,
+    WorkerStatus,
+    checked_worker_options,
+    store_location,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RunDirectoryUploader", "WorkerError"]
 
@@ -67,6 +76,9 @@ class RunDirectoryUploader:
             ``secret_environ`` name), never through its command line.
         extra_args: further ``ckpt-uploader watch`` flags.
 
+    Every keyword but ``progress_bar`` is one of :class:`uploader.worker.WorkerOptions`,
+    handed to the worker unchanged (``log_format`` and ``verbosity`` too).
+
     Raises :class:`uploader.WorkerError` (from the event after the failure, or from
     ``fit_end``) when the worker crashed or a checkpoint could not be uploaded.
     """
@@ -76,42 +88,19 @@ class RunDirectoryUploader:
         hparams: ObjectStoreHparams | str,
         object_name_prefix: str | None = None,
         *,
-        drain_timeout: float | None = 3600.0,
         progress_bar: bool = True,
-        keep_local: int | None = None,
-        state_dir: str | os.PathLike[str] | None = None,
-        create_container: bool = False,
-        log_to: str = "file",
-        log_format: str = "text",
-        verbosity: int = 0,
-        check_interval: float = 1.0,
-        env: Mapping[str, str] | None = None,
-        extra_args: Sequence[str] = (),
+        **worker_options: Unpack[WorkerOptions],
     ) -> None:
-        if isinstance(hparams, str):
-            location = parse_uri(hparams)
-            hp, base = location.hparams, location.prefix
-        elif isinstance(hparams, ObjectStoreHparams):
-            hp, base = hparams, ""
-        else:
-            raise ConfigError(
-                "RunDirectoryUploader needs an ObjectStoreHparams or a store URI "
-                f"such as s3://bucket/prefix, not {type(hparams).__name__}"
-            )
+        hp, base = store_location(
+            hparams,
+            "RunDirectoryUploader needs an ObjectStoreHparams or a store URI "
+            "such as s3://bucket/prefix",
+        )
         hp.validate()
         self.hparams = hp
         self.object_name_prefix = join_key(base, (object_name_prefix or "").strip("/"))
-        self.drain_timeout = drain_timeout
         self.progress_bar = progress_bar
-        self.keep_local = keep_local
-        self.state_dir = state_dir
-        self.create_container = create_container
-        self.log_to = log_to
-        self.log_format = log_format
-        self.verbosity = verbosity
-        self.check_interval = check_interval
-        self.env = dict(env or {})
-        self.extra_args = list(extra_args)
+        self.worker_options = checked_worker_options("RunDirectoryUploader", worker_options)
         self.worker: UploadWorker | None = None
         self.final_status: WorkerStatus | None = None
         self._warned_outside = False
@@ -138,25 +127,17 @@ class RunDirectoryUploader:
             self.worker = None
             return
         rank = int(getattr(trainer, "rank", 0) or 0)
-        state_dir = self.state_dir
+        options = self.worker_options.copy()
+        state_dir = options.get("state_dir")
         if state_dir is not None and int(getattr(trainer, "world_size", 1) or 1) > 1:
             # One journal per rank, even when the user names one folder.
-            state_dir = Path(state_dir) / f"rank_{rank}"
+            options["state_dir"] = Path(state_dir) / f"rank_{rank}"
         self.worker = UploadWorker(
             run_dir,
             hparams=self.hparams,
             prefix=self.object_name_prefix,
             rank=rank,
-            state_dir=state_dir,
-            drain_timeout=self.drain_timeout,
-            keep_local=self.keep_local,
-            create_container=self.create_container,
-            log_to=self.log_to,
-            log_format=self.log_format,
-            verbosity=self.verbosity,
-            check_interval=self.check_interval,
-            env=self.env,
-            extra_args=self.extra_args,
+            **options,
         ).start()
         self.final_status = None
         self._warned_outside = False

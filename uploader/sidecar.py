@@ -25,13 +25,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, UploaderError
-from .hparams import ObjectStoreHparams, join_key, parse_uri
-from .worker import UploadWorker, WorkerStatus
+from .hparams import ObjectStoreHparams, join_key
+from .worker import (
+    UploadWorker,
+    WorkerOptions,
+    WorkerStatus,
+    checked_worker_options,
+    store_location,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Sidecar"]
 
@@ -70,6 +79,10 @@ class Sidecar:
             the environment variables the store configuration names).
         extra_args: further ``ckpt-uploader watch`` flags.
 
+    Every keyword but ``prefix``, ``rank`` and ``progress_bar`` is one of
+    :class:`uploader.worker.WorkerOptions`, handed to the worker unchanged
+    (``log_format`` and ``verbosity`` too).
+
     On exit after an exception in the block, the worker is still drained (the
     checkpoints written so far are worth keeping) and the block's exception
     propagates; an upload failure then is logged, not raised over it.
@@ -82,28 +95,14 @@ class Sidecar:
         *,
         prefix: str = "",
         rank: int | None = None,
-        drain_timeout: float | None = 3600.0,
         progress_bar: bool = True,
-        keep_local: int | None = None,
-        state_dir: str | os.PathLike[str] | None = None,
-        create_container: bool = False,
-        log_to: str = "file",
-        log_format: str = "text",
-        verbosity: int = 0,
-        check_interval: float = 1.0,
-        env: Mapping[str, str] | None = None,
-        extra_args: Sequence[str] = (),
+        **worker_options: Unpack[WorkerOptions],
     ) -> None:
-        if isinstance(to, str):
-            location = parse_uri(to)
-            hp, base = location.hparams, location.prefix
-        elif isinstance(to, ObjectStoreHparams):
-            hp, base = to, ""
-        else:
-            raise ConfigError(
-                "Sidecar(to=...) takes a store URI such as s3://bucket/prefix or an "
-                f"ObjectStoreHparams, not {type(to).__name__}"
-            )
+        hp, base = store_location(
+            to,
+            "Sidecar(to=...) takes a store URI such as s3://bucket/prefix or an ObjectStoreHparams",
+        )
+        options = checked_worker_options("Sidecar", worker_options)
         self.run_dir = Path(run_dir).absolute()
         self.progress_bar = progress_bar
         self.final_status: WorkerStatus | None = None
@@ -112,16 +111,7 @@ class Sidecar:
             hparams=hp,
             prefix=join_key(base, prefix.strip("/")),
             rank=_env_rank() if rank is None else rank,
-            state_dir=state_dir,
-            drain_timeout=drain_timeout,
-            keep_local=keep_local,
-            create_container=create_container,
-            log_to=log_to,
-            log_format=log_format,
-            verbosity=verbosity,
-            check_interval=check_interval,
-            env=env,
-            extra_args=extra_args,
+            **options,
         )
 
     @property

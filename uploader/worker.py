@@ -43,7 +43,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict, cast
 
 from .errors import ConfigError, UploaderError
 from .hparams import ObjectStoreHparams, parse_uri
@@ -51,6 +51,9 @@ from .redact import redact, register_secret
 
 __all__ = [
     "UploadWorker",
+    "WorkerOptions",
+    "store_location",
+    "checked_worker_options",
     "WorkerError",
     "WorkerStatus",
     "read_status",
@@ -195,6 +198,61 @@ def hparams_args(hp: ObjectStoreHparams) -> list[str]:
     if hp.extra_init_kwargs:
         args += ["--extra-init-kwargs", json.dumps(hp.extra_init_kwargs, sort_keys=True)]
     return args
+
+
+class WorkerOptions(TypedDict, total=False):
+    """How the worker runs: the :class:`UploadWorker` arguments that
+    :class:`uploader.RunDirectoryUploader` and :class:`uploader.Sidecar` take as
+    keywords and pass on unchanged (see :class:`UploadWorker` for each).
+
+    Example::
+
+        options: WorkerOptions = {"keep_local": 2, "extra_args": ["--part-size", "8M"]}
+        UploadWorker("runs/1", to="file:///data/bucket", **options)
+    """
+
+    state_dir: str | os.PathLike[str] | None
+    drain_timeout: float | None
+    keep_local: int | None
+    create_container: bool
+    log_to: str
+    log_format: str
+    verbosity: int
+    check_interval: float
+    env: Mapping[str, str] | None
+    extra_args: Sequence[str]
+
+
+def checked_worker_options(owner: str, options: Mapping[str, Any]) -> WorkerOptions:
+    """A copy of ``options`` for :class:`UploadWorker`; a name it does not take
+    raises TypeError at once, as a misspelt keyword argument of ``owner`` would."""
+    for name in options:
+        if name not in WorkerOptions.__optional_keys__:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+    copy = dict(options)
+    if copy.get("env") is not None:
+        copy["env"] = dict(copy["env"])
+    if "extra_args" in copy:
+        copy["extra_args"] = list(copy["extra_args"])
+    return cast(WorkerOptions, copy)
+
+
+def store_location(
+    store: ObjectStoreHparams | str, wrong_type: str
+) -> tuple[ObjectStoreHparams, str]:
+    """The store's hparams and the object name prefix a URI carries ("" for hparams).
+
+    Args:
+        store: a store URI (``s3://bucket/prefix``) or :class:`ObjectStoreHparams`.
+        wrong_type: the start of the ConfigError message for anything else; the
+            type that was given is appended.
+    """
+    if isinstance(store, str):
+        location = parse_uri(store)
+        return location.hparams, location.prefix
+    if isinstance(store, ObjectStoreHparams):
+        return store, ""
+    raise ConfigError(f"{wrong_type}, not {type(store).__name__}")
 
 
 class UploadWorker:

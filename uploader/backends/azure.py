@@ -32,12 +32,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
 from xml.etree import ElementTree as ET
 
 from ..errors import (
@@ -52,7 +49,13 @@ from ..errors import (
 from ..hparams import ObjectStoreHparams
 from ..redact import redact, register_secret
 from ..retry import TRANSIENT_HTTP, is_transient
-from .base import Backend, ObjectInfo, PartToken
+from .base import ObjectInfo, PartToken
+from .http import (
+    LibcloudHTTPBackend,
+    http_time,
+    install_request_timeout,
+    metadata_from_headers,
+)
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 
@@ -66,7 +69,6 @@ _PROPERTIES = {
     "content-language": "x-ms-blob-content-language",
     "cache-control": "x-ms-blob-cache-control",
 }
-DEFAULT_TIMEOUT = 120.0
 _PUBLIC_SUFFIX = "blob.core.windows.net"
 
 
@@ -74,38 +76,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def install_request_timeout(session: Any, timeout: float) -> None:
-    """Give every request of a ``requests.Session`` a timeout: libcloud's raw
-    (streaming) requests set none, so a silent server would block forever."""
-    from requests import PreparedRequest, Response
-    from requests.adapters import HTTPAdapter
-
-    class _Adapter(HTTPAdapter):
-        def send(
-            self,
-            request: PreparedRequest,
-            stream: bool = False,
-            timeout: Any = None,
-            verify: bool | str = True,
-            cert: Any = None,
-            proxies: Any = None,
-        ) -> Response:
-            return super().send(
-                request,
-                stream=stream,
-                timeout=default if timeout is None else timeout,
-                verify=verify,
-                cert=cert,
-                proxies=proxies,
-            )
-
-    default = timeout
-
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, _Adapter())
-
-
-class AzureBackend(Backend):
+class AzureBackend(LibcloudHTTPBackend):
     """Block blobs in one Azure container.
 
     Args:
@@ -131,6 +102,7 @@ class AzureBackend(Backend):
     max_part_size = 100 * _MiB
     max_parts = 50_000
     min_part_size = 1 * _MiB
+    range_header = "x-ms-range"
 
     def __init__(self, hparams: ObjectStoreHparams) -> None:
         from libcloud.storage.drivers.azure_blobs import AzureBlobsStorageDriver
@@ -154,13 +126,9 @@ class AzureBackend(Backend):
                 f"Azure container name {hparams.container!r} is invalid: use 3-63 lower-case "
                 "letters, digits and single hyphens, starting with a letter or digit"
             )
-        self.hparams = hparams
-        self.container = hparams.container
+        extra = self._init_drivers(hparams)
         self._account = account
         self._key = key
-        extra = dict(hparams.extra_init_kwargs)
-        extra.pop("secure", None)
-        self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
         self._content_md5 = bool(extra.pop("content_md5", True))
         host = hparams.host
         if host and host.lower() == f"{account}.{_PUBLIC_SUFFIX}".lower():
@@ -175,68 +143,17 @@ class AzureBackend(Backend):
             **extra,
         }
         self._driver_cls = AzureBlobsStorageDriver
-        self._local = threading.local()
-        self._drivers: list[Any] = []
-        self._lock = threading.Lock()
         self._uploads: dict[str, dict[str, str]] = {}
 
     # -- plumbing ----------------------------------------------------------------------
-    def _driver(self) -> Any:
-        drv = getattr(self._local, "driver", None)
-        if drv is None:
-            try:
-                drv = self._driver_cls(self._account, self._key, **self._driver_kwargs)
-            except Exception as exc:  # bad kwargs, bad key format ...
-                raise ConfigError(
-                    f"cannot set up the Azure driver: {redact(str(exc))}; check host, port "
-                    "and extra_init_kwargs"
-                ) from None
-            drv.connection.connect()
-            http: Any = drv.connection.connection
-            install_request_timeout(http.session, self._timeout)
-            self._local.driver = drv
-            with self._lock:
-                self._drivers.append(drv)
-        return drv
-
-    def _path(self, name: str | None = None) -> str:
-        base = f"/{self.container}"
-        return base if name is None else f"{base}/{quote(name, safe='/')}"
-
-    def _request(
-        self,
-        what: str,
-        path: str,
-        method: str = "GET",
-        params: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        data: Any = None,
-        stream: bool = False,
-    ) -> Any:
-        """Send one signed request; return the ``requests.Response``. Transport errors
-        become TransientError with a clean message."""
-        drv = self._driver()
-        conn = drv.connection
+    def _new_driver(self) -> Any:
         try:
-            conn.request(
-                path,
-                params=params or {},
-                data=data,
-                headers=headers or {},
-                method=method,
-                raw=True,
-                stream=stream,
-            )
-        except Exception as exc:
-            if isinstance(exc, UploaderError):
-                raise
-            text = f"{what}: {type(exc).__name__}: {redact(str(exc))[:300]}"
-            if is_transient(exc):
-                raise TransientError(
-                    f"{text}; check that {self._endpoint()} is reachable"
-                ) from None
-            raise PermanentError(text) from None
-        return conn.connection.response
+            return self._driver_cls(self._account, self._key, **self._driver_kwargs)
+        except Exception as exc:  # bad kwargs, bad key format ...
+            raise ConfigError(
+                f"cannot set up the Azure driver: {redact(str(exc))}; check host, port "
+                "and extra_init_kwargs"
+            ) from None
 
     def _endpoint(self) -> str:
         if self.hparams.host:
@@ -244,8 +161,7 @@ class AzureBackend(Backend):
             return f"the Azure endpoint {self.hparams.host}{port}"
         return "the Azure Blob endpoint"
 
-    def _fail(self, what: str, resp: Any, name: str | None = None) -> Exception:
-        """The uploader error for a failed response (its body is read and closed)."""
+    def _fail(self, what: str, resp: Any, name: str | None = None) -> UploaderError:
         status = int(resp.status_code)
         code = resp.headers.get("x-ms-error-code", "")
         message = ""
@@ -403,67 +319,14 @@ class AzureBackend(Backend):
 
     # -- reading -----------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
-        what = f"stat {name}"
-        resp = self._request(what, self._path(name), "HEAD")
-        if resp.status_code != 200:
-            raise self._fail(what, resp, name)
-        h = resp.headers
-        resp.close()
-        meta = {
-            k[len("x-ms-meta-") :].lower(): v
-            for k, v in h.items()
-            if k.lower().startswith("x-ms-meta-")
-        }
+        h = self._head(f"stat {name}", name)
         return ObjectInfo(
             name,
             int(h.get("content-length", 0)),
-            meta,
+            metadata_from_headers(h.items(), "x-ms-meta-"),
             h.get("etag"),
-            _mtime(h.get("last-modified")),
+            http_time(h.get("last-modified")),
         )
-
-    def read_range(
-        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
-    ) -> Iterator[bytes]:
-        if length == 0:
-            self.stat(name)
-            return
-        headers: dict[str, str] = {}
-        if start > 0 or length is not None:
-            end = "" if length is None else str(start + length - 1)
-            headers["x-ms-range"] = f"bytes={start}-{end}"
-        what = f"download {name}"
-        resp = self._request(what, self._path(name), "GET", None, headers, stream=True)
-        if resp.status_code == 416:  # start at or past the end
-            resp.close()
-            return
-        if resp.status_code not in (200, 206):
-            raise self._fail(what, resp, name)
-        try:
-            # A server that ignores the range answers 200 with the whole blob.
-            skip = start if (resp.status_code == 200 and start > 0) else 0
-            remaining = length if length is not None else -1
-            for chunk in resp.iter_content(chunk_size):
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk, skip = chunk[skip:], 0
-                if remaining >= 0:
-                    chunk = chunk[:remaining]
-                    remaining -= len(chunk)
-                if chunk:
-                    yield chunk
-                if remaining == 0:
-                    return
-        except Exception as exc:
-            if isinstance(exc, (TransientError, PermanentError)):
-                raise
-            raise TransientError(
-                f"{what}: the connection broke ({type(exc).__name__}: {redact(str(exc))[:200]})"
-            ) from None
-        finally:
-            resp.close()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container
@@ -479,7 +342,7 @@ class AzureBackend(Backend):
                     int(obj.size),
                     meta,
                     obj.extra.get("etag"),
-                    _mtime(obj.extra.get("last_modified")),
+                    http_time(obj.extra.get("last_modified")),
                 )
         except ContainerDoesNotExistError:
             raise self._no_container() from None
@@ -498,24 +361,6 @@ class AzureBackend(Backend):
             resp.close()
             return False
         raise self._fail(what, resp, name)
-
-    def close(self) -> None:
-        with self._lock:
-            drivers, self._drivers = self._drivers, []
-        for drv in drivers:
-            try:
-                drv.connection.connection.session.close()
-            except Exception:  # noqa: S110 - closing is best effort
-                pass
-
-
-def _mtime(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 def _map_libcloud(what: str, exc: Exception, backend: AzureBackend) -> Exception:

@@ -28,12 +28,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
 from xml.etree import ElementTree as ET
 
 from ..errors import (
@@ -47,14 +44,13 @@ from ..errors import (
 )
 from ..hparams import ObjectStoreHparams
 from ..redact import redact, register_secret
-from ..retry import TRANSIENT_HTTP, is_transient
-from .azure import install_request_timeout
-from .base import Backend, ObjectInfo
+from ..retry import TRANSIENT_HTTP
+from .base import ObjectInfo
+from .http import LibcloudHTTPBackend, http_time, metadata_from_headers
 
 __all__ = ["GCSBackend"]
 
 _MiB = 1 << 20
-DEFAULT_TIMEOUT = 120.0
 _META_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _PROPERTIES = {"content-type", "content-encoding", "content-language", "cache-control"}
 
@@ -85,7 +81,7 @@ class _SizedStream:
         return chunk
 
 
-class GCSBackend(Backend):
+class GCSBackend(LibcloudHTTPBackend):
     """Objects in one Google Cloud Storage bucket.
 
     Args:
@@ -112,54 +108,35 @@ class GCSBackend(Backend):
         key, secret = hparams.credentials()
         register_secret(key)
         register_secret(secret)
-        self.hparams = hparams
-        self.container = hparams.container
+        extra = self._init_drivers(hparams)
         self._key = key
         self._secret = secret
-        extra = dict(hparams.extra_init_kwargs)
-        extra.pop("secure", None)
-        self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
         self._driver_kwargs: dict[str, Any] = {
             "secure": hparams.secure,
             "timeout": self._timeout,
             **extra,
         }
         self._driver_cls = GoogleStorageDriver
-        self._local = threading.local()
-        self._drivers: list[Any] = []
-        self._lock = threading.Lock()
 
     # -- plumbing ----------------------------------------------------------------------
-    def _driver(self) -> Any:
-        drv = getattr(self._local, "driver", None)
-        if drv is None:
-            try:
-                drv = self._driver_cls(self._key, self._secret, **self._driver_kwargs)
-            except Exception as exc:
-                raise AuthError(
-                    f"cannot set up Google Cloud Storage credentials: {redact(str(exc))[:200]}; "
-                    f"check ${self.hparams.key_environ} (service account email or HMAC id) and "
-                    f"${self.hparams.secret_environ} (key file or HMAC secret)"
-                ) from None
+    def _new_driver(self) -> Any:
+        try:
+            drv = self._driver_cls(self._key, self._secret, **self._driver_kwargs)
+        except Exception as exc:
+            raise AuthError(
+                f"cannot set up Google Cloud Storage credentials: {redact(str(exc))[:200]}; "
+                f"check ${self.hparams.key_environ} (service account email or HMAC id) and "
+                f"${self.hparams.secret_environ} (key file or HMAC secret)"
+            ) from None
+        if self.hparams.host:
+            # Set on the connection: libcloud's GCS connection takes its 4th
+            # positional argument as the auth type, so host cannot go through
+            # the driver's constructor.
             conn = drv.connection
-            if self.hparams.host:
-                # Set on the connection: libcloud's GCS connection takes its 4th
-                # positional argument as the auth type, so host cannot go through
-                # the driver's constructor.
-                conn.host = self.hparams.host
-                conn.secure = self.hparams.secure
-                conn.port = self.hparams.port or (443 if self.hparams.secure else 80)
-            conn.connect()
-            http: Any = conn.connection
-            install_request_timeout(http.session, self._timeout)
-            self._local.driver = drv
-            with self._lock:
-                self._drivers.append(drv)
+            conn.host = self.hparams.host
+            conn.secure = self.hparams.secure
+            conn.port = self.hparams.port or (443 if self.hparams.secure else 80)
         return drv
-
-    def _path(self, name: str | None = None) -> str:
-        base = f"/{self.container}"
-        return base if name is None else f"{base}/{quote(name, safe='/')}"
 
     def _endpoint(self) -> str:
         if self.hparams.host:
@@ -178,12 +155,10 @@ class GCSBackend(Backend):
         """An uploader error for an exception raised by libcloud or the transport."""
         from libcloud.common.types import InvalidCredsError, LibcloudError
 
-        if isinstance(exc, UploaderError):
-            return exc
         if isinstance(exc, InvalidCredsError):
             return self._auth_error(what)
-        text = redact(str(exc))[:300]
         if isinstance(exc, LibcloudError):
+            text = redact(str(exc))[:300]
             m = re.search(r"[Ss]tatus[ _]code[:=]? ?(\d{3})", text)
             status = int(m.group(1)) if m else 0
             if status in (401, 403):
@@ -193,37 +168,7 @@ class GCSBackend(Backend):
             if status in TRANSIENT_HTTP:
                 return TransientError(f"{what}: {text}")
             return PermanentError(f"{what}: {text}")
-        if is_transient(exc):
-            return TransientError(
-                f"{what}: {type(exc).__name__}: {text}; check that {self._endpoint()} is reachable"
-            )
-        return PermanentError(f"{what}: {type(exc).__name__}: {text}")
-
-    def _request(
-        self,
-        what: str,
-        path: str,
-        method: str = "GET",
-        params: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        data: Any = None,
-        stream: bool = False,
-    ) -> Any:
-        """One signed request through libcloud; the ``requests.Response``."""
-        conn = self._driver().connection
-        try:
-            conn.request(
-                path,
-                params=params or {},
-                data=data,
-                headers=headers or {},
-                method=method,
-                raw=True,
-                stream=stream,
-            )
-        except Exception as exc:
-            raise self._map(what, exc) from None
-        return conn.connection.response
+        return super()._map(what, exc)
 
     def _fail(self, what: str, resp: Any, name: str | None = None) -> UploaderError:
         status = int(resp.status_code)
@@ -336,61 +281,10 @@ class GCSBackend(Backend):
 
     # -- reading -----------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
-        what = f"stat {name}"
-        resp = self._request(what, self._path(name), "HEAD")
-        if resp.status_code != 200:
-            raise self._fail(what, resp, name)
-        h = resp.headers
-        resp.close()
+        h = self._head(f"stat {name}", name)
         size = h.get("x-goog-stored-content-length") or h.get("content-length") or 0
-        meta = {
-            k[len("x-goog-meta-") :].lower(): v
-            for k, v in h.items()
-            if k.lower().startswith("x-goog-meta-")
-        }
-        return ObjectInfo(name, int(size), meta, h.get("etag"), _mtime(h.get("last-modified")))
-
-    def read_range(
-        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
-    ) -> Iterator[bytes]:
-        if length == 0:
-            self.stat(name)
-            return
-        headers: dict[str, str] = {}
-        if start > 0 or length is not None:
-            end = "" if length is None else str(start + length - 1)
-            headers["Range"] = f"bytes={start}-{end}"
-        what = f"download {name}"
-        resp = self._request(what, self._path(name), "GET", None, headers, stream=True)
-        if resp.status_code == 416:
-            resp.close()
-            return
-        if resp.status_code not in (200, 206):
-            raise self._fail(what, resp, name)
-        try:
-            skip = start if (resp.status_code == 200 and start > 0) else 0
-            remaining = length if length is not None else -1
-            for chunk in resp.iter_content(chunk_size):
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk, skip = chunk[skip:], 0
-                if remaining >= 0:
-                    chunk = chunk[:remaining]
-                    remaining -= len(chunk)
-                if chunk:
-                    yield chunk
-                if remaining == 0:
-                    return
-        except UploaderError:
-            raise
-        except Exception as exc:
-            raise TransientError(
-                f"{what}: the connection broke ({type(exc).__name__}: {redact(str(exc))[:200]})"
-            ) from None
-        finally:
-            resp.close()
+        meta = metadata_from_headers(h.items(), "x-goog-meta-")
+        return ObjectInfo(name, int(size), meta, h.get("etag"), http_time(h.get("last-modified")))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container
@@ -406,7 +300,7 @@ class GCSBackend(Backend):
                     int(obj.size),
                     {},
                     obj.hash,
-                    _mtime(obj.extra.get("last_modified")),
+                    _iso_time(obj.extra.get("last_modified")),
                 )
         except UploaderError:
             raise
@@ -428,22 +322,12 @@ class GCSBackend(Backend):
             return False
         raise self._fail(what, resp, name)
 
-    def close(self) -> None:
-        with self._lock:
-            drivers, self._drivers = self._drivers, []
-        for drv in drivers:
-            try:
-                drv.connection.connection.session.close()
-            except Exception:  # noqa: S110 - closing is best effort
-                pass
 
-
-def _mtime(text: str | None) -> float | None:
+def _iso_time(text: str | None) -> float | None:
+    """A listing's ISO 8601 time (``2026-11-24T01:00:00.000Z``)."""
     if not text:
         return None
     try:
-        if "T" in text:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        return parsedate_to_datetime(text).timestamp()
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except (TypeError, ValueError):
         return None

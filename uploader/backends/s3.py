@@ -41,7 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import http.client
 import itertools
@@ -65,6 +64,7 @@ from ..hparams import ObjectStoreHparams
 from ..redact import redact, register_secret
 from ..retry import TRANSIENT_HTTP
 from .base import Backend, ObjectInfo, PartToken
+from .http import http_time, metadata_from_headers, range_value
 from .sigv4 import EMPTY_SHA256, SigV4Signer, canonical_query, quote_path
 
 __all__ = ["S3Backend", "S3Error"]
@@ -138,15 +138,6 @@ def _iso_time(text: str | None) -> float | None:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
-        return None
-
-
-def _http_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
         return None
 
 
@@ -522,18 +513,13 @@ class S3Backend(Backend):
     # -- reading --------------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
         resp, _ = self._request("HEAD", name, f"stat {name}")
-        meta = {
-            k.lower()[len("x-amz-meta-") :]: v
-            for k, v in resp.getheaders()
-            if k.lower().startswith("x-amz-meta-")
-        }
         etag = resp.getheader("ETag")
         return ObjectInfo(
             name=name,
             size=int(resp.getheader("Content-Length") or 0),
-            metadata=meta,
+            metadata=metadata_from_headers(resp.getheaders(), "x-amz-meta-"),
             etag=etag.strip('"') if etag else None,
-            mtime=_http_time(resp.getheader("Last-Modified")),
+            mtime=http_time(resp.getheader("Last-Modified")),
         )
 
     def read_range(
@@ -543,9 +529,9 @@ class S3Backend(Backend):
             self.stat(name)
             return
         headers: dict[str, str] = {}
-        if start or length is not None:
-            end = "" if length is None else str(start + length - 1)
-            headers["range"] = f"bytes={start}-{end}"
+        wanted = range_value(start, length)
+        if wanted is not None:
+            headers["range"] = wanted
         what = f"download {name}"
         resp = self._send("GET", name, headers=headers)
         try:

@@ -1,0 +1,256 @@
+"""Pieces shared by the backends that speak HTTP to their store.
+
+* :func:`range_value` builds the ``bytes=first-last`` value of a ranged GET,
+  :func:`metadata_from_headers` reads user metadata back from response
+  headers, and :func:`http_time` reads an HTTP date (S3, Azure and Google
+  Cloud Storage alike).
+* :class:`LibcloudHTTPBackend` is the plumbing of the backends whose requests
+  are built by the adapter but signed and sent by a libcloud connection (Azure,
+  Google Cloud Storage): one driver per thread, because a libcloud connection
+  holds the state of the request in flight; a timeout on every request;
+  transport errors mapped to :mod:`uploader.errors`; and ranged downloads that
+  also cope with a server that ignores the range.
+
+Example::
+
+    class MyBackend(LibcloudHTTPBackend):
+        range_header = "Range"
+
+        def _new_driver(self): ...
+        def _endpoint(self): ...
+        def _fail(self, what, resp, name=None): ...
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+from ..errors import PermanentError, TransientError, UploaderError
+from ..hparams import ObjectStoreHparams
+from ..redact import redact
+from ..retry import is_transient
+from .base import Backend
+
+#: Seconds a request of a libcloud-driven backend may take (``extra_init_kwargs["timeout"]``).
+DEFAULT_TIMEOUT = 120.0
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LibcloudHTTPBackend",
+    "http_time",
+    "install_request_timeout",
+    "metadata_from_headers",
+    "range_value",
+]
+
+
+def range_value(start: int, length: int | None) -> str | None:
+    """The value of a Range header for ``[start, start+length)`` (to the end when
+    ``length`` is None); None when the whole object is wanted."""
+    if not start and length is None:
+        return None
+    end = "" if length is None else str(start + length - 1)
+    return f"bytes={start}-{end}"
+
+
+def metadata_from_headers(headers: Iterable[tuple[str, str]], prefix: str) -> dict[str, str]:
+    """User metadata from response headers: those whose name starts with ``prefix``
+    (any case), keyed by the lower-case rest of the name."""
+    return {k.lower()[len(prefix) :]: v for k, v in headers if k.lower().startswith(prefix)}
+
+
+def http_time(text: str | None) -> float | None:
+    """Seconds since the epoch for an HTTP date (``Last-Modified``); None if unreadable."""
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def install_request_timeout(session: Any, timeout: float) -> None:
+    """Give every request of a ``requests.Session`` a timeout: libcloud's raw
+    (streaming) requests set none, so a silent server would block forever."""
+    from requests import PreparedRequest, Response
+    from requests.adapters import HTTPAdapter
+
+    class _Adapter(HTTPAdapter):
+        def send(
+            self,
+            request: PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: bool | str = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> Response:
+            return super().send(
+                request,
+                stream=stream,
+                timeout=default if timeout is None else timeout,
+                verify=verify,
+                cert=cert,
+                proxies=proxies,
+            )
+
+    default = timeout
+
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, _Adapter())
+
+
+class LibcloudHTTPBackend(Backend):
+    """A backend that sends its own requests through per-thread libcloud drivers.
+
+    A subclass sets :attr:`range_header`, calls :meth:`_init_drivers` in its
+    constructor, and supplies :meth:`_new_driver` (build one driver, raising the
+    provider's error), :meth:`_endpoint` (for messages) and :meth:`_fail` (map a
+    failed response). It may refine :meth:`_map` for errors libcloud raises itself.
+    """
+
+    #: The request header that carries a byte range.
+    range_header = "Range"
+
+    def _init_drivers(self, hparams: ObjectStoreHparams) -> dict[str, Any]:
+        """Set up the per-thread drivers for ``hparams``' container and read the
+        request timeout; return the ``extra_init_kwargs`` left for the driver."""
+        self.hparams = hparams
+        self.container = hparams.container
+        extra = dict(hparams.extra_init_kwargs)
+        extra.pop("secure", None)
+        self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
+        self._local = threading.local()
+        self._drivers: list[Any] = []
+        self._lock = threading.Lock()
+        return extra
+
+    @abstractmethod
+    def _new_driver(self) -> Any:
+        """A new libcloud driver for this store, its connection configured."""
+
+    @abstractmethod
+    def _endpoint(self) -> str:
+        """The store's endpoint, as error messages name it."""
+
+    @abstractmethod
+    def _fail(self, what: str, resp: Any, name: str | None = None) -> UploaderError:
+        """The uploader error for a failed response (its body is read and closed)."""
+
+    def _driver(self) -> Any:
+        """This thread's driver, connected, with a timeout on every request."""
+        drv = getattr(self._local, "driver", None)
+        if drv is None:
+            drv = self._new_driver()
+            drv.connection.connect()
+            http: Any = drv.connection.connection
+            install_request_timeout(http.session, self._timeout)
+            self._local.driver = drv
+            with self._lock:
+                self._drivers.append(drv)
+        return drv
+
+    def _path(self, name: str | None = None) -> str:
+        base = f"/{self.container}"
+        return base if name is None else f"{base}/{quote(name, safe='/')}"
+
+    def _map(self, what: str, exc: BaseException) -> UploaderError:
+        """An uploader error for an exception raised while sending a request."""
+        if isinstance(exc, UploaderError):
+            return exc
+        text = f"{what}: {type(exc).__name__}: {redact(str(exc))[:300]}"
+        if is_transient(exc):
+            return TransientError(f"{text}; check that {self._endpoint()} is reachable")
+        return PermanentError(text)
+
+    def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """Send one signed request; return the ``requests.Response``. Transport errors
+        become uploader errors with a clean message."""
+        conn = self._driver().connection
+        try:
+            conn.request(
+                path,
+                params=params or {},
+                data=data,
+                headers=headers or {},
+                method=method,
+                raw=True,
+                stream=stream,
+            )
+        except Exception as exc:
+            raise self._map(what, exc) from None
+        return conn.connection.response
+
+    def _head(self, what: str, name: str) -> Any:
+        """The headers of object ``name``; raise the mapped error unless it exists."""
+        resp = self._request(what, self._path(name), "HEAD")
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        resp.close()
+        return resp.headers
+
+    def read_range(
+        self, name: str, start: int, length: int | None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        if length == 0:
+            self.stat(name)
+            return
+        headers: dict[str, str] = {}
+        wanted = range_value(start, length)
+        if wanted is not None:
+            headers[self.range_header] = wanted
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", None, headers, stream=True)
+        if resp.status_code == 416:  # start at or past the end
+            resp.close()
+            return
+        if resp.status_code not in (200, 206):
+            raise self._fail(what, resp, name)
+        try:
+            # A server that ignores the range answers 200 with the whole object.
+            skip = start if (resp.status_code == 200 and start > 0) else 0
+            remaining = length if length is not None else -1
+            for chunk in resp.iter_content(chunk_size):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                if remaining >= 0:
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                if chunk:
+                    yield chunk
+                if remaining == 0:
+                    return
+        except UploaderError:
+            raise
+        except Exception as exc:
+            raise TransientError(
+                f"{what}: the connection broke ({type(exc).__name__}: {redact(str(exc))[:200]})"
+            ) from None
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        with self._lock:
+            drivers, self._drivers = self._drivers, []
+        for drv in drivers:
+            try:
+                drv.connection.connection.session.close()
+            except Exception:  # noqa: S110 - closing is best effort
+                pass
