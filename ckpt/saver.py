@@ -20,8 +20,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +83,33 @@ def write_checkpoint(
         raise
     _fsync_dir(final.parent)
     return final
+
+
+def write_failed(exc: BaseException, folder: Path, how: str = "") -> CheckpointError:
+    """A CheckpointError that names the cause of a failed write, a full disk above all.
+
+    torch reports a short write as ``RuntimeError: ... unexpected pos ...`` rather than
+    ENOSPC; the free space of the folder's disk tells the two apart.
+    """
+    detail = f"{type(exc).__name__}: {exc}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        "unexpected pos" in str(exc) or "file write failed" in str(exc)
+    )
+    if full:
+        room = f" ({free / 2**20:.1f} MiB free now)" if free >= 0 else ""
+        return CheckpointError(
+            f"writing a checkpoint {how}failed: the disk holding {folder} is full{room} "
+            f"[{detail}]. Free space there or point save_folder at a larger disk; training "
+            "stopped so no checkpoint is lost silently (checkpoints already saved are intact)"
+        )
+    return CheckpointError(
+        f"writing a checkpoint {how}failed: {detail}. Check free space and permissions of "
+        f"{folder}; training stopped so no checkpoint is lost silently"
+    )
 
 
 class CheckpointSaver:
@@ -150,7 +179,12 @@ class CheckpointSaver:
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
         if not self.async_save:
             snapshot(obj, copy=False)  # refuse what weights_only loading would refuse
-            write_checkpoint(obj, path, self.compression, self.compression_threads)
+            try:
+                write_checkpoint(obj, path, self.compression, self.compression_threads)
+            except OSError as exc:
+                raise write_failed(exc, self.checkpoint_folder) from exc
+            except RuntimeError as exc:  # torch reports a short write this way
+                raise write_failed(exc, self.checkpoint_folder) from exc
             self.blocked_seconds.append(time.perf_counter() - start)
             with self._lock:
                 self._completed.append(path)
@@ -191,11 +225,7 @@ class CheckpointSaver:
     def _raise(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
-            raise CheckpointError(
-                f"writing a checkpoint in the background failed: {type(exc).__name__}: {exc}. "
-                "Check free space and permissions of the save folder; training stopped so "
-                "no checkpoint is lost silently"
-            ) from exc
+            raise write_failed(exc, self.checkpoint_folder, "in the background ") from exc
 
     def poll(self) -> list[Path]:
         """Paths written since the last call; raises a background failure."""

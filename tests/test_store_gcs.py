@@ -270,6 +270,8 @@ def test_streamed_upload_is_one_put_with_length(
     assert result.digest == file_digest(src, MiB)
     st = gcs_store.stat("run/a.bin")
     assert st.digest == result.digest and st.metadata == {"run": "r1"}
+    # Last-Modified is an HTTP date ("..., 24 Nov 2026 01:00:00 GMT"): it must parse.
+    assert st.mtime is not None and abs(st.mtime - time.time()) < 3600
     small = write_random(tmp_path / "s.bin", 10)
     gcs_store.upload_file(small, "run/s.bin")
     assert gcs_store.backend.stat("run/s.bin").metadata[DIGEST_META].startswith("sha256:")
