@@ -7,11 +7,10 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: demo test lint typecheck unit bench reliability env node-env clean systemd-tools
+.PHONY: demo test lint unit bench reliability env node-env clean systemd-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND_LINKS) -c constraints.txt -e '.[torch,dev]'
 	touch $(STAMP)
 
@@ -39,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy uploader ckpt
 
 unit: $(STAMP) $(NODE_STAMP) systemd-tools
-	$(VENV)/bin/pytest -q -x --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
 
 test: lint unit
 
