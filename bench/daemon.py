@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import ROOT, rclone_env
+
 __all__ = ["main"]
 
 log = logging.getLogger("bench.daemon")
 
 MiB = 1 << 20
 BUCKET = "bench"
-_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass
@@ -135,26 +136,6 @@ def _write_random(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def _env(server: Any, base: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(server.env)
-    env.update(
-        {
-            "RCLONE_CONFIG": str(base / "rclone.conf"),
-            "RCLONE_CONFIG_BENCH_TYPE": "s3",
-            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": server.key,
-            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": server.secret,
-            "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
-            "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
-            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
-            "PYTHONPATH": _ROOT,
-        }
-    )
-    (base / "rclone.conf").touch()
-    return env
-
-
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -175,7 +156,7 @@ def run(samples: int, big: int, nfiles: int, idle: float, runs: int) -> dict[str
         base = Path(tmp)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = _env(server, base)
+            env = rclone_env(server, base)
             run_dir = base / "run" / "rank_0"
             run_dir.mkdir(parents=True)
             logf = base / "daemon.log"
@@ -199,7 +180,7 @@ def run(samples: int, big: int, nfiles: int, idle: float, runs: int) -> dict[str
                     stdout=lf,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    cwd=_ROOT,
+                    cwd=ROOT,
                 )
             try:
                 tail = LogTail(logf)
@@ -300,7 +281,7 @@ def run(samples: int, big: int, nfiles: int, idle: float, runs: int) -> dict[str
                         "-q",
                     ],
                     env=env,
-                    cwd=_ROOT,
+                    cwd=ROOT,
                 )
                 s = Sampler(p.pid).start()
                 rc = p.wait()

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import ROOT, rclone_env
+
 __all__ = ["main", "CLIENTS"]
 
 log = logging.getLogger("bench.transfer")
@@ -198,7 +200,7 @@ def _run_one(
     argv = _command(client, direction, path, key, endpoint, tools)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=_ROOT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=ROOT)
         # Reap it ourselves: wait4 reports this child's own CPU time and peak RSS.
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -213,9 +215,6 @@ def _run_one(
         inner = json.loads(stdout.strip().splitlines()[-1])
         return Sample(inner["seconds"], inner["cpu"], rss)
     return Sample(wall, ru.ru_utime + ru.ru_stime, rss)
-
-
-_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def _write_random(path: Path, size: int) -> None:
@@ -240,7 +239,7 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
         _write_random(src, size)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = dict(os.environ)
+            env = rclone_env(server, base)
             env.update(
                 {
                     "BENCH_S3_KEY": server.key,
@@ -249,18 +248,8 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
                     "AWS_SECRET_ACCESS_KEY": server.secret,
                     "AWS_REGION": "us-east-1",
                     "AWS_DEFAULT_REGION": "us-east-1",
-                    "RCLONE_CONFIG": str(base / "rclone.conf"),
-                    "RCLONE_CONFIG_BENCH_TYPE": "s3",
-                    "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-                    "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": server.key,
-                    "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": server.secret,
-                    "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
-                    "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
-                    "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
-                    "PYTHONPATH": _ROOT,
                 }
             )
-            (base / "rclone.conf").touch()
             for r in range(runs):
                 order = clients[r % len(clients) :] + clients[: r % len(clients)]
                 for client in order:

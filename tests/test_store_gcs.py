@@ -25,12 +25,11 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from tests.fixtures.local import write_random
+from tests.fixtures.local import assert_growing_file_is_refused, write_random
 from tests.test_store_local import roundtrip
 from uploader import (
     AuthError,
     ContainerNotFoundError,
-    IntegrityError,
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreHparams,
@@ -308,27 +307,7 @@ def test_missing_bucket_and_wrong_secret(
 
 def test_file_changing_during_streamed_upload(gcs_store: ObjectStore, tmp_path: Path) -> None:
     """The streamed PUT is cut short when the file changes, so nothing is stored."""
-    src = write_random(tmp_path / "grow.bin", 8 * MiB)
-    stop = threading.Event()
-
-    def writer() -> None:
-        deadline = time.monotonic() + 10
-        with open(src, "ab") as f:
-            while not stop.is_set() and time.monotonic() < deadline:
-                f.write(b"x" * 4096)
-                f.flush()
-                time.sleep(0.001)
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        time.sleep(0.02)
-        with pytest.raises(IntegrityError, match="changed"):
-            gcs_store.upload_file(src, "g/grow.bin")
-    finally:
-        stop.set()
-        t.join(timeout=15)
-    assert not gcs_store.exists("g/grow.bin")
+    assert_growing_file_is_refused(gcs_store, tmp_path)
 
 
 def test_streamed_upload_into_missing_bucket(fake_gcs: FakeGCS, tmp_path: Path) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.local import write_random
+from tests.fixtures.local import assert_growing_file_is_refused, write_random
 from uploader import (
     ConfigError,
     ContainerNotFoundError,
@@ -207,27 +205,7 @@ def test_expected_digest_mismatch(local_store: ObjectStore, tmp_path: Path) -> N
 
 def test_file_changing_during_upload(local_store: ObjectStore, tmp_path: Path) -> None:
     """A writer appends while the store reads parts: the upload must fail, not commit."""
-    src = write_random(tmp_path / "grow.bin", 8 * MiB)
-    stop = threading.Event()
-
-    def writer() -> None:
-        deadline = time.monotonic() + 10
-        with open(src, "ab") as f:
-            while not stop.is_set() and time.monotonic() < deadline:
-                f.write(b"x" * 4096)
-                f.flush()
-                time.sleep(0.001)
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        time.sleep(0.02)
-        with pytest.raises(IntegrityError, match="changed"):
-            local_store.upload_file(src, "g/grow.bin")
-    finally:
-        stop.set()
-        t.join(timeout=15)
-    assert not local_store.exists("g/grow.bin")
+    assert_growing_file_is_refused(local_store, tmp_path)
 
 
 @pytest.mark.parametrize(
