@@ -20,12 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
 
 from ckpt import Trainer
 from tests.fixtures.s3 import S3Server
+from tests.reliability import wait_gone
 from uploader import ObjectStoreHparams, RunDirectoryUploader, WorkerError
 from uploader.pointer import read_pointer
 
@@ -77,19 +77,6 @@ class Probe:
             "cmdline": cmdline.split(b"\0"),
             "environ": Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"),
         }
-
-
-def wait_gone(pid: int, seconds: float) -> bool:
-    """True once ``pid`` has exited (a zombie counts as exited), within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_seed_usage_uploads_from_a_worker_process_and_fine_tunes(
