@@ -266,20 +266,20 @@ def _open_decompressed(path: Path, fmt: str) -> IO[bytes]:
 
 def decompress_file(path: Path, fmt: str, dest: Path) -> None:
     """Decompress ``path`` into ``dest``; truncation and corruption raise CorruptCheckpointError."""
+    import zstandard
+
     try:
         if fmt == "zstd":
             _decompress_zstd(path, dest)
             return
         with _open_decompressed(path, fmt) as src, open(dest, "wb") as out:
             shutil.copyfileobj(src, out, _CHUNK)
-    except CorruptCheckpointError:
-        raise
     except EOFError:
         raise CorruptCheckpointError(
             f"{path} is truncated: its {fmt} stream ends early. The file was cut off "
             "(interrupted copy or full disk); load an earlier checkpoint or fetch it again"
         ) from None
-    except (OSError, lzma.LZMAError, zlib.error, ValueError) as exc:
+    except (OSError, lzma.LZMAError, zlib.error, ValueError, zstandard.ZstdError) as exc:
         raise CorruptCheckpointError(
             f"{path} is corrupt: its {fmt} data does not decode ({exc}). Load an earlier "
             "checkpoint or fetch this one again"
@@ -287,32 +287,24 @@ def decompress_file(path: Path, fmt: str, dest: Path) -> None:
 
 
 def _decompress_zstd(path: Path, dest: Path) -> None:
+    """Decompress every frame of ``path``; EOFError when the last frame is cut off."""
     import zstandard
 
-    try:
-        with open(path, "rb") as src, open(dest, "wb") as out:
-            dobj = zstandard.ZstdDecompressor().decompressobj()
-            eof = False
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                while chunk:
-                    if eof:  # a following frame (concatenated streams)
-                        dobj = zstandard.ZstdDecompressor().decompressobj()
-                    out.write(dobj.decompress(chunk))
-                    eof = bool(dobj.eof)
-                    chunk = dobj.unused_data if eof else b""
-            if not eof:
-                raise CorruptCheckpointError(
-                    f"{path} is truncated: its zstd stream ends early. The file was cut off "
-                    "(interrupted copy or full disk); load an earlier checkpoint or fetch it again"
-                )
-    except zstandard.ZstdError as exc:
-        raise CorruptCheckpointError(
-            f"{path} is corrupt: its zstd data does not decode ({exc}). Load an earlier "
-            "checkpoint or fetch this one again"
-        ) from None
+    with open(path, "rb") as src, open(dest, "wb") as out:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        eof = False
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            while chunk:
+                if eof:  # a following frame (concatenated streams)
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                out.write(dobj.decompress(chunk))
+                eof = bool(dobj.eof)
+                chunk = dobj.unused_data if eof else b""
+        if not eof:
+            raise EOFError("zstd stream ends early")
 
 
 def extract_tar_member(path: Path, dest: Path) -> str:
