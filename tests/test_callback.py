@@ -161,9 +161,9 @@ class DeleteBucketAfterFirstUpload:
 
     def batch_end(self, trainer: Any) -> None:
         if self.deleted_at_epoch is None and (self.bucket / "exp/rank_0/latest.json").exists():
-            import shutil
-
-            shutil.rmtree(self.bucket)
+            # Atomically: the worker may be writing into the bucket at this moment, so a
+            # recursive delete could race with it; a rename makes the container vanish at once.
+            os.rename(self.bucket, self.bucket.with_name("bucket-removed"))
             self.deleted_at_epoch = trainer.timer.epoch
         time.sleep(0.05)  # training takes time; bounded by max_duration
 
