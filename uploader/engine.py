@@ -123,9 +123,6 @@ class TokenBucket:
             time.sleep(wait)
 
 
-_FULL_PAUSE = 2.0  # seconds between attempts while the journal's disk is full
-
-
 @dataclass
 class _Candidate:
     size: int
@@ -224,6 +221,7 @@ class Engine:
             self._progress.close()
         self.exit_code = code
         self.state = "done" if code == EXIT_OK else "failed"
+        self.journal.save()
         self._write_status()
         return code
 
@@ -344,15 +342,7 @@ class Engine:
         """Accept a complete file into the journal (unless that version is known) and queue it."""
         if not self._accepting:
             return
-        try:
-            await self._take_inner(rel, st)
-        except JournalFullError as exc:
-            # Cannot record it yet: keep it as a complete candidate and try again later.
-            self._last_error = str(exc)
-            log.error("%s; will accept %s once there is room", exc, rel)
-            c = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic() + _FULL_PAUSE, closed=True)
-            self._cands[rel] = c
-            self._wake.set()
+        await self._take_inner(rel, st)
 
     async def _take_inner(self, rel: str, st: os.stat_result) -> None:
         rec = self.journal.get(rel)
@@ -385,16 +375,7 @@ class Engine:
     async def _worker(self) -> None:
         async for rel in self._work_recv:
             try:
-                while True:
-                    try:
-                        await self._process(rel)
-                        break
-                    except JournalFullError as exc:
-                        # Not the file's fault: keep it (it is on disk and in flight here)
-                        # and try again once the disk has room; the drain timeout bounds it.
-                        self._last_error = str(exc)
-                        log.error("%s; trying %s again in %.0fs", exc, rel, _FULL_PAUSE)
-                        await anyio.sleep(_FULL_PAUSE)
+                await self._process(rel)
             except Exception as exc:  # a bug must not lose the file: record it
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 log.exception("internal error on %s", rel)
@@ -476,8 +457,12 @@ class Engine:
             if done is not None and done.checkpoint:
                 await self._commit_pointer(done)
             if self.opts.keep_local is not None:
-                self.journal.sync()  # "done" is on disk before any local file goes
-                apply_local(self.journal.records(), self.root, self.opts.keep_local, rec.rank)
+                try:
+                    self.journal.sync()  # "done" is on disk before any local file goes
+                except JournalFullError as exc:
+                    log.warning("local retention waits until the journal is saved: %s", exc)
+                else:
+                    apply_local(self.journal.records(), self.root, self.opts.keep_local, rec.rank)
             return
 
     def _upload_verified(self, rec: FileRecord) -> UploadResult:
@@ -560,11 +545,8 @@ class Engine:
                     return
                 await anyio.sleep(min(60.0, self.opts.retry_delay * 2 ** (attempt - 1)))
         self._pointers[rank] = pointer
-        try:
-            for r in batch:
-                self.journal.mark_committed(r.path)
-        except JournalFullError as exc:  # the pointer is written; a restart re-commits, harmlessly
-            log.error("%s", exc)
+        for r in batch:
+            self.journal.mark_committed(r.path)
         log.info(
             "committed rank=%d latest=%s (after %s)",
             rank,
@@ -726,6 +708,7 @@ class Engine:
             "bytes_done": t.bytes_done + inflight,
             "rate_bytes_per_s": round(rate, 1),
             "last_error": self._last_error or t.last_error,
+            "journal_saved": not self.journal.in_memory,
             "updated_at": time.time(),
         }
 

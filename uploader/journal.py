@@ -48,6 +48,7 @@ __all__ = [
     "journal_path",
     "JournalFullError",
     "RESERVE_NAME",
+    "make_reserve",
 ]
 
 JOURNAL_NAME = ".ckpt-uploader.sqlite"
@@ -171,6 +172,50 @@ def _is_full(exc: sqlite3.OperationalError) -> bool:
     return "full" in text or "no space" in text
 
 
+def _room(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+_FLUSH_EVERY = 5.0  # seconds between attempts to save an in-memory journal
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: every commit survives a crash or kill -9 of this
+    # process; sync() forces the disk before anything destructive.
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(_SCHEMA)
+
+
+def make_reserve(folder: str | os.PathLike[str]) -> bool:
+    """Set aside ``RESERVE_BYTES`` in ``folder`` for the journal (see :class:`Journal`).
+
+    Called by the daemon, and by a training process before it starts its worker, so
+    that the reserve exists before checkpoints can fill the disk. Skipped (False)
+    when the disk has less than four times that much room.
+    """
+    reserve = Path(folder) / RESERVE_NAME
+    if reserve.exists():
+        return True
+    try:
+        if _room(reserve.parent) < 4 * RESERVE_BYTES:
+            return False
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            reserve.unlink()
+        return False
+
+
 class Journal:
     """The sqlite journal of one run directory.
 
@@ -183,26 +228,47 @@ class Journal:
     loss); the daemon calls it before it deletes anything. After a power loss
     the last changes may be lost, which is safe: files still on disk are found
     again by the start-up scan, and an upload or pointer commit is idempotent.
+
+    A full disk does not stop the daemon: a reserve file beside the journal is
+    released first (see :func:`make_reserve`); if the disk is still full, the
+    journal goes on in memory and is saved to its file as soon as there is room
+    (tried every few seconds, by :meth:`sync` and at :meth:`close`). Meanwhile
+    :meth:`sync` raises JournalFullError, so nothing local is deleted.
     """
 
     def __init__(self, path: Path, lock: Any = None, readonly: bool = False) -> None:
         self.path = path
         self._lock = lock
+        # While the journal's disk is full, the journal lives in memory (``_db``) and
+        # ``_disk`` holds the connection to the file, to save it to once there is room.
+        self._disk: sqlite3.Connection | None = None
+        self._flush_tried = 0.0
+        self._unsaved = 0
         if readonly:
             uri = f"file:{path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
         else:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: every commit survives a crash or kill -9 of this
-            # process; sync() forces the disk before anything destructive.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            try:
+                _prepare(self._db)
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                self._to_memory()
         self._db.row_factory = sqlite3.Row
         self._reserve = path.parent / RESERVE_NAME
         self._reserve_checked = 0.0
         if not readonly:
             self._make_reserve()
+
+    @property
+    def in_memory(self) -> bool:
+        """True while the journal's disk is full and its changes are held in memory."""
+        return self._disk is not None
+
+    def save(self) -> bool:
+        """Try now to save a journal held in memory; True when it is on disk."""
+        return self._flush(force=True)
 
     # -- disk-full safety ---------------------------------------------------------------
     # The journal usually lives in the run directory, on the disk training fills with
@@ -212,20 +278,7 @@ class Journal:
     # re-created once space is back.
     def _make_reserve(self) -> None:
         self._reserve_checked = time.monotonic()
-        if self._reserve.exists():
-            return
-        try:
-            st = os.statvfs(self._reserve.parent)
-            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
-                return
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, RESERVE_BYTES)
-            finally:
-                os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                self._reserve.unlink()
+        make_reserve(self._reserve.parent)
 
     def _release_reserve(self) -> bool:
         try:
@@ -247,9 +300,15 @@ class Journal:
         return True
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        """Execute one write; on a full disk, release the reserve, then retry (bounded)."""
+        """Execute one write. On a full disk: release the reserve and retry; if the disk
+        is still full, keep the journal in memory until there is room again."""
+        if self._disk is not None:
+            self._db.execute(sql, params)
+            self._unsaved += 1
+            self._flush()
+            return
         delay = 0.05
-        for attempt in range(8):
+        for attempt in range(4):
             try:
                 self._db.execute(sql, params)
             except sqlite3.OperationalError as exc:
@@ -257,18 +316,64 @@ class Journal:
                     raise
                 if self._release_reserve():
                     continue
-                if attempt == 7:
-                    raise JournalFullError(
-                        f"the journal {self.path} cannot be written: the disk is full; free "
-                        "space there or move the journal with --state-dir (nothing is lost: "
-                        "the files stay on disk and are taken again)"
-                    ) from None
-                time.sleep(delay)
-                delay = min(1.0, delay * 2)
-                continue
+                if attempt < 3:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                self._to_memory()
+                self._db.execute(sql, params)
+                self._unsaved += 1
+                return
             if not self._reserve.exists() and time.monotonic() - self._reserve_checked > 10:
                 self._make_reserve()
             return
+
+    def _to_memory(self) -> None:
+        """Go on with a copy of the journal in memory (its disk is full)."""
+        mem = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            self._db.backup(mem)
+        except sqlite3.Error:  # nothing readable on disk yet (created on a full disk)
+            pass
+        mem.executescript(_SCHEMA)
+        mem.row_factory = sqlite3.Row
+        self._disk, self._db = self._db, mem
+        self._flush_tried = time.monotonic()
+        log.error(
+            "the disk holding the journal %s is full: keeping the journal in memory until "
+            "there is room again (uploads go on; if this process is killed before then, "
+            "files verified meanwhile are checked again at the next start). Free space "
+            "there or move the journal with --state-dir",
+            self.path,
+        )
+
+    def _flush(self, force: bool = False) -> bool:
+        """Save an in-memory journal to its file (at most every few seconds unless
+        ``force``); True when the journal is on disk again."""
+        disk = self._disk
+        if disk is None:
+            return True
+        now = time.monotonic()
+        if not force and now - self._flush_tried < _FLUSH_EVERY:
+            return False
+        self._flush_tried = now
+        try:
+            self._db.backup(disk)
+            _prepare(disk)
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                log.warning("cannot save the journal %s yet: %s", self.path, exc)
+            return False
+        disk.row_factory = sqlite3.Row
+        self._db.close()
+        self._db, self._disk = disk, None
+        log.warning(
+            "the journal %s is saved on disk again (%d change(s) kept in memory meanwhile)",
+            self.path,
+            self._unsaved,
+        )
+        self._unsaved = 0
+        return True
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -295,6 +400,12 @@ class Journal:
             return cls(journal_path(state), lock)
         except sqlite3.Error as exc:
             lock.release()
+            if _room(state) < RESERVE_BYTES:
+                raise ConfigError(
+                    f"the journal {journal_path(state)} cannot be opened ({exc}): the disk "
+                    f"holding {state} is full; free space there or move the journal with "
+                    "--state-dir"
+                ) from None
             raise ConfigError(
                 f"the journal {journal_path(state)} cannot be opened ({exc}); "
                 "move it away to start afresh (verified files will be checked again)"
@@ -311,6 +422,16 @@ class Journal:
         return cls(path, readonly=True)
 
     def close(self) -> None:
+        if self._disk is not None and not self._flush(force=True):
+            log.error(
+                "the journal %s could not be saved: its disk is still full; %d change(s) "
+                "are lost from it. Uploads verified meanwhile are in the store; the next "
+                "start checks those files again",
+                self.path,
+                self._unsaved,
+            )
+        if self._disk is not None:
+            self._disk.close()
         self._db.close()
         if self._lock is not None:
             self._lock.release()
@@ -446,7 +567,16 @@ class Journal:
         )
 
     def sync(self) -> None:
-        """Force everything recorded so far to disk (checkpoint the WAL, with fsync)."""
+        """Force everything recorded so far to disk (checkpoint the WAL, with fsync).
+
+        Raises JournalFullError while the journal is held in memory and still cannot be
+        saved: the caller must not do anything destructive then.
+        """
+        if not self._flush(force=True):
+            raise JournalFullError(
+                f"the journal {self.path} cannot be saved: its disk is full; free space "
+                "there or move the journal with --state-dir"
+            )
         self._write("PRAGMA wal_checkpoint(FULL)")
 
     def forget(self, path: str) -> None:

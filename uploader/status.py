@@ -1,11 +1,11 @@
 """What the daemon reports: the status file, progress bars or log lines, ``status`` output.
 
 The status file (``--status-file``) is JSON, rewritten atomically (temporary
-file + rename) at least every second and at exit::
+file + rename; in place when the disk is full) at least every second and at exit::
 
     {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
-     "last_error": null, "updated_at": 1764000000.0}
+     "last_error": null, "journal_saved": true, "updated_at": 1764000000.0}
 
 ``state`` is one of ``starting``, ``running``, ``draining``, ``done``, ``failed``.
 It never holds a secret: errors pass through :func:`uploader.redact.redact`.
@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,21 +39,54 @@ STATES = ("starting", "running", "draining", "done", "failed")
 
 
 def write_status_file(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (readers never see half a file)."""
+    """Write ``data`` as JSON to ``path`` atomically (readers never see half a file).
+
+    On a full disk the file is overwritten in place instead (padded with spaces to
+    its old length, in one write), which needs no new space while it fits in the
+    blocks it already has; a reader that catches it half written retries.
+    """
     body = dict(data)
     if body.get("last_error"):
         body["last_error"] = redact(str(body["last_error"]))
     body.setdefault("updated_at", time.time())
+    text = (json.dumps(body, sort_keys=True) + "\n").encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(body, f, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
-        log.warning("cannot write the status file %s: %s", path, exc.strerror)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(path, text):
+            return
+        _warn_once(path, f"cannot write the status file {path}: {exc.strerror}")
+
+
+def _overwrite(path: Path, text: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        old = os.fstat(fd).st_size
+        data = text + b" " * (old - len(text)) if old > len(text) else text
+        return os.pwrite(fd, data, 0) == len(data)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_warned: dict[str, float] = {}
+
+
+def _warn_once(path: Path, message: str, every: float = 60.0) -> None:
+    """Log ``message`` at most once per ``every`` seconds for ``path``."""
+    now = time.monotonic()
+    if now - _warned.get(str(path), -every) >= every:
+        _warned[str(path)] = now
+        log.warning("%s", message)
 
 
 def read_status_file(path: Path) -> dict[str, Any]:

@@ -47,7 +47,9 @@ from typing import IO, Any, TypedDict, cast
 
 from .errors import ConfigError, UploaderError
 from .hparams import ObjectStoreHparams, parse_uri
+from .journal import Journal, journal_path, make_reserve
 from .redact import redact, register_secret
+from .status import write_status_file
 
 __all__ = [
     "UploadWorker",
@@ -120,6 +122,9 @@ class WorkerStatus:
     rate_bytes_per_s: float
     last_error: str | None
     updated_at: float
+    #: False while the worker's journal is held in memory (its disk is full): the
+    #: journal file then lags behind, and this status is the word on what is verified.
+    journal_saved: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WorkerStatus:
@@ -151,6 +156,7 @@ class WorkerStatus:
             rate_bytes_per_s=rate,
             last_error=str(last) if last else None,
             updated_at=updated,
+            journal_saved=d.get("journal_saved") is not False,
         )
 
     @property
@@ -430,9 +436,13 @@ class UploadWorker:
         cmd = self.command()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # A status file left by an earlier worker must not be taken for this one's.
+        # A status file left by an earlier worker must not be taken for this one's. A
+        # fresh one holds a block the worker can overwrite in place if the disk fills.
         with contextlib.suppress(FileNotFoundError):
             self.status_path.unlink()
+        write_status_file(self.status_path, {"pid": None, "state": "starting"})
+        # The journal's disk reserve, set aside now, before training can fill the disk.
+        make_reserve(self.state_dir)
         out: IO[bytes] | None = None
         if self.log_path is not None:
             self._log_file = out = open(self.log_path, "ab")
@@ -550,7 +560,16 @@ class UploadWorker:
             raise self._error(code, st, "did not upload every checkpoint")
         if st is not None and (st.failed > 0 or st.outstanding > 0):
             raise self._error(code, st, "exited with checkpoints not verified")
-        missing = self.unverified()
+        # The journal is the second witness, unless the worker could not save it (its
+        # disk is full): then the worker's final status is the only record.
+        missing = self.unverified() if st is None or st.journal_saved else []
+        if st is not None and not st.journal_saved:
+            log.warning(
+                "the upload worker could not save its journal %s (disk full); its final "
+                "status reports %d file(s) verified",
+                self.state_dir,
+                st.done,
+            )
         if missing:
             shown = ", ".join(missing[:5]) + (
                 f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -567,7 +586,6 @@ class UploadWorker:
     def _journal_view(self, want_done: bool) -> list[str]:
         """Files complete on disk that the journal lacks (or has not verified, with
         ``want_done``), for the default checkpoint patterns. Best effort: [] on errors."""
-        from .journal import Journal, journal_path
         from .watcher import FileFilter, scan
 
         root = Path(os.path.realpath(self.run_dir))
@@ -634,7 +652,12 @@ class UploadWorker:
             limit = min(limit, deadline)
         while self.proc.poll() is None and time.monotonic() < limit:
             st = self.status(fresh=True)
-            if st is not None and st.state != "starting" and not self.unaccepted():
+            # A journal held in memory (disk full) lags behind: nothing to compare with.
+            if (
+                st is not None
+                and st.state != "starting"
+                and (not st.journal_saved or not self.unaccepted())
+            ):
                 return
             time.sleep(0.1)
         if self.proc.poll() is None:
