@@ -245,6 +245,31 @@ def test_create_container(tmp_path: Path) -> None:
     hp.initialize_object(create_container=True).close()
 
 
+def test_container_deleted_during_an_upload_is_reported_not_recreated(tmp_path: Path) -> None:
+    """The bucket directory is removed while the parts of a file are being sent: the
+    commit must fail with ContainerNotFoundError (as S3 answers NoSuchBucket) rather
+    than re-create the container."""
+    import shutil
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    src = write_random(tmp_path / "src.bin", 3 * MiB, seed=1)
+    hp = ObjectStoreHparams(provider="local", container=str(root))
+    removed = []
+
+    def remove_bucket(n: int) -> None:
+        if not removed:
+            removed.append(n)
+            shutil.rmtree(root)
+
+    with (
+        hp.initialize_object(part_size=MiB) as store,
+        pytest.raises(ContainerNotFoundError, match="does not exist"),
+    ):
+        store.upload_file(src, "run/rank_0/ep2.pt", progress=remove_bucket)
+    assert removed and not root.exists()
+
+
 def test_get_bytes_missing(local_store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFoundError):
         local_store.get_bytes("missing")

@@ -641,6 +641,7 @@ def _simple_store(args: argparse.Namespace) -> tuple[Any, StoreLocation]:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from .pointer import resolve_latest
+    from .store import check_object_name
 
     store, loc = _simple_store(args)
     progress = not args.quiet and not args.no_progress and stderr_is_terminal()
@@ -677,10 +678,28 @@ def cmd_pull(args: argparse.Namespace) -> int:
             raise UploaderError(
                 f"nothing under {prefix or '(root)'!r}; check the URI with 'ckpt-uploader ls'"
             )
+        unsafe = []
         for info in objs:
-            target = dest / info.name[len(base) :]
+            rel = info.name[len(base) :]
+            try:
+                check_object_name(rel)
+            except ConfigError:
+                # Another tool wrote it: it would land outside DEST. Skip it, say so.
+                unsafe.append(info.name)
+                continue
+            target = dest / rel
             store.download_file(info.name, target, progress=progress)
             print(f"{info.name} -> {target}")
+        if unsafe:
+            log.error(
+                "not downloaded: %d object(s) whose names would land outside %s "
+                "(absolute, '..', '.' or empty segments): %s; rename them in the store "
+                "to fetch them",
+                len(unsafe),
+                dest,
+                ", ".join(repr(n) for n in unsafe[:5]) + (" ..." if len(unsafe) > 5 else ""),
+            )
+            return 1
         return 0
 
 

@@ -44,7 +44,14 @@ from .hparams import ObjectStoreHparams
 from .redact import redact
 from .retry import RetryPolicy
 
-__all__ = ["ObjectStore", "ObjectStat", "UploadResult", "DIGEST_SUFFIX", "DIGEST_META"]
+__all__ = [
+    "ObjectStore",
+    "ObjectStat",
+    "UploadResult",
+    "DIGEST_SUFFIX",
+    "DIGEST_META",
+    "check_object_name",
+]
 
 log = logging.getLogger("uploader.store")
 
@@ -230,7 +237,7 @@ class ObjectStore:
         The file must not change while it is read: a change in size or mtime
         raises IntegrityError and nothing is committed.
         """
-        object_name = _check_name(object_name)
+        object_name = check_object_name(object_name)
         meta = {k.lower(): str(v) for k, v in (metadata or {}).items()}
         retries_before = self.retries.n
         with open(path, "rb", buffering=0) as f:
@@ -426,7 +433,7 @@ class ObjectStore:
 
     def stat(self, object_name: str) -> ObjectStat:
         """Size, digest (from metadata or the sidecar) and metadata of an object."""
-        object_name = _check_name(object_name)
+        object_name = check_object_name(object_name)
         info: ObjectInfo = self._call(lambda: self.backend.stat(object_name), f"stat {object_name}")
         digest: Digest | None = None
         raw = info.metadata.get(DIGEST_META)
@@ -456,7 +463,9 @@ class ObjectStore:
 
     def exists(self, object_name: str) -> bool:
         try:
-            self._call(lambda: self.backend.stat(_check_name(object_name)), f"stat {object_name}")
+            self._call(
+                lambda: self.backend.stat(check_object_name(object_name)), f"stat {object_name}"
+            )
             return True
         except ObjectNotFoundError:
             return False
@@ -470,7 +479,7 @@ class ObjectStore:
         )
 
     def delete(self, object_name: str) -> bool:
-        object_name = _check_name(object_name)
+        object_name = check_object_name(object_name)
         existed = self._call(lambda: self.backend.delete(object_name), f"delete {object_name}")
         self._call(
             lambda: self.backend.delete(object_name + DIGEST_SUFFIX),
@@ -481,7 +490,7 @@ class ObjectStore:
     def put_bytes(
         self, object_name: str, data: bytes, metadata: Mapping[str, str] | None = None
     ) -> Digest:
-        object_name = _check_name(object_name)
+        object_name = check_object_name(object_name)
         sha = hashlib.sha256(data).digest()
         digest = Digest("sha256", sha.hex())
         meta = {k.lower(): str(v) for k, v in (metadata or {}).items()}
@@ -494,7 +503,7 @@ class ObjectStore:
         return digest
 
     def get_bytes(self, object_name: str) -> bytes:
-        object_name = _check_name(object_name)
+        object_name = check_object_name(object_name)
         return self._call(
             lambda: b"".join(self.backend.read_range(object_name, 0, None)),
             f"download {object_name}",
@@ -686,7 +695,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def _check_name(name: str) -> str:
+def check_object_name(name: str) -> str:
     """Object names are relative, normalised, and never climb out of the prefix."""
     if not isinstance(name, str) or not name or name.startswith("/"):
         raise ConfigError(f"object name {name!r} must be a relative path like 'run/rank_0/ep1.pt'")

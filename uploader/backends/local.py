@@ -90,8 +90,20 @@ class LocalBackend(Backend):
 
     def _commit(self, tmp: Path, name: str) -> None:
         dest = self._path(name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        root = self.root.resolve()
+        # Folders are made one by one below the container, never the container itself:
+        # a container deleted during an upload is reported, not silently re-created.
+        folder = root
+        try:
+            for part in dest.parent.relative_to(root).parts:
+                folder = folder / part
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir()
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            if tmp.exists():
+                self._require_root()
+            raise
         with contextlib.suppress(OSError):
             dfd = os.open(dest.parent, os.O_RDONLY)
             try:
