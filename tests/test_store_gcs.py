@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,12 @@ class FakeGCS(ThreadingHTTPServer):
         self.buckets: dict[str, dict[str, tuple[bytes, dict[str, str], str]]] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that hangs up mid-request (the short-body test) is expected here;
+        # anything else still surfaces as a failed request in the test itself.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _Handler(BaseHTTPRequestHandler):
