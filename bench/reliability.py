@@ -65,6 +65,11 @@ CASES: dict[str, tuple[Callable[..., R.Result], dict[str, Any], dict[str, Any]]]
         {"fs_mib": 16, "width": 512, "journal_on_full_disk": True},
         {"fs_mib": 8, "journal_on_full_disk": True},
     ),
+    "disk_full_late_start": (
+        R.scenario_disk_full_late_start,
+        {"fs_mib": 16, "width": 512},
+        {"fs_mib": 8, "width": 384},
+    ),
     "corrupt": (R.scenario_corrupt_object, {}, {"width": 600}),
     "load": (
         R.scenario_load,
@@ -125,6 +130,9 @@ def _row(name: str, r: R.Result) -> str:
         ok = ok and f["rewrites_uploaded"] == f["files"]
     if "verified" in f:
         ok = ok and f["verified"] == f["files"]
+    if "recorded_after_space_freed" in f:
+        ok = ok and f["exit_code"] == 0 and f["uploaded"] == f["files"] >= 2
+        ok = ok and f["second_run_exit"] == 0 and f["recorded_after_space_freed"] == f["files"]
     return (
         f"| {r.case} | {cycles} | {_cell(f, 'files')} | {_cell(f, 'lost')} | "
         f"{_cell(f, 'corrupted')} | {_cell(f, 'retries')} | {others} | "
@@ -132,12 +140,26 @@ def _row(name: str, r: R.Result) -> str:
     )
 
 
-def write_report(rows: dict[str, tuple[str, list[str]]], quick: bool) -> Path:
+def write_report(
+    rows: dict[str, tuple[str, list[str]]], quick: bool, only: list[str] | None = None
+) -> Path:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    produced = (
+        f"_Produced by `make reliability`{' --quick' if quick else ''} on {stamp} "
+        f"({platform.machine()}, Python {platform.python_version()})._"
+    )
+    if only:
+        # Keep the date of the full run, and say which rows are newer.
+        m = re.search(r"^_Produced by .*? on ([^(]+?) \(", DOC.read_text(), re.M)
+        first = m.group(1) if m else "an earlier run"
+        produced = (
+            f"_Produced by `make reliability` on {first} "
+            f"({platform.machine()}, Python {platform.python_version()}); re-run on {stamp} "
+            f"with `python -m bench.reliability --only`: {', '.join(only)}._"
+        )
     lines = [
         HEADER,
-        f"_Produced by `make reliability`{' --quick' if quick else ''} on {stamp} "
-        f"({platform.machine()}, Python {platform.python_version()})._",
+        produced,
         "",
         "| Case | Cycles / runs | Files | Lost | Corrupted | Retries | Other figures | Result |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
         rows[name] = (line, result.notes)
         print(f"{name}: {time.monotonic() - t0:.0f}s {result.figures}", flush=True)
-    doc = write_report(rows, args.quick)
+    doc = write_report(rows, args.quick, args.only)
     print(f"wrote {doc}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

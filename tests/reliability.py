@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -1190,6 +1191,97 @@ def scenario_disk_full(
         },
         [message.splitlines()[0][:300] if message else "no error raised"]
         + [f"upload worker: {worker_error[:300]}"] * bool(worker_error),
+    )
+
+
+def scenario_disk_full_late_start(workdir: Path, fs_mib: int = 16, width: int = 512) -> Result:
+    """The uploader starts only after training has filled the disk to the last byte
+    (a sidecar restarted late): no reserve can be set aside and the journal cannot be
+    written. Every checkpoint must still be uploaded and verified, with the journal
+    held in memory; once space is freed, a second run records them all.
+    """
+    import torch
+
+    from ckpt import Trainer
+    from ckpt.errors import CheckpointError
+    from uploader.journal import Journal
+
+    mount = workdir / "small"
+    bucket, prefix = "latestart", "latestart"
+    with rclone_server(workdir) as server, small_filesystem(mount, fs_mib) as mounted:
+        if not mounted:
+            raise AssertionError("could not mount a tmpfs (this case needs root)")
+        server.make_bucket(bucket)
+        run_dir = mount / "run"
+        run_dir.mkdir()
+        # 2 MiB set aside now and topped up to the last byte after training: removing
+        # it later is "the operator frees space".
+        ballast = run_dir / ".ballast"
+        ballast.write_bytes(b"\0" * (2 * MiB))
+        torch.manual_seed(0)
+        model = torch.nn.Linear(width, width)
+        x = torch.randn(16, width)
+        data = torch.utils.data.TensorDataset(x, x)
+        stopped = ""
+        try:
+            Trainer(
+                model=model,
+                train_dataloader=torch.utils.data.DataLoader(data, batch_size=8),
+                max_duration="1000ep",
+                loss_fn=torch.nn.functional.mse_loss,
+                save_folder=str(run_dir),
+                seed=0,
+            ).fit()
+        except CheckpointError as exc:
+            stopped = str(exc).splitlines()[0][:160]
+        fd = os.open(ballast, os.O_WRONLY | os.O_APPEND)
+        try:
+            for _ in range(1 << 20):
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        free_at_start = shutil.disk_usage(mount).free
+        saved = sorted(run_dir.glob("*.pt"))
+        expected = {f"{prefix}/rank_0/{p.name}": sha256_file(p) for p in saved}
+        uri = server.uri(bucket, prefix)
+        log1 = workdir / "first.log"
+        t0 = time.monotonic()
+        # The journal stays in the run directory (the default), on the full disk; the
+        # status file is written elsewhere so that this report can read it.
+        here = ("--exit-when-idle", "--state-dir", str(run_dir))
+        (workdir / "status1").mkdir()
+        (workdir / "status2").mkdir()
+        code1 = Daemon(run_dir, uri, workdir / "status1", *here, log=log1).wait(300)
+        seconds = time.monotonic() - t0
+        text1 = log1.read_text(errors="replace")
+        status1 = json.loads((workdir / "status1" / "status.json").read_text())
+        with _store(server, bucket, retry=RetryPolicy(attempts=3)) as store:
+            audit = bucket_audit(store, expected, workdir / "audit", [(prefix, 0)])
+        ballast.unlink()
+        log2 = workdir / "second.log"
+        code2 = Daemon(run_dir, uri, workdir / "status2", *here, log=log2).wait(300)
+        with Journal.open_readonly(run_dir) as journal:
+            recorded = journal.totals().done
+    return Result(
+        "6. disk already full when the uploader starts (journal in memory)",
+        {
+            "filesystem": f"tmpfs {fs_mib} MiB",
+            "files": len(saved),
+            "free_bytes_at_start": free_at_start,
+            "exit_code": code1,
+            "uploaded": int(status1.get("done", 0)),
+            "journal_in_memory": int("keeping the journal in memory" in text1),
+            "journal_saved_at_exit": int(bool(status1.get("journal_saved"))),
+            "lost": len(audit.lost),
+            "corrupted": len(audit.corrupted),
+            "bad_pointers": len(audit.bad_pointers),
+            "second_run_exit": code2,
+            "recorded_after_space_freed": recorded,
+            "seconds": round(seconds, 1),
+        },
+        [f"training stopped: {stopped}" if stopped else "training did not fill the disk"],
     )
 
 

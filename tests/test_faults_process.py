@@ -14,6 +14,7 @@ import pytest
 from tests.reliability import (
     scenario_corrupt_object,
     scenario_disk_full,
+    scenario_disk_full_late_start,
     scenario_slow_writer,
     scenario_trainer_sigkill,
 )
@@ -73,3 +74,15 @@ def test_corrupted_object_is_refused_and_reported(tmp_path: Path) -> None:
     assert r["files_left_by_loader"] == 0, r
     assert r["intact_loads"] == 1, r
     assert r["verify_exit"] == 1 and r["verify_names_both"] == 1, r
+
+
+def test_disk_already_full_when_the_uploader_starts(tmp_path: Path) -> None:
+    """No reserve can be set aside and the journal cannot be written: it is held in
+    memory, every checkpoint is still uploaded, and a later run records them."""
+    r = scenario_disk_full_late_start(tmp_path, fs_mib=8, width=384)
+    assert r["files"] >= 2, r
+    assert r["free_bytes_at_start"] == 0, r
+    assert r["exit_code"] == 0 and r["uploaded"] == r["files"], r
+    assert r["journal_in_memory"] == 1 and r["journal_saved_at_exit"] == 0, r
+    assert r["lost"] == 0 and r["corrupted"] == 0 and r["bad_pointers"] == 0, r
+    assert r["second_run_exit"] == 0 and r["recorded_after_space_freed"] == r["files"], r
