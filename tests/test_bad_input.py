@@ -30,7 +30,7 @@ from uploader import ConfigError, IntegrityError, ObjectStoreHparams, parse_uri
 from uploader.digest import Digest, file_digest, verify_file
 from uploader.errors import ContainerNotFoundError, ObjectNotFoundError
 from uploader.pointer import Pointer, PointerEntry, resolve_latest
-from uploader.store import _check_name
+from uploader.store import check_object_name
 
 #: Words a message uses when it tells the user what to do next.
 REMEDY = re.compile(
@@ -314,7 +314,7 @@ def test_parse_uri_endpoint(port: int, host: str) -> None:
 @given(_text)
 def test_check_name_total(name: str) -> None:
     try:
-        out = _check_name(name)
+        out = check_object_name(name)
     except ConfigError:
         return
     assert not out.startswith("/")
@@ -325,7 +325,7 @@ def test_check_name_total(name: str) -> None:
 @given(st.lists(_segment, min_size=1, max_size=5))
 def test_check_name_accepts_plain_paths(segs: list[str]) -> None:
     name = "/".join(segs)
-    assert _check_name(name) == name
+    assert check_object_name(name) == name
 
 
 @settings(max_examples=300, deadline=None)
