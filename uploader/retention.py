@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,15 +70,30 @@ def apply_local(records: Iterable[FileRecord], root: Path, keep: int, rank: int)
 
 
 def remote_deletions(
-    store: ObjectStore, prefix: str, rank: int, keep: int, filt: FileFilter, pointer: Pointer
+    store: ObjectStore,
+    prefix: str,
+    rank: int,
+    keep: int,
+    filt: FileFilter,
+    pointer: Pointer,
+    in_flight: Collection[str] = (),
 ) -> list[str]:
-    """Checkpoint objects of ``rank`` beyond the newest ``keep``; never the pointer's latest."""
+    """Checkpoint objects of ``rank`` beyond the newest ``keep``; never the pointer's latest.
+
+    Objects in ``in_flight`` (uploaded or uploading, but not yet in the pointer) are left
+    out: without their pointer entry their age is unknown (the store's mtime is the
+    upload time), and ranking a late old checkpoint as the newest would delete a newer
+    one. They are judged once committed.
+    """
     base = join_key(prefix, f"rank_{rank}") + "/"
     order = {e.object: e.order for e in pointer.history}
+    skip = set(in_flight)
     objs = []
     for info in store.list(base):
         rel = info.name[len(base) :]
         if not rel or rel.endswith(".json") or not filt.moves_pointer(rel):
+            continue
+        if info.name in skip:
             continue
         key = order.get(info.name, (int((info.mtime or 0) * 1e9), rel))
         objs.append((key, info.name))
