@@ -185,6 +185,10 @@ class S3Backend(Backend):
         self._conns_lock = threading.Lock()
         self._counter = itertools.count(1)
         self.requests = 0
+        #: Requests sent once more on a fresh connection because a kept-alive one was
+        #: found closed (not counted as retries: the request never reached the server).
+        self._resend_counter = itertools.count(1)
+        self.resent = 0
         self._where = (
             f"bucket {self.bucket!r} at {'https' if self.secure else 'http'}://{self.host_header}"
         )
@@ -323,6 +327,8 @@ class S3Backend(Backend):
                 self._drop_conn()
                 if not reused or attempt == 2:
                     raise
+                self.resent = next(self._resend_counter)
+                log.debug("%s %s: kept-alive connection was closed; sent again", method, path)
             except BaseException:
                 self._drop_conn()
                 raise
