@@ -229,6 +229,50 @@ def test_slow_in_place_writer_is_not_uploaded_early(
     assert d.wait() == 0, d.log()
 
 
+def test_writer_that_started_before_the_daemon_is_waited_for(
+    tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
+) -> None:
+    """The start-up scan finds a file another process is still writing in place (a
+    sidecar restarted mid-write). No close event can tell the daemon; the kernel's
+    read-lease check does: the file is taken only after its writer closes it, even
+    though it stays quiet for many times --settle in between."""
+    run = tmp_path / "rank_0"
+    run.mkdir()
+    obj = local_bucket / "p" / "rank_0" / "early.pt"
+    part = os.urandom(256 * 1024)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'wb'); f.write(sys.stdin.buffer.read(262144)); "
+            "f.flush(); sys.stdin.buffer.read(1); f.write(sys.stdin.buffer.read()); f.close()",
+            str(run / "early.pt"),
+        ],
+        stdin=subprocess.PIPE,
+    )
+    assert writer.stdin is not None
+    try:
+        writer.stdin.write(part)
+        writer.stdin.flush()
+        wait_for(lambda: (run / "early.pt").stat().st_size == len(part), 10, "first half")
+        d = Daemon(tmp_path, run, "--to", local_uri(local_bucket, "p"), "--settle", "0.2")
+        daemons.append(d)
+        d.wait_running()
+        wait_for(lambda: "still open for writing" in d.log(), 10, "the open-file notice")
+        time.sleep(1.5)  # 7x --settle of quiet
+        assert not obj.exists(), "uploaded while its writer still had it open"
+        writer.stdin.write(b"+" + part)
+        writer.stdin.close()
+        assert writer.wait(10) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    d.wait_status(lambda s: s.get("done") == 1)
+    assert obj.read_bytes() == part * 2
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+
+
 def test_restart_after_kill9_loses_nothing_and_reuploads_nothing(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:

@@ -47,7 +47,15 @@ from .redact import redact
 from .retention import apply_local, remote_deletions
 from .status import Progress, write_status_file
 from .store import ObjectStore, UploadResult
-from .watcher import FileFilter, RunLayout, Watcher, is_inside, scan
+from .watcher import (
+    FileFilter,
+    RunLayout,
+    Watcher,
+    ignore_lease_breaks,
+    is_inside,
+    open_for_writing,
+    scan,
+)
 
 __all__ = ["Engine", "EngineOptions", "TokenBucket", "EXIT_OK", "EXIT_FAILED", "EXIT_TIMEOUT"]
 
@@ -130,6 +138,7 @@ class _Candidate:
     since: float
     closed: bool = False
     modified: bool = False
+    held: bool = False  # seen open for writing while quiet
 
 
 class _Interrupted(Exception):
@@ -181,6 +190,7 @@ class Engine:
 
     async def _main(self) -> int:
         self._loop = asyncio.get_running_loop()
+        ignore_lease_breaks()
         self._events_send, self._events_recv = anyio.create_memory_object_stream[tuple[str, str]](
             math.inf
         )
@@ -334,6 +344,17 @@ class Engine:
                     or (quiet >= self.opts.settle and (c.closed or self._final))
                     or (quiet >= self.opts.settle and not c.modified and c.size > 0)
                 )
+                if (
+                    complete
+                    and quiet < self.opts.open_timeout
+                    and open_for_writing(self.root / rel) is True
+                ):
+                    # Quiet, but a writer still holds it open (one that started before
+                    # this daemon, say): wait for it to close, or for --open-timeout.
+                    if not c.held:
+                        c.held = True
+                        log.info("path=%s is quiet but still open for writing; waiting", rel)
+                    continue
                 if complete and self._cands.get(rel) is c:
                     del self._cands[rel]
                     await self._take(rel, st)
@@ -560,10 +581,15 @@ class Engine:
     async def _prune_remote(self, rank: int, pointer: Pointer) -> None:
         keep = self.opts.keep_remote
         assert keep is not None
+        in_flight = {
+            r.object
+            for r in self.journal.records()
+            if r.rank == rank and r.checkpoint and (r.state != "done" or not r.committed)
+        }
 
         def prune() -> list[str]:
             names = remote_deletions(
-                self.store, self.opts.prefix, rank, keep, self.opts.filter, pointer
+                self.store, self.opts.prefix, rank, keep, self.opts.filter, pointer, in_flight
             )
             for name in names:
                 self.store.delete(name)

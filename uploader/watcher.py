@@ -20,11 +20,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import logging
 import os
 import re
+import signal
 import stat
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,8 @@ __all__ = [
     "Watcher",
     "scan",
     "is_inside",
+    "open_for_writing",
+    "ignore_lease_breaks",
 ]
 
 log = logging.getLogger("uploader.watcher")
@@ -155,6 +162,52 @@ def is_inside(root: Path, rel: str) -> os.stat_result | None:
     if not real.startswith(str(root) + os.sep) or real != str(path):
         return None
     return st
+
+
+# -- is a writer still at work? ----------------------------------------------------------
+# Linux grants a read lease on a file only when no process has it open for writing,
+# whatever process, container or mount namespace that writer lives in. Taking one and
+# releasing it at once tells whether a file that looks quiet is really finished, e.g.
+# one a slow writer started before the daemon (whose close event would come later).
+_F_SETLEASE = getattr(__import__("fcntl"), "F_SETLEASE", 1024) if sys.platform == "linux" else None
+_probe_ready = False
+
+
+def ignore_lease_breaks() -> bool:
+    """Let :func:`open_for_writing` work in this process: a writer opening the file in
+    the microseconds the lease is held sends SIGIO, whose default action ends a process.
+    Must be called from the main thread; True when the probe is available."""
+    global _probe_ready
+    if _F_SETLEASE is None or threading.current_thread() is not threading.main_thread():
+        return _probe_ready
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+    _probe_ready = True
+    return True
+
+
+def open_for_writing(path: str | os.PathLike[str]) -> bool | None:
+    """True if some process has ``path`` open for writing, False if none has, None when
+    this cannot be told here (not Linux, probe not enabled, another user's file, a
+    filesystem without leases)."""
+    import fcntl
+
+    if not _probe_ready or _F_SETLEASE is None:
+        return None
+    try:
+        # O_NONBLOCK: never wait for another process's lease to be broken.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def scan(root: Path, filt: FileFilter, sub: str = "") -> Iterator[str]:
