@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -376,6 +377,7 @@ def _proxy_faults_daemon(
         with _store(server, bucket, retry=RetryPolicy(attempts=3)) as store:
             audit = bucket_audit(store, expected, workdir / "audit", [(prefix, 0)])
     text = log_path.read_text()
+    resent = re.findall(r"(\d+) resent on a fresh connection", text)
     return Result(
         "3b. fault proxy, through ckpt-uploader push",
         {
@@ -386,6 +388,7 @@ def _proxy_faults_daemon(
             "stalls": stats["stall"],
             "slowdowns": stats["slowdown"],
             "retries": text.count(" retry "),
+            "resent_on_fresh_connection": int(resent[-1]) if resent else None,
             "file_retries": text.count("failed, retrying"),
             "lost": len(audit.lost),
             "corrupted": len(audit.corrupted),

@@ -707,7 +707,14 @@ class Engine:
                 self._last_error or totals.last_error,
             )
             return EXIT_FAILED
-        log.info("finished: %d file(s) verified, %d bytes", totals.done, totals.bytes_done)
+        log.info(
+            "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
+            "fresh connection",
+            totals.done,
+            totals.bytes_done,
+            self.store.retries.n,
+            int(getattr(self.store.backend, "resent", 0)),
+        )
         return EXIT_OK
 
     # -- status -------------------------------------------------------------------------
