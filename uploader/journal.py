@@ -342,7 +342,7 @@ class Journal:
         log.error(
             "the disk holding the journal %s is full: keeping the journal in memory until "
             "there is room again (uploads go on; if this process is killed before then, "
-            "files verified meanwhile are checked again at the next start). Free space "
+            "files verified meanwhile are uploaded again at the next start). Free space "
             "there or move the journal with --state-dir",
             self.path,
         )
@@ -360,8 +360,8 @@ class Journal:
         try:
             self._db.backup(disk)
             _prepare(disk)
-        except sqlite3.OperationalError as exc:
-            if not _is_full(exc):
+        except sqlite3.Error as exc:
+            if not (isinstance(exc, sqlite3.OperationalError) and _is_full(exc)):
                 log.warning("cannot save the journal %s yet: %s", self.path, exc)
             return False
         disk.row_factory = sqlite3.Row
@@ -426,7 +426,7 @@ class Journal:
             log.error(
                 "the journal %s could not be saved: its disk is still full; %d change(s) "
                 "are lost from it. Uploads verified meanwhile are in the store; the next "
-                "start checks those files again",
+                "start uploads those files again",
                 self.path,
                 self._unsaved,
             )

@@ -169,7 +169,12 @@ def is_inside(root: Path, rel: str) -> os.stat_result | None:
 # whatever process, container or mount namespace that writer lives in. Taking one and
 # releasing it at once tells whether a file that looks quiet is really finished, e.g.
 # one a slow writer started before the daemon (whose close event would come later).
-_F_SETLEASE = getattr(__import__("fcntl"), "F_SETLEASE", 1024) if sys.platform == "linux" else None
+if sys.platform == "linux":
+    import fcntl
+
+    _F_SETLEASE: int | None = getattr(fcntl, "F_SETLEASE", 1024)
+else:  # pragma: no cover
+    _F_SETLEASE = None
 _probe_ready = False
 
 
@@ -189,8 +194,6 @@ def open_for_writing(path: str | os.PathLike[str]) -> bool | None:
     """True if some process has ``path`` open for writing, False if none has, None when
     this cannot be told here (not Linux, probe not enabled, another user's file, a
     filesystem without leases)."""
-    import fcntl
-
     if not _probe_ready or _F_SETLEASE is None:
         return None
     try:
