@@ -8,6 +8,7 @@ and is saved as soon as there is room. Uploads never wait for the local disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -26,12 +27,26 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 
+@contextlib.contextmanager
+def mounted(path: Path, mib: int) -> Iterator[Path]:
+    with small_filesystem(path, mib) as ok:
+        assert ok, "could not mount a tmpfs (this test needs root, as make test has)"
+        yield path
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    with small_filesystem(mount, 8) as mounted:
-        assert mounted, "could not mount a tmpfs (this test needs root, as make test has)"
+    """8 MiB: too small for the journal's 2 MiB reserve (it needs 4x that free)."""
+    with mounted(tmp_path / "small", 8) as mount:
         yield mount
+
+
+def record_verified(journal: Journal, n: int) -> None:
+    for i in range(n):
+        rec = FileRecord(f"ep{i}.pt", 0, f"ep{i}.pt", f"p/rank_0/ep{i}.pt", i, i, True)
+        journal.accept(rec)
+        journal.start(rec.path)
+        journal.done(rec.path, "sha256:" + "0" * 64)
 
 
 def fill(folder: Path, leave: int = 0) -> None:
@@ -69,6 +84,27 @@ def bucket_digests(root: Path) -> dict[str, str]:
     }
 
 
+def test_journal_releases_its_reserve_and_keeps_recording(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """12 MiB, filled to the last byte: the journal releases its reserve, shrinks its
+    write-ahead log and goes on recording on disk."""
+    with mounted(tmp_path / "small", 12) as mount:
+        journal = Journal.open(mount)
+        try:
+            reserve = mount / RESERVE_NAME
+            assert reserve.stat().st_size == 2 << 20
+            fill(mount)
+            with caplog.at_level("WARNING", logger="uploader.journal"):
+                record_verified(journal, 200)
+            assert not reserve.exists()
+            assert "released its 2 MiB reserve" in caplog.text
+            assert not journal.in_memory
+            assert journal.totals().done == 200
+        finally:
+            journal.close()
+
+
 def test_journal_goes_on_in_memory_and_is_saved_when_there_is_room(
     tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -79,11 +115,7 @@ def test_journal_goes_on_in_memory_and_is_saved_when_there_is_room(
             journal.accept(FileRecord(f"a{i}.pt", 0, f"a{i}.pt", f"p/a{i}.pt", i, i, True))
         fill(tmpfs)
         with caplog.at_level("WARNING", logger="uploader.journal"):
-            for i in range(300):
-                rec = FileRecord(f"ep{i}.pt", 0, f"ep{i}.pt", f"p/ep{i}.pt", i, i, True)
-                journal.accept(rec)
-                journal.start(rec.path)
-                journal.done(rec.path, "sha256:" + "0" * 64)
+            record_verified(journal, 300)
             assert journal.in_memory
             assert "keeping the journal in memory" in caplog.text
             assert journal.totals().done == 300 and journal.get("a3.pt") is not None
