@@ -328,26 +328,7 @@ def test_check_name_accepts_plain_paths(segs: list[str]) -> None:
     assert check_object_name(name) == name
 
 
-@settings(max_examples=300, deadline=None)
-@given(_text)
-def test_digest_parse_total(text: str) -> None:
-    try:
-        d = Digest.parse(text)
-    except IntegrityError:
-        return
-    assert Digest.parse(str(d)) == d
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.binary(min_size=32, max_size=32).map(bytes.hex),
-    st.integers(min_value=1, max_value=1 << 40),
-    st.booleans(),
-)
-def test_digest_round_trip(hexd: str, part: int, parts: bool) -> None:
-    d = Digest("sha256-parts", hexd, part) if parts else Digest("sha256", hexd)
-    assert Digest.parse(str(d)) == d
-    assert Digest.parse(str(d).replace(hexd, hexd.upper())) == d
+# Digest.parse: tests/test_digest.py has its property tests.
 
 
 @settings(
