@@ -153,7 +153,7 @@ def resolve_remote(
     store: Any, name: str, prefix: str | None, rank: int, world_size: int | None
 ) -> tuple[str, str | None, int | None]:
     """(object name, expected digest, expected size) for a path or ``latest`` in ``store``."""
-    from uploader import pointer
+    from uploader.bucket import pointer
     from uploader.errors import UploaderError
 
     name = name.strip("/")

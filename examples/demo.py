@@ -23,7 +23,7 @@ import torch
 
 from ckpt import Trainer
 from uploader import ObjectStoreHparams, RunDirectoryUploader
-from uploader.pointer import resolve_latest
+from uploader.bucket.pointer import resolve_latest
 
 PREFIX = "demo"
 

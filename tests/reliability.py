@@ -34,8 +34,8 @@ from typing import Any
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.s3 import S3Server, start_rclone_s3
 from uploader import ObjectStore, RetryPolicy
+from uploader.bucket.pointer import read_pointer
 from uploader.errors import IntegrityError, ObjectNotFoundError
-from uploader.pointer import read_pointer
 
 __all__ = [
     "Result",
@@ -641,7 +641,7 @@ def journal_rows(state_dir: Path) -> dict[str, dict[str, Any]]:
     """The daemon's journal as object -> row (read-only; the daemon is not running)."""
     import sqlite3
 
-    from uploader.journal import JOURNAL_NAME
+    from uploader.daemon.journal import JOURNAL_NAME
 
     path = state_dir / JOURNAL_NAME
     if not path.exists():
@@ -660,8 +660,8 @@ def check_pointer_on_disk(data_dir: Path, bucket: str, prefix: str, rank: int) -
     Returns the problems (empty when the pointer is absent or every entry it names is
     a complete object with the recorded size and digest).
     """
-    from uploader.digest import Digest, file_digest
-    from uploader.pointer import Pointer, pointer_name
+    from uploader.bucket.pointer import Pointer, pointer_name
+    from uploader.transfer.digest import Digest, file_digest
 
     root = data_dir / bucket
     ptr = root / pointer_name(prefix, rank)
@@ -1243,7 +1243,7 @@ def scenario_disk_full_late_start(workdir: Path, fs_mib: int = 16, width: int = 
 
     from ckpt import Trainer
     from ckpt.errors import CheckpointError
-    from uploader.journal import Journal
+    from uploader.daemon.journal import Journal
 
     mount = workdir / "small"
     bucket, prefix = "latestart", "latestart"

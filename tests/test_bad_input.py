@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from uploader import ConfigError, IntegrityError, ObjectStoreHparams, parse_uri
-from uploader.digest import Digest, file_digest, verify_file
+from uploader.bucket.pointer import Pointer, PointerEntry, resolve_latest
 from uploader.errors import ContainerNotFoundError, ObjectNotFoundError
-from uploader.pointer import Pointer, PointerEntry, resolve_latest
-from uploader.store import check_object_name
+from uploader.transfer.digest import Digest, file_digest, verify_file
+from uploader.transfer.store import check_object_name
 
 #: Words a message uses when it tells the user what to do next.
 REMEDY = re.compile(
@@ -433,7 +433,7 @@ def test_hparams_total(provider: str, port: int | None, host: str | None) -> Non
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_text, st.integers(min_value=0, max_value=1 << 50)))
 def test_parse_bytes_total(value: Any) -> None:
-    from uploader.config import parse_bytes
+    from uploader.config.files import parse_bytes
 
     try:
         n = parse_bytes(value)
@@ -449,7 +449,7 @@ def test_parse_bytes_total(value: Any) -> None:
     st.sampled_from(["", "K", "M", "G", "k", "Mi", "MiB"]),
 )
 def test_parse_bytes_units(n: int, unit: str) -> None:
-    from uploader.config import parse_bytes
+    from uploader.config.files import parse_bytes
 
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit[:1].lower()]
     assert parse_bytes(f"{n}{unit}") == n * scale
@@ -458,7 +458,7 @@ def test_parse_bytes_units(n: int, unit: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_text, _json_values.map(json.dumps)))
 def test_parse_extra_kwargs_total(text: str) -> None:
-    from uploader.config import parse_extra_kwargs
+    from uploader.config.files import parse_extra_kwargs
 
     try:
         out = parse_extra_kwargs(text)
@@ -498,7 +498,7 @@ _toml_lines = st.lists(
 )
 @given(_toml_lines)
 def test_load_config_file_total(tmp_path: Path, lines: list[str]) -> None:
-    from uploader.config import load_config_file, store_location
+    from uploader.config.files import load_config_file, store_location
 
     f = tmp_path / "c.toml"
     f.write_text("\n".join(lines), encoding="utf-8")
@@ -545,7 +545,7 @@ def test_cli_parser_total(argv: list[str]) -> None:
     import contextlib
     import io
 
-    from uploader.cli import build_parser
+    from uploader.cli.main import build_parser
 
     err = io.StringIO()
     try:

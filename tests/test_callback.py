@@ -27,7 +27,7 @@ from ckpt import Trainer
 from tests.fixtures.s3 import S3Server
 from tests.reliability import wait_gone
 from uploader import ObjectStoreHparams, RunDirectoryUploader, WorkerError
-from uploader.pointer import read_pointer
+from uploader.bucket.pointer import read_pointer
 
 
 class TinyModel(torch.nn.Module):
@@ -366,7 +366,7 @@ def test_training_error_still_uploads_saved_checkpoints_and_keeps_the_error(
 def test_drain_timeout_raises_and_the_journal_finishes_the_upload_later(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from uploader.worker import UploadWorker
+    from uploader.launch.worker import UploadWorker
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()

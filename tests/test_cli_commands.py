@@ -13,7 +13,7 @@ import pytest
 
 from tests.fixtures.s3 import S3Server
 from tests.test_daemon_process import Daemon, atomic_write, run_cli, sha256, wait_for
-from uploader.cli import build_parser, main
+from uploader.cli.main import build_parser, main
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -120,7 +120,7 @@ def pointer(bucket: Path, prefix: str, rank: int = 0) -> dict[str, Any]:
 
 def _journal_states(run: Path) -> dict[str, str]:
     """Read the live journal directly (read-only), as ``status`` does."""
-    from uploader.journal import Journal
+    from uploader.daemon.journal import Journal
 
     try:
         j = Journal.open_readonly(run)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from uploader.config import load_config_file, parse_bytes, store_location
+from uploader.config.files import load_config_file, parse_bytes, store_location
+from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.retention import local_deletions
+from uploader.daemon.watcher import FileFilter, RunLayout, is_inside, scan
 from uploader.errors import ConfigError
-from uploader.journal import FileRecord, Journal
-from uploader.retention import local_deletions
-from uploader.watcher import FileFilter, RunLayout, is_inside, scan
 
 
 def _rec(path: str, size: int = 10, mtime_ns: int = 1, state: str = "pending") -> FileRecord:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.fixtures.local import write_random
 from uploader import Digest, IntegrityError
-from uploader.digest import PartHasher, combine_parts, file_digest, verify_file
+from uploader.transfer.digest import PartHasher, combine_parts, file_digest, verify_file
 
 KiB = 1 << 10
 

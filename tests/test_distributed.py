@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from ckpt import Trainer
 from tests.fixtures.local import free_port
 from uploader import ObjectStoreHparams, RunDirectoryUploader
-from uploader.pointer import read_pointer, resolve_latest
+from uploader.bucket.pointer import read_pointer, resolve_latest
 
 WORLD = 2
 PREFIX = "dist"
@@ -160,7 +160,7 @@ def test_latest_waits_for_the_slowest_rank(tmp_path: Path) -> None:
     The pointers are written by real workers: rank 0's run directory holds ep1 and
     ep2, rank 1's only ep1 (as when rank 1's upload of ep2 is still running).
     """
-    from uploader.worker import UploadWorker
+    from uploader.launch.worker import UploadWorker
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uploader import ConfigError, ObjectStoreHparams, parse_uri
-from uploader.hparams import is_loopback, provider_family
+from uploader.config.hparams import is_loopback, provider_family
 
 
 def test_fields_exactly() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from uploader import IntegrityError, ObjectNotFoundError, ObjectStore, UploaderError
-from uploader.pointer import (
+from uploader.bucket.pointer import (
     HISTORY_LIMIT,
     Pointer,
     PointerEntry,
@@ -150,8 +150,8 @@ def test_remote_retention_leaves_objects_not_yet_in_the_pointer_alone(
     """ep0 (the oldest checkpoint) is uploaded last and not committed yet, so the store's
     mtime makes it look the newest. Ranking it by that would delete ep2; it must be left
     out until its pointer entry says how old it is."""
-    from uploader.retention import remote_deletions
-    from uploader.watcher import FileFilter
+    from uploader.daemon.retention import remote_deletions
+    from uploader.daemon.watcher import FileFilter
 
     p = None
     for name, mtime in (("ep1.pt", 10), ("ep2.pt", 20), ("ep3.pt", 30)):

@@ -17,7 +17,7 @@ from uploader import (
     RetryPolicy,
     TransientError,
 )
-from uploader.retry import is_transient
+from uploader.transfer.retry import is_transient
 
 
 class _HTTPError(Exception):
@@ -95,7 +95,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     c = FakeClock()
-    monkeypatch.setattr("uploader.retry.time.monotonic", c.monotonic)
+    monkeypatch.setattr("uploader.transfer.retry.time.monotonic", c.monotonic)
     return c
 
 
@@ -171,6 +171,6 @@ def test_policy_validation() -> None:
 
 def test_retry_log_has_reason(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     calls, fn = _failing(1, ConnectionResetError(errno.ECONNRESET, "peer reset it"))
-    with caplog.at_level("WARNING", logger="uploader.retry"):
+    with caplog.at_level("WARNING", logger="uploader.transfer.retry"):
         RetryPolicy(attempts=3).call(fn, "upload y", sleep=clock.sleep)  # type: ignore[arg-type]
     assert "upload y" in caplog.text and "peer reset it" in caplog.text

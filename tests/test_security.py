@@ -25,7 +25,7 @@ import pytest
 from tests.fixtures.s3 import S3Server
 from tests.reliability import ROOT, Daemon, write_checkpoint_file
 from uploader import ObjectStoreHparams, UploaderError
-from uploader.journal import JOURNAL_NAME
+from uploader.daemon.journal import JOURNAL_NAME
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,7 +167,7 @@ def test_secret_never_in_exceptions_or_worker_argv(
 ) -> None:
     import traceback
 
-    from uploader.worker import UploadWorker
+    from uploader.launch.worker import UploadWorker
 
     wrong = "WRONGSECRET-" + secrets.token_hex(12)
     os.environ["CKPT_SEC_TEST_SECRET"] = wrong
@@ -191,7 +191,7 @@ def test_secret_never_in_exceptions_or_worker_argv(
             worker.kill()
         assert rclone_s3.secret not in _all_text(tmp_path)
         # A worker whose secret is wrong fails; its error (with the log tail) hides it.
-        from uploader.worker import WorkerError
+        from uploader.launch.worker import WorkerError
 
         bad = UploadWorker(
             tmp_path / "run2",
@@ -317,7 +317,7 @@ def test_tls_by_default_for_non_loopback(kwargs: dict[str, object], secure: bool
     """No connection is made: the backend is built and its connection class inspected."""
     import http.client
 
-    from uploader.backends.s3 import S3Backend
+    from uploader.transfer.backends.s3 import S3Backend
 
     os.environ["CKPT_TLS_KEY"] = "AKIDEXAMPLE"
     os.environ["CKPT_TLS_SECRET"] = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"

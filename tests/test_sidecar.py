@@ -22,7 +22,7 @@ import yaml
 
 from tests.fixtures.s3 import find_binary
 from uploader import ObjectStoreHparams, Sidecar
-from uploader.pointer import read_pointer
+from uploader.bucket.pointer import read_pointer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,7 +193,7 @@ def test_kubernetes_example_shares_a_volume_with_a_draining_sidecar() -> None:
     drain = float(cmd[cmd.index("--drain-timeout") + 1])
     assert spec["terminationGracePeriodSeconds"] > drain
     # The command line is one ckpt-uploader accepts.
-    from uploader.cli import build_parser
+    from uploader.cli.main import build_parser
 
     build_parser().parse_args(cmd[1:])
 

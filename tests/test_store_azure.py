@@ -25,9 +25,9 @@ from uploader import (
     RetryPolicy,
     TransientError,
 )
-from uploader.backends.azure import AzureBackend
-from uploader.digest import file_digest
-from uploader.store import DIGEST_META
+from uploader.transfer.backends.azure import AzureBackend
+from uploader.transfer.digest import file_digest
+from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20
 

@@ -35,8 +35,8 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.digest import file_digest
-from uploader.store import DIGEST_META
+from uploader.transfer.digest import file_digest
+from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20
 HMAC_ID = "GOOGTESTACCESSID0123456789"

@@ -17,8 +17,8 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.digest import Digest, file_digest
-from uploader.store import DIGEST_SUFFIX
+from uploader.transfer.digest import Digest, file_digest
+from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
 

@@ -31,9 +31,9 @@ from uploader import (
     RetryPolicy,
     TransientError,
 )
-from uploader.backends.s3 import S3Backend
-from uploader.digest import file_digest
-from uploader.store import DIGEST_SUFFIX
+from uploader.transfer.backends.s3 import S3Backend
+from uploader.transfer.digest import file_digest
+from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
 PART = 5 * MiB

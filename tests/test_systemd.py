@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from tests.fixtures.s3 import S3Server, find_binary
-from uploader.pointer import read_pointer
+from uploader.bucket.pointer import read_pointer
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -239,14 +239,14 @@ def test_unit_settings_hold_together() -> None:
     assert int(one(unit, "Service", "Nice")) > 0
     assert one(unit, "Service", "IOSchedulingClass") in ("best-effort", "idle")
     # Every flag on the command line is one ckpt-uploader accepts.
-    from uploader.cli import build_parser
+    from uploader.cli.main import build_parser
 
     build_parser().parse_args([a.replace("%i", "x") for a in argv[1:]])
 
 
 def test_example_config_and_env_file_are_what_the_cli_reads(tmp_path: Path) -> None:
-    from uploader.cli import WATCH_DEFAULTS
-    from uploader.config import load_config_file
+    from uploader.cli.main import WATCH_DEFAULTS
+    from uploader.config.files import load_config_file
 
     cfg = load_config_file(str(SYSTEMD / "ckpt-uploader.example.toml"))
     assert set(cfg["watch"]) <= set(WATCH_DEFAULTS)

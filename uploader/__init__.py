@@ -6,9 +6,8 @@ on hosts where the training environment is not importable.
 
 from __future__ import annotations
 
-from .callback import RunDirectoryUploader
-from .digest import Digest
-from .errors import (
+from uploader.config.hparams import ObjectStoreHparams, StoreLocation, parse_uri
+from uploader.errors import (
     AuthError,
     ConfigError,
     ContainerNotFoundError,
@@ -18,11 +17,12 @@ from .errors import (
     TransientError,
     UploaderError,
 )
-from .hparams import ObjectStoreHparams, StoreLocation, parse_uri
-from .retry import RetryPolicy
-from .sidecar import Sidecar
-from .store import ObjectStat, ObjectStore, UploadResult
-from .worker import WorkerError
+from uploader.launch.callback import RunDirectoryUploader
+from uploader.launch.sidecar import Sidecar
+from uploader.launch.worker import WorkerError
+from uploader.transfer.digest import Digest
+from uploader.transfer.retry import RetryPolicy
+from uploader.transfer.store import ObjectStat, ObjectStore, UploadResult
 
 __all__ = [
     "ObjectStoreHparams",

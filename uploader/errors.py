@@ -1,14 +1,18 @@
-"""Exceptions raised by the uploader. Every message says what to do next.
+"""Exceptions raised by the uploader, and the process exit codes. Every message says what
+to do next.
 
-Exit codes used by the command line (see ``uploader.cli``):
-
-* ``ConfigError`` -> 2 (bad flags, config file, URI, missing environment variable)
-* any other ``UploaderError`` -> 1 (an upload or verification failed)
+:class:`ExitCode` is the one owner of what each exit status means: the command line's
+``--help`` text, the daemon's return value and the training side's error messages all
+read it. ``ConfigError`` maps to :attr:`ExitCode.CONFIG`, any other ``UploaderError``
+to :attr:`ExitCode.FAILED`.
 """
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
+    "ExitCode",
     "UploaderError",
     "ConfigError",
     "TransientError",
@@ -20,16 +24,73 @@ __all__ = [
 ]
 
 
+class ExitCode(enum.IntEnum):
+    """The exit status of ``ckpt-uploader`` (and of the worker process training starts)."""
+
+    #: everything accepted (or asked for) is uploaded and verified
+    OK = 0
+    #: some upload, download or verification failed, or is not verified
+    FAILED = 1
+    #: configuration error: bad flag, URI or config file, missing environment variable,
+    #: missing container, or another daemon holds the journal lock
+    CONFIG = 2
+    #: drain timeout hit with work left (resumed from the journal at the next start)
+    TIMEOUT = 3
+    #: a second SIGINT: immediate exit, journal intact
+    SIGINT = 130
+    #: a second SIGTERM: immediate exit, journal intact
+    SIGTERM = 143
+
+    @property
+    def meaning(self) -> str:
+        """What this exit status says about the uploads, in words."""
+        return _MEANINGS[self]
+
+    @classmethod
+    def describe(cls, code: int) -> str:
+        """The meaning of ``code``, or "unexpected exit" for a status not listed here."""
+        try:
+            return cls(code).meaning
+        except ValueError:
+            return "unexpected exit"
+
+    @classmethod
+    def help_text(cls) -> str:
+        """The "exit codes:" block of every command's ``--help``."""
+        rows = [f"  {int(c):<4} {_HELP.get(c, c.meaning)}" for c in cls]
+        return "exit codes:\n" + "\n".join(rows) + "\n"
+
+
+_MEANINGS = {
+    ExitCode.OK: "all checkpoints uploaded and verified",
+    ExitCode.FAILED: "an upload failed or could not be verified",
+    ExitCode.CONFIG: "its configuration is wrong (flags, store, credentials)",
+    ExitCode.TIMEOUT: "the drain timeout expired before every checkpoint was uploaded",
+    ExitCode.SIGINT: "it was interrupted a second time while draining",
+    ExitCode.SIGTERM: "it was terminated a second time while draining",
+}
+
+_HELP = {
+    ExitCode.OK: "everything accepted (or asked for) is uploaded and verified",
+    ExitCode.FAILED: "some upload, download or verification failed, or is not verified",
+    ExitCode.CONFIG: "configuration error: bad flag, URI or config file, missing environment\n"
+    "       variable, missing container, or another daemon holds the journal lock",
+    ExitCode.TIMEOUT: "drain timeout hit with work left (resumed from the journal next start)",
+    ExitCode.SIGINT: "second SIGINT: immediate exit, journal intact",
+    ExitCode.SIGTERM: "second SIGTERM: immediate exit, journal intact",
+}
+
+
 class UploaderError(Exception):
     """Base class of every error this package raises on purpose."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class ConfigError(UploaderError, ValueError):
     """The configuration is wrong; nothing was sent. Fix the named setting and retry."""
 
-    exit_code = 2
+    exit_code = ExitCode.CONFIG
 
 
 class TransientError(UploaderError):

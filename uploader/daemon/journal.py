@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UploaderError
+from uploader.errors import ConfigError, UploaderError
 
-log = logging.getLogger("uploader.journal")
+log = logging.getLogger("uploader.daemon.journal")
 
 __all__ = [
     "Journal",

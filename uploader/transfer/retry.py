@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import PermanentError, TransientError, UploaderError
+from uploader.errors import PermanentError, TransientError, UploaderError
 
 __all__ = ["RetryPolicy", "is_transient", "TRANSIENT_HTTP"]
 
-log = logging.getLogger("uploader.retry")
+log = logging.getLogger("uploader.transfer.retry")
 
 T = TypeVar("T")
 

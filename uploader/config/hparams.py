@@ -30,10 +30,10 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import ConfigError
+from uploader.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .store import ObjectStore
+    from uploader.transfer.store import ObjectStore
 
 __all__ = [
     "ObjectStoreHparams",
@@ -266,7 +266,7 @@ class ObjectStoreHparams:
     # -- construction -------------------------------------------------------------------
     def initialize_object(self, **options: Any) -> ObjectStore:
         """Build the ObjectStore. ``options`` go to :class:`uploader.ObjectStore`."""
-        from .store import ObjectStore
+        from uploader.transfer.store import ObjectStore
 
         return ObjectStore(self, **options)
 

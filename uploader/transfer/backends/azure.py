@@ -37,7 +37,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from ..errors import (
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import (
     AuthError,
     ConfigError,
     ContainerNotFoundError,
@@ -46,16 +47,15 @@ from ..errors import (
     TransientError,
     UploaderError,
 )
-from ..hparams import ObjectStoreHparams
-from ..redact import redact, register_secret
-from ..retry import TRANSIENT_HTTP, is_transient
-from .base import ObjectInfo, PartToken
-from .http import (
+from uploader.redact import redact, register_secret
+from uploader.transfer.backends.base import ObjectInfo, PartToken
+from uploader.transfer.backends.http import (
     LibcloudHTTPBackend,
     http_time,
     install_request_timeout,
     metadata_from_headers,
 )
+from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 

@@ -33,7 +33,8 @@ from datetime import datetime
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from ..errors import (
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import (
     AuthError,
     ConfigError,
     ContainerNotFoundError,
@@ -42,11 +43,10 @@ from ..errors import (
     TransientError,
     UploaderError,
 )
-from ..hparams import ObjectStoreHparams
-from ..redact import redact, register_secret
-from ..retry import TRANSIENT_HTTP
-from .base import ObjectInfo
-from .http import LibcloudHTTPBackend, http_time, metadata_from_headers
+from uploader.redact import redact, register_secret
+from uploader.transfer.backends.base import ObjectInfo
+from uploader.transfer.backends.http import LibcloudHTTPBackend, http_time, metadata_from_headers
+from uploader.transfer.retry import TRANSIENT_HTTP
 
 __all__ = ["GCSBackend"]
 

@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, ObjectNotFoundError, UploaderError
-from .hparams import join_key
+from uploader.config.hparams import join_key
+from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .store import ObjectStore
+    from uploader.transfer.store import ObjectStore
 
 __all__ = [
     "PointerEntry",

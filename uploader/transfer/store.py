@@ -3,7 +3,7 @@
 The store reads a file in parts, hashes each part once (that hash signs the
 request and checks it in transit), uploads parts in parallel through the
 backend's multipart protocol, and records the file's digest (see
-``uploader.digest``) where a later download finds it: object metadata for a
+``uploader.transfer.digest``) where a later download finds it: object metadata for a
 file of one part (the digest is known before its single request), else a small
 sidecar object ``<name>.ckpt-digest`` written after the data. Downloads use
 parallel ranged reads into a temporary file beside the destination, hash each
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, ObjectInfo
-from .digest import Digest, PartHasher
-from .errors import ConfigError, IntegrityError, ObjectNotFoundError, UploaderError
-from .hparams import ObjectStoreHparams
-from .redact import redact
-from .retry import RetryPolicy
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import ConfigError, IntegrityError, ObjectNotFoundError, UploaderError
+from uploader.redact import redact
+from uploader.transfer.backends.base import Backend, ObjectInfo
+from uploader.transfer.digest import Digest, PartHasher
+from uploader.transfer.retry import RetryPolicy
 
 __all__ = [
     "ObjectStore",
@@ -53,7 +53,7 @@ __all__ = [
     "check_object_name",
 ]
 
-log = logging.getLogger("uploader.store")
+log = logging.getLogger("uploader.transfer.store")
 
 MiB = 1 << 20
 DIGEST_SUFFIX = ".ckpt-digest"
@@ -87,7 +87,7 @@ class ObjectStat:
 def make_backend(hparams: ObjectStoreHparams) -> Backend:
     family = hparams.family
     if family == "local":
-        from .backends.local import LocalBackend
+        from uploader.transfer.backends.local import LocalBackend
 
         return LocalBackend(hparams)
     if family == "s3":
@@ -95,11 +95,11 @@ def make_backend(hparams: ObjectStoreHparams) -> Backend:
 
         return S3Backend(hparams)
     if family == "azure":
-        from .backends.azure import AzureBackend
+        from uploader.transfer.backends.azure import AzureBackend
 
         return AzureBackend(hparams)
     if family == "gcs":
-        from .backends.gcs import GCSBackend
+        from uploader.transfer.backends.gcs import GCSBackend
 
         return GCSBackend(hparams)
     raise ConfigError(f"no backend for provider {hparams.provider!r}")  # pragma: no cover

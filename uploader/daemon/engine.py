@@ -35,19 +35,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .errors import AuthError, ConfigError, ContainerNotFoundError, IntegrityError
-from .journal import FileRecord, Journal, JournalFullError
-from .pointer import HISTORY_LIMIT, Pointer, PointerEntry, commit, read_pointer
-from .redact import redact
-from .retention import apply_local, remote_deletions
-from .status import Progress, write_status_file
-from .store import ObjectStore, UploadResult
-from .watcher import (
+from uploader.bucket.pointer import HISTORY_LIMIT, Pointer, PointerEntry, commit, read_pointer
+from uploader.daemon.journal import FileRecord, Journal, JournalFullError
+from uploader.daemon.progress import Progress
+from uploader.daemon.retention import apply_local, remote_deletions
+from uploader.daemon.status import StatusReport
+from uploader.daemon.watcher import (
     FileFilter,
     RunLayout,
     Watcher,
@@ -56,14 +53,13 @@ from .watcher import (
     open_for_writing,
     scan,
 )
+from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode, IntegrityError
+from uploader.redact import redact
+from uploader.transfer.store import ObjectStore, UploadResult
 
-__all__ = ["Engine", "EngineOptions", "TokenBucket", "EXIT_OK", "EXIT_FAILED", "EXIT_TIMEOUT"]
+__all__ = ["Engine", "EngineOptions", "TokenBucket"]
 
-log = logging.getLogger("uploader.engine")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_TIMEOUT = 3
+log = logging.getLogger("uploader.daemon.engine")
 
 
 @dataclass
@@ -202,7 +198,7 @@ class Engine:
         self._stop = anyio.Event()
         self._changed = anyio.Event()
         self._write_status()
-        code = EXIT_FAILED
+        code: int = ExitCode.FAILED
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -230,7 +226,7 @@ class Engine:
                     await anyio.to_thread.run_sync(self._watcher.stop)
             self._progress.close()
         self.exit_code = code
-        self.state = "done" if code == EXIT_OK else "failed"
+        self.state = "done" if code == ExitCode.OK else "failed"
         self.journal.save()
         self._write_status()
         return code
@@ -696,7 +692,7 @@ class Engine:
                 self.opts.drain_timeout,
                 len(self._outstanding) + len(self._cands),
             )
-            return EXIT_TIMEOUT
+            return ExitCode.TIMEOUT
         totals = self.journal.totals()
         if totals.failed or totals.pending or totals.uploading or self._commit_failures:
             log.error(
@@ -706,7 +702,7 @@ class Engine:
                 self._commit_failures,
                 self._last_error or totals.last_error,
             )
-            return EXIT_FAILED
+            return ExitCode.FAILED
         log.info(
             "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
             "fresh connection",
@@ -715,10 +711,10 @@ class Engine:
             self.store.retries.n,
             int(getattr(self.store.backend, "resent", 0)),
         )
-        return EXIT_OK
+        return ExitCode.OK
 
     # -- status -------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
         t = self.journal.totals()
         now = time.monotonic()
         with self._sent_lock:
@@ -730,32 +726,44 @@ class Engine:
         state = self.state
         if state in ("running", "draining") and (t.failed or self._commit_failures):
             state = "failed"
-        return {
-            "pid": os.getpid(),
-            "state": state,
-            "pending": t.pending,
-            "uploading": t.uploading,
-            "done": t.done,
-            "failed": t.failed,
-            "bytes_total": t.bytes_total,
-            "bytes_done": t.bytes_done + inflight,
-            "rate_bytes_per_s": round(rate, 1),
-            "last_error": self._last_error or t.last_error,
-            "journal_saved": not self.journal.in_memory,
-            "updated_at": time.time(),
-        }
+        return StatusReport(
+            pid=os.getpid(),
+            state=state,
+            pending=t.pending,
+            uploading=t.uploading,
+            done=t.done,
+            failed=t.failed,
+            bytes_total=t.bytes_total,
+            bytes_done=t.bytes_done + inflight,
+            rate_bytes_per_s=round(rate, 1),
+            last_error=self._last_error or t.last_error,
+            journal_saved=not self.journal.in_memory,
+            intake_finished=self._intake_finished(),
+            updated_at=time.time(),
+        )
+
+    def _intake_finished(self) -> bool:
+        """Journal resumed, start-up scan done, nothing settling, no event unread."""
+        recv = getattr(self, "_events_recv", None)
+        return (
+            self._resumed
+            and self._scanned
+            and not self._cands
+            and recv is not None
+            and recv.statistics().current_buffer_used == 0
+        )
 
     def _write_status(self) -> None:
         if self.opts.status_file is None:
             return
         with contextlib.suppress(Exception):
-            write_status_file(self.opts.status_file, self.status())
+            self.status().write(self.opts.status_file)
 
     async def _status_task(self) -> None:
         while True:
             s = self.status()
             if self.opts.status_file is not None:
-                write_status_file(self.opts.status_file, s)
+                s.write(self.opts.status_file)
             self._progress.tick(s)
             await anyio.sleep(1.0)
 
@@ -780,7 +788,7 @@ def capture_early_signals() -> None:
 
 
 def _merge(cur: Pointer | None, rank: int, e: PointerEntry) -> Pointer:
-    """``cur`` with ``e`` added, by the rules of :func:`uploader.pointer.commit`, unwritten."""
+    """``cur`` with ``e`` added, by the rules of :func:`uploader.bucket.pointer.commit`, unwritten."""
     history = [h for h in (cur.history if cur else ()) if h.name != e.name] + [e]
     history.sort(key=lambda h: h.order, reverse=True)
     latest = e

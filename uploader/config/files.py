@@ -38,8 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
+from uploader.config.hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
+from uploader.errors import ConfigError
 
 __all__ = [
     "STORE_FIELDS",

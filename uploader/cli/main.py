@@ -24,27 +24,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import load_config_file, parse_bytes, parse_extra_kwargs, store_location
-from .errors import AuthError, ConfigError, ContainerNotFoundError, UploaderError
-from .hparams import StoreLocation, join_key
-from .redact import RedactingFilter, redact
-from .retry import RetryPolicy
-from .status import format_bytes, stderr_is_terminal
-from .watcher import CHECKPOINT_PATTERNS, FileFilter
+from uploader.config.files import load_config_file, parse_bytes, parse_extra_kwargs, store_location
+from uploader.config.hparams import StoreLocation, join_key
+from uploader.daemon.progress import format_bytes, stderr_is_terminal
+from uploader.daemon.watcher import CHECKPOINT_PATTERNS, FileFilter
+from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode, UploaderError
+from uploader.redact import RedactingFilter, redact
+from uploader.transfer.retry import RetryPolicy
 
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
-log = logging.getLogger("uploader.cli")
+log = logging.getLogger("uploader.cli.main")
 
-EXIT_CODES = """exit codes:
-  0    everything accepted (or asked for) is uploaded and verified
-  1    some upload, download or verification failed, or is not verified
-  2    configuration error: bad flag, URI or config file, missing environment
-       variable, missing container, or another daemon holds the journal lock
-  3    drain timeout hit with work left (resumed from the journal next start)
-  130  second SIGINT: immediate exit, journal intact
-  143  second SIGTERM: immediate exit, journal intact
-"""
+EXIT_CODES = ExitCode.help_text()
 
 #: Defaults of the watch/push options (also the [watch] keys of a config file).
 WATCH_DEFAULTS: dict[str, Any] = {
@@ -335,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=_Formatter,
     )
-    from . import __version__
+    from uploader import __version__
 
     parser.add_argument("--version", action="version", version=f"ckpt-uploader {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -495,26 +487,15 @@ def _positive(name: str, value: Any, minimum: float = 1) -> Any:
 # -- watch / push ------------------------------------------------------------------------
 def _early_status(args: argparse.Namespace, state: str, error: str | None = None) -> None:
     """Status file before the engine runs (starting) or when it cannot (failed)."""
-    from .status import write_status_file
+    from uploader.daemon.status import StatusReport
 
     if not getattr(args, "status_file", None):
         return
-    counts = dict.fromkeys(("pending", "uploading", "done", "failed", "bytes_total"), 0)
-    write_status_file(
-        Path(args.status_file),
-        {
-            "pid": os.getpid(),
-            "state": state,
-            **counts,
-            "bytes_done": 0,
-            "rate_bytes_per_s": 0.0,
-            "last_error": error,
-        },
-    )
+    StatusReport(pid=os.getpid(), state=state, last_error=error).write(Path(args.status_file))
 
 
 def _run_engine(args: argparse.Namespace, push: bool) -> int:
-    from .engine import capture_early_signals
+    from uploader.daemon.engine import capture_early_signals
 
     capture_early_signals()  # from here on, SIGTERM drains instead of killing
     _early_status(args, "starting")
@@ -526,8 +507,8 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
 
 
 def _run_engine_inner(args: argparse.Namespace, push: bool) -> int:
-    from .engine import Engine, EngineOptions
-    from .journal import Journal
+    from uploader.daemon.engine import Engine, EngineOptions
+    from uploader.daemon.journal import Journal
 
     cfg = load_config_file(args.config)
     unknown = set(cfg["watch"]) - set(WATCH_DEFAULTS)
@@ -616,10 +597,10 @@ def _run_engine_inner(args: argparse.Namespace, push: bool) -> int:
         finally:
             journal.close()
     finally:
-        if "code" in locals() and code == 3:
+        if "code" in locals() and code == ExitCode.TIMEOUT:
             # In-flight transfers may still hold threads: leave without waiting for them.
             logging.shutdown()
-            os._exit(3)
+            os._exit(ExitCode.TIMEOUT)
         store.close()
     return code
 
@@ -640,8 +621,8 @@ def _simple_store(args: argparse.Namespace) -> tuple[Any, StoreLocation]:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .pointer import resolve_latest
-    from .store import check_object_name
+    from uploader.bucket.pointer import resolve_latest
+    from uploader.transfer.store import check_object_name
 
     store, loc = _simple_store(args)
     progress = not args.quiet and not args.no_progress and stderr_is_terminal()
@@ -704,7 +685,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .pointer import POINTER_FILE, Pointer
+    from uploader.bucket.pointer import POINTER_FILE, Pointer
 
     store, loc = _simple_store(args)
     with store:
@@ -738,7 +719,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .pointer import POINTER_FILE, Pointer
+    from uploader.bucket.pointer import POINTER_FILE, Pointer
 
     store, loc = _simple_store(args)
     failures: list[str] = []
@@ -800,7 +781,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- status ------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    from .journal import Journal
+    from uploader.daemon.journal import Journal
 
     state_dir = Path(args.state_dir or args.run_dir)
     journal = Journal.open_readonly(state_dir)
@@ -854,12 +835,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except ConfigError as exc:
         log.error("configuration error: %s", redact(str(exc)))
-        return 2
+        return ExitCode.CONFIG
     except UploaderError as exc:
         log.error("%s", redact(str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.SIGINT
     except BrokenPipeError:
         return 1
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .hparams import join_key
-from .journal import STATE_NAMES
+from uploader.config.hparams import join_key
+from uploader.daemon.journal import STATE_NAMES
 
 __all__ = [
     "CHECKPOINT_PATTERNS",
@@ -51,7 +51,7 @@ __all__ = [
     "ignore_lease_breaks",
 ]
 
-log = logging.getLogger("uploader.watcher")
+log = logging.getLogger("uploader.daemon.watcher")
 
 CHECKPOINT_PATTERNS: tuple[str, ...] = (
     "*.pt",

@@ -2,7 +2,7 @@
 
 The callback never moves bytes in the training process. At ``fit_start`` it
 starts ``ckpt-uploader watch`` on this rank's run directory as a separate
-process (see :mod:`uploader.worker`); at each later event it checks, cheaply,
+process (see :mod:`uploader.launch.worker`); at each later event it checks, cheaply,
 that the worker is alive and no upload failed for good; at ``fit_end`` it asks
 the worker to drain, waits with a progress bar, and raises unless every
 checkpoint was verified in the store. If training dies, even by SIGKILL, the
@@ -35,12 +35,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hparams import ObjectStoreHparams, join_key
-from .worker import (
+from uploader.config.hparams import ObjectStoreHparams, join_key
+from uploader.daemon.status import StatusReport
+from uploader.launch.worker import (
     UploadWorker,
     WorkerError,
     WorkerOptions,
-    WorkerStatus,
     checked_worker_options,
     store_location,
 )
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RunDirectoryUploader", "WorkerError"]
 
-log = logging.getLogger("uploader.callback")
+log = logging.getLogger("uploader.launch.callback")
 
 
 class RunDirectoryUploader:
@@ -76,7 +76,7 @@ class RunDirectoryUploader:
             ``secret_environ`` name), never through its command line.
         extra_args: further ``ckpt-uploader watch`` flags.
 
-    Every keyword but ``progress_bar`` is one of :class:`uploader.worker.WorkerOptions`,
+    Every keyword but ``progress_bar`` is one of :class:`uploader.launch.worker.WorkerOptions`,
     handed to the worker unchanged (``log_format`` and ``verbosity`` too).
 
     Raises :class:`uploader.WorkerError` (from the event after the failure, or from
@@ -102,7 +102,7 @@ class RunDirectoryUploader:
         self.progress_bar = progress_bar
         self.worker_options = checked_worker_options("RunDirectoryUploader", worker_options)
         self.worker: UploadWorker | None = None
-        self.final_status: WorkerStatus | None = None
+        self.final_status: StatusReport | None = None
         self._warned_outside = False
 
     def __repr__(self) -> str:
@@ -193,7 +193,7 @@ class RunDirectoryUploader:
         if self.worker is not None:
             self.worker.check()
 
-    def close(self, timeout: float | None = None) -> WorkerStatus | None:
+    def close(self, timeout: float | None = None) -> StatusReport | None:
         """Drain and stop the worker (what ``fit_end`` does); safe to call twice."""
         worker = self.worker
         if worker is None or worker.proc is None or worker.finished:
@@ -201,7 +201,7 @@ class RunDirectoryUploader:
         self.final_status = worker.drain(timeout=timeout, progress=self.progress_bar)
         return self.final_status
 
-    def status(self) -> WorkerStatus | None:
+    def status(self) -> StatusReport | None:
         """The worker's latest status (counts, bytes, last error), if it has written one."""
         return self.worker.status() if self.worker is not None else None
 

@@ -30,11 +30,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import PermanentError, TransientError, UploaderError
-from ..hparams import ObjectStoreHparams
-from ..redact import redact
-from ..retry import is_transient
-from .base import Backend
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import PermanentError, TransientError, UploaderError
+from uploader.redact import redact
+from uploader.transfer.backends.base import Backend
+from uploader.transfer.retry import is_transient
 
 #: Seconds a request of a libcloud-driven backend may take (``extra_init_kwargs["timeout"]``).
 DEFAULT_TIMEOUT = 120.0

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IntegrityError
+from uploader.errors import IntegrityError
 
 __all__ = ["Digest", "PartHasher", "file_digest", "verify_file", "combine_parts"]
 

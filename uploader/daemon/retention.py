@@ -21,17 +21,17 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .hparams import join_key
-from .journal import FileRecord
-from .watcher import FileFilter, is_inside
+from uploader.config.hparams import join_key
+from uploader.daemon.journal import FileRecord
+from uploader.daemon.watcher import FileFilter, is_inside
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pointer import Pointer
-    from .store import ObjectStore
+    from uploader.bucket.pointer import Pointer
+    from uploader.transfer.store import ObjectStore
 
 __all__ = ["local_deletions", "apply_local", "remote_deletions"]
 
-log = logging.getLogger("uploader.retention")
+log = logging.getLogger("uploader.daemon.retention")
 
 
 def local_deletions(

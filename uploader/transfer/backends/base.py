@@ -1,6 +1,6 @@
 """The storage-client interface every backend adapter implements.
 
-The :class:`uploader.store.ObjectStore` owns everything that is the same for
+The :class:`uploader.transfer.store.ObjectStore` owns everything that is the same for
 every store: reading the file in parts, hashing each part once, parallelism,
 retries, progress, digests, and verified downloads. A backend only maps a few
 primitive operations onto one provider, as thinly as it can, over libcloud.
@@ -36,7 +36,7 @@ PartToken = Any  # whatever ``complete`` needs to stitch a part in (ETag, block 
 
 class Backend(ABC):
     """One provider. Methods raise ``uploader.errors`` types (or transport errors that
-    ``uploader.retry.is_transient`` recognises) and never retry by themselves."""
+    ``uploader.transfer.retry.is_transient`` recognises) and never retry by themselves."""
 
     #: Whether begin/put_part/complete/abort are implemented.
     multipart: bool = False

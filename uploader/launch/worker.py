@@ -41,15 +41,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
 
-from .errors import ConfigError, UploaderError
-from .hparams import ObjectStoreHparams, parse_uri
-from .journal import Journal, journal_path, make_reserve
-from .redact import redact, register_secret
-from .status import write_status_file
+from uploader.config.hparams import ObjectStoreHparams, parse_uri
+from uploader.daemon.journal import Journal, journal_path, make_reserve
+from uploader.daemon.status import StatusReport
+from uploader.errors import ConfigError, ExitCode, UploaderError
+from uploader.redact import redact, register_secret
 
 __all__ = [
     "UploadWorker",
@@ -57,23 +56,11 @@ __all__ = [
     "store_location",
     "checked_worker_options",
     "WorkerError",
-    "WorkerStatus",
-    "read_status",
     "default_state_dir",
-    "EXIT_REASONS",
 ]
 
-log = logging.getLogger("uploader.worker")
+log = logging.getLogger("uploader.launch.worker")
 
-#: What the worker's exit codes mean (see ``ckpt-uploader watch --help``).
-EXIT_REASONS: dict[int, str] = {
-    0: "all checkpoints uploaded and verified",
-    1: "an upload failed or could not be verified",
-    2: "its configuration is wrong (flags, store, credentials)",
-    3: "the drain timeout expired before every checkpoint was uploaded",
-    130: "it was interrupted a second time while draining",
-    143: "it was terminated a second time while draining",
-}
 
 #: Seconds the parent waits beyond the worker's own drain timeout before it
 #: interrupts the worker (the worker normally exits with code 3 first).
@@ -99,83 +86,12 @@ class WorkerError(UploaderError):
         *,
         exit_code: int | None = None,
         last_error: str | None = None,
-        status: WorkerStatus | None = None,
+        status: StatusReport | None = None,
     ) -> None:
         super().__init__(redact(message))
         self.worker_exit_code = exit_code
         self.last_error = redact(last_error) if last_error else None
         self.status = status
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """One reading of the status file the worker rewrites at least every second."""
-
-    pid: int | None
-    state: str
-    pending: int
-    uploading: int
-    done: int
-    failed: int
-    bytes_total: int
-    bytes_done: int
-    rate_bytes_per_s: float
-    last_error: str | None
-    updated_at: float
-    #: False while the worker's journal is held in memory (its disk is full): the
-    #: journal file then lags behind, and this status is the word on what is verified.
-    journal_saved: bool = True
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> WorkerStatus:
-        def num(key: str) -> int:
-            try:
-                return int(d.get(key) or 0)
-            except (TypeError, ValueError):
-                return 0
-
-        try:
-            rate = float(d.get("rate_bytes_per_s") or 0.0)
-        except (TypeError, ValueError):
-            rate = 0.0
-        try:
-            updated = float(d.get("updated_at") or 0.0)
-        except (TypeError, ValueError):
-            updated = 0.0
-        pid = d.get("pid")
-        last = d.get("last_error")
-        return cls(
-            pid=int(pid) if isinstance(pid, int) else None,
-            state=str(d.get("state") or "starting"),
-            pending=num("pending"),
-            uploading=num("uploading"),
-            done=num("done"),
-            failed=num("failed"),
-            bytes_total=num("bytes_total"),
-            bytes_done=num("bytes_done"),
-            rate_bytes_per_s=rate,
-            last_error=str(last) if last else None,
-            updated_at=updated,
-            journal_saved=d.get("journal_saved") is not False,
-        )
-
-    @property
-    def outstanding(self) -> int:
-        """Files accepted but not yet verified."""
-        return self.pending + self.uploading
-
-
-def read_status(path: str | os.PathLike[str]) -> WorkerStatus | None:
-    """The worker's status, or None when the file is missing or (briefly) unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
-        d = json.loads(data)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(d, dict):
-        return None
-    return WorkerStatus.from_dict(d)
 
 
 def default_state_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -354,7 +270,7 @@ class UploadWorker:
         self._log_file: IO[bytes] | None = None
         self._last_read = 0.0
         self._last_mtime: int | None = None
-        self._status: WorkerStatus | None = None
+        self._status: StatusReport | None = None
         self._draining = False
         self._result: int | None = None
 
@@ -440,7 +356,7 @@ class UploadWorker:
         # fresh one holds a block the worker can overwrite in place if the disk fills.
         with contextlib.suppress(FileNotFoundError):
             self.status_path.unlink()
-        write_status_file(self.status_path, {"pid": None, "state": "starting"})
+        StatusReport().write(self.status_path)
         # The journal's disk reserve, set aside now, before training can fill the disk.
         make_reserve(self.state_dir)
         out: IO[bytes] | None = None
@@ -471,7 +387,7 @@ class UploadWorker:
         )
         return self
 
-    def status(self, fresh: bool = False) -> WorkerStatus | None:
+    def status(self, fresh: bool = False) -> StatusReport | None:
         """The worker's last status; read again at most once per ``check_interval``."""
         now = time.monotonic()
         if fresh or now - self._last_read >= self.check_interval:
@@ -481,7 +397,7 @@ class UploadWorker:
             except OSError:
                 mtime = None
             if mtime is not None and (fresh or mtime != self._last_mtime):
-                st = read_status(self.status_path)
+                st = StatusReport.read(self.status_path)
                 if st is not None:
                     self._status = st
                     self._last_mtime = mtime
@@ -498,13 +414,17 @@ class UploadWorker:
         code = self.proc.poll()
         if code is not None:
             st = self.status(fresh=True)
-            what = "could not start" if code == 2 else "stopped while training was still running"
+            what = (
+                "could not start"
+                if code == ExitCode.CONFIG
+                else "stopped while training was still running"
+            )
             raise self._error(code, st, what)
         st = self.status()
         if st is not None and (st.state == "failed" or st.failed > 0):
             raise self._error(None, st, "could not upload a checkpoint")
 
-    def drain(self, timeout: float | None = None, progress: bool = True) -> WorkerStatus | None:
+    def drain(self, timeout: float | None = None, progress: bool = True) -> StatusReport | None:
         """Ask the worker to finish (SIGTERM), wait, and raise unless all was verified.
 
         Args:
@@ -554,7 +474,7 @@ class UploadWorker:
             )
         st = self.status(fresh=True)
         self._finish(code)
-        if code == 2:
+        if code == ExitCode.CONFIG:
             raise self._error(code, st, "could not start")
         if code != 0:
             raise self._error(code, st, "did not upload every checkpoint")
@@ -586,7 +506,7 @@ class UploadWorker:
     def _journal_view(self, want_done: bool) -> list[str]:
         """Files complete on disk that the journal lacks (or has not verified, with
         ``want_done``), for the default checkpoint patterns. Best effort: [] on errors."""
-        from .watcher import FileFilter, scan
+        from uploader.daemon.watcher import FileFilter, scan
 
         root = Path(os.path.realpath(self.run_dir))
         patterns = self._patterns()
@@ -699,14 +619,14 @@ class UploadWorker:
             self._log_file = None
 
     # -- errors ---------------------------------------------------------------------------
-    def _error(self, code: int | None, st: WorkerStatus | None, what: str) -> WorkerError:
+    def _error(self, code: int | None, st: StatusReport | None, what: str) -> WorkerError:
         pid = self.proc.pid if self.proc is not None else "?"
         parts = [f"the checkpoint upload worker for rank {self.rank} (pid {pid}) {what}"]
         if code is not None:
             if code < 0:
                 parts.append(f"it was killed by signal {-code}")
             else:
-                parts.append(f"exit code {code}: {EXIT_REASONS.get(code, 'unexpected exit')}")
+                parts.append(f"exit code {code}: {ExitCode.describe(code)}")
         last = st.last_error if st is not None else None
         if last:
             parts.append(f"reason: {last}")
@@ -719,7 +639,7 @@ class UploadWorker:
                 f"{st.failed} failed, {st.outstanding} not yet uploaded, {st.done} verified"
             )
         parts.append(f"its log: {self.log_path}" if self.log_path else "its log went to stderr")
-        if code == 2:
+        if code == ExitCode.CONFIG:
             parts.append("fix the setting named above and start again")
         else:
             parts.append(
@@ -753,7 +673,7 @@ class _DrainBar:
         self.rank = rank
         self.bar: Any = None
 
-    def show(self, st: WorkerStatus) -> None:
+    def show(self, st: StatusReport) -> None:
         if not self.enabled or (self.bar is None and st.bytes_total <= 0):
             return
         if self.bar is None:

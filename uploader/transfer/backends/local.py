@@ -20,9 +20,9 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from ..errors import ConfigError, ContainerNotFoundError, ObjectNotFoundError
-from ..hparams import ObjectStoreHparams
-from .base import Backend, ObjectInfo, PartToken
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import ConfigError, ContainerNotFoundError, ObjectNotFoundError
+from uploader.transfer.backends.base import Backend, ObjectInfo, PartToken
 
 __all__ = ["LocalBackend"]
 

@@ -7,7 +7,7 @@ signer hashes a bytes body again (or signs a stream as ``UNSIGNED-PAYLOAD``),
 its stream upload sends 5 MiB parts one after another on one connection, and
 its downloads read whole objects into memory.
 
-* Signing: SigV4 (:mod:`uploader.backends.sigv4`) with the payload hash the
+* Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash the
   store already computed for each part. The body is never hashed a second time,
   and the signed hash is the in-transit check: the server rejects a body that
   does not match it. ``Content-MD5`` is not sent: it would cost a second full
@@ -24,7 +24,7 @@ its downloads read whole objects into memory.
   ``AuthError``; ``NoSuchBucket`` is ``ContainerNotFoundError``; ``NoSuchKey``
   and 404 are ``ObjectNotFoundError``; 408/429/5xx and ``SlowDown`` are
   ``TransientError``. Connection errors pass through for
-  :func:`uploader.retry.is_transient`. No message holds a credential.
+  :func:`uploader.transfer.retry.is_transient`. No message holds a credential.
 
 Addressing is path-style (``/bucket/key``), which every S3-compatible server
 accepts. Plain HTTP is used when ``hparams.secure`` is false (loopback, or
@@ -52,7 +52,8 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from ..errors import (
+from uploader.config.hparams import ObjectStoreHparams
+from uploader.errors import (
     AuthError,
     ConfigError,
     ContainerNotFoundError,
@@ -60,16 +61,16 @@ from ..errors import (
     PermanentError,
     TransientError,
 )
-from ..hparams import ObjectStoreHparams
-from ..redact import redact, register_secret
-from ..retry import TRANSIENT_HTTP
-from .base import Backend, ObjectInfo, PartToken
-from .http import http_time, metadata_from_headers, range_value
+from uploader.redact import redact, register_secret
+from uploader.transfer.backends.base import Backend, ObjectInfo, PartToken
+from uploader.transfer.backends.http import http_time, metadata_from_headers, range_value
+from uploader.transfer.retry import TRANSIENT_HTTP
+
 from .sigv4 import EMPTY_SHA256, SigV4Signer, canonical_query, quote_path
 
 __all__ = ["S3Backend", "S3Error"]
 
-log = logging.getLogger("uploader.backends.s3")
+log = logging.getLogger("uploader.transfer.backends.s3")
 
 _AUTH_CODES = frozenset(
     {

@@ -29,12 +29,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, UploaderError
-from .hparams import ObjectStoreHparams, join_key
-from .worker import (
+from uploader.config.hparams import ObjectStoreHparams, join_key
+from uploader.daemon.status import StatusReport
+from uploader.errors import ConfigError, UploaderError
+from uploader.launch.worker import (
     UploadWorker,
     WorkerOptions,
-    WorkerStatus,
     checked_worker_options,
     store_location,
 )
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Sidecar"]
 
-log = logging.getLogger("uploader.sidecar")
+log = logging.getLogger("uploader.launch.sidecar")
 
 
 def _env_rank() -> int:
@@ -80,7 +80,7 @@ class Sidecar:
         extra_args: further ``ckpt-uploader watch`` flags.
 
     Every keyword but ``prefix``, ``rank`` and ``progress_bar`` is one of
-    :class:`uploader.worker.WorkerOptions`, handed to the worker unchanged
+    :class:`uploader.launch.worker.WorkerOptions`, handed to the worker unchanged
     (``log_format`` and ``verbosity`` too).
 
     On exit after an exception in the block, the worker is still drained (the
@@ -105,7 +105,7 @@ class Sidecar:
         options = checked_worker_options("Sidecar", worker_options)
         self.run_dir = Path(run_dir).absolute()
         self.progress_bar = progress_bar
-        self.final_status: WorkerStatus | None = None
+        self.final_status: StatusReport | None = None
         self.worker = UploadWorker(
             self.run_dir,
             hparams=hp,
@@ -127,11 +127,11 @@ class Sidecar:
         """Raise :class:`uploader.WorkerError` if the worker died or an upload failed."""
         self.worker.check()
 
-    def status(self) -> WorkerStatus | None:
+    def status(self) -> StatusReport | None:
         """The worker's latest status (counts, bytes, last error)."""
         return self.worker.status()
 
-    def stop(self, timeout: float | None = None) -> WorkerStatus | None:
+    def stop(self, timeout: float | None = None) -> StatusReport | None:
         """Drain the worker and wait; raise unless everything was verified."""
         if self.worker.finished:
             return self.final_status

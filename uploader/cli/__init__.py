@@ -1,0 +1,1 @@
+"""The ``ckpt-uploader`` command line: one module per command."""

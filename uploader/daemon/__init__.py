@@ -1,0 +1,1 @@
+"""The uploader daemon (``ckpt-uploader watch``): intake, settling, the journal, the engine."""

@@ -1,0 +1,163 @@
+"""The daemon's status report: one dataclass, written by the daemon, read by everyone else.
+
+The daemon rewrites its status file (``--status-file``) at least every second and
+at exit, atomically (temporary file + rename; in place when the disk is full)::
+
+    {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
+     "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
+     "last_error": null, "journal_saved": true, "intake_finished": true,
+     "updated_at": 1764000000.0}
+
+``state`` is one of :data:`STATES`. The training side (the worker handle behind the
+callback and ``Sidecar``) reads only this report, never the daemon's journal. It
+never holds a secret: errors pass through :func:`uploader.redact.redact`.
+
+Example::
+
+    StatusReport(pid=os.getpid(), state="running").write(Path("status.json"))
+    report = StatusReport.read(Path("status.json"))   # None while missing
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uploader.redact import redact
+
+__all__ = ["StatusReport", "STATES"]
+
+log = logging.getLogger("uploader.status")
+
+#: The daemon's states, in the order it passes through them.
+STATES = ("starting", "running", "draining", "done", "failed")
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """One reading of the daemon's progress."""
+
+    pid: int | None = None
+    state: str = "starting"
+    #: files accepted and waiting, being uploaded, verified, failed for good
+    pending: int = 0
+    uploading: int = 0
+    done: int = 0
+    failed: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    rate_bytes_per_s: float = 0.0
+    last_error: str | None = None
+    #: False while the daemon's journal is held in memory (its disk is full): the
+    #: journal file then lags behind, and this report is the word on what is verified.
+    journal_saved: bool = True
+    #: True once the daemon has accepted every file complete on disk that it knows
+    #: of (journal resumed, start-up scan done, nothing left settling).
+    intake_finished: bool = False
+    updated_at: float = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        """Files accepted but not yet verified."""
+        return self.pending + self.uploading
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        if body["last_error"]:
+            body["last_error"] = redact(str(body["last_error"]))
+        if not body["updated_at"]:
+            body["updated_at"] = time.time()
+        return body
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StatusReport:
+        """A report from parsed JSON; missing or malformed fields take their defaults."""
+
+        def num(key: str, kind: type = int) -> Any:
+            try:
+                return kind(d.get(key) or 0)
+            except (TypeError, ValueError):
+                return kind(0)
+
+        pid = d.get("pid")
+        last = d.get("last_error")
+        return cls(
+            pid=int(pid) if isinstance(pid, int) else None,
+            state=str(d.get("state") or "starting"),
+            pending=num("pending"),
+            uploading=num("uploading"),
+            done=num("done"),
+            failed=num("failed"),
+            bytes_total=num("bytes_total"),
+            bytes_done=num("bytes_done"),
+            rate_bytes_per_s=num("rate_bytes_per_s", float),
+            last_error=str(last) if last else None,
+            journal_saved=d.get("journal_saved") is not False,
+            intake_finished=d.get("intake_finished") is True,
+            updated_at=num("updated_at", float),
+        )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> StatusReport | None:
+        """The report in ``path``, or None when it is missing or (briefly) unreadable."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+            d = json.loads(data)
+        except (OSError, ValueError):
+            return None
+        return cls.from_dict(d) if isinstance(d, dict) else None
+
+    def write(self, path: Path) -> None:
+        """Write this report as JSON to ``path`` atomically (readers never see half a file).
+
+        On a full disk the file is overwritten in place instead (padded with spaces to
+        its old length, in one write), which needs no new space while it fits in the
+        blocks it already has; a reader that catches it half written retries.
+        """
+        text = (json.dumps(self.to_dict(), sort_keys=True) + "\n").encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(path, text):
+                return
+            _warn_once(path, f"cannot write the status file {path}: {exc.strerror}")
+
+
+def _overwrite(path: Path, text: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        old = os.fstat(fd).st_size
+        data = text + b" " * (old - len(text)) if old > len(text) else text
+        return os.pwrite(fd, data, 0) == len(data)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_warned: dict[str, float] = {}
+
+
+def _warn_once(path: Path, message: str, every: float = 60.0) -> None:
+    """Log ``message`` at most once per ``every`` seconds for ``path``."""
+    now = time.monotonic()
+    if now - _warned.get(str(path), -every) >= every:
+        _warned[str(path)] = now
+        log.warning("%s", message)

@@ -1,0 +1,1 @@
+"""Starting the daemon from the training process: the worker process handle, the callback, Sidecar."""
