@@ -26,8 +26,8 @@ from typing import Any
 
 from uploader.config.files import load_config_file, parse_bytes, parse_extra_kwargs, store_location
 from uploader.config.hparams import StoreLocation, join_key
+from uploader.daemon.layouts import CHECKPOINT_PATTERNS, FileFilter
 from uploader.daemon.progress import format_bytes, stderr_is_terminal
-from uploader.daemon.watcher import CHECKPOINT_PATTERNS, FileFilter
 from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode, UploaderError
 from uploader.redact import RedactingFilter, redact
 from uploader.transfer.retry import RetryPolicy
@@ -495,7 +495,7 @@ def _early_status(args: argparse.Namespace, state: str, error: str | None = None
 
 
 def _run_engine(args: argparse.Namespace, push: bool) -> int:
-    from uploader.daemon.engine import capture_early_signals
+    from uploader.daemon.signals import capture_early_signals
 
     capture_early_signals()  # from here on, SIGTERM drains instead of killing
     _early_status(args, "starting")

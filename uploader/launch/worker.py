@@ -506,7 +506,7 @@ class UploadWorker:
     def _journal_view(self, want_done: bool) -> list[str]:
         """Files complete on disk that the journal lacks (or has not verified, with
         ``want_done``), for the default checkpoint patterns. Best effort: [] on errors."""
-        from uploader.daemon.watcher import FileFilter, scan
+        from uploader.daemon.layouts import FileFilter, scan
 
         root = Path(os.path.realpath(self.run_dir))
         patterns = self._patterns()
