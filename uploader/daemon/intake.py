@@ -119,7 +119,10 @@ class Watcher:
         self._observer.start()
 
     def stop(self, join: bool = True) -> None:
-        """Stop watching; ``join`` waits (up to 5 s) for the observer thread to end."""
+        """Stop watching; ``join`` waits (up to 5 s) for the observer thread to end.
+
+        Blocks while the observer thread is delivering an event (watchdog holds a lock
+        meanwhile): call it off the event loop the events are delivered to."""
         if self._observer.is_alive():
             self._observer.stop()
             if join:
@@ -136,6 +139,7 @@ class Intake:
         watch: start a :class:`Watcher` (False: scans only).
         take: accept a complete file (the engine records it and queues its upload).
         fresh: of scanned files, those whose version the journal does not hold yet.
+        buffer: watch events held before the observer thread waits.
     """
 
     def __init__(
@@ -146,6 +150,7 @@ class Intake:
         watch: bool,
         take: Callable[[str, os.stat_result], Awaitable[None]],
         fresh: Callable[[Found], Awaitable[Found]],
+        buffer: int = EVENT_BUFFER,
     ) -> None:
         self.layout = layout
         self.root = layout.root
@@ -154,7 +159,7 @@ class Intake:
         self._watch = watch
         self._take = take
         self._fresh = fresh
-        self._send, self._recv = anyio.create_memory_object_stream[tuple[str, str]](EVENT_BUFFER)
+        self._send, self._recv = anyio.create_memory_object_stream[tuple[str, str]](buffer)
         self._unread = 0  # events entered into the loop and not yet handled
         self._handing = 0  # complete files being handed to ``take``
         self._wake = anyio.Event()
@@ -204,14 +209,16 @@ class Intake:
                     await anyio.to_thread.run_sync(self._watcher.stop)
 
     async def stop(self, final: bool) -> None:
-        """No more events: stop the watcher; ``final`` also takes files written in place
-        without their close event, and scans once more for files complete on disk."""
+        """No more events (later ones are dropped); ``final`` also takes files written in
+        place without their close event, and scans once more for files complete on disk.
+
+        The watcher itself is stopped when :meth:`run` ends, in a worker thread: never on
+        the event loop, since watchdog holds a lock while its thread waits on the loop.
+        """
         self._stopping = True
-        if self._watcher is not None:
-            self._watcher.stop(join=False)
+        self._send.close()  # the event loop ends once it has read what was sent
         if final:
             await self.finish_scan()
-        self._send.close()  # the event loop ends once it has read what was sent
         self._wake.set()
 
     async def finish_scan(self) -> None:
