@@ -215,10 +215,10 @@ class Intake:
         The watcher itself is stopped when :meth:`run` ends, in a worker thread: never on
         the event loop, since watchdog holds a lock while its thread waits on the loop.
         """
-        self._stopping = True
-        self._send.close()  # the event loop ends once it has read what was sent
         if final:
             await self.finish_scan()
+        self._stopping = True  # from here, the settle loop ends once nothing is left
+        self._send.close()  # the event loop ends once it has read what was sent
         self._wake.set()
 
     async def finish_scan(self) -> None:
