@@ -134,15 +134,15 @@ class Uploads:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.opts.files + 2)
         while True:
-            rec: FileRecord | None = await self.call(self.journal.get, rel)
-            if rec is None:
+            step, rec = await self.call(self._begin, rel)
+            if step == "gone":
                 return
-            if rec.state == "done":
+            assert rec is not None
+            if step == "done":
                 if rec.checkpoint and not rec.committed:
                     self.committer.submit(rec)
                 return
-            st = is_inside(self.root, rel)
-            if st is None:
+            if step == "missing":
                 msg = (
                     f"{rel} was accepted but is gone or no longer a regular file inside "
                     "the run directory; it cannot be uploaded (was it deleted before upload?)"
@@ -150,11 +150,6 @@ class Uploads:
                 await self._fail(rel, msg)
                 log.error("failed path=%s error=%s", rel, msg)
                 return
-            if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
-                changed = replace(rec, size=st.st_size, mtime_ns=st.st_mtime_ns, state="pending")
-                rec = await self.call(self.journal.accept, changed)
-                assert rec is not None
-            await self.call(self.journal.start, rel)
             attempts = rec.attempts + 1
             t0 = time.monotonic()
             self._inflight[rel] = 0
@@ -184,6 +179,24 @@ class Uploads:
             if await self._verified(rec, str(result.digest), time.monotonic() - t0):
                 return
             log.info("path=%s changed during upload; uploading it again", rel)
+
+    def _begin(self, rel: str) -> tuple[str, FileRecord | None]:
+        """In the journal's thread: what to do with ``rel`` ("gone", "done", "missing"
+        or "start"); on "start", the attempt is recorded (for the version on disk)."""
+        rec = self.journal.get(rel)
+        if rec is None:
+            return "gone", None
+        if rec.state == "done":
+            return "done", rec
+        st = is_inside(self.root, rel)
+        if st is None:
+            return "missing", rec
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            rec = self.journal.accept(
+                replace(rec, size=st.st_size, mtime_ns=st.st_mtime_ns, state="pending")
+            )
+        self.journal.start(rel)
+        return "start", rec
 
     async def _verified(self, rec: FileRecord, digest: str, seconds: float) -> bool:
         """Record ``rec`` done (False: the file changed meanwhile), then commit and retain."""
