@@ -15,9 +15,10 @@ task group of its own, which finishes when the work is done)::
 A full work stream blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
 buffers (``concurrency x part_size``) and the stream lengths, whatever the
-number and size of files. Journal calls run in worker threads, one at a time,
-and are awaited before the next step: a file is recorded before its upload
-starts, and "done" before its pointer commit and before local retention.
+number and size of files. Journal calls run in worker threads, one at a time
+(:attr:`Engine.journal_lock`), and are awaited before the next step: a file is
+recorded before its upload starts (in the upload's thread), and "done" before
+its pointer commit and before local retention.
 
 Draining (a signal, the parent gone, or idle): the intake stops and closes the
 work stream; the upload loops finish what is queued; the pipeline ends when
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -131,6 +133,8 @@ class Engine:
         self.journal = journal
         self.layout = RunLayout(options.run_dir, options.prefix, options.rank)
         self.root = self.layout.root
+        #: Held by every journal call: one at a time, each in a worker thread.
+        self.journal_lock = threading.Lock()
         #: starting -> running -> (draining ->) done | failed
         self.phase = "starting"
         self.exit_code: int | None = None
@@ -152,6 +156,7 @@ class Engine:
             self.root,
             journal,
             self.call,
+            self.journal_lock,
             self.committer,
             options,
             self._report,
@@ -172,11 +177,15 @@ class Engine:
 
     async def call(self, fn: Any, *args: Any) -> Any:
         """Run a journal call in a worker thread, one at a time, and return its result."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)
+
+        def locked() -> Any:
+            with self.journal_lock:
+                return fn(*args)
+
+        return await anyio.to_thread.run_sync(locked)
 
     async def _main(self) -> int:
         ignore_lease_breaks()
-        self._journal_limiter = anyio.CapacityLimiter(1)
         self._stop = anyio.Event()
         self.intake = Intake(
             self.layout, self.opts.filter, self.settler, self.opts.watch, self._take, self._fresh
@@ -202,7 +211,8 @@ class Engine:
             self.uploads.progress.close()
         self.exit_code = code
         self.phase = "done" if code == ExitCode.OK else "failed"
-        self.journal.save()
+        with self.journal_lock:  # an abandoned upload thread may still record
+            self.journal.save()
         self._write_status()
         return code
 
@@ -362,7 +372,10 @@ class Engine:
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
         """The daemon's report; ``totals`` from the journal (read here when None)."""
-        t = self.journal.totals() if totals is None else totals
+        if totals is None:
+            with self.journal_lock:
+                totals = self.journal.totals()
+        t = totals
         now = time.monotonic()
         sent, inflight = self.uploads.sent()
         self._rate_window.append((now, sent))

@@ -1,17 +1,17 @@
 """One file's upload: journal first, send, read back size and digest, then commit.
 
 :meth:`Uploads.process` takes one accepted file from the work stream to the
-store: it records the attempt in the journal, uploads in a worker thread (at
-most ``files + 2`` at once), reads the object back (size, and digest where the
-store keeps one), records ``done``, hands a checkpoint to the committer and
-applies local retention. A failed attempt is retried after the daemon's backoff;
+store. In one worker thread (at most ``files + 2`` at once) an attempt records
+its start in the journal, uploads, reads the object back (size, and digest where
+the store keeps one) and records ``done``; then a checkpoint goes to the
+committer and local retention runs. A failed attempt is retried after the daemon's backoff;
 retries exhausted, or a permanent error (credentials, missing container, bad
 configuration), mark the file failed. A bug never loses a file: it is recorded
 as failed.
 
 Example::
 
-    uploads = Uploads(store, root, journal, call, committer, options, report, progress)
+    uploads = Uploads(store, root, journal, call, lock, committer, options, report, progress)
     await uploads.process("ckpt/ep1.pt")
 """
 
@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,18 @@ __all__ = ["Uploads"]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """How an attempt ended: "gone", "done" (already), "missing", "failed" (``error``),
+    "changed" (the file changed during the upload) or "verified"."""
+
+    step: str
+    rec: FileRecord | None
+    error: Exception | None = None
+    digest: str = ""
+    seconds: float = 0.0
+
+
 class _Options(Protocol):
     files: int
     attempts: int
@@ -56,7 +68,8 @@ class Uploads:
     Args:
         store: the destination store.
         root: the run directory.
-        journal: the journal, and ``call`` to run its methods off the event loop.
+        journal: the journal; ``call`` runs its methods off the event loop, holding ``lock``
+            (which an upload thread holds too for its own journal calls).
         committer: takes verified checkpoints.
         options: ``files``, ``attempts``, ``keep_local`` and ``pause(attempt)``.
         report: called with the message of a file that failed.
@@ -70,6 +83,7 @@ class Uploads:
         root: Path,
         journal: Journal,
         call: Callable[..., Awaitable[Any]],
+        lock: threading.Lock,
         committer: Committer,
         options: _Options,
         report: Callable[[str], None],
@@ -80,6 +94,7 @@ class Uploads:
         self.root = root
         self.journal = journal
         self.call = call
+        self.lock = lock
         self.committer = committer
         self.opts = options
         self.report = report
@@ -134,15 +149,19 @@ class Uploads:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.opts.files + 2)
         while True:
-            step, rec = await self.call(self._begin, rel)
-            if step == "gone":
+            # One worker thread an attempt: journal (start), upload, read back, journal
+            # (done); the journal calls take its lock, as every other journal call does.
+            at = await anyio.to_thread.run_sync(
+                self._attempt, rel, limiter=self._limiter, abandon_on_cancel=True
+            )
+            rec = at.rec
+            if at.step == "gone" or rec is None:
                 return
-            assert rec is not None
-            if step == "done":
+            if at.step == "done":
                 if rec.checkpoint and not rec.committed:
                     self.committer.submit(rec)
                 return
-            if step == "missing":
+            if at.step == "missing":
                 msg = (
                     f"{rel} was accepted but is gone or no longer a regular file inside "
                     "the run directory; it cannot be uploaded (was it deleted before upload?)"
@@ -150,17 +169,9 @@ class Uploads:
                 await self._fail(rel, msg)
                 log.error("failed path=%s error=%s", rel, msg)
                 return
-            attempts = rec.attempts + 1
-            t0 = time.monotonic()
-            self._inflight[rel] = 0
-            self.progress.start(rel, rec.size)
-            try:
-                result = await anyio.to_thread.run_sync(
-                    self._upload_verified, rec, limiter=self._limiter, abandon_on_cancel=True
-                )
-            except Exception as exc:
-                sent = self._inflight.pop(rel, 0)
-                self.progress.finish(rel, sent, rec.size)
+            if at.error is not None:
+                attempts = rec.attempts + 1
+                exc = at.error
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 permanent = isinstance(exc, (AuthError, ContainerNotFoundError, ConfigError))
                 if permanent or attempts >= self.opts.attempts:
@@ -174,15 +185,52 @@ class Uploads:
                 )
                 await anyio.sleep(pause)
                 continue
-            self._inflight.pop(rel, None)
-            self.progress.finish(rel)
-            if await self._verified(rec, str(result.digest), time.monotonic() - t0):
-                return
-            log.info("path=%s changed during upload; uploading it again", rel)
+            if at.step == "changed":
+                log.info("path=%s changed during upload; uploading it again", rel)
+                continue
+            log.info(
+                "verified path=%s object=%s size=%d digest=%s seconds=%.3f",
+                rel,
+                rec.object,
+                rec.size,
+                at.digest,
+                at.seconds,
+            )
+            if rec.checkpoint:
+                self.committer.submit(replace(rec, state="done", digest=at.digest))
+            keep = self.opts.keep_local
+            if keep is not None:
+                await self.call(self._retain_local, keep, rec.rank)
+            return
+
+    def _attempt(self, rel: str) -> _Attempt:
+        """One attempt, in a worker thread: record its start, upload, verify, record done."""
+        with self.lock:
+            step, rec = self._begin(rel)
+        if step != "start" or rec is None:
+            return _Attempt(step, rec)
+        t0 = time.monotonic()
+        self._inflight[rel] = 0
+        self.progress.start(rel, rec.size)
+        try:
+            result = self._upload_verified(rec)
+        except Exception as exc:
+            sent = self._inflight.pop(rel, 0)
+            self.progress.finish(rel, sent, rec.size)
+            return _Attempt("failed", rec, error=exc)
+        self._inflight.pop(rel, None)
+        self.progress.finish(rel)
+        digest = str(result.digest)
+        with self.lock:
+            cur = self.journal.get(rel)
+            if cur is None or (cur.size, cur.mtime_ns) != (rec.size, rec.mtime_ns):
+                return _Attempt("changed", rec)
+            self.journal.done(rel, digest)
+        return _Attempt("verified", rec, digest=digest, seconds=time.monotonic() - t0)
 
     def _begin(self, rel: str) -> tuple[str, FileRecord | None]:
-        """In the journal's thread: what to do with ``rel`` ("gone", "done", "missing"
-        or "start"); on "start", the attempt is recorded (for the version on disk)."""
+        """What to do with ``rel`` ("gone", "done", "missing" or "start"); on "start",
+        the attempt is recorded (for the version on disk). Holds the journal lock."""
         rec = self.journal.get(rel)
         if rec is None:
             return "gone", None
@@ -197,35 +245,6 @@ class Uploads:
             )
         self.journal.start(rel)
         return "start", rec
-
-    async def _verified(self, rec: FileRecord, digest: str, seconds: float) -> bool:
-        """Record ``rec`` done (False: the file changed meanwhile), then commit and retain."""
-        rel = rec.path
-
-        def record() -> FileRecord | None:
-            cur = self.journal.get(rel)
-            if cur is None or (cur.size, cur.mtime_ns) != (rec.size, rec.mtime_ns):
-                return None
-            self.journal.done(rel, digest)
-            return self.journal.get(rel)
-
-        done: FileRecord | None = await self.call(record)
-        if done is None:
-            return False
-        log.info(
-            "verified path=%s object=%s size=%d digest=%s seconds=%.3f",
-            rel,
-            rec.object,
-            rec.size,
-            digest,
-            seconds,
-        )
-        if done.checkpoint:
-            self.committer.submit(done)
-        keep = self.opts.keep_local
-        if keep is not None:
-            await self.call(self._retain_local, keep, rec.rank)
-        return True
 
     def _retain_local(self, keep: int, rank: int) -> None:
         try:
