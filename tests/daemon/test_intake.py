@@ -48,11 +48,11 @@ def test_a_full_event_stream_slows_the_watcher_and_loses_nothing(tmp_path: Path)
     taken: list[str] = []
     waited = 0
 
-    async def take(rel: str, st: os.stat_result) -> None:
+    async def take(found: Found) -> None:
         nonlocal waited
         await anyio.sleep(0.01)  # slower than the renames: the 2-event buffer fills up
         waited = max(waited, intake._send.statistics().tasks_waiting_send)
-        taken.append(rel)
+        taken.extend(rel for rel, _ in found)
 
     intake = make_intake(root, take, buffer=2)
 
@@ -78,7 +78,7 @@ def test_stop_releases_an_observer_thread_blocked_on_a_full_stream(tmp_path: Pat
     root.mkdir()
     stuck = threading.Event()
 
-    async def take(rel: str, st: os.stat_result) -> None:
+    async def take(found: Found) -> None:
         stuck.set()
         await anyio.sleep_forever()  # the work stream is full, say
 
@@ -115,8 +115,8 @@ def test_quiet_only_after_the_scan_and_once_every_file_is_taken(tmp_path: Path) 
     taken: list[str] = []
     seen: list[tuple[str, bool]] = []
 
-    async def take(rel: str, st: os.stat_result) -> None:
-        taken.append(rel)
+    async def take(found: Found) -> None:
+        taken.extend(rel for rel, _ in found)
 
     intake = make_intake(root, take)
 
@@ -165,9 +165,9 @@ def test_stop_while_the_observer_waits_on_the_loop_does_not_deadlock(tmp_path: P
     root.mkdir()
     taken: list[str] = []
 
-    async def take(rel: str, st: os.stat_result) -> None:
+    async def take(found: Found) -> None:
         await anyio.sleep(0.2)
-        taken.append(rel)
+        taken.extend(rel for rel, _ in found)
 
     intake = make_intake(root, take, buffer=1)
 

@@ -261,26 +261,31 @@ class Engine:
         return result
 
     # -- taking complete files ----------------------------------------------------------
-    async def _take(self, rel: str, st: os.stat_result) -> None:
-        """Accept a complete file into the journal (unless that version is known) and queue it."""
+    async def _take(self, found: Found) -> None:
+        """Accept complete files into the journal (unless that version is known), in one
+        journal call, and queue them."""
 
-        def record() -> tuple[FileRecord, bool]:
-            rec = self.journal.get(rel)
-            if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                return rec, False
-            loc = self.layout.locate(rel)
-            checkpoint = self.opts.filter.moves_pointer(rel)
-            new = FileRecord(
-                rel, loc.rank, loc.name, loc.object, st.st_size, st.st_mtime_ns, checkpoint
-            )
-            return self.journal.accept(new), True
+        def record() -> list[tuple[FileRecord, bool]]:
+            out = []
+            for rel, st in found:
+                rec = self.journal.get(rel)
+                if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    out.append((rec, False))
+                    continue
+                loc = self.layout.locate(rel)
+                checkpoint = self.opts.filter.moves_pointer(rel)
+                new = FileRecord(
+                    rel, loc.rank, loc.name, loc.object, st.st_size, st.st_mtime_ns, checkpoint
+                )
+                out.append((self.journal.accept(new), True))
+            return out
 
-        rec, accepted = await self.call(record)
-        if accepted:
-            log.info("accepted path=%s size=%d object=%s", rel, rec.size, rec.object)
-        elif rec.state != "pending":
-            return
-        await self._enqueue(rel)
+        for rec, accepted in await self.call(record):
+            if accepted:
+                log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
+            elif rec.state != "pending":
+                continue
+            await self._enqueue(rec.path)
 
     async def _enqueue(self, rel: str) -> None:
         if rel in self.uploads.outstanding:

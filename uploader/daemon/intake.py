@@ -1,4 +1,4 @@
-"""Intake: from the run directory to complete files, handed to the engine one by one.
+"""Intake: from the run directory to complete files, handed to the engine in batches.
 
 Three sources feed one :class:`~uploader.daemon.settle.Settler`:
 
@@ -137,7 +137,8 @@ class Intake:
         filt: which files are considered.
         settler: the settling rules (its ``final`` flag is set here at the end).
         watch: start a :class:`Watcher` (False: scans only).
-        take: accept a complete file (the engine records it and queues its upload).
+        take: accept complete files, in order (the engine records them in one journal
+            call and queues their uploads).
         fresh: of scanned files, those whose version the journal does not hold yet.
         buffer: watch events held before the observer thread waits.
     """
@@ -148,7 +149,7 @@ class Intake:
         filt: FileFilter,
         settler: Settler,
         watch: bool,
-        take: Callable[[str, os.stat_result], Awaitable[None]],
+        take: Callable[[Found], Awaitable[None]],
         fresh: Callable[[Found], Awaitable[Found]],
         buffer: int = EVENT_BUFFER,
     ) -> None:
@@ -161,7 +162,7 @@ class Intake:
         self._fresh = fresh
         self._send, self._recv = anyio.create_memory_object_stream[tuple[str, str]](buffer)
         self._unread = 0  # events entered into the loop and not yet handled
-        self._handing = 0  # complete files being handed to ``take``
+        self._handing = 0  # batches of complete files being handed to ``take``
         self._wake = anyio.Event()
         self._watcher: Watcher | None = None
         self.scanned = False
@@ -258,14 +259,14 @@ class Intake:
         if kind == "moved":
             self.settler.drop(rel)
             if st is not None:
-                await self._hand(rel, st)
+                await self._hand([(rel, st)])
             return
         self._observe(rel, kind, st)
 
-    async def _hand(self, rel: str, st: os.stat_result) -> None:
+    async def _hand(self, found: Found) -> None:
         self._handing += 1
         try:
-            await self._take(rel, st)
+            await self._take(found)
         finally:
             self._handing -= 1
 
@@ -301,17 +302,25 @@ class Intake:
                 self._wake = anyio.Event()
                 continue
             await anyio.sleep(tick)
-            for rel in self.settler.paths():
-                st = is_inside(self.root, rel)
-                verdict = self.settler.check(rel, None if st is None else _key(st))
-                if verdict is Verdict.QUIET:
-                    verdict = self.settler.writer(rel, open_for_writing(self.root / rel))
-                    if verdict is Verdict.HELD:
-                        # Quiet, but a writer still holds it open (one that started before
-                        # this daemon, say): wait for it to close, or for --open-timeout.
-                        log.info("path=%s is quiet but still open for writing; waiting", rel)
-                if verdict is Verdict.DONE and st is not None:
-                    await self._hand(rel, st)
+            complete: Found = []
+            self._handing += 1  # taken from the settler, not yet handed over
+            try:
+                for rel in self.settler.paths():
+                    st = is_inside(self.root, rel)
+                    verdict = self.settler.check(rel, None if st is None else _key(st))
+                    if verdict is Verdict.QUIET:
+                        verdict = self.settler.writer(rel, open_for_writing(self.root / rel))
+                        if verdict is Verdict.HELD:
+                            # Quiet, but a writer still holds it open (one that started
+                            # before this daemon, say): wait for it to close, or for
+                            # --open-timeout.
+                            log.info("path=%s is quiet but still open for writing; waiting", rel)
+                    if verdict is Verdict.DONE and st is not None:
+                        complete.append((rel, st))
+                if complete:
+                    await self._hand(complete)
+            finally:
+                self._handing -= 1
 
 
 def _key(st: os.stat_result) -> tuple[int, int]:
