@@ -40,7 +40,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -64,7 +64,6 @@ __all__ = ["Engine", "EngineOptions"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 #: The longest pause between two attempts of one file or one pointer write.
 MAX_PAUSE = 60.0
@@ -354,25 +353,7 @@ class Engine:
             )
             return ExitCode.TIMEOUT
         totals: Totals = await self.call(self.journal.totals)
-        failures = self.committer.failures
-        if totals.failed or totals.pending or totals.uploading or failures:
-            log.error(
-                "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
-                totals.failed,
-                totals.pending + totals.uploading,
-                failures,
-                self.last_error or totals.last_error,
-            )
-            return ExitCode.FAILED
-        log.info(
-            "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
-            "fresh connection",
-            totals.done,
-            totals.bytes_done,
-            self.store.retries.n,
-            int(getattr(self.store.backend, "resent", 0)),
-        )
-        return ExitCode.OK
+        return _outcome(totals, self.committer.failures, self.last_error, self.store)
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
@@ -424,3 +405,25 @@ class Engine:
                 s.write(self.opts.status_file)
             self.uploads.progress.tick(s)
             await anyio.sleep(1.0)
+
+
+def _outcome(totals: Totals, failures: int, last_error: str | None, store: ObjectStore) -> int:
+    """The exit code once drained (0: everything verified and committed, 1: failures)."""
+    if totals.failed or totals.pending or totals.uploading or failures:
+        log.error(
+            "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
+            totals.failed,
+            totals.pending + totals.uploading,
+            failures,
+            last_error or totals.last_error,
+        )
+        return ExitCode.FAILED
+    log.info(
+        "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
+        "fresh connection",
+        totals.done,
+        totals.bytes_done,
+        store.retries.n,
+        int(getattr(store.backend, "resent", 0)),
+    )
+    return ExitCode.OK
