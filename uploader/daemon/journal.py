@@ -212,8 +212,8 @@ class Journal:
         """Try now to save a journal held in memory; True when it is on disk."""
         return self._conn.flush(force=True)
 
-    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        self._conn.write(sql, params)
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return self._conn.write(sql, params)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -380,13 +380,18 @@ class Journal:
             (error, now, now, path),
         )
 
-    def done(self, path: str, digest: str) -> None:
+    def done(self, path: str, digest: str, version: tuple[int, int] | None = None) -> bool:
+        """Record ``path`` verified with ``digest``; with ``version`` (size, mtime_ns), only
+        if the journal still holds that version. True when recorded."""
         now = time.time()
-        self._write(
+        sql = (
             "UPDATE files SET state = 'done', digest = ?, last_error = NULL, finished_at = ?, "
-            "updated_at = ? WHERE path = ?",
-            (digest, now, now, path),
+            "updated_at = ? WHERE path = ?"
         )
+        if version is None:
+            return self._write(sql, (digest, now, now, path)) > 0
+        sql += " AND size = ? AND mtime_ns = ?"
+        return self._write(sql, (digest, now, now, path, *version)) > 0
 
     def mark_committed(self, path: str) -> None:
         self._write(

@@ -162,18 +162,19 @@ class JournalDb:
         )
         return True
 
-    def write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        """Execute one write. On a full disk: release the reserve and retry; if the disk
-        is still full, keep the journal in memory until there is room again."""
+    def write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Execute one write; return the number of rows it changed. On a full disk:
+        release the reserve and retry; if the disk is still full, keep the journal in
+        memory until there is room again."""
         if self._disk is not None:
-            self.db.execute(sql, params)
+            n = self.db.execute(sql, params).rowcount
             self._unsaved += 1
             self.flush()
-            return
+            return n
         delay = 0.05
         for attempt in range(4):
             try:
-                self.db.execute(sql, params)
+                n = self.db.execute(sql, params).rowcount
             except sqlite3.OperationalError as exc:
                 if not _is_full(exc):
                     raise
@@ -184,12 +185,13 @@ class JournalDb:
                     delay *= 2
                     continue
                 self._to_memory()
-                self.db.execute(sql, params)
+                n = self.db.execute(sql, params).rowcount
                 self._unsaved += 1
-                return
+                return n
             if not self._reserve.exists() and time.monotonic() - self._reserve_checked > 10:
                 self._make_reserve()
-            return
+            return n
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _to_memory(self) -> None:
         """Go on with a copy of the journal in memory (its disk is full)."""

@@ -222,10 +222,8 @@ class Uploads:
         self.progress.finish(rel)
         digest = str(result.digest)
         with self.lock:
-            cur = self.journal.get(rel)
-            if cur is None or (cur.size, cur.mtime_ns) != (rec.size, rec.mtime_ns):
-                return _Attempt("changed", rec)
-            self.journal.done(rel, digest)
+            if not self.journal.done(rel, digest, (rec.size, rec.mtime_ns)):
+                return _Attempt("changed", rec)  # accepted again meanwhile, or forgotten
         return _Attempt("verified", rec, digest=digest, seconds=time.monotonic() - t0)
 
     def _begin(self, rel: str) -> tuple[str, FileRecord | None]:
