@@ -13,7 +13,7 @@ training loop at its next :meth:`poll`, :meth:`save` or :meth:`wait`.
 Example::
 
     saver = CheckpointSaver("/data/ckpts", save_interval="1ep", compression="zstd")
-    saver.save(state_dict, "ep1")   # returns once the state is copied
+    saver.save(state_dict, saver.filename(epoch=1, batch=0, unit="ep"))  # ep1.pt.zst
     saver.wait()                    # the file is on disk
 """
 
@@ -126,8 +126,9 @@ class CheckpointSaver:
     Example::
 
         saver = CheckpointSaver(Path("ckpts"), "500ba", compression="zstd")
-        if saver.should_save(timer, "batch"):
-            saver.save(trainer_state_dict(), saver.filename(timer, "ba"))
+        if saver.should_save(timer.epoch, timer.batch, "batch"):
+            # a callable is called after the previous save finished, then copied to CPU
+            saver.save(state.checkpoint, saver.filename(timer.epoch, timer.batch, "ba"))
     """
 
     def __init__(
