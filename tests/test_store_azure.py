@@ -26,7 +26,7 @@ from uploader import (
     TransientError,
 )
 from uploader.transfer.backends.azure import AzureBackend
-from uploader.transfer.digest import file_digest
+from tests.transfer.helpers import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20
@@ -273,7 +273,7 @@ def test_public_endpoint_written_in_full(monkeypatch: pytest.MonkeyPatch) -> Non
         secret_environ="T_AZ_KEY",
         host="myacct.blob.core.windows.net",
     )
-    conn = AzureBackend(hp)._driver().connection
+    conn = AzureBackend(hp.store_settings())._driver().connection
     assert conn.host == "myacct.blob.core.windows.net"
     assert conn.morph_action_hook("/ckpts/x") == "/ckpts/x"
     assert hp.secure

@@ -35,7 +35,7 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.transfer.digest import file_digest
+from tests.transfer.helpers import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20

@@ -17,7 +17,8 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.transfer.digest import Digest, file_digest
+from tests.transfer.helpers import file_digest
+from uploader.transfer.digest import Digest
 from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
