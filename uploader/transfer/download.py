@@ -68,7 +68,8 @@ class Downloader:
         ``digest`` when there is one; raise IntegrityError on a mismatch."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Read-write: a plain sha256 over several ranges is checked by reading the file back.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         bar = _progress_bar(progress, size, target.name)
         try:
             if size:
