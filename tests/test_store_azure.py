@@ -107,7 +107,7 @@ def test_list_prefixes_pagination_delete(azure_store: ObjectStore) -> None:
 def test_overwrite_and_tampering_detected(azure_store: ObjectStore, tmp_path: Path) -> None:
     a = write_random(tmp_path / "a.bin", 3 * MiB, seed=1)
     azure_store.upload_file(a, "o/obj")
-    # Replace the blob's bytes behind the store's back (same size, no sidecar update).
+    # Replace the blob's bytes behind the store's back (same size, no digest record update).
     tampered = bytearray(a.read_bytes())
     tampered[MiB + 1] ^= 0xFF
     azure_store.backend.put_bytes("o/obj", bytes(tampered), {}, b"")

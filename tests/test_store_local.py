@@ -74,7 +74,7 @@ def test_list_prefixes_and_hidden_files(
     for name in ("run/rank_0/a.pt", "run/rank_0/b.pt", "run/rank_1/a.pt", "other/x.pt"):
         local_store.put_bytes(name, name.encode())
     big = write_random(tmp_path / "big.bin", 2 * MiB + 1)
-    local_store.upload_file(big, "run/rank_1/big.bin")  # writes a digest sidecar
+    local_store.upload_file(big, "run/rank_1/big.bin")  # writes a digest record
     assert (local_bucket / ("run/rank_1/big.bin" + DIGEST_SUFFIX)).exists()
     # A staged, unfinished upload must not show up anywhere.
     backend = local_store.backend

@@ -1,8 +1,8 @@
 """Content digests: their two forms, where a store records them, and how downloads check them.
 
-One hashing pass serves two purposes: each part's sha256 signs the request
-(SigV4 payload hash) and checks it in transit, and the file's digest is derived
-from the part hashes. A file of at most one part gets the plain sha256 of its
+One hashing pass serves two purposes: each part's sha256 signs its request
+where the backend signs payloads (S3's SigV4 payload hash, which the server
+checks in transit), and the file's digest is derived from the part hashes. A file of at most one part gets the plain sha256 of its
 bytes (what ``sha256sum`` prints); a larger one gets the sha256 over the
 concatenated binary sha256 of its parts, together with the part size::
 
@@ -10,13 +10,14 @@ concatenated binary sha256 of its parts, together with the part size::
     sha256-parts:<part_size>:<hex>  # size > part_size
 
 Where it is recorded: in the object's metadata under :data:`DIGEST_META` when
-the object is sent in one request and the store keeps metadata; otherwise in a
-digest record, a small JSON object ``<name>`` + :data:`DIGEST_SUFFIX` written
-after the data (:func:`digest_record` / :func:`parse_digest_record`)::
+the file fits one part (so the digest is known before its single request) and
+the store keeps metadata; otherwise in a digest record, a small JSON object
+``<name>`` + :data:`DIGEST_SUFFIX` written after the data
+(:func:`digest_record` / :func:`parse_digest_record`)::
 
     {"object": "run/ep1.pt", "size": 123, "digest": "sha256-parts:8388608:<hex>"}
 
-Downloads check the digest as the bytes arrive. For a ``sha256-parts`` digest
+Downloads check the digest before the file is renamed into place. For a ``sha256-parts`` digest
 the ranged reads are aligned to the upload's parts and each part is hashed by
 the thread that fetches it, so the check runs as parallel as the download. An
 object that fits one download part is fetched and hashed in one stream. A plain

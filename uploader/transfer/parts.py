@@ -1,13 +1,15 @@
 """The worker threads and part buffers one store shares among all its transfers.
 
 A :class:`PartPool` holds ``concurrency`` worker threads (started on first
-use) and as many buffer slots. Every parallel upload and download of the store
-runs its parts on these threads, so at most ``concurrency`` parts are in flight
-across the store however many files move at once; each transfer queues at most
-``2 x concurrency`` parts ahead, so a huge file does not create thousands of
-futures up front. Upload parts read into reusable buffers, and a buffer is
-taken only with a slot, so upload memory stays at ``concurrency`` buffers of
-the largest part size in use.
+use) and as many buffer slots. The parts of every multipart upload and
+parallel download of the store run on these threads, so at most
+``concurrency`` such parts are in flight across the store however many files
+move at once; each transfer queues at most ``2 x concurrency`` parts ahead, so
+a huge file does not create thousands of futures up front. A single-request
+upload, a streamed upload and a one-range download run in the caller's thread
+instead. Upload parts (single-request ones too) are read into reusable
+buffers, taken only with a slot, so upload memory stays at ``concurrency``
+buffers of the largest part size in use.
 
 Example::
 

@@ -121,7 +121,8 @@ class ObjectStore:
         part_size: bytes per part for multipart uploads and parallel downloads
             (default 8 MiB; grown automatically so no object needs more than the
             provider's part limit, 10,000 on S3).
-        concurrency: parts in flight at once, across all transfers of this store.
+        concurrency: worker threads (and part buffers) for parallel parts, shared by
+            all transfers of this store (see :mod:`uploader.transfer.parts`).
         retry: bounds for retrying transient failures.
         create_container: create the container when it does not exist.
         check: look the container up now, so a wrong name or bad credentials fail

@@ -1,9 +1,10 @@
 """Sending one open file to the store: one request, parallel multipart, or one stream.
 
-The file is read once. Each part is read into a buffer of the store's
-:class:`uploader.transfer.parts.PartPool` and hashed once; that hash signs the
-part's request (where the backend signs payloads) and goes into the file's
-digest (:mod:`uploader.transfer.digest`). Which way a file goes:
+The file is read once and each part hashed once: read into a buffer of the
+store's :class:`uploader.transfer.parts.PartPool` (one request, multipart), or
+read straight into the body of a streamed request. A part's hash signs its
+request (where the backend signs payloads) and goes into the file's digest
+(:mod:`uploader.transfer.digest`). Which way a file goes:
 
 * at most one part: one request from one buffer; the digest is known before the
   request, so it travels in the object's metadata (or, where the store keeps
