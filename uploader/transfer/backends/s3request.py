@@ -56,6 +56,7 @@ from uploader.transfer.settings import StoreSettings
 
 __all__ = ["S3Error", "S3RequestBackend", "S3TransientError", "TRANSIENT_CODES", "parse_xml"]
 
+#: The S3 adapter's logger, the same one :mod:`uploader.transfer.backends.s3` uses.
 log = logging.getLogger("uploader.transfer.backends.s3")
 
 _AUTH_CODES = frozenset(
@@ -112,6 +113,7 @@ def _strip_ns(root: ET.Element) -> ET.Element:
 
 
 def parse_xml(body: bytes) -> ET.Element | None:
+    """The root of an XML reply, namespace stripped; None when the body is not XML."""
     if not body or not body.lstrip().startswith(b"<"):
         return None
     try:
