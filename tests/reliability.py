@@ -660,8 +660,8 @@ def check_pointer_on_disk(data_dir: Path, bucket: str, prefix: str, rank: int) -
     Returns the problems (empty when the pointer is absent or every entry it names is
     a complete object with the recorded size and digest).
     """
-    from uploader.bucket.pointer import Pointer, pointer_name
     from tests.transfer.helpers import file_digest
+    from uploader.bucket.pointer import Pointer, pointer_name
     from uploader.transfer.digest import Digest
 
     root = data_dir / bucket

@@ -14,6 +14,7 @@ from tests.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.azure import AZURITE_SECRET_ENV, Azurite
 from tests.fixtures.local import write_random
 from tests.test_store_local import roundtrip
+from tests.transfer.helpers import file_digest
 from uploader import (
     AuthError,
     ConfigError,
@@ -26,7 +27,6 @@ from uploader import (
     TransientError,
 )
 from uploader.transfer.backends.azure import AzureBackend
-from tests.transfer.helpers import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20

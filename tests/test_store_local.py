@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.local import assert_growing_file_is_refused, write_random
+from tests.transfer.helpers import file_digest
 from uploader import (
     ConfigError,
     ContainerNotFoundError,
@@ -17,7 +18,6 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from tests.transfer.helpers import file_digest
 from uploader.transfer.digest import Digest
 from uploader.transfer.store import DIGEST_SUFFIX
 

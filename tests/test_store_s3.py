@@ -20,6 +20,7 @@ import pytest
 
 from tests.fixtures.local import write_random
 from tests.fixtures.s3 import FAST_RETRY, S3Server
+from tests.transfer.helpers import file_digest
 from uploader import (
     AuthError,
     ConfigError,
@@ -32,7 +33,6 @@ from uploader import (
     TransientError,
 )
 from uploader.transfer.backends.s3 import S3Backend
-from tests.transfer.helpers import file_digest
 from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
