@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from uploader.transfer.files import fsync_dir
+
 from .codecs import compressing_writer, extension_for, normalize_codec
 from .errors import CheckpointError
 from .interval import Interval, parse_interval
@@ -45,19 +47,6 @@ log = logging.getLogger("ckpt.saver")
 def temp_name(path: Path) -> Path:
     """The hidden name a checkpoint is written under before its rename."""
     return path.parent / f".{path.name}.tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -81,7 +70,7 @@ def write_checkpoint(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

@@ -660,8 +660,9 @@ def check_pointer_on_disk(data_dir: Path, bucket: str, prefix: str, rank: int) -
     Returns the problems (empty when the pointer is absent or every entry it names is
     a complete object with the recorded size and digest).
     """
+    from tests.transfer.helpers import file_digest
     from uploader.bucket.pointer import Pointer, pointer_name
-    from uploader.transfer.digest import Digest, file_digest
+    from uploader.transfer.digest import Digest
 
     root = data_dir / bucket
     ptr = root / pointer_name(prefix, rank)

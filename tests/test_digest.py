@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.local import write_random
-from uploader import Digest, IntegrityError
-from uploader.transfer.digest import PartHasher, combine_parts, file_digest, verify_file
+from uploader import Digest, IntegrityError, ObjectStore, ObjectStoreHparams
+from uploader.transfer.digest import PartHasher, combine_parts
 
 KiB = 1 << 10
 
@@ -23,14 +23,24 @@ def _expected(data: bytes, part: int) -> Digest:
     return Digest("sha256-parts", hashlib.sha256(parts).hexdigest(), part)
 
 
+def _local_store(tmp_path: Path, concurrency: int = 4) -> ObjectStore:
+    bucket = tmp_path / "bucket"
+    bucket.mkdir(exist_ok=True)
+    hp = ObjectStoreHparams(provider="local", container=str(bucket))
+    return hp.initialize_object(part_size=64 * KiB, concurrency=concurrency)
+
+
 @pytest.mark.parametrize("size", [0, 1, 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 300 * KiB])
-def test_file_digest_matches_definition(tmp_path: Path, size: int) -> None:
+def test_upload_digest_matches_definition(tmp_path: Path, size: int) -> None:
     path = write_random(tmp_path / "f", size, seed=size)
     data = path.read_bytes()
-    d = file_digest(path, 64 * KiB)
-    assert d == _expected(data, 64 * KiB)
-    # Thread count does not change the result.
-    assert file_digest(path, 64 * KiB, threads=1) == d
+    with _local_store(tmp_path) as store:
+        d = store.upload_file(path, "f").digest
+        assert d == _expected(data, 64 * KiB)
+        assert store.stat("f").digest == d  # what a download checks against
+    # The number of threads hashing parts does not change the result.
+    with _local_store(tmp_path, concurrency=1) as store:
+        assert store.upload_file(path, "f1").digest == d
     if size <= 64 * KiB:
         assert str(d) == "sha256:" + hashlib.sha256(data).hexdigest()  # what sha256sum prints
 
@@ -54,23 +64,32 @@ def test_combine_parts_rules() -> None:
         combine_parts([b"a" * 32, b"b" * 32], 5, 10)
 
 
-def test_verify_file(tmp_path: Path) -> None:
+def test_download_verifies_digest(tmp_path: Path) -> None:
     path = write_random(tmp_path / "f", 200 * KiB)
-    d = file_digest(path, 64 * KiB)
-    assert verify_file(path, d) == d
-    assert verify_file(path, str(d), size=200 * KiB) == d
-    with pytest.raises(IntegrityError, match="size"):
-        verify_file(path, d, size=1)
-    with open(path, "r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02")
-    with pytest.raises(IntegrityError, match="does not match"):
-        verify_file(path, d)
-    small = tmp_path / "s"
-    small.write_bytes(b"hello")
-    assert verify_file(small, hashlib.sha256(b"hello").hexdigest()).algo == "sha256"
-    with pytest.raises(IntegrityError):
-        verify_file(small, "sha256:" + "0" * 64)
+    d = _expected(path.read_bytes(), 64 * KiB)
+    out = tmp_path / "out"
+    with _local_store(tmp_path) as store:
+        assert store.upload_file(path, "f").digest == d
+        assert store.download_file("f", out / "a", progress=False).read_bytes() == path.read_bytes()
+        store.download_file(
+            "f", out / "b", progress=False, expected_digest=str(d), expected_size=200 * KiB
+        )
+        with pytest.raises(IntegrityError, match="bytes"):
+            store.download_file("f", out / "c", progress=False, expected_size=1)
+        with open(tmp_path / "bucket" / "f", "r+b") as f:  # damage the stored object
+            f.seek(100)
+            f.write(b"\x00\x01\x02")
+        with pytest.raises(IntegrityError, match="do not use it"):
+            store.download_file("f", out / "d", progress=False)
+        assert not (out / "c").exists() and not (out / "d").exists()
+        store.put_bytes("s", b"hello")
+        store.download_file(
+            "s", out / "s", progress=False, expected_digest=hashlib.sha256(b"hello").hexdigest()
+        )
+        with pytest.raises(IntegrityError):
+            store.download_file(
+                "s", out / "t", progress=False, expected_digest="sha256:" + "0" * 64
+            )
 
 
 def test_parse_forms() -> None:

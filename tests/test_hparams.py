@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uploader import ConfigError, ObjectStoreHparams, parse_uri
-from uploader.config.hparams import is_loopback, provider_family
+from uploader.config.hparams import is_loopback, join_key, provider_family
 
 
 def test_fields_exactly() -> None:
@@ -237,4 +237,4 @@ def test_parse_uri_round_trips_container_and_prefix(
     loc = parse_uri(uri)
     assert loc.hparams.container == bucket
     assert loc.prefix == prefix
-    assert loc.key("ep1.pt") == (f"{prefix}/ep1.pt" if prefix else "ep1.pt")
+    assert join_key(loc.prefix, "ep1.pt") == (f"{prefix}/ep1.pt" if prefix else "ep1.pt")

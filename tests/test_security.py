@@ -331,7 +331,7 @@ def test_tls_by_default_for_non_loopback(kwargs: dict[str, object], secure: bool
             **kwargs,  # type: ignore[arg-type]
         )
         assert hp.secure is secure
-        backend = S3Backend(hp)
+        backend = S3Backend(hp.store_settings())
         conn = backend._conn()
         assert isinstance(conn, http.client.HTTPSConnection) is secure
         backend.close()

@@ -14,6 +14,7 @@ from tests.faultproxy import FaultPlan, FaultProxy
 from tests.fixtures.azure import AZURITE_SECRET_ENV, Azurite
 from tests.fixtures.local import write_random
 from tests.test_store_local import roundtrip
+from tests.transfer.helpers import file_digest
 from uploader import (
     AuthError,
     ConfigError,
@@ -26,7 +27,6 @@ from uploader import (
     TransientError,
 )
 from uploader.transfer.backends.azure import AzureBackend
-from uploader.transfer.digest import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20
@@ -107,7 +107,7 @@ def test_list_prefixes_pagination_delete(azure_store: ObjectStore) -> None:
 def test_overwrite_and_tampering_detected(azure_store: ObjectStore, tmp_path: Path) -> None:
     a = write_random(tmp_path / "a.bin", 3 * MiB, seed=1)
     azure_store.upload_file(a, "o/obj")
-    # Replace the blob's bytes behind the store's back (same size, no sidecar update).
+    # Replace the blob's bytes behind the store's back (same size, no digest record update).
     tampered = bytearray(a.read_bytes())
     tampered[MiB + 1] ^= 0xFF
     azure_store.backend.put_bytes("o/obj", bytes(tampered), {}, b"")
@@ -273,7 +273,7 @@ def test_public_endpoint_written_in_full(monkeypatch: pytest.MonkeyPatch) -> Non
         secret_environ="T_AZ_KEY",
         host="myacct.blob.core.windows.net",
     )
-    conn = AzureBackend(hp)._driver().connection
+    conn = AzureBackend(hp.store_settings())._driver().connection
     assert conn.host == "myacct.blob.core.windows.net"
     assert conn.morph_action_hook("/ckpts/x") == "/ckpts/x"
     assert hp.secure

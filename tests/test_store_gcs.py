@@ -28,6 +28,7 @@ import pytest
 
 from tests.fixtures.local import assert_growing_file_is_refused, write_random
 from tests.test_store_local import roundtrip
+from tests.transfer.helpers import file_digest
 from uploader import (
     AuthError,
     ContainerNotFoundError,
@@ -35,7 +36,6 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.transfer.digest import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20

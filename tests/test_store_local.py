@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.local import assert_growing_file_is_refused, write_random
+from tests.transfer.helpers import file_digest
 from uploader import (
     ConfigError,
     ContainerNotFoundError,
@@ -17,7 +18,7 @@ from uploader import (
     ObjectStore,
     ObjectStoreHparams,
 )
-from uploader.transfer.digest import Digest, file_digest
+from uploader.transfer.digest import Digest
 from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
@@ -73,7 +74,7 @@ def test_list_prefixes_and_hidden_files(
     for name in ("run/rank_0/a.pt", "run/rank_0/b.pt", "run/rank_1/a.pt", "other/x.pt"):
         local_store.put_bytes(name, name.encode())
     big = write_random(tmp_path / "big.bin", 2 * MiB + 1)
-    local_store.upload_file(big, "run/rank_1/big.bin")  # writes a digest sidecar
+    local_store.upload_file(big, "run/rank_1/big.bin")  # writes a digest record
     assert (local_bucket / ("run/rank_1/big.bin" + DIGEST_SUFFIX)).exists()
     # A staged, unfinished upload must not show up anywhere.
     backend = local_store.backend

@@ -20,6 +20,7 @@ import pytest
 
 from tests.fixtures.local import write_random
 from tests.fixtures.s3 import FAST_RETRY, S3Server
+from tests.transfer.helpers import file_digest
 from uploader import (
     AuthError,
     ConfigError,
@@ -32,7 +33,6 @@ from uploader import (
     TransientError,
 )
 from uploader.transfer.backends.s3 import S3Backend
-from uploader.transfer.digest import file_digest
 from uploader.transfer.store import DIGEST_SUFFIX
 
 MiB = 1 << 20
@@ -91,7 +91,9 @@ def test_listing_prefixes_and_pages(s3_server: S3Server, s3_store: ObjectStore) 
     sizes = {i.name: i.size for i in s3_store.list("")}
     assert sizes == {n: len(n) for n in names}
     # Pagination: two keys per page forces several ListObjectsV2 round trips.
-    paged = S3Backend(s3_server.hparams(s3_store.hparams.container), list_page_size=2)
+    paged = S3Backend(
+        s3_server.hparams(s3_store.hparams.container).store_settings(), list_page_size=2
+    )
     try:
         before = paged.requests
         assert sorted(i.name for i in paged.list("a")) == names[:6]
@@ -235,7 +237,7 @@ def test_wrong_credentials_fail_once(rclone_s3: S3Server, monkeypatch: pytest.Mo
     wrong = "wrong-secret-" + uuid.uuid4().hex
     monkeypatch.setenv("CKPT_TEST_WRONG_SECRET", wrong)
     hp = rclone_s3.hparams(secret_environ="CKPT_TEST_WRONG_SECRET")
-    backend = S3Backend(hp)
+    backend = S3Backend(hp.store_settings())
     t0 = time.monotonic()
     with pytest.raises(AuthError) as info:
         ObjectStore(hp, backend=backend, retry=RetryPolicy(attempts=8, base_delay=1.0))
@@ -248,7 +250,7 @@ def test_wrong_credentials_fail_once(rclone_s3: S3Server, monkeypatch: pytest.Mo
     # An unknown key is refused the same way.
     monkeypatch.setenv(rclone_s3.key_env, "NOSUCHKEY1234")
     with pytest.raises(AuthError):
-        S3Backend(rclone_s3.hparams()).check_container()
+        S3Backend(rclone_s3.hparams().store_settings()).check_container()
     backend.close()
 
 
@@ -392,7 +394,7 @@ def test_endpoint_resolution(
         secret_environ="CKPT_TEST_EP_SECRET",
         **fields,
     )
-    backend = S3Backend(hp)
+    backend = S3Backend(hp.store_settings())
     assert (backend.host, backend.port, backend.region, backend.secure) == endpoint
     assert backend.requests == 0
 
@@ -407,4 +409,4 @@ def test_endpoint_required_for_minio(monkeypatch: pytest.MonkeyPatch) -> None:
         secret_environ="CKPT_TEST_EP_SECRET",
     )
     with pytest.raises(ConfigError, match="give host"):
-        S3Backend(hp)
+        S3Backend(hp.store_settings())
