@@ -33,8 +33,8 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uploader ckpt tests bench examples
-	$(VENV)/bin/ruff format --check uploader ckpt tests bench examples
+	$(VENV)/bin/ruff check uploader ckpt harness tests bench examples
+	$(VENV)/bin/ruff format --check uploader ckpt harness tests bench examples
 	$(VENV)/bin/mypy uploader ckpt
 
 unit: $(STAMP) $(NODE_STAMP) systemd-tools

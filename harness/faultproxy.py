@@ -42,7 +42,7 @@ from urllib.parse import unquote
 
 __all__ = ["FaultPlan", "FaultProxy", "SLOWDOWN_BODY"]
 
-log = logging.getLogger("tests.faultproxy")
+log = logging.getLogger(__name__)
 
 _HEAD_LIMIT = 64 << 10
 _CHUNK = 64 << 10

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker(rank: int, port: int) -> None:
@@ -19,7 +19,7 @@ def worker(rank: int, port: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from tests.test_ckpt_helpers import assert_same_training_state, make_trainer
+    from tests.ckpt.helpers import assert_same_training_state, make_trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -51,7 +51,7 @@ def worker(rank: int, port: int) -> None:
 
 
 def test_two_gloo_ranks_resume_exactly(tmp_path: Path) -> None:
-    from tests.fixtures.local import free_port
+    from harness.servers.net import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

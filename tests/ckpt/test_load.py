@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckpt
-from tests.test_ckpt_helpers import assert_same_tensors, make_trainer
+from tests.ckpt.helpers import assert_same_tensors, make_trainer
 
 
 @pytest.fixture(scope="module")

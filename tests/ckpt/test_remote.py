@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ckpt
-from tests.fixtures.s3 import S3Server
-from tests.test_ckpt_helpers import assert_same_tensors, assert_same_training_state, make_trainer
+from harness.servers.s3 import S3Server
+from tests.ckpt.helpers import assert_same_tensors, assert_same_training_state, make_trainer
 from uploader import IntegrityError, ObjectStore, ObjectStoreHparams
 from uploader.bucket import pointer
 from uploader.errors import UploaderError

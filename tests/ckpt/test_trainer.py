@@ -13,7 +13,7 @@ import torch
 
 import ckpt
 from ckpt.saver import CheckpointSaver, temp_name
-from tests.test_ckpt_helpers import (
+from tests.ckpt.helpers import (
     assert_same_tensors,
     assert_same_training_state,
     files,
@@ -428,7 +428,7 @@ def test_loss_fn_style_default_optimizer_and_eval(tmp_path: Path) -> None:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tests.test_ckpt_helpers import dataset
+    from tests.ckpt.helpers import dataset
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)

@@ -328,7 +328,7 @@ def test_check_name_accepts_plain_paths(segs: list[str]) -> None:
     assert check_object_name(name) == name
 
 
-# Digest.parse: tests/test_digest.py has its property tests.
+# Digest.parse: tests/transfer/test_digest.py has its property tests.
 
 
 @settings(

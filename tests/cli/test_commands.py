@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.s3 import S3Server
-from tests.test_daemon_process import Daemon, atomic_write, run_cli, sha256, wait_for
+from harness.servers.s3 import S3Server
+from tests.daemon.test_process import Daemon, atomic_write, run_cli, sha256, wait_for
 from uploader.cli.main import build_parser, main
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.s3 import S3Server
-from tests.reliability import ROOT, Daemon, write_checkpoint_file
+from harness.reliability import ROOT, Daemon, write_checkpoint_file
+from harness.servers.s3 import S3Server
 from uploader import ObjectStoreHparams, UploaderError
 from uploader.daemon.journal import JOURNAL_NAME
 

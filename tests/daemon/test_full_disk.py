@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import small_filesystem
+from harness.reliability import small_filesystem
 from uploader.daemon.journal import RESERVE_NAME, FileRecord, Journal, JournalFullError
 from uploader.launch.worker import UploadWorker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.local import write_random
+from harness.data import write_random
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def uploader_cmd(*args: str) -> list[str]:

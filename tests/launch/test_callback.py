@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from ckpt import Trainer
-from tests.fixtures.s3 import S3Server
-from tests.reliability import wait_gone
+from harness.reliability import wait_gone
+from harness.servers.s3 import S3Server
 from uploader import ObjectStoreHparams, RunDirectoryUploader, WorkerError
 from uploader.bucket.pointer import read_pointer
 
@@ -463,7 +463,7 @@ def test_sigkill_of_training_right_after_a_save_still_uploads_it(tmp_path: Path)
 
 def test_make_demo_trains_uploads_and_resumes_from_latest(tmp_path: Path) -> None:
     """What `make demo` runs, into a temporary output directory."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "demo-output"
     proc = subprocess.run(
         [sys.executable, "-m", "examples.demo", "--output", str(out)],

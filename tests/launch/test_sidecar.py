@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.s3 import find_binary
+from harness.servers.s3 import find_binary
 from uploader import ObjectStoreHparams, Sidecar
 from uploader.bucket.pointer import read_pointer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save(path: Path, data: bytes) -> Path:

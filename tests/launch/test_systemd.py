@@ -24,10 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.fixtures.s3 import S3Server, find_binary
+from harness.servers.s3 import S3Server, find_binary
 from uploader.bucket.pointer import read_pointer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "ckpt-uploader@.service"
 INSTALLED_BINARY = "/opt/ckpt-uploader/bin/ckpt-uploader"

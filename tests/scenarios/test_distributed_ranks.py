@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckpt import Trainer
-from tests.fixtures.local import free_port
+from harness.servers.net import free_port
 from uploader import ObjectStoreHparams, RunDirectoryUploader
 from uploader.bucket.pointer import read_pointer, resolve_latest
 

@@ -2,7 +2,7 @@
 
 The full-length forms (30 kill cycles, a 30 s outage, hundreds of requests
 through the proxy) run in ``make reliability`` (bench/reliability.py) with the
-same scenario code (tests/reliability.py).
+same scenario code (harness/reliability/).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import scenario_kill9, scenario_proxy_faults, scenario_server_down
+from harness.reliability import scenario_kill9, scenario_proxy_faults, scenario_server_down
 
 pytestmark = pytest.mark.timeout(240)
 

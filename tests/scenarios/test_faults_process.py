@@ -2,7 +2,7 @@
 a full disk while saving, an object corrupted in the bucket.
 
 The full-length forms run in ``make reliability`` with the same scenario code
-(tests/reliability.py).
+(harness/reliability/).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import (
+from harness.reliability import (
     scenario_corrupt_object,
     scenario_disk_full,
     scenario_disk_full_late_start,

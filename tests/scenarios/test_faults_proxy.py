@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.faultproxy import FaultPlan, FaultProxy
+from harness.faultproxy import FaultPlan, FaultProxy
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -140,7 +140,7 @@ def test_rates_are_seeded_and_bounded(echo: ThreadingHTTPServer) -> None:
 
 
 def test_upstream_down_is_seen_as_a_closed_connection() -> None:
-    from tests.fixtures.local import free_port
+    from harness.servers.net import free_port
 
     with FaultProxy(("127.0.0.1", free_port())) as proxy:
         with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):

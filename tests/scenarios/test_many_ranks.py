@@ -1,7 +1,7 @@
 """Load, shortened: several upload workers against one server at once.
 
 ``make reliability`` runs the full form (8 ranks x 50 checkpoints of 4 MiB) with
-the same scenario code (tests/reliability.py) and records the figures.
+the same scenario code (harness/reliability/) and records the figures.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import scenario_load
+from harness.reliability import scenario_load
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.local import write_random
+from harness.data import write_random
 from uploader import Digest, IntegrityError
 from uploader.transfer.digest import PartHasher, combine_parts, file_digest, verify_file
 

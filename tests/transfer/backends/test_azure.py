@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultproxy import FaultPlan, FaultProxy
-from tests.fixtures.azure import AZURITE_SECRET_ENV, Azurite
-from tests.fixtures.local import write_random
-from tests.test_store_local import roundtrip
+from harness.data import write_random
+from harness.faultproxy import FaultPlan, FaultProxy
+from harness.servers.azure import AZURITE_SECRET_ENV, Azurite
+from tests.transfer.backends.test_local import roundtrip
 from uploader import (
     AuthError,
     ConfigError,
@@ -157,7 +157,7 @@ def test_key_not_base64(
 
 
 def test_unreachable_endpoint_gives_up_within_bounds(azure_container: str) -> None:
-    from tests.fixtures.local import free_port
+    from harness.servers.net import free_port
 
     hp = ObjectStoreHparams(
         provider="azure_blobs",

@@ -27,7 +27,7 @@ from xml.sax.saxutils import escape
 import pytest
 
 from tests.fixtures.local import assert_growing_file_is_refused, write_random
-from tests.test_store_local import roundtrip
+from tests.transfer.backends.test_local import roundtrip
 from uploader import (
     AuthError,
     ContainerNotFoundError,

@@ -1,6 +1,6 @@
 """ObjectStore over S3: real round trips against rclone serve s3 and moto_server.
 
-Both servers run on loopback (see ``tests/fixtures/s3.py``). Fault tests use
+Both servers run on loopback (see ``harness/servers/s3.py``). Fault tests use
 rclone only: moto keeps everything in memory (a restart forgets the bucket)
 and checks no credentials.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.local import write_random
-from tests.fixtures.s3 import FAST_RETRY, S3Server
+from harness.data import write_random
+from harness.servers.s3 import FAST_RETRY, S3Server
 from uploader import (
     AuthError,
     ConfigError,
