@@ -1,9 +1,10 @@
-"""ObjectStore on Azure block blobs, against Azurite started by the fixture."""
+"""Azure-specific cases against Azurite: blob properties and metadata rules, block ids,
+ranges, listing pages, container names, shared-key errors, restarts, Content-MD5, resets
+and the public endpoint. The cases every backend shares are in test_contract.py."""
 
 from __future__ import annotations
 
 import base64
-import os
 import threading
 import time
 from pathlib import Path
@@ -13,12 +14,9 @@ import pytest
 from harness.data import write_random
 from harness.faultproxy import FaultPlan, FaultProxy
 from harness.servers.azure import AZURITE_SECRET_ENV, Azurite
-from tests.transfer.backends.test_local import roundtrip
 from uploader import (
     AuthError,
     ConfigError,
-    ContainerNotFoundError,
-    IntegrityError,
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreHparams,
@@ -30,20 +28,6 @@ from uploader.transfer.digest import file_digest
 from uploader.transfer.store import DIGEST_META
 
 MiB = 1 << 20
-
-
-@pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, 3 * MiB + 7])
-def test_roundtrip_sizes(azure_store: ObjectStore, tmp_path: Path, size: int) -> None:
-    roundtrip(azure_store, tmp_path, size)
-
-
-def test_roundtrip_many_parts_parallel(
-    azurite: Azurite, azure_container: str, tmp_path: Path
-) -> None:
-    """24 blocks from 4 threads at once; the digest is checked on the way back."""
-    hp = azurite.hparams(azure_container)
-    with hp.initialize_object(part_size=MiB, concurrency=4, create_container=True) as store:
-        roundtrip(store, tmp_path, 24 * MiB + 3)
 
 
 def test_metadata_and_digest_in_blob_metadata(azure_store: ObjectStore, tmp_path: Path) -> None:
@@ -102,31 +86,6 @@ def test_list_prefixes_pagination_delete(azure_store: ObjectStore) -> None:
     assert azure_store.delete("q/other") is False
     with pytest.raises(ObjectNotFoundError):
         azure_store.stat("q/other")
-
-
-def test_overwrite_and_tampering_detected(azure_store: ObjectStore, tmp_path: Path) -> None:
-    a = write_random(tmp_path / "a.bin", 3 * MiB, seed=1)
-    azure_store.upload_file(a, "o/obj")
-    # Replace the blob's bytes behind the store's back (same size, no sidecar update).
-    tampered = bytearray(a.read_bytes())
-    tampered[MiB + 1] ^= 0xFF
-    azure_store.backend.put_bytes("o/obj", bytes(tampered), {}, b"")
-    out = tmp_path / "out"
-    with pytest.raises(IntegrityError):
-        azure_store.download_file("o/obj", out / "obj", progress=False)
-    assert not out.exists() or list(out.iterdir()) == []
-    # A regular overwrite records the new digest.
-    b = write_random(tmp_path / "b.bin", 10, seed=2)
-    azure_store.upload_file(b, "o/obj")
-    got = azure_store.download_file("o/obj", out / "obj", progress=False)
-    assert got.read_bytes() == b.read_bytes()
-
-
-def test_missing_container(azurite: Azurite, azure_container: str) -> None:
-    hp = azurite.hparams(azure_container)
-    with pytest.raises(ContainerNotFoundError) as info:
-        hp.initialize_object()
-    assert azure_container in str(info.value) and "create" in str(info.value)
 
 
 def test_invalid_container_name(azurite: Azurite) -> None:
@@ -198,21 +157,6 @@ def test_server_restart_within_retry_window(
     assert result.retries > 0
     out = azure_store.download_file("restart/a.bin", tmp_path / "o.bin", progress=False)
     assert file_digest(out, MiB) == result.digest
-
-
-def test_no_secret_in_repr_or_errors(azure_store: ObjectStore) -> None:
-    key = os.environ[AZURITE_SECRET_ENV]
-    assert key not in repr(azure_store)
-    with pytest.raises(ObjectNotFoundError) as info:
-        azure_store.stat("nope")
-    assert key not in str(info.value)
-
-
-@pytest.mark.parametrize("name", ["a b/c+d%e/\u00fc.pt", "x/y=z&w?.pt", "semi;colon/#hash"])
-def test_names_needing_escapes(azure_store: ObjectStore, tmp_path: Path, name: str) -> None:
-    """Signing covers the escaped path: such names must round-trip and list as given."""
-    roundtrip(azure_store, tmp_path, 2 * MiB + 1, name=name)
-    assert [i.name for i in azure_store.list(name[:3])] == [name]
 
 
 def test_md5_mismatch_is_transient(azure_store: ObjectStore) -> None:

@@ -14,6 +14,7 @@ test_gcs.py and test_local.py beside this file.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 from harness.data import write_random
 from tests.fixtures.local import assert_growing_file_is_refused
-from tests.fixtures.stores import Target
+from tests.fixtures.stores import Target, roundtrip
 from uploader import (
     ConfigError,
     ContainerNotFoundError,
@@ -29,31 +30,9 @@ from uploader import (
     ObjectNotFoundError,
     ObjectStore,
 )
-from uploader.transfer.digest import Digest, file_digest
+from uploader.transfer.digest import Digest
 
 MiB = 1 << 20
-
-
-def roundtrip(store: ObjectStore, tmp_path: Path, size: int, name: str | None = None) -> None:
-    """Upload a random file of ``size`` bytes, download it, compare bytes and digests."""
-    src = write_random(tmp_path / f"src-{size}.bin", size, seed=size)
-    obj = name or f"run/rank_0/f{size}.bin"
-    result = store.upload_file(src, obj)
-    expected = file_digest(src, store.effective_part_size(size))
-    assert result.size == size
-    assert result.digest == expected
-    assert result.parts == max(1, -(-size // store.effective_part_size(size)))
-    stat = store.stat(obj)
-    assert stat.size == size
-    assert stat.digest == expected
-    dest = store.download_file(obj, tmp_path / "out" / f"f{size}.bin", progress=False)
-    assert dest.stat().st_size == size
-    assert file_digest(dest, store.part_size) == file_digest(src, store.part_size)
-    if size <= 16 * MiB:
-        assert dest.read_bytes() == src.read_bytes()
-    # No temporary file left beside the destination.
-    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
-    dest.unlink()
 
 
 @pytest.fixture
@@ -75,10 +54,11 @@ def user_metadata(store: ObjectStore, given: dict[str, str]) -> dict[str, str]:
 # -- upload and download ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("parts", ["0", "1B", "P-1", "P", "P+1", "3P+7"])
+@pytest.mark.parametrize("parts", ["0", "1B", "P-1", "P", "P+1", "2P", "3P+7"])
 def test_roundtrip_sizes(target: Target, store: ObjectStore, tmp_path: Path, parts: str) -> None:
     p = target.part
-    size = {"0": 0, "1B": 1, "P-1": p - 1, "P": p, "P+1": p + 1, "3P+7": 3 * p + 7}[parts]
+    sizes = {"0": 0, "1B": 1, "P-1": p - 1, "P": p, "P+1": p + 1, "2P": 2 * p, "3P+7": 3 * p + 7}
+    size = sizes[parts]
     roundtrip(store, tmp_path, size)
 
 
@@ -112,8 +92,8 @@ def test_put_and_get_bytes(store: ObjectStore) -> None:
         store.get_bytes("b/missing")
 
 
-def test_download_into_directory(store: ObjectStore, tmp_path: Path) -> None:
-    src = write_random(tmp_path / "a.bin", 1500)
+def test_download_into_directory(target: Target, store: ObjectStore, tmp_path: Path) -> None:
+    src = write_random(tmp_path / "a.bin", target.part + 1500)
     store.upload_file(src, "run/rank_0/ep1.pt")
     d = tmp_path / "restore"
     d.mkdir()
@@ -173,6 +153,9 @@ def test_delete_and_missing_objects(store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFoundError):
         store.download_file("nope/x.pt", tmp_path / "x.pt", progress=False)
     assert not (tmp_path / "x.pt").exists()
+    # Missing is reported before the destination is looked at.
+    with pytest.raises(ObjectNotFoundError):
+        store.download_file("nope/x.pt", "/nonexistent-dir/x", progress=False)
     assert store.delete("nope/x.pt") is False
     store.put_bytes("yes/x.pt", b"x")
     assert store.exists("yes/x.pt")
@@ -185,8 +168,6 @@ def test_delete_and_missing_objects(store: ObjectStore, tmp_path: Path) -> None:
 
 
 def test_stat_fields(store: ObjectStore) -> None:
-    import time
-
     store.put_bytes("s/x", b"abc", {"run": "r9"})
     st = store.stat("s/x")
     assert st.size == 3 and st.metadata == user_metadata(store, {"run": "r9"})
@@ -197,16 +178,24 @@ def test_stat_fields(store: ObjectStore) -> None:
     assert st.digest == (want if store.backend.keeps_metadata else None)
 
 
-def test_ranged_reads(store: ObjectStore) -> None:
+def test_ranged_reads(target: Target, store: ObjectStore, tmp_path: Path) -> None:
     data = bytes(range(256)) * 40
     store.put_bytes("r/obj", data)
     be = store.backend
     assert b"".join(be.read_range("r/obj", 3, 10)) == data[3:13]
     assert b"".join(be.read_range("r/obj", 1000, None, chunk_size=7)) == data[1000:]
-    assert b"".join(be.read_range("r/obj", 0, 5000, chunk_size=1000)) == data[:5000]
+    chunks = list(be.read_range("r/obj", 0, 5000, chunk_size=1000))
+    assert [len(c) for c in chunks] == [1000] * 5 and b"".join(chunks) == data[:5000]
     assert b"".join(be.read_range("r/obj", len(data) - 1, 1)) == data[-1:]
     with pytest.raises(ObjectNotFoundError):
         b"".join(be.read_range("r/missing", 0, 10))
+    # Ranges across a part boundary of a multipart object, and up to its end.
+    src = write_random(tmp_path / "m.bin", 2 * target.part + 3)
+    big = src.read_bytes()
+    store.upload_file(src, "r/multi")
+    p = target.part
+    assert b"".join(be.read_range("r/multi", p - 5, 10, chunk_size=4)) == big[p - 5 : p + 5]
+    assert b"".join(be.read_range("r/multi", len(big) - 3, None)) == big[-3:]
 
 
 # -- integrity ----------------------------------------------------------------------------
@@ -237,6 +226,12 @@ def test_truncated_object_detected(target: Target, store: ObjectStore, tmp_path:
         store.download_file("t/a.bin", out_dir / "a.bin", progress=False)
     with pytest.raises(IntegrityError, match="truncated"):
         store.download_file("t/a.bin", out_dir / "a.bin", progress=False, expected_size=result.size)
+    # A small object cut short is caught by the digest the caller knows.
+    small = write_random(tmp_path / "s.bin", 4000)
+    r = store.upload_file(small, "t/s.bin")
+    target.replace_bytes(store, "t/s.bin", small.read_bytes()[:3000])
+    with pytest.raises(IntegrityError):
+        store.download_file("t/s.bin", out_dir / "s.bin", progress=False, expected_digest=r.digest)
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
@@ -356,6 +351,9 @@ def test_abort_stale_uploads(target: Target, store: ObjectStore) -> None:
     assert sorted((n, u) for n, u, _ in listed) == sorted(
         (f"stale/{i}.pt", ids[i]) for i in range(2)
     )
+    if target.kind != "moto":  # moto reports a fixed 2010 start time for every upload
+        assert all(abs(t - time.time()) < 3600 for _, _, t in listed)
+        assert store.abort_stale_uploads("stale/", older_than=3600) == 0
     assert store.abort_stale_uploads("stale/") == 2
     assert be.list_uploads("stale/") == []
     assert [n for n, _, _ in be.list_uploads("")] == ["elsewhere/x.pt"]
