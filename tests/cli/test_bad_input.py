@@ -271,43 +271,12 @@ def test_failed_download_keeps_the_existing_destination(tmp_path: Path) -> None:
 
 # -- property-based tests of the parsers ------------------------------------------------------
 
+# parse_uri's property tests live in tests/config/test_parse_uri.py.
+
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
-
-
-@settings(max_examples=300, deadline=None)
-@given(_text)
-def test_parse_uri_total(uri: str) -> None:
-    """Any string is either a location or a ConfigError, never another exception."""
-    try:
-        loc = parse_uri(uri)
-    except ConfigError as exc:
-        assert str(exc)
-        return
-    assert ".." not in loc.prefix.split("/")
-    assert "@" not in loc.hparams.container
-
-
-_bucket = st.text(string.ascii_lowercase + string.digits + "-", min_size=3, max_size=20)
 _segment = st.text(string.ascii_letters + string.digits + "_-.", min_size=1, max_size=12).filter(
     lambda s: s not in (".", "..")
 )
-
-
-@settings(max_examples=200, deadline=None)
-@given(_bucket, st.lists(_segment, max_size=4), st.sampled_from(["s3", "azure", "gs"]))
-def test_parse_uri_round_trip(bucket: str, segs: list[str], scheme: str) -> None:
-    prefix = "/".join(segs)
-    loc = parse_uri(f"{scheme}://{bucket}/{prefix}")
-    assert loc.hparams.container == bucket
-    assert loc.prefix == prefix
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=1, max_value=65535), st.sampled_from(["127.0.0.1", "localhost"]))
-def test_parse_uri_endpoint(port: int, host: str) -> None:
-    loc = parse_uri(f"s3://b/p?endpoint=http://{host}:{port}")
-    assert loc.hparams.port == port and loc.hparams.host == host
-    assert loc.hparams.secure is False
 
 
 @settings(max_examples=300, deadline=None)

@@ -339,15 +339,6 @@ def test_tls_by_default_for_non_loopback(kwargs: dict[str, object], secure: bool
         del os.environ["CKPT_TLS_KEY"], os.environ["CKPT_TLS_SECRET"]
 
 
-def test_uri_endpoint_without_scheme_is_tls() -> None:
-    from uploader import parse_uri
-
-    assert parse_uri("s3://b/p?endpoint=s3.example.com:9000").hparams.secure is True
-    assert parse_uri("s3://b/p?endpoint=https://s3.example.com").hparams.secure is True
-    assert parse_uri("s3://b/p?endpoint=http://s3.example.com").hparams.secure is False
-    assert parse_uri("azure://c/p").hparams.secure is True
-
-
 # -- torch.load ---------------------------------------------------------------------------------
 
 
