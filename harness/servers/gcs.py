@@ -142,7 +142,7 @@ class _ShimHandler(BaseHTTPRequestHandler):
         for k, v in headers:
             if k.lower() not in _HOP:
                 self.send_header(k, v)
-        length = dict((k.lower(), v) for k, v in headers).get("content-length")
+        length = {k.lower(): v for k, v in headers}.get("content-length", "0")
         # A HEAD answer announces the object's length without a body.
         self.send_header("Content-Length", length if self.command == "HEAD" else str(len(body)))
         self.end_headers()

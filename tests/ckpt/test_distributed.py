@@ -1,6 +1,6 @@
 """Two gloo ranks in real processes: shared run timestamp, DDP checkpoints, exact resume.
 
-Run as a script, this file is one rank's worker (``python test_ckpt_distributed.py RANK PORT``).
+Run as a script, this file is one rank's worker (``python tests/ckpt/test_distributed.py RANK PORT``).
 """
 
 from __future__ import annotations
