@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.data import file_digest
 from tests.fixtures.local import write_random
-from tests.transfer.helpers import file_digest
 from uploader import IntegrityError, ObjectStore, ObjectStoreHparams
 
 KiB = 1 << 10
