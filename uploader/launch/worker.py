@@ -89,7 +89,7 @@ class UploadWorker:
         parent_pid: the worker drains and exits when this process is gone
             (default: the calling process; 0 or None disables it).
         drain_timeout: seconds the worker may spend draining after SIGTERM (or
-            after the parent is gone) before it gives up with exit code 3.
+            after the parent is gone) before it gives up with ``ExitCode.TIMEOUT``.
             None: no limit.
         keep_local: keep only the newest N verified checkpoints on local disk.
         create_container: create the bucket when it does not exist.
@@ -388,7 +388,7 @@ class UploadWorker:
         self._close_log()
 
     def _interrupt(self) -> int | None:
-        """Second SIGTERM (the worker stops, exit 143), then SIGKILL."""
+        """Second SIGTERM (the worker stops: ``ExitCode.SIGTERM``), then SIGKILL."""
         assert self.proc is not None
         for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
