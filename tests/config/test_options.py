@@ -7,6 +7,7 @@ command line's own parser must agree exactly: parse(to_argv(x)) == x.
 from __future__ import annotations
 
 import string
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,13 @@ def parse(argv: list[str]) -> tuple[WatchOptions, StoreLocation]:
 
 
 # -- strategies -------------------------------------------------------------------------------
+# "--" alone is refused by to_argv (argparse reads it as the end of the options).
 _word = st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=8).filter(
-    lambda w: w not in (".", "..")
+    lambda w: w not in (".", "..", "--")
 )
-_glob = st.text(string.ascii_letters + string.digits + "*?.-_/[]", min_size=1, max_size=12)
+_glob = st.text(string.ascii_letters + string.digits + "*?.-_/[]", min_size=1, max_size=12).filter(
+    lambda g: g != "--"
+)
 _patterns = st.lists(_glob, min_size=1, max_size=3).map(tuple)
 _path = st.lists(_word, min_size=1, max_size=3).map(lambda p: Path("/" + "/".join(p)))
 _seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
@@ -136,10 +140,14 @@ def test_credentials_are_variable_names_in_argv_never_values(
     assert "VALUE-NEVER-SHOWN" not in text and "never-shown" not in text
 
 
-def test_an_empty_pattern_list_cannot_be_written_as_flags() -> None:
+def test_what_argparse_cannot_carry_is_refused_not_changed() -> None:
     hp = ObjectStoreHparams(provider="local", container="/b")
     with pytest.raises(ConfigError, match="config file"):
         to_argv(WatchOptions(include=()), StoreLocation(hp, ""))
+    with pytest.raises(ConfigError, match="--pointer-pattern '--' cannot be passed"):
+        to_argv(WatchOptions(pointer_pattern=("--",)), StoreLocation(hp, ""))
+    with pytest.raises(ConfigError, match="--region '--'"):
+        to_argv(WatchOptions(), StoreLocation(replace(hp, region="--"), ""))
 
 
 # -- defaults and resolution ----------------------------------------------------------------------

@@ -149,6 +149,13 @@ def _checked(key: str, value: Any) -> Any:
     return bool(value)  # exit_when_idle, create_container
 
 
+def _flag(key: str, value: Any) -> str:
+    text = str(value)
+    if text == "--":  # argparse reads a value "--" as "end of options", not as itself
+        raise ConfigError(f"{flag_name(key)} '--' cannot be passed on a command line")
+    return f"{flag_name(key)}={text}"
+
+
 def to_argv(options: WatchOptions, location: StoreLocation) -> list[str]:
     """The ``watch`` flags that the command line reads back as ``options`` and ``location``.
 
@@ -165,9 +172,9 @@ def to_argv(options: WatchOptions, location: StoreLocation) -> list[str]:
             if value:
                 argv.append(f"--extra-init-kwargs={json.dumps(value, sort_keys=True)}")
         elif value is not None:
-            argv.append(f"{flag_name(key)}={value}")
+            argv.append(_flag(key, value))
     if location.prefix:
-        argv.append(f"--prefix={location.prefix}")
+        argv.append(_flag("prefix", location.prefix))
     default = WatchOptions()
     for key in WATCH_KEYS:
         value = getattr(options, key)
@@ -178,9 +185,9 @@ def to_argv(options: WatchOptions, location: StoreLocation) -> list[str]:
                 raise ConfigError(
                     f"{key} = [] (no patterns) cannot be given as flags; use a config file"
                 )
-            argv += [f"{flag_name(key)}={p}" for p in value]
+            argv += [_flag(key, p) for p in value]
         elif isinstance(value, bool):
             argv.append(flag_name(key))  # only True differs from a False default
         else:
-            argv.append(f"{flag_name(key)}={value}")
+            argv.append(_flag(key, value))
     return argv
