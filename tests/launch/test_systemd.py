@@ -245,11 +245,11 @@ def test_unit_settings_hold_together() -> None:
 
 
 def test_example_config_and_env_file_are_what_the_cli_reads(tmp_path: Path) -> None:
-    from uploader.cli.main import WATCH_DEFAULTS
     from uploader.config.files import load_config_file
+    from uploader.config.options import WATCH_KEYS
 
     cfg = load_config_file(str(SYSTEMD / "ckpt-uploader.example.toml"))
-    assert set(cfg["watch"]) <= set(WATCH_DEFAULTS)
+    assert set(cfg["watch"]) <= set(WATCH_KEYS)
     env = read_environment_file(SYSTEMD / "ckpt-uploader.env.example")
     store = cfg["store"]
     assert {store["key_environ"], store["secret_environ"]} <= set(env)
