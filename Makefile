@@ -33,9 +33,9 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check uploader ckpt tests bench examples
-	$(VENV)/bin/ruff format --check uploader ckpt tests bench examples
-	$(VENV)/bin/mypy uploader ckpt
+	$(VENV)/bin/ruff check uploader ckpt harness tests bench examples
+	$(VENV)/bin/ruff format --check uploader ckpt harness tests bench examples
+	$(VENV)/bin/mypy uploader ckpt harness
 
 unit: $(STAMP) $(NODE_STAMP) systemd-tools
 	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 def rclone_env(server: Any, base: Path) -> dict[str, str]:
     """This process's environment plus an rclone remote ``bench:`` for ``server`` (an
-    ``S3Server`` of tests/fixtures/s3.py), its credentials, and PYTHONPATH for children."""
+    ``S3Server`` of harness/servers/s3.py), its credentials, and PYTHONPATH for children."""
     env = dict(os.environ)
     env.update(server.env)
     env.update(

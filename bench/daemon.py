@@ -142,7 +142,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run(samples: int, big: int, nfiles: int, idle: float, runs: int) -> dict[str, Any]:
-    from tests.fixtures.s3 import find_binary, start_rclone_s3
+    from harness.servers.s3 import find_binary, start_rclone_s3
     from uploader.transfer.retry import RetryPolicy
 
     rclone = find_binary("rclone")

@@ -1,6 +1,6 @@
 """Full-length fault and load cases; writes docs/reliability.md (``make reliability``).
 
-Runs every scenario of ``tests/reliability.py`` at its full size (the tests run
+Runs every scenario of ``harness/reliability/`` at its full size (the tests run
 the same code shortened) against real processes on loopback, then writes one
 table with the figures of each case. ``--quick`` runs the shortened sizes (to
 check the harness); ``--only NAME`` runs some cases and keeps the report's
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests import reliability as R
+from harness import reliability as R
 
 __all__ = ["CASES", "main"]
 
@@ -97,10 +97,10 @@ Every row below is a fault or load case run against real processes on
 loopback: `rclone serve s3` as the object store, the `ckpt-uploader` daemon and
 upload workers as separate processes, real training processes, real signals,
 a real size-limited filesystem, and a fault-injecting TCP proxy
-(`tests/faultproxy.py`) between uploader and server. `make test` runs a
-shortened form of every case (`tests/test_faults_*.py`, `tests/test_load.py`);
+(`harness/faultproxy.py`) between uploader and server. `make test` runs a
+shortened form of every case (`tests/scenarios/`);
 `make reliability` runs the full forms below with the same scenario code
-(`tests/reliability.py`) and rewrites this file.
+(`harness/reliability/`) and rewrites this file.
 
 *Lost*: a file written locally whose object is missing from the bucket.
 *Corrupted*: an object whose bytes differ from the local file's sha256, or

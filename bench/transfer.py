@@ -228,7 +228,7 @@ def _write_random(path: Path, size: int) -> None:
 
 
 def run(size: int, runs: int, clients: list[str]) -> Results:
-    from tests.fixtures.s3 import find_binary, start_rclone_s3
+    from harness.servers.s3 import find_binary, start_rclone_s3
 
     tools = {"s5cmd": find_binary("s5cmd"), "rclone": find_binary("rclone")}
     results = Results(size)

@@ -23,12 +23,14 @@ Example::
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Callback", "EVENTS"]
+__all__ = ["Callback", "dispatch", "dispatch_exception"]
 
-EVENTS = ("fit_start", "epoch_start", "batch_end", "epoch_end", "fit_end")
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -54,3 +56,27 @@ class Callback:
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
         pass
+
+
+def dispatch(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    """Call ``event(*args)`` on every callback that has it, in order."""
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if callable(fn):
+            fn(*args)
+
+
+def dispatch_exception(callbacks: Sequence[Any], trainer: Any, exc: BaseException) -> None:
+    """Tell callbacks that ``fit()`` is failing; their own errors are logged, not raised,
+    so the training error is the one the caller sees."""
+    for cb in callbacks:
+        fn = getattr(cb, "on_exception", None)
+        if callable(fn):
+            try:
+                fn(trainer, exc)
+            except Exception as cb_exc:
+                log.error(
+                    "callback %s failed while handling the training error: %s",
+                    type(cb).__name__,
+                    cb_exc,
+                )

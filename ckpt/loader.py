@@ -157,17 +157,16 @@ def resolve_remote(
     from uploader.errors import UploaderError
 
     name = name.strip("/")
-    if name == "latest" or name.endswith("/latest"):
-        base = name[: -len("latest")].strip("/")
-        if prefix is not None:
-            base = "/".join(p for p in (prefix.strip("/"), base) if p)
-        entries = pointer.resolve_latest(store, base, world_size)
-        if rank not in entries:
+    if pointer.latest_prefix(name) is not None and prefix is not None:
+        name = "/".join(p for p in (prefix.strip("/"), name) if p)
+    latest = pointer.select_latest(store, name, world_size, rank)
+    if latest is not None:
+        if rank not in latest.chosen:
             raise CheckpointError(
-                f"'latest' under {base or '(root)'!r} has no entry for rank {rank}; "
-                f"ranks with commit pointers: {sorted(entries)}"
+                f"'latest' under {latest.prefix or '(root)'!r} has no entry for rank {rank}; "
+                f"ranks with commit pointers: {sorted(latest.entries)}"
             )
-        e = entries[rank]
+        e = latest.chosen[rank]
         log.info("latest resolves to %s (%s)", e.object, e.digest)
         return e.object, e.digest, e.size
     if prefix:

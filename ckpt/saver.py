@@ -13,7 +13,7 @@ training loop at its next :meth:`poll`, :meth:`save` or :meth:`wait`.
 Example::
 
     saver = CheckpointSaver("/data/ckpts", save_interval="1ep", compression="zstd")
-    saver.save(state_dict, "ep1")   # returns once the state is copied
+    saver.save(state_dict, saver.filename(epoch=1, batch=0, unit="ep"))  # ep1.pt.zst
     saver.wait()                    # the file is on disk
 """
 
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from uploader.transfer.files import fsync_dir
+
 from .codecs import compressing_writer, extension_for, normalize_codec
 from .errors import CheckpointError
 from .interval import Interval, parse_interval
@@ -45,19 +47,6 @@ log = logging.getLogger("ckpt.saver")
 def temp_name(path: Path) -> Path:
     """The hidden name a checkpoint is written under before its rename."""
     return path.parent / f".{path.name}.tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -81,7 +70,7 @@ def write_checkpoint(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -126,8 +115,9 @@ class CheckpointSaver:
     Example::
 
         saver = CheckpointSaver(Path("ckpts"), "500ba", compression="zstd")
-        if saver.should_save(timer, "batch"):
-            saver.save(trainer_state_dict(), saver.filename(timer, "ba"))
+        if saver.should_save(timer.epoch, timer.batch, "batch"):
+            # a callable is called after the previous save finished, then copied to CPU
+            saver.save(state.checkpoint, saver.filename(timer.epoch, timer.batch, "ba"))
     """
 
     def __init__(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,9 @@ from .errors import CheckpointError
 
 __all__ = [
     "STATE_KEYS",
+    "State",
     "Timer",
+    "callback_keys",
     "capture_rng",
     "restore_rng",
     "snapshot",
@@ -187,3 +189,72 @@ def strip_ddp_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
     if meta is not None:
         out._metadata = meta  # type: ignore[attr-defined]
     return out
+
+
+class State:
+    """What the Trainer trains and what a checkpoint holds (see :data:`STATE_KEYS`)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list[Any],
+        callbacks: list[Any],
+        timer: Timer,
+        rank_zero_seed: int,
+        is_model_ddp: bool,
+        scaler: Any = None,
+    ) -> None:
+        self.model = model
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+        self.callbacks = callbacks
+        self.timer = timer
+        self.rank_zero_seed = rank_zero_seed
+        self.is_model_ddp = is_model_ddp
+        self.scaler = scaler
+        self.algorithms: list[Any] = []
+        self.epoch_start_rng: dict[str, Any] = {}
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The model without its DistributedDataParallel wrapper."""
+        return self.model.module if self.is_model_ddp else self.model  # type: ignore[return-value]
+
+    def callback_states(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, cb in callback_keys(self.callbacks):
+            fn = getattr(cb, "state_dict", None)
+            if callable(fn):
+                out[key] = fn()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = {
+            "model": strip_ddp_prefix(self.raw_model.state_dict()),
+            "timer": self.timer.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "algorithms": [],
+            "callbacks": self.callback_states(),
+            "rng": self.epoch_start_rng,
+            "rank_zero_seed": self.rank_zero_seed,
+            "is_model_ddp": self.is_model_ddp,
+        }
+        assert tuple(sd) == STATE_KEYS
+        return sd
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The whole checkpoint: ``{"rng": ..., "state": ...}``."""
+        return {"rng": capture_rng(), "state": self.state_dict()}
+
+
+def callback_keys(callbacks: Sequence[Any]) -> Iterator[tuple[str, Any]]:
+    """(key, callback) pairs: the class name, with ``#n`` for the n-th repeat of a class."""
+    seen: dict[str, int] = {}
+    for cb in callbacks:
+        name = type(cb).__name__
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        yield (name if n == 0 else f"{name}#{n}"), cb

@@ -27,207 +27,36 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, RandomSampler
 
-from .errors import CheckpointError, IncompatibleStateError
+from .callbacks import dispatch, dispatch_exception
+from .data import (
+    as_list,
+    batch_size,
+    len_or_none,
+    require_batches,
+    shard_for_rank,
+    skip_batches,
+    to_device,
+)
 from .interval import Interval, parse_interval
 from .loader import DEFAULT_CHUNK_SIZE, load
+from .resume import restore
 from .saver import CheckpointSaver
-from .state import STATE_KEYS, Timer, capture_rng, restore_rng, strip_ddp_prefix
+from .state import State, Timer, capture_rng, restore_rng
 
 __all__ = ["Trainer", "State"]
 
 log = logging.getLogger("ckpt.trainer")
 
-#: Optimizer state entries that have one value per parameter element.
-_PER_ELEMENT = {
-    "exp_avg",
-    "exp_avg_sq",
-    "max_exp_avg_sq",
-    "momentum_buffer",
-    "square_avg",
-    "grad_avg",
-    "acc_delta",
-    "sum",
-    "ax",
-    "prev",
-    "step_size",
-    "exp_inf",
-    "mu_product_buf",
-}
-
-
-def _as_list(x: Any) -> list[Any]:
-    if x is None:
-        return []
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return [x]
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            return _batch_size(v)
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    return 1
-
 
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-class State:
-    """What the Trainer trains and what a checkpoint holds (see :data:`ckpt.state.STATE_KEYS`)."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizers: list[torch.optim.Optimizer],
-        schedulers: list[Any],
-        callbacks: list[Any],
-        timer: Timer,
-        rank_zero_seed: int,
-        is_model_ddp: bool,
-        scaler: Any = None,
-    ) -> None:
-        self.model = model
-        self.optimizers = optimizers
-        self.schedulers = schedulers
-        self.callbacks = callbacks
-        self.timer = timer
-        self.rank_zero_seed = rank_zero_seed
-        self.is_model_ddp = is_model_ddp
-        self.scaler = scaler
-        self.algorithms: list[Any] = []
-        self.epoch_start_rng: dict[str, Any] = {}
-
-    @property
-    def raw_model(self) -> torch.nn.Module:
-        """The model without its DistributedDataParallel wrapper."""
-        return self.model.module if self.is_model_ddp else self.model  # type: ignore[return-value]
-
-    def callback_states(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, cb in _callback_keys(self.callbacks):
-            fn = getattr(cb, "state_dict", None)
-            if callable(fn):
-                out[key] = fn()
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = {
-            "model": strip_ddp_prefix(self.raw_model.state_dict()),
-            "timer": self.timer.state_dict(),
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "algorithms": [],
-            "callbacks": self.callback_states(),
-            "rng": self.epoch_start_rng,
-            "rank_zero_seed": self.rank_zero_seed,
-            "is_model_ddp": self.is_model_ddp,
-        }
-        assert tuple(sd) == STATE_KEYS
-        return sd
-
-    def checkpoint(self) -> dict[str, Any]:
-        """The whole checkpoint: ``{"rng": ..., "state": ...}``."""
-        return {"rng": capture_rng(), "state": self.state_dict()}
-
-
-def _callback_keys(callbacks: Sequence[Any]) -> Iterator[tuple[str, Any]]:
-    seen: dict[str, int] = {}
-    for cb in callbacks:
-        name = type(cb).__name__
-        n = seen.get(name, 0)
-        seen[name] = n + 1
-        yield (name if n == 0 else f"{name}#{n}"), cb
-
-
-def check_model_state(model: torch.nn.Module, sd: Mapping[str, Any], strict: bool) -> None:
-    """Raise IncompatibleStateError naming mismatched keys or shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd
-        and isinstance(sd[k], torch.Tensor)
-        and isinstance(own[k], torch.Tensor)
-        and sd[k].shape != own[k].shape
-    ]
-    problems = []
-    if shapes:
-        problems.append("shape mismatch: " + "; ".join(shapes[:20]))
-    if strict and missing:
-        problems.append("missing in checkpoint: " + ", ".join(missing[:20]))
-    if strict and unexpected:
-        problems.append("not in model: " + ", ".join(unexpected[:20]))
-    if problems:
-        raise IncompatibleStateError(
-            "the checkpoint's model weights do not fit the model given to the Trainer ("
-            + " | ".join(problems)
-            + "). Pass the same architecture, or load_weights_only=True with load_strict=False "
-            "to load the matching weights only"
-        )
-
-
-def check_optimizer_state(opt: torch.optim.Optimizer, sd: Mapping[str, Any], index: int) -> None:
-    """Raise IncompatibleStateError when ``sd`` cannot be the state of ``opt``."""
-    what = f"optimizer {index} ({type(opt).__name__})"
-    groups = opt.param_groups
-    saved = sd.get("param_groups", [])
-    if len(saved) != len(groups):
-        raise IncompatibleStateError(
-            f"{what} has {len(groups)} parameter group(s) but the checkpoint has {len(saved)}"
-        )
-    state = sd.get("state", {})
-    for gi, (g, sg) in enumerate(zip(groups, saved, strict=False)):
-        if len(g["params"]) != len(sg["params"]):
-            raise IncompatibleStateError(
-                f"{what}: group {gi} has {len(g['params'])} parameters but the checkpoint's has "
-                f"{len(sg['params'])}; the model or the parameter grouping differs"
-            )
-        lacking = sorted(set(g) - set(sg) - {"params"})
-        if lacking:
-            raise IncompatibleStateError(
-                f"{what}: the checkpoint's group {gi} lacks hyperparameters {lacking}; it was "
-                "saved by a different optimizer class. Use the same optimizer to resume, or "
-                "load_weights_only=True to start a new optimizer"
-            )
-        for p, pid in zip(g["params"], sg["params"], strict=False):
-            for k, v in state.get(pid, {}).items():
-                if (
-                    k in _PER_ELEMENT
-                    and isinstance(v, torch.Tensor)
-                    and v.dim() > 0
-                    and v.shape != p.shape
-                ):
-                    raise IncompatibleStateError(
-                        f"{what}: state {k!r} of parameter {pid} has shape {tuple(v.shape)} in "
-                        f"the checkpoint but the parameter has shape {tuple(p.shape)}"
-                    )
 
 
 class Trainer:
@@ -317,7 +146,7 @@ class Trainer:
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
             if distributed:
-                seed = self._broadcast(seed)
+                seed = _broadcast(seed)
         self.rank_zero_seed = int(seed)
         self.seed = self.rank_zero_seed + self.rank
         _seed_everything(self.seed)
@@ -330,10 +159,12 @@ class Trainer:
             if not isinstance(model, DistributedDataParallel):
                 model = DistributedDataParallel(model)
             is_ddp = True
-            train_dataloader = self._shard(train_dataloader)
+            train_dataloader = shard_for_rank(
+                train_dataloader, self.world_size, self.rank, self.rank_zero_seed
+            )
         self.train_dataloader = train_dataloader
 
-        opts = _as_list(optimizers)
+        opts = as_list(optimizers)
         if not opts:
             opts = [torch.optim.SGD(model.parameters(), lr=0.01)]
         self.callbacks = list(callbacks)
@@ -341,28 +172,14 @@ class Trainer:
         self.state = State(
             model,
             opts,
-            _as_list(schedulers),
+            as_list(schedulers),
             self.callbacks,
             self.timer,
             self.rank_zero_seed,
             is_ddp,
         )
 
-        # Where checkpoints go.
-        self.run_directory: Path | None = None
-        folder: Path | None = None
-        if save_folder is not None:
-            sf = Path(save_folder)
-            if sf.is_absolute():
-                self.run_directory = folder = sf
-            else:
-                stamp = run_timestamp or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
-                    f"-{time.time_ns() // 1000 % 1_000_000:06d}Z"
-                )
-                if distributed:
-                    stamp = self._broadcast(stamp)
-                self.run_directory = Path.cwd() / "runs" / stamp / f"rank_{self.rank}"
-                folder = self.run_directory / sf
+        self.run_directory, folder = _checkpoint_folder(save_folder, run_timestamp, self.rank)
         self.checkpoint_saver: CheckpointSaver | None = None
         if folder is not None:
             self.checkpoint_saver = CheckpointSaver(
@@ -388,38 +205,6 @@ class Trainer:
                 load_progress_bar,
             )
 
-    # -- distributed helpers ----------------------------------------------------------------
-    @staticmethod
-    def _broadcast(value: Any) -> Any:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _shard(self, loader: Iterable[Any]) -> Iterable[Any]:
-        """Give each rank its own deterministic share of the data (seeded by epoch)."""
-        from torch.utils.data.distributed import DistributedSampler
-
-        if not isinstance(loader, DataLoader) or isinstance(loader.sampler, DistributedSampler):
-            return loader
-        sampler: DistributedSampler[Any] = DistributedSampler(
-            loader.dataset,  # type: ignore[arg-type]
-            num_replicas=self.world_size,
-            rank=self.rank,
-            shuffle=isinstance(loader.sampler, RandomSampler),
-            seed=self.rank_zero_seed,
-            drop_last=loader.drop_last,
-        )
-        return DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            worker_init_fn=loader.worker_init_fn,
-        )
-
     # -- properties -------------------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
@@ -433,6 +218,7 @@ class Trainer:
     def schedulers(self) -> list[Any]:
         return self.state.schedulers
 
+    # -- loading ----------------------------------------------------------------------------
     # -- loading ----------------------------------------------------------------------------
     def _load(
         self,
@@ -453,72 +239,20 @@ class Trainer:
             chunk_size=chunk_size,
             progress=progress and self.rank == 0,
         )
-        if not isinstance(ckpt, Mapping) or "state" not in ckpt or "model" not in ckpt["state"]:
-            raise CheckpointError(
-                f"{path} is a torch file but not a trainer checkpoint (no ['state']['model']); "
-                "to load bare weights, call model.load_state_dict(torch.load(path)) yourself"
-            )
-        st = ckpt["state"]
-        raw = self.state.raw_model
-        model_sd = strip_ddp_prefix(st["model"])
-        check_model_state(raw, model_sd, strict=strict or not weights_only)
-        if weights_only:
-            raw.load_state_dict(model_sd, strict=strict)
-            log.info("loaded model weights from %s", path)
-            return
-        opt_states = list(st.get("optimizers", []))
-        if len(opt_states) != len(self.optimizers):
-            raise IncompatibleStateError(
-                f"the checkpoint holds {len(opt_states)} optimizer state(s) but the Trainer has "
-                f"{len(self.optimizers)} optimizer(s); pass the same optimizers to resume, or "
-                "load_weights_only=True"
-            )
-        for i, (opt, osd) in enumerate(zip(self.optimizers, opt_states, strict=False)):
-            check_optimizer_state(opt, osd, i)
-        sched_states = list(st.get("schedulers", []))
-        if len(sched_states) != len(self.schedulers):
-            raise IncompatibleStateError(
-                f"the checkpoint holds {len(sched_states)} scheduler state(s) but the Trainer has "
-                f"{len(self.schedulers)} scheduler(s); pass the same schedulers to resume"
-            )
-        raw.load_state_dict(model_sd, strict=True)
-        for i, (opt, osd) in enumerate(zip(self.optimizers, opt_states, strict=False)):
-            try:
-                opt.load_state_dict(osd)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise IncompatibleStateError(
-                    f"optimizer {i} ({type(opt).__name__}) rejected the checkpoint's state: {exc}"
-                ) from None
-        for s, ssd in zip(self.schedulers, sched_states, strict=False):
-            s.load_state_dict(ssd)
-        if self.state.scaler is not None and st.get("scaler"):
-            self.state.scaler.load_state_dict(st["scaler"])
-        cb_states = st.get("callbacks", {}) or {}
-        for key, cb in _callback_keys(self.callbacks):
-            fn = getattr(cb, "load_state_dict", None)
-            if key in cb_states and callable(fn):
-                fn(cb_states[key])
-        self.timer.load_state_dict(st["timer"])
-        self.state.epoch_start_rng = dict(st.get("rng") or {})
-        self._pending_rng = dict(ckpt.get("rng") or {})
-        self._last_saved_at = (self.timer.epoch, self.timer.batch)
-        log.info("resumed from %s at epoch %d, batch %d", path, self.timer.epoch, self.timer.batch)
+        rng = restore(self.state, ckpt, path, weights_only, strict)
+        if rng is not None:  # a full resume continues from the save point
+            self._pending_rng = rng
+            self._last_saved_at = (self.timer.epoch, self.timer.batch)
 
     # -- events -----------------------------------------------------------------------------
     def _event(self, name: str) -> None:
         if self.checkpoint_saver is not None:
             for path in self.checkpoint_saver.poll():
                 self._notify_saved(path)
-        for cb in self.callbacks:
-            fn = getattr(cb, name, None)
-            if callable(fn):
-                fn(self)
+        dispatch(self.callbacks, name, self)
 
     def _notify_saved(self, path: Path) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, "checkpoint_saved", None)
-            if callable(fn):
-                fn(self, path)
+        dispatch(self.callbacks, "checkpoint_saved", self, path)
 
     def _save(self, unit: str) -> None:
         saver = self.checkpoint_saver
@@ -565,7 +299,7 @@ class Trainer:
         if self.state.epoch_start_rng:
             restore_rng(self.state.epoch_start_rng)
         it = iter(self.train_dataloader)
-        _skip(it, skip)
+        skip_batches(it, skip)
         if self._pending_rng:
             restore_rng(self._pending_rng)
             self._pending_rng = None
@@ -579,9 +313,9 @@ class Trainer:
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.eval_dataloader:
-                batch = _to_device(batch, self.device)
-                total += float(self._loss(batch)) * _batch_size(batch)
-                count += _batch_size(batch)
+                batch = to_device(batch, self.device)
+                total += float(self._loss(batch)) * batch_size(batch)
+                count += batch_size(batch)
         model.train()
         self.eval_loss = total / max(count, 1)
 
@@ -596,7 +330,7 @@ class Trainer:
                 it = self._epoch_iterator()
                 self._event("epoch_start")
                 if self.timer.batch_in_epoch == 0:
-                    it = _require_batches(it)
+                    it = require_batches(it)
                 for batch in it:
                     self._train_batch(batch)
                     self._event("batch_end")
@@ -633,7 +367,7 @@ class Trainer:
                     saver.wait()
                 except Exception as write_exc:  # the original error is more useful
                     log.error("a checkpoint write also failed: %s", write_exc)
-            self._exception_event(exc)
+            dispatch_exception(self.callbacks, self, exc)
             raise
         finally:
             if saver and not ok:
@@ -641,30 +375,15 @@ class Trainer:
                     saver.wait()
         self._event("fit_end")
 
-    def _exception_event(self, exc: BaseException) -> None:
-        """Tell callbacks that ``fit()`` is failing; their own errors are logged, not raised,
-        so the training error is the one the caller sees."""
-        for cb in self.callbacks:
-            fn = getattr(cb, "on_exception", None)
-            if callable(fn):
-                try:
-                    fn(self, exc)
-                except Exception as cb_exc:
-                    log.error(
-                        "callback %s failed while handling the training error: %s",
-                        type(cb).__name__,
-                        cb_exc,
-                    )
-
     def _epoch_unfinished(self, it: Iterator[Any]) -> bool:
         """After stopping on a batch count: is the epoch's data not yet exhausted?"""
-        n = _len_or_none(self.train_dataloader)
+        n = len_or_none(self.train_dataloader)
         if n is None:
             return True
         return self.timer.batch_in_epoch < n
 
     def _train_batch(self, batch: Any) -> None:
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss = self._loss(batch)
@@ -677,41 +396,32 @@ class Trainer:
         self.last_loss = float(loss.detach())
         self.timer.batch += 1
         self.timer.batch_in_epoch += 1
-        self.timer.sample += _batch_size(batch)
+        self.timer.sample += batch_size(batch)
 
 
-def _require_batches(it: Iterator[Any]) -> Iterator[Any]:
-    """Yield from ``it``; an epoch without a single batch is an error (it would never end)."""
-    empty = True
-    for batch in it:
-        empty = False
-        yield batch
-    if empty:
-        raise ValueError(
-            "train_dataloader yielded no batches in this epoch; check the dataset size, "
-            "batch_size and drop_last"
-        )
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def _len_or_none(x: Any) -> int | None:
-    try:
-        return len(x)
-    except TypeError:
-        return None
-
-
-def _skip(it: Iterator[Any], n: int) -> None:
-    """Advance a DataLoader iterator by ``n`` batches (without loading them when possible)."""
-    from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
-
-    # A map-style dataset in this process: drawing indices skips without loading data.
-    if isinstance(it, _SingleProcessDataLoaderIter) and it._dataset_kind == _DatasetKind.Map:
-        for _ in range(n):
-            next(it._sampler_iter)
-            it._num_yielded += 1
-        return
-    for _ in range(n):
-        next(it)
+def _checkpoint_folder(
+    save_folder: str | os.PathLike[str] | None, run_timestamp: str | None, rank: int
+) -> tuple[Path | None, Path | None]:
+    """(run directory, checkpoint folder) for ``save_folder``: see the Trainer's Args."""
+    if save_folder is None:
+        return None, None
+    sf = Path(save_folder)
+    if sf.is_absolute():
+        return sf, sf
+    stamp = run_timestamp or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + (
+        f"-{time.time_ns() // 1000 % 1_000_000:06d}Z"
+    )
+    if _dist_ready():
+        stamp = _broadcast(stamp)  # one name for the run, agreed across ranks
+    run_directory = Path.cwd() / "runs" / stamp / f"rank_{rank}"
+    return run_directory, run_directory / sf
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures. Each server family lives in its own module under tests/fixtures/."""
+"""Shared fixtures. Each server family lives in its own module under tests/fixtures/,
+a thin pytest layer over harness/servers/ (which benchmarks import too)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# Fixture modules import each other; register them for assertion rewriting first.
-pytest.register_assert_rewrite("tests.fixtures", "tests.faultproxy")
+# Fixture and helper modules are imported by other modules; register them for
+# assertion rewriting before anything imports them.
+pytest.register_assert_rewrite("harness", "tests.fixtures", "tests.ckpt.helpers")
 
 pytest_plugins = sorted(
     f"tests.fixtures.{m.name}"

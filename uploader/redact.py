@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-__all__ = ["register_secret", "redact", "RedactingFilter", "install_log_filter"]
+__all__ = ["register_secret", "redact", "RedactingFilter"]
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -43,11 +43,3 @@ class RedactingFilter(logging.Filter):
             if clean != msg:
                 record.msg, record.args = clean, None
         return True
-
-
-def install_log_filter(logger: logging.Logger | None = None) -> None:
-    """Attach the filter to every handler of ``logger`` (the root logger by default)."""
-    target = logger or logging.getLogger()
-    for handler in target.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())

@@ -40,6 +40,9 @@ __all__ = [
     "commit",
     "merge",
     "resolve_latest",
+    "LatestSelection",
+    "latest_prefix",
+    "select_latest",
     "list_ranks",
     "POINTER_FILE",
     "HISTORY_LIMIT",
@@ -213,3 +216,47 @@ def resolve_latest(
     first = min(by_rank)
     best = max(common, key=lambda n: by_rank[first][n].order)
     return {r: m[best] for r, m in by_rank.items()}
+
+
+def latest_prefix(name: str) -> str | None:
+    """Where the pointers are for a name that asks for ``latest``, else None.
+
+    ``"run1/latest"`` -> ``"run1"``, ``"latest"`` -> ``""``, ``"run1/ep3.pt"`` -> None.
+    """
+    name = name.strip("/")
+    if name == "latest" or name.endswith("/latest"):
+        return name[: -len("latest")].strip("/")
+    return None
+
+
+@dataclass(frozen=True)
+class LatestSelection:
+    """What ``latest`` under ``prefix`` resolved to.
+
+    ``entries`` holds every rank's entry for the newest checkpoint all ranks have
+    committed; ``chosen`` the ones asked for (``rank``, or all when None), and is
+    empty when the rank asked for has no entry.
+    """
+
+    prefix: str
+    entries: dict[int, PointerEntry]
+    rank: int | None = None
+
+    @property
+    def chosen(self) -> dict[int, PointerEntry]:
+        if self.rank is None:
+            return dict(self.entries)
+        entry = self.entries.get(self.rank)
+        return {self.rank: entry} if entry is not None else {}
+
+
+def select_latest(
+    store: ObjectStore, name: str, world_size: int | None = None, rank: int | None = None
+) -> LatestSelection | None:
+    """Resolve ``name`` when it asks for ``latest`` (see :func:`latest_prefix`); None
+    when it names something else. ``world_size`` and the errors are those of
+    :func:`resolve_latest`; ``rank`` picks one rank's entry (see ``chosen``)."""
+    prefix = latest_prefix(name)
+    if prefix is None:
+        return None
+    return LatestSelection(prefix, resolve_latest(store, prefix, world_size), rank)

@@ -27,7 +27,8 @@ A config file::
     include = ["*.pt", "*.safetensors"]
     bwlimit = "200M"
 
-Keys of ``[watch]`` are the long option names with ``_`` for ``-``.
+Keys of ``[watch]`` are the fields of :class:`uploader.config.options.WatchOptions`
+(the long option names with ``_`` for ``-``).
 """
 
 from __future__ import annotations

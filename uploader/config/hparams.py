@@ -4,13 +4,17 @@ To prevent accidental leakage of API keys, secrets are never fields: the
 hparams name the environment variables that hold them (``key_environ``,
 ``secret_environ``), and their values are read only when the store is built.
 
+The transfer layer never sees these hparams: :meth:`ObjectStoreHparams.store_settings`
+resolves them into a :class:`uploader.transfer.settings.StoreSettings`, which is
+what the backends take.
+
 A URI is a second way in, mapping onto the same fields::
 
-    s3://bucket/prefix                      AWS S3 (region from ?region= or AWS_REGION)
+    s3://bucket/prefix                      AWS S3 (?region=, else the provider's default)
     s3://bucket/prefix?endpoint=http://127.0.0.1:9000   an S3-compatible server
     azure://container/prefix                Azure Blob Storage (?endpoint= for Azurite)
     gs://bucket/prefix                      Google Cloud Storage
-    file:///abs/dir/prefix                  a local directory as the bucket (libcloud LOCAL)
+    file:///abs/dir?prefix=p                a local directory as the bucket (libcloud LOCAL)
 
 Example::
 
@@ -27,13 +31,12 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from uploader.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from uploader.transfer.store import ObjectStore
+from uploader.transfer.settings import StoreSettings
+from uploader.transfer.store import ObjectStore
 
 __all__ = [
     "ObjectStoreHparams",
@@ -148,7 +151,8 @@ class ObjectStoreHparams:
     host / port: an endpoint override, e.g. an S3-compatible server. Plain HTTP is
         used on loopback, or when ``extra_init_kwargs={"secure": False}`` asks for it.
     region: the region, where the provider has them.
-    extra_init_kwargs: further keyword arguments for the libcloud driver.
+    extra_init_kwargs: further keyword arguments: ``secure``, ``timeout`` (seconds per
+        request), Azure's ``content_md5``, and any the libcloud driver takes.
     """
 
     provider: str
@@ -231,33 +235,26 @@ class ObjectStoreHparams:
             return bool(self.extra_init_kwargs["secure"])
         return not is_loopback(self.host)
 
-    # -- credentials ----------------------------------------------------------------------
+    # -- resolution -----------------------------------------------------------------------
+    def store_settings(self) -> StoreSettings:
+        """The resolved settings a backend takes (family, TLS, extra arguments)."""
+        extra = {k: v for k, v in self.extra_init_kwargs.items() if k != "secure"}
+        return StoreSettings(
+            provider=self.provider,
+            family=self.family,
+            container=self.container,
+            key_environ=self.key_environ,
+            secret_environ=self.secret_environ,
+            host=self.host,
+            port=self.port,
+            region=self.region,
+            secure=self.secure,
+            extra=extra,
+        )
+
     def credentials(self) -> tuple[str | None, str | None]:
         """Read the key and secret from the named environment variables."""
-        values: list[str | None] = []
-        for name in ("key_environ", "secret_environ"):
-            var = getattr(self, name)
-            if var is None:
-                values.append(None)
-                continue
-            value = os.environ.get(var)
-            if value is None:
-                raise ConfigError(
-                    f"environment variable {var} (named by {name}) is not set; "
-                    f"export it before starting, e.g. export {var}=..."
-                )
-            if not value.strip():
-                raise ConfigError(
-                    f"environment variable {var} (named by {name}) is empty; "
-                    "set it to the credential"
-                )
-            values.append(value)
-        if self.family in ("s3", "azure", "gcs") and values[0] is None:
-            raise ConfigError(
-                f"provider {self.provider!r} needs credentials: set key_environ and "
-                "secret_environ to the names of the environment variables that hold them"
-            )
-        return values[0], values[1]
+        return self.store_settings().credentials()
 
     def __repr__(self) -> str:  # the default repr is safe too; keep it explicit
         inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
@@ -265,9 +262,9 @@ class ObjectStoreHparams:
 
     # -- construction -------------------------------------------------------------------
     def initialize_object(self, **options: Any) -> ObjectStore:
-        """Build the ObjectStore. ``options`` go to :class:`uploader.ObjectStore`."""
-        from uploader.transfer.store import ObjectStore
-
+        """Resolve the settings and open the store. ``options`` go to
+        :class:`uploader.transfer.store.ObjectStore` (part_size, concurrency, retry,
+        create_container, check, backend)."""
         return ObjectStore(self, **options)
 
     @classmethod
@@ -285,9 +282,6 @@ class StoreLocation:
 
     hparams: ObjectStoreHparams
     prefix: str
-
-    def key(self, name: str) -> str:
-        return join_key(self.prefix, name)
 
 
 def join_key(prefix: str, name: str) -> str:

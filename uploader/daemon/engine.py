@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ MAX_PAUSE = 60.0
 
 @dataclass
 class EngineOptions:
-    """What the engine does. See ``ckpt-uploader watch --help`` for each option.
+    """What the engine does. Every field is given: the defaults live once, in
+    :class:`uploader.config.options.WatchOptions` (see ``ckpt-uploader watch --help``).
 
     Args:
         run_dir: the directory watched.
@@ -94,23 +95,23 @@ class EngineOptions:
     """
 
     run_dir: Path
-    prefix: str = ""
-    rank: int = 0
-    filter: FileFilter = field(default_factory=FileFilter)
-    watch: bool = True
-    settle: float = 1.0
-    open_timeout: float = 30.0
-    files: int = 4
-    attempts: int = 5
-    retry_delay: float = 1.0
-    drain_timeout: float = 600.0
-    exit_when_idle: bool = False
-    parent_pid: int | None = None
-    status_file: Path | None = None
-    keep_local: int | None = None
-    keep_remote: int | None = None
-    bwlimit: int = 0
-    progress: bool = False
+    prefix: str
+    rank: int
+    filter: FileFilter
+    watch: bool
+    settle: float
+    open_timeout: float
+    files: int
+    attempts: int
+    retry_delay: float
+    drain_timeout: float
+    exit_when_idle: bool
+    parent_pid: int | None
+    status_file: Path | None
+    keep_local: int | None
+    keep_remote: int | None
+    bwlimit: int
+    progress: bool
 
     def pause(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` of a file or a pointer write."""

@@ -37,13 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from uploader.config.hparams import ObjectStoreHparams, join_key
 from uploader.daemon.status import StatusReport
-from uploader.launch.worker import (
-    UploadWorker,
-    WorkerError,
-    WorkerOptions,
-    checked_worker_options,
-    store_location,
-)
+from uploader.launch.options import WorkerOptions, checked_worker_options, store_location
+from uploader.launch.worker import UploadWorker, WorkerError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -76,7 +71,7 @@ class RunDirectoryUploader:
             ``secret_environ`` name), never through its command line.
         extra_args: further ``ckpt-uploader watch`` flags.
 
-    Every keyword but ``progress_bar`` is one of :class:`uploader.launch.worker.WorkerOptions`,
+    Every keyword but ``progress_bar`` is one of :class:`uploader.launch.options.WorkerOptions`,
     handed to the worker unchanged (``log_format`` and ``verbosity`` too).
 
     Raises :class:`uploader.WorkerError` (from the event after the failure, or from

@@ -1,4 +1,4 @@
-"""Sidecar: the upload worker as a context manager, for any training loop.
+"""Sidecar: the worker process as a context manager, for any training loop.
 
 Lightning, Hugging Face or a hand-written loop: whatever writes checkpoints into
 a directory can have them uploaded by the same worker process the Trainer
@@ -32,12 +32,8 @@ from typing import TYPE_CHECKING
 from uploader.config.hparams import ObjectStoreHparams, join_key
 from uploader.daemon.status import StatusReport
 from uploader.errors import ConfigError, UploaderError
-from uploader.launch.worker import (
-    UploadWorker,
-    WorkerOptions,
-    checked_worker_options,
-    store_location,
-)
+from uploader.launch.options import WorkerOptions, checked_worker_options, store_location
+from uploader.launch.worker import UploadWorker
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -58,7 +54,7 @@ def _env_rank() -> int:
 
 
 class Sidecar:
-    """Run the upload worker beside a block of code; drain it on the way out.
+    """Run the worker process beside a block of code; drain it on the way out.
 
     Args:
         run_dir: the directory the training loop writes checkpoints into.
@@ -80,7 +76,7 @@ class Sidecar:
         extra_args: further ``ckpt-uploader watch`` flags.
 
     Every keyword but ``prefix``, ``rank`` and ``progress_bar`` is one of
-    :class:`uploader.launch.worker.WorkerOptions`, handed to the worker unchanged
+    :class:`uploader.launch.options.WorkerOptions`, handed to the worker unchanged
     (``log_format`` and ``verbosity`` too).
 
     On exit after an exception in the block, the worker is still drained (the

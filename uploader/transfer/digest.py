@@ -1,33 +1,55 @@
-"""Content digests recorded at upload and checked after every download.
+"""Content digests: their two forms, where a store records them, and how downloads check them.
 
-One hashing pass serves two purposes: each part's sha256 signs the request
-(SigV4 payload hash) and checks it in transit, and the file's digest is derived
-from the part hashes. A file of at most one part gets the plain sha256 of its
+One hashing pass serves two purposes: each part's sha256 signs its request
+where the backend signs payloads (S3's SigV4 payload hash, which the server
+checks in transit), and the file's digest is derived from the part hashes. A file of at most one part gets the plain sha256 of its
 bytes (what ``sha256sum`` prints); a larger one gets the sha256 over the
 concatenated binary sha256 of its parts, together with the part size::
 
     sha256:<hex>                    # size <= part_size
     sha256-parts:<part_size>:<hex>  # size > part_size
 
-Verification recomputes the same form, hashing parts in parallel threads
-(hashlib releases the GIL), so checking a 50 GB download uses every core.
+Where it is recorded: in the object's metadata under :data:`DIGEST_META` when
+the file fits one part (so the digest is known before its single request) and
+the store keeps metadata; otherwise in a digest record, a small JSON object
+``<name>`` + :data:`DIGEST_SUFFIX` written after the data
+(:func:`digest_record` / :func:`parse_digest_record`)::
+
+    {"object": "run/ep1.pt", "size": 123, "digest": "sha256-parts:8388608:<hex>"}
+
+Downloads check the digest before the file is renamed into place. For a ``sha256-parts`` digest
+the ranged reads are aligned to the upload's parts and each part is hashed by
+the thread that fetches it, so the check runs as parallel as the download. An
+object that fits one download part is fetched and hashed in one stream. A plain
+``sha256`` of a larger object (uploaded with a larger part size, or given by the
+caller) cannot be split: it is computed after the parallel download, in one
+sequential pass over the written file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import re
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from uploader.errors import IntegrityError
 
-__all__ = ["Digest", "PartHasher", "file_digest", "verify_file", "combine_parts"]
+__all__ = [
+    "DIGEST_META",
+    "DIGEST_SUFFIX",
+    "Digest",
+    "PartHasher",
+    "combine_parts",
+    "digest_record",
+    "parse_digest_record",
+]
 
-_READ = 4 << 20
+#: The name suffix of a digest record (the object's own name comes first).
+DIGEST_SUFFIX = ".ckpt-digest"
+#: Metadata key for the digest; letters only, valid on S3, Azure and GCS alike.
+DIGEST_META = "ckptdigest"
 # ASCII only: int() would also accept other scripts' digits.
 _DIGEST_RE = re.compile(
     r"(?:sha256:|sha256-parts:(?P<size>[0-9]{1,20}):)?(?P<hex>[0-9a-fA-F]{64})", re.ASCII
@@ -96,56 +118,22 @@ class PartHasher:
         return combine_parts((self._parts[i] for i in range(self.count)), self.size, self.part_size)
 
 
-def _hash_range(path: Path, start: int, length: int) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        remaining = length
-        buf = bytearray(min(_READ, max(length, 1)))
-        view = memoryview(buf)
-        while remaining > 0:
-            n = f.readinto(view[: min(len(buf), remaining)])
-            if not n:
-                raise IntegrityError(f"{path} shrank while it was being hashed")
-            h.update(view[:n])
-            remaining -= n
-    return h.digest()
+def digest_record(name: str, size: int, digest: Digest) -> bytes:
+    """The body of the digest record of object ``name`` (``size`` bytes)."""
+    return json.dumps({"object": name, "size": size, "digest": str(digest)}).encode()
 
 
-def file_digest(path: str | os.PathLike[str], part_size: int, threads: int = 0) -> Digest:
-    """Digest of a local file in the form a store of ``part_size`` records."""
-    p = Path(path)
-    size = p.stat().st_size
-    if size <= part_size:
-        return Digest("sha256", _hash_range(p, 0, size).hex())
-    count = -(-size // part_size)
-    workers = threads or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="digest") as pool:
-        parts = pool.map(
-            lambda i: _hash_range(p, i * part_size, min(part_size, size - i * part_size)),
-            range(count),
-        )
-        return combine_parts(parts, size, part_size)
+def parse_digest_record(body: bytes) -> tuple[Digest, int | None]:
+    """The digest and the size a digest record names (None when it names no
+    readable size: the digest is still the one to check against).
 
-
-def verify_file(
-    path: str | os.PathLike[str], expected: Digest | str, size: int | None = None
-) -> Digest:
-    """Raise IntegrityError unless the file matches ``expected`` (and ``size`` when given)."""
-    exp = Digest.parse(expected) if isinstance(expected, str) else expected
-    actual_size = os.path.getsize(path)
-    if size is not None and actual_size != size:
-        raise IntegrityError(
-            f"{path}: size {actual_size} bytes, expected {size}; "
-            "the copy is truncated or corrupt, fetch it again"
-        )
-    part = exp.part_size if exp.algo == "sha256-parts" else max(actual_size, 1)
-    got = file_digest(path, part)
-    if exp.algo == "sha256" and got.algo != "sha256":  # pragma: no cover - defensive
-        got = Digest("sha256", _hash_range(Path(path), 0, actual_size).hex())
-    if got != exp:
-        raise IntegrityError(
-            f"{path}: digest {got} does not match the recorded {exp}; "
-            "the data is corrupt, do not use it (fetch it again or use another checkpoint)"
-        )
-    return got
+    Raises ValueError, KeyError, TypeError or IntegrityError when the record names
+    no readable digest.
+    """
+    record = json.loads(body)
+    digest = Digest.parse(str(record["digest"]))
+    try:
+        size = int(record["size"])
+    except (KeyError, TypeError, ValueError):
+        size = None
+    return digest, size

@@ -13,7 +13,7 @@ thread (hashlib releases the GIL, so parts hash in parallel; MD5 runs at about
 400 MiB/s a core, more than one block upload sustains on most links). Where
 that second pass is not wanted (TLS already protects the bytes in transit),
 ``extra_init_kwargs={"content_md5": False}`` turns it off. The store's sha256
-digest is kept as the ``ckptdigest`` metadata or sidecar as usual, and checked
+digest is kept as the ``ckptdigest`` metadata or digest record as usual, and checked
 after every download.
 
 Unfinished uploads leave uncommitted blocks, which Azure discards by itself
@@ -24,7 +24,7 @@ Example::
     hp = ObjectStoreHparams(provider="azure_blobs", container="ckpts",
                             key_environ="AZURE_STORAGE_ACCOUNT",
                             secret_environ="AZURE_STORAGE_KEY")
-    store = hp.initialize_object()   # builds AzureBackend(hp)
+    store = hp.initialize_object()   # builds AzureBackend(hp.store_settings())
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from uploader.config.hparams import ObjectStoreHparams
 from uploader.errors import (
     AuthError,
     ConfigError,
@@ -47,7 +46,7 @@ from uploader.errors import (
     TransientError,
     UploaderError,
 )
-from uploader.redact import redact, register_secret
+from uploader.redact import redact
 from uploader.transfer.backends.base import ObjectInfo, PartToken
 from uploader.transfer.backends.http import (
     LibcloudHTTPBackend,
@@ -56,6 +55,7 @@ from uploader.transfer.backends.http import (
     metadata_from_headers,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
+from uploader.transfer.settings import StoreSettings
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 
@@ -80,7 +80,7 @@ class AzureBackend(LibcloudHTTPBackend):
     """Block blobs in one Azure container.
 
     Args:
-        hparams: ``provider="azure_blobs"``; ``key_environ`` names the variable with
+        settings: ``provider="azure_blobs"``; ``key_environ`` names the variable with
             the account name, ``secret_environ`` the one with the account key;
             ``host``/``port`` point at another endpoint (Azurite, sovereign clouds);
             ``extra_init_kwargs`` may hold ``secure``, ``timeout`` (seconds per
@@ -89,7 +89,7 @@ class AzureBackend(LibcloudHTTPBackend):
 
     Example::
 
-        backend = AzureBackend(hp)
+        backend = AzureBackend(hp.store_settings())
         backend.check_container(create=True)
         backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
     """
@@ -104,41 +104,39 @@ class AzureBackend(LibcloudHTTPBackend):
     min_part_size = 1 * _MiB
     range_header = "x-ms-range"
 
-    def __init__(self, hparams: ObjectStoreHparams) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.azure_blobs import AzureBlobsStorageDriver
 
-        account, key = hparams.credentials()
+        account, key = settings.credentials()
         if not account or not key:
             raise ConfigError(
                 "Azure needs the account name (key_environ) and the account key (secret_environ)"
             )
-        register_secret(account)
-        register_secret(key)
         try:
             base64.b64decode(key, validate=True)
         except ValueError:
             raise ConfigError(
-                f"the Azure account key in ${hparams.secret_environ} is not base64; copy the "
+                f"the Azure account key in ${settings.secret_environ} is not base64; copy the "
                 "key exactly as the portal shows it"
             ) from None
-        if not _CONTAINER.match(hparams.container) or "--" in hparams.container:
+        if not _CONTAINER.match(settings.container) or "--" in settings.container:
             raise ConfigError(
-                f"Azure container name {hparams.container!r} is invalid: use 3-63 lower-case "
+                f"Azure container name {settings.container!r} is invalid: use 3-63 lower-case "
                 "letters, digits and single hyphens, starting with a letter or digit"
             )
-        extra = self._init_drivers(hparams)
+        extra = self._init_drivers(settings)
         self._account = account
         self._key = key
         self._content_md5 = bool(extra.pop("content_md5", True))
-        host = hparams.host
+        host = settings.host
         if host and host.lower() == f"{account}.{_PUBLIC_SUFFIX}".lower():
             # The public endpoint written out in full: libcloud builds it itself, and
             # would otherwise address the account by path as it does for Azurite.
             host = None
         self._driver_kwargs: dict[str, Any] = {
-            "secure": hparams.secure,
+            "secure": settings.secure,
             "host": host,
-            "port": hparams.port,
+            "port": settings.port,
             "timeout": self._timeout,
             **extra,
         }
@@ -156,9 +154,9 @@ class AzureBackend(LibcloudHTTPBackend):
             ) from None
 
     def _endpoint(self) -> str:
-        if self.hparams.host:
-            port = f":{self.hparams.port}" if self.hparams.port else ""
-            return f"the Azure endpoint {self.hparams.host}{port}"
+        if self.settings.host:
+            port = f":{self.settings.port}" if self.settings.port else ""
+            return f"the Azure endpoint {self.settings.host}{port}"
         return "the Azure Blob endpoint"
 
     def _fail(self, what: str, resp: Any, name: str | None = None) -> UploaderError:
@@ -179,8 +177,8 @@ class AzureBackend(LibcloudHTTPBackend):
         if status in (401, 403):
             return AuthError(
                 f"{what}: the store refused the credentials ({detail}); check the account "
-                f"name in ${self.hparams.key_environ} and the key in "
-                f"${self.hparams.secret_environ}"
+                f"name in ${self.settings.key_environ} and the key in "
+                f"${self.settings.secret_environ}"
             )
         if code == "ContainerNotFound":
             return self._no_container()
@@ -370,8 +368,8 @@ def _map_libcloud(what: str, exc: Exception, backend: AzureBackend) -> Exception
     text = redact(str(exc))[:300]
     if isinstance(exc, InvalidCredsError):
         return AuthError(
-            f"{what}: the store refused the credentials; check ${backend.hparams.key_environ} "
-            f"and ${backend.hparams.secret_environ}"
+            f"{what}: the store refused the credentials; check ${backend.settings.key_environ} "
+            f"and ${backend.settings.secret_environ}"
         )
     if isinstance(exc, LibcloudError):
         m = re.search(r"[Ss]tatus code:? (\d{3})", text)

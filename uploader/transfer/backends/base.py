@@ -1,9 +1,12 @@
 """The storage-client interface every backend adapter implements.
 
-The :class:`uploader.transfer.store.ObjectStore` owns everything that is the same for
-every store: reading the file in parts, hashing each part once, parallelism,
-retries, progress, digests, and verified downloads. A backend only maps a few
-primitive operations onto one provider, as thinly as it can, over libcloud.
+The :class:`uploader.transfer.store.ObjectStore` and its upload and download
+modules own everything that is the same for every store: reading the file in
+parts, hashing each part once, parallelism, retries, progress, digests, and
+verified downloads. A backend only maps a few primitive operations onto one
+provider, as thinly as it can; libcloud resolves the endpoints, and for Azure
+and GCS also signs and sends the requests. A backend is built from a
+:class:`uploader.transfer.settings.StoreSettings`.
 
 Multipart protocol (S3 multipart, Azure block blobs): ``begin`` -> ``put_part``
 (any order, in parallel) -> ``complete``; ``abort`` on failure. Backends

@@ -20,7 +20,7 @@ Example::
                             key_environ="GOOGLE_CLIENT_EMAIL",
                             secret_environ="GOOGLE_APPLICATION_CREDENTIALS",
                             extra_init_kwargs={"project": "my-project"})
-    store = hp.initialize_object()   # builds GCSBackend(hp)
+    store = hp.initialize_object()   # builds GCSBackend(hp.store_settings())
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import base64
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from uploader.config.hparams import ObjectStoreHparams
 from uploader.errors import (
     AuthError,
     ConfigError,
@@ -43,10 +41,16 @@ from uploader.errors import (
     TransientError,
     UploaderError,
 )
-from uploader.redact import redact, register_secret
+from uploader.redact import redact
 from uploader.transfer.backends.base import ObjectInfo
-from uploader.transfer.backends.http import LibcloudHTTPBackend, http_time, metadata_from_headers
+from uploader.transfer.backends.http import (
+    LibcloudHTTPBackend,
+    http_time,
+    iso_time,
+    metadata_from_headers,
+)
 from uploader.transfer.retry import TRANSIENT_HTTP
+from uploader.transfer.settings import StoreSettings
 
 __all__ = ["GCSBackend"]
 
@@ -85,12 +89,12 @@ class GCSBackend(LibcloudHTTPBackend):
     """Objects in one Google Cloud Storage bucket.
 
     Args:
-        hparams: ``provider="google_storage"``; see the module docstring for the
+        settings: ``provider="google_storage"``; see the module docstring for the
             credentials; ``host``/``port`` point at another endpoint.
 
     Example::
 
-        backend = GCSBackend(hp)
+        backend = GCSBackend(hp.store_settings())
         backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
     """
 
@@ -102,17 +106,15 @@ class GCSBackend(LibcloudHTTPBackend):
     max_parts = 10_000
     min_part_size = 64 << 10
 
-    def __init__(self, hparams: ObjectStoreHparams) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.google_storage import GoogleStorageDriver
 
-        key, secret = hparams.credentials()
-        register_secret(key)
-        register_secret(secret)
-        extra = self._init_drivers(hparams)
+        key, secret = settings.credentials()
+        extra = self._init_drivers(settings)
         self._key = key
         self._secret = secret
         self._driver_kwargs: dict[str, Any] = {
-            "secure": hparams.secure,
+            "secure": settings.secure,
             "timeout": self._timeout,
             **extra,
         }
@@ -125,30 +127,30 @@ class GCSBackend(LibcloudHTTPBackend):
         except Exception as exc:
             raise AuthError(
                 f"cannot set up Google Cloud Storage credentials: {redact(str(exc))[:200]}; "
-                f"check ${self.hparams.key_environ} (service account email or HMAC id) and "
-                f"${self.hparams.secret_environ} (key file or HMAC secret)"
+                f"check ${self.settings.key_environ} (service account email or HMAC id) and "
+                f"${self.settings.secret_environ} (key file or HMAC secret)"
             ) from None
-        if self.hparams.host:
+        if self.settings.host:
             # Set on the connection: libcloud's GCS connection takes its 4th
             # positional argument as the auth type, so host cannot go through
             # the driver's constructor.
             conn = drv.connection
-            conn.host = self.hparams.host
-            conn.secure = self.hparams.secure
-            conn.port = self.hparams.port or (443 if self.hparams.secure else 80)
+            conn.host = self.settings.host
+            conn.secure = self.settings.secure
+            conn.port = self.settings.port or (443 if self.settings.secure else 80)
         return drv
 
     def _endpoint(self) -> str:
-        if self.hparams.host:
-            port = f":{self.hparams.port}" if self.hparams.port else ""
-            return f"{self.hparams.host}{port}"
+        if self.settings.host:
+            port = f":{self.settings.port}" if self.settings.port else ""
+            return f"{self.settings.host}{port}"
         return "storage.googleapis.com"
 
     def _auth_error(self, what: str, detail: str = "") -> AuthError:
         extra = f" ({detail})" if detail else ""
         return AuthError(
             f"{what}: the store refused the credentials{extra}; check "
-            f"${self.hparams.key_environ} and ${self.hparams.secret_environ}"
+            f"${self.settings.key_environ} and ${self.settings.secret_environ}"
         )
 
     def _map(self, what: str, exc: BaseException) -> UploaderError:
@@ -300,7 +302,7 @@ class GCSBackend(LibcloudHTTPBackend):
                     int(obj.size),
                     {},
                     obj.hash,
-                    _iso_time(obj.extra.get("last_modified")),
+                    iso_time(obj.extra.get("last_modified")),
                 )
         except UploaderError:
             raise
@@ -321,13 +323,3 @@ class GCSBackend(LibcloudHTTPBackend):
                 raise err
             return False
         raise self._fail(what, resp, name)
-
-
-def _iso_time(text: str | None) -> float | None:
-    """A listing's ISO 8601 time (``2026-11-24T01:00:00.000Z``)."""
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except (TypeError, ValueError):
-        return None

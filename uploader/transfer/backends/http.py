@@ -2,8 +2,8 @@
 
 * :func:`range_value` builds the ``bytes=first-last`` value of a ranged GET,
   :func:`metadata_from_headers` reads user metadata back from response
-  headers, and :func:`http_time` reads an HTTP date (S3, Azure and Google
-  Cloud Storage alike).
+  headers, :func:`http_time` reads an HTTP date (S3, Azure and Google Cloud
+  Storage alike) and :func:`iso_time` an ISO 8601 time from a listing (S3, GCS).
 * :class:`LibcloudHTTPBackend` is the plumbing of the backends whose requests
   are built by the adapter but signed and sent by a libcloud connection (Azure,
   Google Cloud Storage): one driver per thread, because a libcloud connection
@@ -26,15 +26,16 @@ from __future__ import annotations
 import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from uploader.config.hparams import ObjectStoreHparams
 from uploader.errors import PermanentError, TransientError, UploaderError
 from uploader.redact import redact
 from uploader.transfer.backends.base import Backend
 from uploader.transfer.retry import is_transient
+from uploader.transfer.settings import StoreSettings
 
 #: Seconds a request of a libcloud-driven backend may take (``extra_init_kwargs["timeout"]``).
 DEFAULT_TIMEOUT = 120.0
@@ -44,6 +45,7 @@ __all__ = [
     "LibcloudHTTPBackend",
     "http_time",
     "install_request_timeout",
+    "iso_time",
     "metadata_from_headers",
     "range_value",
 ]
@@ -70,6 +72,17 @@ def http_time(text: str | None) -> float | None:
         return None
     try:
         return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def iso_time(text: str | None) -> float | None:
+    """Seconds since the epoch for a listing's ISO 8601 time
+    (``2026-11-24T01:00:00.000Z``); None if unreadable."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except (TypeError, ValueError):
         return None
 
@@ -117,13 +130,12 @@ class LibcloudHTTPBackend(Backend):
     #: The request header that carries a byte range.
     range_header = "Range"
 
-    def _init_drivers(self, hparams: ObjectStoreHparams) -> dict[str, Any]:
-        """Set up the per-thread drivers for ``hparams``' container and read the
-        request timeout; return the ``extra_init_kwargs`` left for the driver."""
-        self.hparams = hparams
-        self.container = hparams.container
-        extra = dict(hparams.extra_init_kwargs)
-        extra.pop("secure", None)
+    def _init_drivers(self, settings: StoreSettings) -> dict[str, Any]:
+        """Set up the per-thread drivers for the settings' container and read the
+        request timeout; return the extra keyword arguments left for the driver."""
+        self.settings = settings
+        self.container = settings.container
+        extra = dict(settings.extra)
         self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
         self._local = threading.local()
         self._drivers: list[Any] = []

@@ -1,13 +1,15 @@
 """A local directory as the bucket, over libcloud's LOCAL driver.
 
-libcloud's driver resolves containers and objects, lists and deletes; two of its
-paths are replaced because they are unsafe for large checkpoints: its stream
-upload writes straight to the final name (a crash leaves a torn object), and its
-ranged read loads the whole file into memory. Here every write goes to a
-temporary file on the same filesystem (``<base>/.<container>.uploads/``),
-is fsynced, and is renamed into place; reads seek and stream.
+libcloud's driver walks the container to list it; everything else is done here
+on the filesystem, because the driver's own paths are unsafe for large
+checkpoints: its stream upload writes straight to the final name (a crash
+leaves a torn object), and its ranged read loads the whole file into memory.
+Here every write goes to a temporary file on the same filesystem
+(``<base>/.<container>.uploads/``), is fsynced, and is renamed into place (the
+folder fsynced too); reads seek and stream.
 
-The driver keeps no metadata, so the store records digests in sidecar objects.
+The driver keeps no metadata, so the store records digests in digest records
+(``<name>.ckpt-digest`` objects).
 It needs ``fasteners`` and writes its lock files to TMPDIR.
 """
 
@@ -20,24 +22,28 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from uploader.config.hparams import ObjectStoreHparams
 from uploader.errors import ConfigError, ContainerNotFoundError, ObjectNotFoundError
 from uploader.transfer.backends.base import Backend, ObjectInfo, PartToken
+from uploader.transfer.files import fsync_dir
+from uploader.transfer.settings import StoreSettings
 
 __all__ = ["LocalBackend"]
 
 
 class LocalBackend(Backend):
+    """Objects as files under one directory (the container); multipart parts are
+    written in place into one staged file, committed by a rename."""
+
     multipart = True
     keeps_metadata = False
     min_part_size = 64 << 10
     max_part_size = 5 << 30
     max_parts = 10_000
 
-    def __init__(self, hparams: ObjectStoreHparams) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.local import LocalStorageDriver
 
-        root = Path(hparams.container)
+        root = Path(settings.container)
         if root == root.parent:
             raise ConfigError(
                 "the local container cannot be the filesystem root; "
@@ -104,12 +110,7 @@ class LocalBackend(Backend):
             if tmp.exists():
                 self._require_root()
             raise
-        with contextlib.suppress(OSError):
-            dfd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        fsync_dir(dest.parent)
 
     def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
         self._require_root()

@@ -1,0 +1,528 @@
+"""A fault-injecting HTTP/1.1 TCP proxy for loopback tests.
+
+The proxy listens on a free loopback port and forwards each client connection
+to one upstream server (also on loopback). It understands just enough HTTP/1.1
+to find request boundaries (``Content-Length`` or chunked bodies), so it can
+decide a fault for every request, with a seeded RNG:
+
+* ``reset``: forward the head and part of the body, then close both sockets
+  with a TCP RST (``SO_LINGER`` 0): the client sees a connection reset mid-body,
+  the server a torn request.
+* ``stall``: pause the request for ``stall_seconds`` part-way through its body
+  (before the head for requests without one), then go on.
+* ``slowdown``: answer ``HTTP/1.1 503 Slow Down`` with an S3
+  ``<Error><Code>SlowDown</Code>`` body without forwarding the request, and
+  close the connection.
+
+Responses are relayed unchanged. Every injected fault is counted; ``stats()``
+returns a snapshot. ``stop()`` closes every socket and joins every thread.
+
+Example::
+
+    with FaultProxy(("127.0.0.1", server_port), FaultPlan(reset_rate=0.1), seed=7) as proxy:
+        client_endpoint = proxy.url          # http://127.0.0.1:<port>
+        ...
+        print(proxy.stats())                 # {'requests': 120, 'reset': 11, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["FaultPlan", "FaultProxy", "SLOWDOWN_BODY"]
+
+log = logging.getLogger(__name__)
+
+_HEAD_LIMIT = 64 << 10
+_CHUNK = 64 << 10
+
+SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
+    b"<RequestId>faultproxy</RequestId></Error>"
+)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Per-request fault probabilities.
+
+    reset_rate: chance that a request with a body is cut by a TCP reset after
+        a random number of body bytes in ``reset_after`` (clipped to the body).
+    stall_rate: chance that a request pauses ``stall_seconds`` part-way through.
+    slowdown_rate: chance that a request is answered ``503 SlowDown`` unforwarded.
+    max_faults: stop injecting after this many faults in total (None: no limit).
+    methods: only requests with these methods are faulted (None: every method).
+    """
+
+    reset_rate: float = 0.0
+    reset_after: tuple[int, int] = (1, 256 << 10)
+    stall_rate: float = 0.0
+    stall_seconds: float = 1.0
+    slowdown_rate: float = 0.0
+    max_faults: int | None = None
+    methods: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("reset_rate", "stall_rate", "slowdown_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {value}")
+        if self.reset_rate + self.stall_rate + self.slowdown_rate > 1.0:
+            raise ValueError("the fault rates add up to more than 1")
+        if self.stall_seconds < 0 or self.reset_after[0] < 0:
+            raise ValueError("stall_seconds and reset_after must not be negative")
+
+
+@dataclass
+class _Stats:
+    connections: int = 0
+    requests: int = 0
+    reset: int = 0
+    stall: int = 0
+    slowdown: int = 0
+    upstream_refused: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    methods: dict[str, int] = field(default_factory=dict)
+
+
+class _Closed(Exception):
+    """The client closed its side (a normal end between requests)."""
+
+
+class _Reader:
+    """Buffered reads from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(_CHUNK)
+        if not data:
+            raise _Closed()
+        self.buf += data
+
+    def read_until(self, marker: bytes, limit: int = _HEAD_LIMIT) -> bytes:
+        while True:
+            i = self.buf.find(marker)
+            if i >= 0:
+                out = bytes(self.buf[: i + len(marker)])
+                del self.buf[: i + len(marker)]
+                return out
+            if len(self.buf) > limit:
+                raise ValueError("request head too long")
+            self._fill()
+
+    def read_some(self, n: int) -> bytes:
+        if not self.buf:
+            self._fill()
+        out = bytes(self.buf[:n])
+        del self.buf[: len(out)]
+        return out
+
+
+def _require_loopback(host: str) -> None:
+    h = host.strip("[]")
+    if h == "localhost":
+        return
+    if not ipaddress.ip_address(h).is_loopback:
+        raise ValueError(f"the fault proxy only talks to loopback addresses, not {host!r}")
+
+
+def _rst_close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        # Wakes a thread blocked in recv() on it (close alone does not); sends nothing.
+        sock.shutdown(socket.SHUT_RD)
+    with contextlib.suppress(OSError):
+        sock.close()  # with SO_LINGER 0: a TCP RST
+
+
+def _quiet_close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class FaultProxy:
+    """A threaded proxy from ``127.0.0.1:<free port>`` to ``upstream`` with injected faults.
+
+    Args:
+        upstream: (host, port) of the real server; must be a loopback address.
+        plan: the fault probabilities (change later with ``set_plan``).
+        seed: seeds the RNG that decides every fault.
+        host: the loopback address to listen on.
+
+    Example::
+
+        proxy = FaultProxy(("127.0.0.1", 9000), FaultPlan(slowdown_rate=0.2), seed=1).start()
+        try:
+            ...  # point the client at proxy.url
+        finally:
+            proxy.stop()
+    """
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        plan: FaultPlan | None = None,
+        seed: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        _require_loopback(upstream[0])
+        _require_loopback(host)
+        self._upstream = upstream
+        self._plan = plan or FaultPlan()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stats = _Stats()
+        self._faults = 0
+        self._stop = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._socks: set[socket.socket] = set()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, 0))
+        self._listener.listen(128)
+        self._listener.settimeout(0.2)
+        self.host = host
+        self.port: int = self._listener.getsockname()[1]
+        self._accept_thread: threading.Thread | None = None
+        #: Every request seen: (time.time(), method, unquoted path without the query).
+        self.requests: list[tuple[float, str, str]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FaultProxy:
+        t = threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True)
+        self._accept_thread = t
+        t.start()
+        return self
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listener and every open connection; join every thread."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            socks = list(self._socks)
+        for s in socks:
+            _quiet_close(s)
+        deadline = time.monotonic() + timeout
+        if self._accept_thread is not None:
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            raise RuntimeError(f"fault proxy threads did not stop: {alive}")
+
+    # -- configuration -----------------------------------------------------------------
+    def set_plan(self, plan: FaultPlan) -> None:
+        with self._lock:
+            self._plan = plan
+
+    def set_upstream(self, upstream: tuple[str, int]) -> None:
+        """Send new connections to another upstream (e.g. a restarted server)."""
+        _require_loopback(upstream[0])
+        with self._lock:
+            self._upstream = upstream
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (connections, requests, each fault kind, bytes)."""
+        with self._lock:
+            s = replace(self._stats, methods=dict(self._stats.methods))
+        out = dict(s.__dict__)
+        out["faults"] = s.reset + s.stall + s.slowdown
+        return out
+
+    # -- internals ---------------------------------------------------------------------
+    def _spawn(self, target: Any, *args: Any, name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+        return t
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.add(sock)
+
+    def _untrack(self, *socks: socket.socket | None) -> None:
+        with self._lock:
+            for s in socks:
+                if s is not None:
+                    self._socks.discard(s)
+
+    def _accept_loop(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            n += 1
+            client.settimeout(None)
+            self._track(client)
+            with self._lock:
+                self._stats.connections += 1
+            self._spawn(self._serve, client, name=f"faultproxy-conn-{n}")
+
+    def _decide(self, method: str, has_body: bool) -> tuple[str | None, float]:
+        """Pick a fault for one request: (kind or None, a fraction of the body)."""
+        with self._lock:
+            plan = self._plan
+            r = self._rng.random()
+            where = self._rng.random()
+            if plan.max_faults is not None and self._faults >= plan.max_faults:
+                return None, where
+            if plan.methods is not None and method not in plan.methods:
+                return None, where
+            kind: str | None = None
+            if has_body and r < plan.reset_rate:
+                kind = "reset"
+            elif plan.reset_rate <= r < plan.reset_rate + plan.stall_rate:
+                kind = "stall"
+            elif (
+                plan.reset_rate + plan.stall_rate
+                <= r
+                < plan.reset_rate + plan.stall_rate + plan.slowdown_rate
+            ):
+                kind = "slowdown"
+            if kind is not None:
+                self._faults += 1
+                setattr(self._stats, kind, getattr(self._stats, kind) + 1)
+            return kind, where
+
+    def _connect_upstream(self) -> socket.socket | None:
+        with self._lock:
+            upstream = self._upstream
+        try:
+            up = socket.create_connection(upstream, timeout=5.0)
+        except OSError:
+            with self._lock:
+                self._stats.upstream_refused += 1
+            return None
+        up.settimeout(None)
+        self._track(up)
+        return up
+
+    def _serve(self, client: socket.socket) -> None:
+        up: socket.socket | None = None
+        pipe: threading.Thread | None = None
+        reader = _Reader(client)
+        try:
+            while not self._stop.is_set():
+                try:
+                    head = reader.read_until(b"\r\n\r\n")
+                except _Closed:
+                    return
+                method, body_len, chunked, expect = _parse_head(head)
+                target = unquote(head.split(b" ", 2)[1].decode("latin-1").split("?", 1)[0])
+                with self._lock:
+                    self.requests.append((time.time(), method, target))
+                    self._stats.requests += 1
+                    self._stats.methods[method] = self._stats.methods.get(method, 0) + 1
+                has_body = chunked or body_len > 0
+                kind, where = self._decide(method, has_body)
+                if kind == "slowdown":
+                    if not expect:
+                        _drain_body(reader, body_len, chunked)
+                    _send_slowdown(client, method)
+                    return
+                if up is None:
+                    up = self._connect_upstream()
+                    if up is None:
+                        _rst_close(client)
+                        return
+                    pipe = self._spawn(self._pipe, up, client, name="faultproxy-pipe")
+                if kind == "stall" and not has_body:
+                    self._sleep(self._plan.stall_seconds)
+                up.sendall(head)
+                self._count_up(len(head))
+                stop_at: int | None = None
+                if kind == "reset":
+                    lo, hi = self._plan.reset_after
+                    limit = body_len if not chunked else hi
+                    stop_at = max(0, min(limit - 1, lo + int(where * max(0, hi - lo))))
+                stall_at = int(where * body_len) if kind == "stall" and has_body else None
+                if chunked:
+                    ok = self._relay_chunked(reader, up, stop_at, stall_at)
+                else:
+                    ok = self._relay_body(reader, up, body_len, stop_at, stall_at)
+                if not ok:
+                    log.debug("reset %s request mid-body", method)
+                    _rst_close(client)
+                    _rst_close(up)
+                    return
+        except (OSError, ValueError, _Closed) as exc:
+            log.debug("connection ended: %s", exc)
+        finally:
+            _quiet_close(client)
+            _quiet_close(up)
+            self._untrack(client, up)
+            if pipe is not None and pipe is not threading.current_thread():
+                pipe.join(5.0)
+
+    def _count_up(self, n: int) -> None:
+        with self._lock:
+            self._stats.bytes_up += n
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _relay_body(
+        self,
+        reader: _Reader,
+        up: socket.socket,
+        length: int,
+        stop_at: int | None,
+        stall_at: int | None,
+    ) -> bool:
+        """Forward ``length`` body bytes; False when cut at ``stop_at`` (reset)."""
+        sent = 0
+        while sent < length:
+            want = length - sent
+            for mark in (stop_at, stall_at):
+                if mark is not None and mark > sent:
+                    want = min(want, mark - sent)
+            if stop_at is not None and sent >= stop_at:
+                return False
+            if stall_at is not None and sent >= stall_at:
+                self._sleep(self._plan.stall_seconds)
+                stall_at = None
+            data = reader.read_some(min(want, _CHUNK))
+            up.sendall(data)
+            self._count_up(len(data))
+            sent += len(data)
+        return stop_at is None or stop_at >= length
+
+    def _relay_chunked(
+        self, reader: _Reader, up: socket.socket, stop_at: int | None, stall_at: int | None
+    ) -> bool:
+        sent = 0
+        while True:
+            line = reader.read_until(b"\r\n", 4096)
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            up.sendall(line)
+            if size == 0:
+                while True:  # trailers, then the empty line
+                    trailer = reader.read_until(b"\r\n", 8192)
+                    up.sendall(trailer)
+                    if trailer == b"\r\n":
+                        return True
+            if stall_at is not None:
+                self._sleep(self._plan.stall_seconds)
+                stall_at = None
+            if not self._relay_body(reader, up, size, None, None):
+                return False
+            tail = reader.read_until(b"\r\n", 16)
+            up.sendall(tail)
+            sent += size
+            if stop_at is not None and sent >= stop_at:
+                return False
+
+    def _pipe(self, up: socket.socket, client: socket.socket) -> None:
+        try:
+            while True:
+                data = up.recv(_CHUNK)
+                if not data:
+                    break
+                client.sendall(data)
+                with self._lock:
+                    self._stats.bytes_down += len(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+
+
+def _parse_head(head: bytes) -> tuple[str, int, bool, bool]:
+    """(method, content length, chunked, expects 100-continue) of a request head."""
+    lines = head.decode("latin-1").split("\r\n")
+    method = lines[0].split(" ", 1)[0].upper()
+    length = 0
+    chunked = expect = False
+    for line in lines[1:]:
+        if ":" not in line:
+            continue
+        k, v = line.split(":", 1)
+        k = k.strip().lower()
+        v = v.strip()
+        if k == "content-length":
+            length = int(v)
+        elif k == "transfer-encoding" and "chunked" in v.lower():
+            chunked = True
+        elif k == "expect" and v.lower() == "100-continue":
+            expect = True
+    return method, length, chunked, expect
+
+
+def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:
+    if chunked:
+        while True:
+            size = int(reader.read_until(b"\r\n", 4096).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while reader.read_until(b"\r\n", 8192) != b"\r\n":
+                    pass
+                return
+            left = size + 2
+            while left > 0:
+                left -= len(reader.read_some(left))
+    left = length
+    while left > 0:
+        left -= len(reader.read_some(min(left, _CHUNK)))
+
+
+def _send_slowdown(client: socket.socket, method: str) -> None:
+    body = b"" if method == "HEAD" else SLOWDOWN_BODY
+    head = (
+        "HTTP/1.1 503 Slow Down\r\n"
+        "Content-Type: application/xml\r\n"
+        f"Content-Length: {len(SLOWDOWN_BODY)}\r\n"
+        f"x-amz-request-id: {uuid.uuid4().hex[:16]}\r\n"
+        "Retry-After: 0\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with contextlib.suppress(OSError):
+        client.sendall(head + body)

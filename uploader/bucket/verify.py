@@ -1,0 +1,121 @@
+"""Re-check what a prefix of the bucket holds: every object's bytes, every pointer's claims.
+
+:func:`verify_prefix` downloads each object that records a digest (the download
+checks size and sha256, then the copy is removed) and audits each commit pointer
+with :func:`audit_pointer`: every entry it names must exist (``latest`` at least),
+with the size and digest the entry records. Both return the failures as sentences
+naming the object; they never raise for a bad object, so one pass reports all.
+
+Example::
+
+    report = verify_prefix(store, "exp1", strict=True)
+    for failure in report.failures:
+        print("FAILED", failure)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from uploader.bucket.pointer import POINTER_FILE, Pointer
+from uploader.config.hparams import join_key
+from uploader.errors import UploaderError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uploader.transfer.store import ObjectStat, ObjectStore
+
+__all__ = ["VerifyReport", "audit_pointer", "verify_prefix", "is_pointer"]
+
+log = logging.getLogger("uploader.bucket.verify")
+
+
+@dataclass
+class VerifyReport:
+    """How many objects were downloaded and matched, and what failed (one line each)."""
+
+    checked: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def is_pointer(name: str) -> bool:
+    """Whether object ``name`` is a commit pointer (``.../latest.json``)."""
+    return name == POINTER_FILE or name.endswith("/" + POINTER_FILE)
+
+
+def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> list[str]:
+    """What is wrong with the pointer object ``name``, given the sizes of the objects
+    listed beside it: unreadable; ``latest`` names a missing object; an entry's size or
+    digest differs from the object's. An older entry whose object is gone (removed by
+    retention) is not a failure."""
+    try:
+        pointer = Pointer.from_json(store.get_bytes(name), name)
+    except UploaderError as exc:
+        return [f"{name}: {exc}"]
+    failures: list[str] = []
+    for e in pointer.history:
+        if e.object not in sizes:
+            if e is pointer.latest or e.name == pointer.latest.name:
+                failures.append(f"{name}: latest names {e.object}, which is missing")
+            continue
+        if sizes[e.object] != e.size:
+            failures.append(
+                f"{name}: names {e.object} with {e.size} bytes but it holds {sizes[e.object]}"
+            )
+            continue
+        recorded = store.stat(e.object).digest
+        if recorded is not None and str(recorded) != e.digest:
+            failures.append(
+                f"{name}: names {e.object} with digest {e.digest} but the object records {recorded}"
+            )
+    return failures
+
+
+def verify_prefix(
+    store: ObjectStore,
+    prefix: str,
+    *,
+    strict: bool = False,
+    tmp_dir: str | None = None,
+    on_verified: Callable[[ObjectStat], None] | None = None,
+) -> VerifyReport:
+    """Check every object and pointer under ``prefix``.
+
+    Args:
+        strict: an object with no recorded digest is a failure (else a warning).
+        tmp_dir: where each object is staged while checked (removed right after).
+        on_verified: called with the stat (name, size, digest) of each object that matched.
+    """
+    report = VerifyReport()
+    base = join_key(prefix, "")
+    base = base + "/" if base else ""
+    objects = store.list(base)
+    sizes = {o.name: o.size for o in objects}
+    with tempfile.TemporaryDirectory(prefix="ckpt-verify-", dir=tmp_dir) as tmp:
+        for info in objects:
+            if is_pointer(info.name):
+                report.failures += audit_pointer(store, info.name, sizes)
+                continue
+            stat = store.stat(info.name)
+            if stat.digest is None:
+                msg = f"{info.name}: no digest recorded; size only ({info.size} bytes)"
+                if strict:
+                    report.failures.append(msg)
+                else:
+                    log.warning("%s", msg)
+                continue
+            target = Path(tmp) / f"obj{report.checked}"
+            try:
+                store.download_file(info.name, target, progress=False)
+                report.checked += 1
+                if on_verified is not None:
+                    on_verified(stat)
+            except UploaderError as exc:
+                report.failures.append(f"{info.name}: {exc}")
+            finally:
+                target.unlink(missing_ok=True)
+    return report

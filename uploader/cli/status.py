@@ -1,0 +1,77 @@
+"""``ckpt-uploader status``: what the journal of a run directory says.
+
+Reads the journal read-only, so it works while the uploader daemon runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from uploader.cli.options import EXIT_CODES, Formatter
+from uploader.daemon.journal import Journal
+from uploader.daemon.progress import format_bytes
+from uploader.errors import ExitCode
+from uploader.redact import redact
+
+__all__ = ["register", "cmd_status"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``status`` subcommand to ``sub`` (argparse subparsers)."""
+    p = sub.add_parser(
+        "status",
+        help="what the journal of RUN_DIR says",
+        description="Counts (pending, uploading, done, failed), bytes, rate and the last "
+        "error, from the journal of RUN_DIR (works while the daemon runs).",
+        epilog=EXIT_CODES,
+        formatter_class=Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--state-dir", metavar="DIR", help="where the journal lives (default: RUN_DIR)")
+    p.add_argument("--json", action="store_true", help="print JSON (default: text)")
+    p.add_argument(
+        "--files", action="store_true", help="also list every file and its state (default: off)"
+    )
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir or args.run_dir)
+    journal = Journal.open_readonly(state_dir)
+    try:
+        totals = journal.totals()
+        body = totals.as_dict()
+        if args.files or args.json:
+            body["files"] = [
+                {
+                    "path": r.path,
+                    "state": r.state,
+                    "size": r.size,
+                    "object": r.object,
+                    "attempts": r.attempts,
+                    "digest": r.digest,
+                    "last_error": r.last_error,
+                }
+                for r in journal.records()
+            ]
+    finally:
+        journal.close()
+    if args.json:
+        print(json.dumps(body, indent=1, sort_keys=True))
+    else:
+        print(
+            f"pending {totals.pending}  uploading {totals.uploading}  done {totals.done}  "
+            f"failed {totals.failed}"
+        )
+        print(
+            f"bytes {format_bytes(totals.bytes_done)} of {format_bytes(totals.bytes_total)} "
+            f"verified, rate {format_bytes(totals.rate_bytes_per_s)}/s"
+        )
+        if totals.last_error:
+            print(f"last error: {redact(totals.last_error)}")
+        for f in body.get("files", []):
+            print(f"{f['state']:<10} {f['size']:>14}  {f['path']}")
+    return ExitCode.OK if totals.failed == 0 else ExitCode.FAILED

@@ -1,0 +1,389 @@
+"""The request layer of the S3 adapter: endpoint, connections, signing, error mapping.
+
+:class:`S3RequestBackend` is the plumbing under :class:`uploader.transfer.backends.s3.S3Backend`
+(the S3 operations):
+
+* Endpoint: libcloud's driver for the provider name (``s3``, ``s3_eu_west``,
+  ``minio``, ``wasabi`` ...) resolves the host, port and signing region; an
+  explicit ``host``/``port`` wins. Addressing is path-style (``/bucket/key``),
+  which every S3-compatible server accepts. Plain HTTP is used when
+  ``settings.secure`` is false (loopback, or ``extra_init_kwargs={"secure": False}``).
+  ``extra_init_kwargs["timeout"]`` sets the socket timeout in seconds (default 60).
+* Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash
+  the caller passes in; only bodies sent without one (small XML requests) are
+  hashed here.
+* Connections: each thread keeps its own keep-alive ``http.client`` connection.
+  A request that finds its kept-alive connection closed by the server is sent
+  once more on a fresh one (counted in ``resent``, not as a retry).
+* Errors map to :mod:`uploader.errors`: 401/403 and signature errors are
+  ``AuthError``; ``NoSuchBucket`` is ``ContainerNotFoundError``; ``NoSuchKey``
+  and 404 are ``ObjectNotFoundError``; 408/429/5xx and ``SlowDown`` are
+  ``TransientError``. Connection errors pass through for
+  :func:`uploader.transfer.retry.is_transient`. No message holds a credential.
+* XML replies are parsed with or without the S3 namespace (rclone's server
+  omits it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import itertools
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from typing import Any
+
+from uploader.errors import (
+    AuthError,
+    ConfigError,
+    ContainerNotFoundError,
+    ObjectNotFoundError,
+    PermanentError,
+    TransientError,
+)
+from uploader.redact import redact
+from uploader.transfer.backends.base import Backend
+from uploader.transfer.backends.sigv4 import (
+    EMPTY_SHA256,
+    SigV4Signer,
+    canonical_query,
+    quote_path,
+)
+from uploader.transfer.retry import TRANSIENT_HTTP
+from uploader.transfer.settings import StoreSettings
+
+__all__ = ["S3Error", "S3RequestBackend", "S3TransientError", "TRANSIENT_CODES", "parse_xml"]
+
+#: The S3 adapter's logger, the same one :mod:`uploader.transfer.backends.s3` uses.
+log = logging.getLogger("uploader.transfer.backends.s3")
+
+_AUTH_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "AuthorizationHeaderMalformed",
+        "InvalidSecurity",
+        "AccountProblem",
+    }
+)
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "OperationAborted",
+    }
+)
+_MISSING_OBJECT_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound"})
+_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+class S3Error(PermanentError):
+    """The store refused a request for a reason retrying will not fix."""
+
+    def __init__(self, message: str, status: int, code: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class S3TransientError(TransientError):
+    """The store failed a request in a way that retrying may fix (busy, 5xx)."""
+
+    def __init__(self, message: str, status: int, code: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _strip_ns(root: ET.Element) -> ET.Element:
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag.startswith("{"):
+            el.tag = el.tag.split("}", 1)[1]
+    return root
+
+
+def parse_xml(body: bytes) -> ET.Element | None:
+    """The root of an XML reply, namespace stripped; None when the body is not XML."""
+    if not body or not body.lstrip().startswith(b"<"):
+        return None
+    try:
+        return _strip_ns(ET.fromstring(body))
+    except ET.ParseError:
+        return None
+
+
+class S3RequestBackend(Backend):
+    """Signed requests to one bucket on S3 or an S3-compatible server.
+
+    Args:
+        settings: provider (an S3-family libcloud name), container (the bucket),
+            host/port/region, TLS, and the names of the credential variables.
+
+    Attributes:
+        requests: how many HTTP requests were sent (tests use it to bound retries).
+        resent: requests sent once more on a fresh connection because a kept-alive
+            one was found closed (not retries: the request never reached the server).
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        key, secret = settings.credentials()
+        if not key or not secret:
+            raise ConfigError(
+                f"provider {settings.provider!r} needs both an access key and a secret: "
+                "set key_environ and secret_environ"
+            )
+        self.settings = settings
+        self.bucket = settings.container
+        self.secure = settings.secure
+        self.timeout = float(settings.extra.get("timeout", 60))
+        self.host, self.port, region = self._endpoint(settings, key, secret)
+        self.region = settings.region or region or "us-east-1"
+        default_port = 443 if self.secure else 80
+        self.host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        self._signer = SigV4Signer(key, secret, self.region)
+        self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._conns_lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self.requests = 0
+        self._resend_counter = itertools.count(1)
+        self.resent = 0
+        self._where = (
+            f"bucket {self.bucket!r} at {'https' if self.secure else 'http'}://{self.host_header}"
+        )
+
+    # -- endpoint through libcloud --------------------------------------------------------
+    def _endpoint(
+        self, settings: StoreSettings, key: str, secret: str
+    ) -> tuple[str, int, str | None]:
+        """Host, port and signing region, resolved by libcloud's driver for the provider."""
+        from libcloud.storage.providers import get_driver
+
+        scheme_port = 443 if self.secure else 80
+        try:
+            cls = get_driver(settings.provider)
+        except AttributeError:
+            if settings.host:  # libcloud does not know it; an explicit endpoint is all we need
+                return settings.host, settings.port or scheme_port, settings.region
+            raise ConfigError(
+                f"libcloud has no storage driver {settings.provider!r}; give its endpoint with "
+                "host and port (or ?endpoint= in the URI), or use provider 's3'"
+            ) from None
+        kwargs: dict[str, Any] = {"secure": self.secure}
+        if settings.host:
+            kwargs["host"] = settings.host
+        if settings.port:
+            kwargs["port"] = settings.port
+        if settings.provider == "s3" and settings.region and not settings.host:
+            from libcloud.storage.drivers.s3 import REGION_TO_HOST_MAP
+
+            if settings.region not in REGION_TO_HOST_MAP:  # a region newer than libcloud
+                return (
+                    f"s3.{settings.region}.amazonaws.com",
+                    settings.port or scheme_port,
+                    settings.region,
+                )
+        attempts = [dict(kwargs, region=settings.region), kwargs] if settings.region else [kwargs]
+        driver = None
+        problem = ""
+        for kw in attempts:
+            try:
+                driver = cls(key, secret, **kw)
+                host, port = driver.connection.host, int(driver.connection.port)
+                break
+            except Exception as exc:  # libcloud raises several types for a bad host or region
+                problem = str(getattr(exc, "value", exc))
+                driver = None
+        if driver is None:
+            raise ConfigError(
+                redact(
+                    f"cannot resolve the endpoint of provider {settings.provider!r} "
+                    f"({problem[:200]}); give host (and port) for S3-compatible servers, "
+                    "or a region the provider knows"
+                )
+            )
+        if not host:
+            raise ConfigError(
+                f"provider {settings.provider!r} needs an endpoint: set host and port "
+                "(e.g. s3://bucket?endpoint=http://127.0.0.1:9000)"
+            )
+        region = getattr(driver, "region_name", None) or getattr(driver, "region", None)
+        return host, port, region if isinstance(region, str) else None
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.secure:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.close()
+            with self._conns_lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+
+    def close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            c.close()
+        self._local = threading.local()
+
+    def _path(self, key: str | None = None) -> str:
+        return quote_path(f"/{self.bucket}/{key}" if key is not None else f"/{self.bucket}")
+
+    def _send(
+        self,
+        method: str,
+        key: str | None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | memoryview = b"",
+        payload_sha256: str | None = None,
+    ) -> http.client.HTTPResponse:
+        """Send one signed request and return the response, headers read, body unread."""
+        path = self._path(key)
+        params = dict(params or {})
+        hdrs: dict[str, str] = {"host": self.host_header}
+        if headers:
+            hdrs.update({k.lower(): v for k, v in headers.items()})
+        if payload_sha256 is None:
+            payload_sha256 = hashlib.sha256(body).hexdigest() if len(body) else EMPTY_SHA256
+        self._signer.sign(method, path, params, hdrs, payload_sha256)
+        query = canonical_query(params)
+        url = f"{path}?{query}" if query else path
+        if method in ("PUT", "POST") or len(body):
+            hdrs["content-length"] = str(len(body))
+        for attempt in (1, 2):
+            conn = self._conn()
+            reused = conn.sock is not None
+            self.requests = next(self._counter)
+            try:
+                conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
+                for k, v in hdrs.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+                if len(body):
+                    try:
+                        conn.send(body)
+                    except _STALE_CONNECTION:
+                        # The server may have answered before reading the body (an error
+                        # such as NoSuchUpload) and closed: that answer is the result.
+                        early = _early_error(conn)
+                        if early is None:
+                            raise
+                        return early
+                return conn.getresponse()
+            except _STALE_CONNECTION:
+                # A kept-alive connection the server closed while idle: send once more on a
+                # fresh one, without counting it as a failure. Anything else is for the retrier.
+                self._drop_conn()
+                if not reused or attempt == 2:
+                    raise
+                self.resent = next(self._resend_counter)
+                log.debug("%s %s: kept-alive connection was closed; sent again", method, path)
+            except BaseException:
+                self._drop_conn()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request(
+        self,
+        method: str,
+        key: str | None,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | memoryview = b"",
+        payload_sha256: str | None = None,
+        ok: tuple[int, ...] = (200,),
+        missing: str = "object",
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        """Send a request, read the whole (small) reply, raise a mapped error unless ``ok``."""
+        resp = self._send(method, key, params, headers, body, payload_sha256)
+        try:
+            data = resp.read()
+        except BaseException:
+            self._drop_conn()
+            raise
+        if resp.will_close:
+            self._drop_conn()
+        if resp.status not in ok:
+            raise self._error(resp.status, data, what, missing)
+        return resp, data
+
+    def _error(self, status: int, body: bytes, what: str, missing: str = "object") -> Exception:
+        root = parse_xml(body)
+        code = root.findtext("Code") if root is not None else None
+        message = (root.findtext("Message") if root is not None else None) or ""
+        detail = (
+            f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+        )
+        detail = redact(detail[:300])
+        st = self.settings
+        if status in (401, 403) or code in _AUTH_CODES:
+            return AuthError(
+                f"{what}: the store refused the credentials ({detail}). Check the access key "
+                f"and secret in ${st.key_environ} / ${st.secret_environ}, and that they may "
+                f"use {self._where}."
+            )
+        if code == "NoSuchBucket" or (status == 404 and missing == "bucket"):
+            return ContainerNotFoundError(self._no_bucket_text(what))
+        if code in _MISSING_OBJECT_CODES or status == 404:
+            return ObjectNotFoundError(f"{what}: no such object in {self._where} ({detail})")
+        if status in TRANSIENT_HTTP or code in TRANSIENT_CODES or status >= 500:
+            return S3TransientError(
+                f"{what}: the store is busy or failing ({detail})", status, code
+            )
+        return S3Error(f"{what}: the store refused the request ({detail})", status, code)
+
+    def _no_bucket_text(self, what: str) -> str:
+        endpoint = f"{'https' if self.secure else 'http'}://{self.host_header}"
+        return (
+            f"{what}: bucket {self.bucket!r} does not exist at {endpoint}; create it "
+            f"(e.g. 'aws s3 mb s3://{self.bucket} --endpoint-url {endpoint}' or "
+            f"'rclone mkdir remote:{self.bucket}') or pass --create-container "
+            "(create_container=True)"
+        )
+
+    @staticmethod
+    def _meta_headers(metadata: Mapping[str, str]) -> dict[str, str]:
+        out = {}
+        for k, v in metadata.items():
+            value = str(v)
+            if not value.isascii() or "\n" in value or "\r" in value:
+                raise ConfigError(
+                    f"metadata value for {k!r} must be printable ASCII on one line; "
+                    "encode it (e.g. base64) first"
+                )
+            out[f"x-amz-meta-{k.lower()}"] = value
+        return out
+
+
+def _early_error(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """An error reply the server sent before the request body was fully sent, if any."""
+    try:
+        resp = conn.getresponse()
+    except Exception:
+        return None
+    return resp if resp.status >= 400 else None
