@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from uploader.daemon.layouts import CHECKPOINT_PATTERNS
+
 from .errors import CorruptCheckpointError
 
 __all__ = [
@@ -67,13 +69,25 @@ _ALIASES = {
     "zstandard": "zstd",
 }
 CODECS = ("gzip", "bzip2", "lzma", "zstd")
-EXTENSIONS = {
-    None: ".pt",
-    "gzip": ".pt.gz",
-    "bzip2": ".pt.bz2",
-    "lzma": ".pt.xz",
-    "zstd": ".pt.zst",
-}
+#: The torch checkpoint suffixes, from the one list of checkpoint names (the uploader's).
+_PT_SUFFIXES = tuple(p[1:] for p in CHECKPOINT_PATTERNS if p.startswith("*.pt"))
+#: What each codec appends to a file name.
+_TAILS = {None: "", "gzip": ".gz", "bzip2": ".bz2", "lzma": ".xz", "zstd": ".zst"}
+
+
+def _suffix(tail: str) -> str:
+    """The checkpoint suffix ending in ``tail``: a codec the uploader would not take as a
+    checkpoint is an error here, not a silent gap in uploads."""
+    found = [s for s in _PT_SUFFIXES if s == _PT_SUFFIXES[0] + tail]
+    if not found:
+        raise ImportError(
+            f"no checkpoint pattern '*{_PT_SUFFIXES[0]}{tail}' in CHECKPOINT_PATTERNS"
+        )
+    return found[0]
+
+
+#: Codec -> file suffix (``None``: uncompressed).
+EXTENSIONS = {codec: _suffix(tail) for codec, tail in _TAILS.items()}
 
 GZIP_LEVEL = 1
 BZIP2_LEVEL = 1

@@ -12,7 +12,7 @@ import pytest
 from uploader.cli.main import build_parser
 from uploader.cli.watch import engine_options
 from uploader.config.options import WATCH_KEYS, WatchOptions, flag_name
-from uploader.daemon.watcher import CHECKPOINT_PATTERNS
+from uploader.daemon.layouts import CHECKPOINT_PATTERNS
 
 
 def _sub(command: str) -> argparse.ArgumentParser:

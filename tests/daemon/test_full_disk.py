@@ -95,7 +95,7 @@ def test_journal_releases_its_reserve_and_keeps_recording(
             reserve = mount / RESERVE_NAME
             assert reserve.stat().st_size == 2 << 20
             fill(mount)
-            with caplog.at_level("WARNING", logger="uploader.daemon.journal"):
+            with caplog.at_level("WARNING", logger="uploader.daemon.journal_db"):
                 record_verified(journal, 200)
             assert not reserve.exists()
             assert "released its 2 MiB reserve" in caplog.text
@@ -114,7 +114,7 @@ def test_journal_goes_on_in_memory_and_is_saved_when_there_is_room(
         for i in range(5):
             journal.accept(FileRecord(f"a{i}.pt", 0, f"a{i}.pt", f"p/a{i}.pt", i, i, True))
         fill(tmpfs)
-        with caplog.at_level("WARNING", logger="uploader.daemon.journal"):
+        with caplog.at_level("WARNING", logger="uploader.daemon.journal_db"):
             record_verified(journal, 300)
             assert journal.in_memory
             assert "keeping the journal in memory" in caplog.text

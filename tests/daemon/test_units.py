@@ -9,8 +9,8 @@ import pytest
 
 from uploader.config.files import load_config_file, parse_bytes, store_location
 from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.layouts import FileFilter, RunLayout, is_inside, scan
 from uploader.daemon.retention import local_deletions
-from uploader.daemon.watcher import FileFilter, RunLayout, is_inside, scan
 from uploader.errors import ConfigError
 
 

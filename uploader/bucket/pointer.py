@@ -38,6 +38,7 @@ __all__ = [
     "pointer_name",
     "read_pointer",
     "commit",
+    "merge",
     "resolve_latest",
     "LatestSelection",
     "latest_prefix",
@@ -126,6 +127,27 @@ def read_pointer(store: ObjectStore, prefix: str, rank: int) -> Pointer | None:
     return Pointer.from_json(data, name)
 
 
+def merge(
+    current: Pointer | None, rank: int, entry: PointerEntry, history_limit: int = HISTORY_LIMIT
+) -> Pointer:
+    """``current`` with ``entry`` added (not written): the one rule of a pointer update.
+
+    ``entry`` replaces an entry of the same name; the history is ordered newest first
+    and cut to ``history_limit``; ``latest`` never moves back to an older checkpoint.
+    """
+    history = [e for e in (current.history if current else ()) if e.name != entry.name]
+    history.append(entry)
+    history.sort(key=lambda e: e.order, reverse=True)
+    latest = entry
+    if (
+        current is not None
+        and current.latest.name != entry.name
+        and current.latest.order > entry.order
+    ):
+        latest = current.latest
+    return Pointer(rank, latest, tuple(history[:history_limit]))
+
+
 def commit(
     store: ObjectStore,
     prefix: str,
@@ -134,24 +156,13 @@ def commit(
     current: Pointer | None = None,
     history_limit: int = HISTORY_LIMIT,
 ) -> Pointer:
-    """Record ``entry`` (already verified in the store). ``latest`` never moves back.
+    """Record ``entry`` (already verified in the store) by :func:`merge`'s rule.
 
     ``current`` is the pointer as last written by this process; when None it is read.
     """
     if current is None:
         current = read_pointer(store, prefix, rank)
-    history = [e for e in (current.history if current else ()) if e.name != entry.name]
-    history.append(entry)
-    history.sort(key=lambda e: e.order, reverse=True)
-    history = history[:history_limit]
-    latest = entry
-    if (
-        current is not None
-        and current.latest.name != entry.name
-        and current.latest.order > entry.order
-    ):
-        latest = current.latest
-    pointer = Pointer(rank, latest, tuple(history))
+    pointer = merge(current, rank, entry, history_limit)
     store.put_bytes(
         pointer_name(prefix, rank), pointer.to_json(), {"content-type": "application/json"}
     )

@@ -15,7 +15,7 @@ from typing import Any
 from uploader.config.files import STORE_FIELDS, parse_extra_kwargs, store_location
 from uploader.config.hparams import StoreLocation
 from uploader.config.options import WATCH_KEYS, WatchOptions
-from uploader.daemon.watcher import FileFilter
+from uploader.daemon.layouts import FileFilter
 from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import ObjectStore

@@ -26,11 +26,12 @@ from uploader.cli.options import (
 )
 from uploader.config.files import load_config_file
 from uploader.config.options import WatchOptions
-from uploader.daemon.engine import Engine, EngineOptions, capture_early_signals
+from uploader.daemon.engine import Engine, EngineOptions
 from uploader.daemon.journal import Journal
+from uploader.daemon.layouts import FileFilter
 from uploader.daemon.progress import stderr_is_terminal
+from uploader.daemon.signals import capture_early_signals
 from uploader.daemon.status import StatusReport
-from uploader.daemon.watcher import FileFilter
 from uploader.errors import ConfigError, ExitCode, UploaderError
 
 __all__ = ["register", "engine_options", "cmd_watch", "cmd_push"]

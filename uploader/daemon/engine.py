@@ -1,20 +1,28 @@
 """The upload engine: from a finished file on disk to a verified object and a commit pointer.
 
-Structure (one anyio task group, owned by :meth:`Engine.run`)::
+Structure (one anyio task group, owned by :meth:`Engine.run`; the pipeline is a
+task group of its own, which finishes when the work is done)::
 
-    watchdog thread --events--> intake ----+
-    start-up scan --------------> settler -+-> journal.accept -> work queue (bounded)
-    journal (resume) ----------------------+                         |
-                                         workers (--files) <---------+
-                                           upload (thread, CapacityLimiter)
-                                           read back size + digest -> journal done
-                                           commit pointer (per-rank lock) -> retention
-    status (1 Hz), signals, parent watch, idle watch
+    signals, status (1 Hz), parent watch, idle watch
+    pipeline:
+      watchdog thread --events (bounded)--> Intake --+
+      journal resume, start-up scan --------> Settler +-> take: journal.accept -> work (bounded)
+                                                                                   |
+      upload loops (--files) <-----------------------------------------------------+
+        upload (thread, CapacityLimiter) -> read back size + digest -> journal done
+        Committer: pointer (per-rank batches) -> remote retention; local retention
 
-A full work queue blocks the settler (intake slows; nothing is dropped: the
+A full work stream blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
-buffers (``concurrency x part_size``) and the queue length, whatever the number
-and size of files.
+buffers (``concurrency x part_size``) and the stream lengths, whatever the
+number and size of files. Journal calls run in worker threads, one at a time
+(:attr:`Engine.journal_lock`), and are awaited before the next step: a file is
+recorded before its upload starts (in the upload's thread), and "done" before
+its pointer commit and before local retention.
+
+Draining (a signal, the parent gone, or idle): the intake stops and closes the
+work stream; the upload loops finish what is queued; the pipeline ends when
+every upload and pointer write is over, or the drain timeout (exit code 3) hits.
 
 Example::
 
@@ -24,42 +32,41 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import math
 import os
-import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from uploader.bucket.pointer import HISTORY_LIMIT, Pointer, PointerEntry, commit, read_pointer
-from uploader.daemon.journal import FileRecord, Journal, JournalFullError
+from uploader.daemon.committer import Committer
+from uploader.daemon.intake import Found, Intake, ignore_lease_breaks, watch_parent
+from uploader.daemon.journal import FileRecord, Journal, Totals
+from uploader.daemon.layouts import FileFilter, RunLayout
 from uploader.daemon.progress import Progress
-from uploader.daemon.retention import apply_local, remote_deletions
+from uploader.daemon.settle import Settler
+from uploader.daemon.signals import signal_task
 from uploader.daemon.status import StatusReport
-from uploader.daemon.watcher import (
-    FileFilter,
-    RunLayout,
-    Watcher,
-    ignore_lease_breaks,
-    is_inside,
-    open_for_writing,
-    scan,
-)
-from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode, IntegrityError
-from uploader.redact import redact
-from uploader.transfer.store import ObjectStore, UploadResult
+from uploader.daemon.uploads import Uploads
+from uploader.errors import ExitCode
+from uploader.transfer.bandwidth import TokenBucket
+from uploader.transfer.retry import backoff
+from uploader.transfer.store import ObjectStore
 
-__all__ = ["Engine", "EngineOptions", "TokenBucket"]
+__all__ = ["Engine", "EngineOptions"]
 
-log = logging.getLogger("uploader.daemon.engine")
+log = logging.getLogger(__name__)
+
+
+#: The longest pause between two attempts of one file or one pointer write.
+MAX_PAUSE = 60.0
 
 
 @dataclass
@@ -106,40 +113,9 @@ class EngineOptions:
     bwlimit: int
     progress: bool
 
-
-class TokenBucket:
-    """Limits bytes per second across threads; ``consume`` blocks until allowed."""
-
-    def __init__(self, rate: int, burst: int | None = None) -> None:
-        self.rate = float(rate)
-        self.capacity = float(burst or max(rate, 1))
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-
-    def consume(self, n: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= n
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
-
-
-@dataclass
-class _Candidate:
-    size: int
-    mtime_ns: int
-    since: float
-    closed: bool = False
-    modified: bool = False
-    held: bool = False  # seen open for writing while quiet
-
-
-class _Interrupted(Exception):
-    pass
+    def pause(self, attempt: int) -> float:
+        """Seconds before retry number ``attempt`` of a file or a pointer write."""
+        return backoff(self.retry_delay, attempt, MAX_PAUSE)
 
 
 class Engine:
@@ -157,446 +133,171 @@ class Engine:
         self.journal = journal
         self.layout = RunLayout(options.run_dir, options.prefix, options.rank)
         self.root = self.layout.root
-        self.state = "starting"
+        #: Held by every journal call: one at a time, each in a worker thread.
+        self.journal_lock = threading.Lock()
+        #: starting -> running -> (draining ->) done | failed
+        self.phase = "starting"
         self.exit_code: int | None = None
-        self._cands: dict[str, _Candidate] = {}
-        self._outstanding: set[str] = set()
-        self._inflight: dict[str, int] = {}
-        self._pointers: dict[int, Pointer] = {}
-        self._to_commit: dict[int, list[FileRecord]] = {}
-        self._committing: set[int] = set()
-        self._sent = 0
-        self._sent_lock = threading.Lock()
+        self.settler = Settler(options.settle, options.open_timeout)
+        self.committer = Committer(
+            store,
+            options.prefix,
+            options.attempts,
+            options.pause,
+            journal,
+            self.call,
+            options.keep_remote,
+            options.filter.moves_pointer,
+            self._report,
+        )
+        bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
+        self.uploads = Uploads(
+            store,
+            self.root,
+            journal,
+            self.call,
+            self.journal_lock,
+            self.committer,
+            options,
+            self._report,
+            Progress(options.progress),
+            bucket,
+        )
+        self.intake: Intake | None = None
+        self.last_error: str | None = None
+        self._totals = Totals()
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
-        self._last_error: str | None = None
-        self._commit_failures = 0
-        self._accepting = True
-        self._final = False
-        self._scanned = False
         self._resumed = False
         self._stop_reason: str | None = None
-        self._signals = 0
-        self._bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
-        self._progress = Progress(options.progress)
-        self._watcher: Watcher | None = None
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
         """Run until told to stop; return the exit code (0, 1 or 3)."""
         return anyio.run(self._main)
 
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """Run a journal call in a worker thread, one at a time, and return its result."""
+
+        def locked() -> Any:
+            with self.journal_lock:
+                return fn(*args)
+
+        return await anyio.to_thread.run_sync(locked)
+
     async def _main(self) -> int:
-        self._loop = asyncio.get_running_loop()
         ignore_lease_breaks()
-        self._events_send, self._events_recv = anyio.create_memory_object_stream[tuple[str, str]](
-            math.inf
-        )
-        self._work_send, self._work_recv = anyio.create_memory_object_stream[str](
-            max(2, 2 * self.opts.files)
-        )
-        self._limiter = anyio.CapacityLimiter(self.opts.files + 2)
-        self._wake = anyio.Event()
         self._stop = anyio.Event()
-        self._changed = anyio.Event()
+        self.intake = Intake(
+            self.layout, self.opts.filter, self.settler, self.opts.watch, self._take, self._fresh
+        )
         self._write_status()
         code: int = ExitCode.FAILED
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self._signal_task, tg)
+                await tg.start(signal_task, lambda: self._request_stop("signal"), self._last_words)
                 await self._recover()
-                if self.opts.watch:
-                    self._watcher = Watcher(self.root, self._notify)
-                    self._watcher.start()
-                self.state = "running"
+                done = anyio.Event()
+                await tg.start(self._pipeline, done)
+                self.phase = "running"
                 tg.start_soon(self._status_task)
-                for _ in range(self.opts.files):
-                    tg.start_soon(self._worker)
-                tg.start_soon(self._intake_task)
-                tg.start_soon(self._settle_task)
-                tg.start_soon(self._startup_task)
                 if self.opts.parent_pid:
-                    tg.start_soon(self._parent_task, self.opts.parent_pid)
+                    pid = self.opts.parent_pid
+                    tg.start_soon(watch_parent, pid, self.intake, self._idle, self._request_stop)
                 if self.opts.exit_when_idle or not self.opts.watch:
                     tg.start_soon(self._idle_task)
-                code = await self._supervise()
+                code = await self._supervise(done)
                 tg.cancel_scope.cancel()
         finally:
-            if self._watcher is not None:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._watcher.stop)
-            self._progress.close()
+            self.uploads.progress.close()
         self.exit_code = code
-        self.state = "done" if code == ExitCode.OK else "failed"
-        self.journal.save()
+        self.phase = "done" if code == ExitCode.OK else "failed"
+        with self.journal_lock:  # an abandoned upload thread may still record
+            self.journal.save()
         self._write_status()
         return code
 
+    async def _pipeline(
+        self, done: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Intake -> work stream -> upload loops -> commits; ends once drained."""
+        assert self.intake is not None
+        send, recv = anyio.create_memory_object_stream[str](max(2, 2 * self.opts.files))
+        self._work_send = send
+        async with anyio.create_task_group() as tg:
+            self.committer.task_group = tg
+            async with recv:
+                for _ in range(self.opts.files):
+                    tg.start_soon(self._upload_loop, recv.clone())
+            async with send:  # closed once the intake is over: the upload loops then end
+                await self.intake.run(self._resume, task_status=task_status)
+        done.set()
+
     # -- recovery -----------------------------------------------------------------------
     async def _recover(self) -> None:
-        stale = self.journal.recover()
-        for rec in stale:
+        for rec in await self.call(self.journal.recover):
             log.info("resuming interrupted upload path=%s object=%s", rec.path, rec.object)
-            age = max(0.0, time.time() - (rec.started_at or time.time()) - 1.0)
+            await self.uploads.abort_stale(rec)
 
-            def abort(name: str = rec.object, older: float = age) -> int:
-                return self.store.abort_stale_uploads(name, older_than=older)
-
-            try:
-                n = await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
-                if n:
-                    log.info("aborted %d stale multipart upload(s) of %s", n, rec.object)
-            except Exception as exc:  # best effort: the store expires them too
-                log.warning("could not abort stale uploads of %s: %s", rec.object, redact(str(exc)))
-
-    async def _startup_task(self) -> None:
-        for rec in self.journal.uncommitted():
-            await self._commit_pointer(rec)
-        for rec in self.journal.records("pending"):
+    async def _resume(self) -> None:
+        """Before the start-up scan: commit what was verified, queue what is pending."""
+        for rec in await self.call(self.journal.uncommitted):
+            self.committer.submit(rec)
+        for rec in await self.call(self.journal.records, "pending"):
             await self._enqueue(rec.path)
         self._resumed = True
-        self._changed.set()
-        for rel in await anyio.to_thread.run_sync(_scan_list, self.root, self.opts.filter, ""):
-            self._consider(rel, "scan")
-        self._scanned = True
-        self._wake.set()
 
-    # -- intake -------------------------------------------------------------------------
-    def _notify(self, kind: str, path: str) -> None:
-        """Called on the watchdog thread."""
-        self._loop.call_soon_threadsafe(self._events_send.send_nowait, (kind, path))
+    async def _fresh(self, found: Found) -> Found:
+        """Of scanned files, those whose version the journal does not hold."""
 
-    async def _intake_task(self) -> None:
-        async for kind, path in self._events_recv:
-            if not self._accepting:
-                continue
-            rel = self.layout.relative(path)
-            if rel is None:
-                continue
-            if kind in ("dirmoved", "dircreated"):
-                found = await anyio.to_thread.run_sync(_scan_list, self.root, self.opts.filter, rel)
-                for f in found:
-                    self._consider(f, "moved" if kind == "dirmoved" else "created")
-                continue
-            if not self.opts.filter.accepts(rel):
-                continue
-            if kind == "moved":
-                st = is_inside(self.root, rel)
-                self._cands.pop(rel, None)
-                if st is not None:
-                    await self._take(rel, st)
-                continue
-            self._consider(rel, kind)
+        def unknown() -> Found:
+            out = []
+            for rel, st in found:
+                rec = self.journal.get(rel)
+                if rec is None or (rec.size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    out.append((rel, st))
+            return out
 
-    def _consider(self, rel: str, kind: str) -> None:
-        """Track a file until it is complete."""
-        st = is_inside(self.root, rel)
-        if st is None:
-            self._cands.pop(rel, None)
-            return
-        if kind == "scan":
-            rec = self.journal.get(rel)
-            if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                return  # already accepted in this version
-        now = time.monotonic()
-        c = self._cands.get(rel)
-        if c is None:
-            c = self._cands[rel] = _Candidate(st.st_size, st.st_mtime_ns, now)
-        if kind in ("scan", "moved"):
-            c.closed = True
-        elif kind == "closed":
-            c.closed = True
-            c.since = now
-        elif kind == "modified":
-            c.modified = True
-            c.closed = False
-            c.since = now
-        elif kind == "created":
-            c.since = now
-        self._wake.set()
-
-    async def _settle_task(self) -> None:
-        tick = max(0.02, min(0.1, self.opts.settle / 4))
-        while True:
-            if not self._cands:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                continue
-            await anyio.sleep(tick)
-            now = time.monotonic()
-            for rel, c in list(self._cands.items()):
-                if not self._accepting:
-                    self._cands.clear()
-                    break
-                st = is_inside(self.root, rel)
-                if st is None:
-                    self._cands.pop(rel, None)
-                    continue
-                if (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns):
-                    c.size, c.mtime_ns, c.since = st.st_size, st.st_mtime_ns, now
-                    continue
-                quiet = now - c.since
-                complete = (
-                    quiet >= self.opts.open_timeout
-                    or (quiet >= self.opts.settle and (c.closed or self._final))
-                    or (quiet >= self.opts.settle and not c.modified and c.size > 0)
-                )
-                if (
-                    complete
-                    and quiet < self.opts.open_timeout
-                    and open_for_writing(self.root / rel) is True
-                ):
-                    # Quiet, but a writer still holds it open (one that started before
-                    # this daemon, say): wait for it to close, or for --open-timeout.
-                    if not c.held:
-                        c.held = True
-                        log.info("path=%s is quiet but still open for writing; waiting", rel)
-                    continue
-                if complete and self._cands.get(rel) is c:
-                    del self._cands[rel]
-                    await self._take(rel, st)
-
-    async def _take(self, rel: str, st: os.stat_result) -> None:
-        """Accept a complete file into the journal (unless that version is known) and queue it."""
-        if not self._accepting:
-            return
-        await self._take_inner(rel, st)
-
-    async def _take_inner(self, rel: str, st: os.stat_result) -> None:
-        rec = self.journal.get(rel)
-        if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            if rec.state == "pending":
-                await self._enqueue(rel)
-            return
-        loc = self.layout.locate(rel)
-        rec = self.journal.accept(
-            FileRecord(
-                rel,
-                loc.rank,
-                loc.name,
-                loc.object,
-                st.st_size,
-                st.st_mtime_ns,
-                self.opts.filter.moves_pointer(rel),
-            )
-        )
-        log.info("accepted path=%s size=%d object=%s", rel, rec.size, rec.object)
-        await self._enqueue(rel)
-
-    async def _enqueue(self, rel: str) -> None:
-        if rel in self._outstanding:
-            return
-        self._outstanding.add(rel)
-        await self._work_send.send(rel)
-
-    # -- workers ------------------------------------------------------------------------
-    async def _worker(self) -> None:
-        async for rel in self._work_recv:
-            try:
-                await self._process(rel)
-            except Exception as exc:  # a bug must not lose the file: record it
-                msg = redact(f"{type(exc).__name__}: {exc}")
-                log.exception("internal error on %s", rel)
-                self._last_error = msg
-                try:
-                    self.journal.fail(rel, msg)
-                except Exception:
-                    log.exception("could not record the failure of %s in the journal", rel)
-            finally:
-                self._outstanding.discard(rel)
-                self._changed.set()
-
-    async def _process(self, rel: str) -> None:
-        while True:
-            rec = self.journal.get(rel)
-            if rec is None:
-                return
-            if rec.state == "done":
-                if rec.checkpoint and not rec.committed:
-                    await self._commit_pointer(rec)
-                return
-            st = is_inside(self.root, rel)
-            if st is None:
-                msg = (
-                    f"{rel} was accepted but is gone or no longer a regular file inside "
-                    "the run directory; it cannot be uploaded (was it deleted before upload?)"
-                )
-                self.journal.fail(rel, msg)
-                self._last_error = msg
-                log.error("failed path=%s error=%s", rel, msg)
-                return
-            if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
-                rec = self.journal.accept(
-                    replace(rec, size=st.st_size, mtime_ns=st.st_mtime_ns, state="pending")
-                )
-            self.journal.start(rel)
-            attempts = rec.attempts + 1
-            t0 = time.monotonic()
-            self._inflight[rel] = 0
-            self._progress.start(rel, rec.size)
-            try:
-                result = await anyio.to_thread.run_sync(
-                    self._upload_verified, rec, limiter=self._limiter, abandon_on_cancel=True
-                )
-            except Exception as exc:
-                sent = self._inflight.pop(rel, 0)
-                self._progress.finish(rel, sent, rec.size)
-                msg = redact(f"{type(exc).__name__}: {exc}")
-                permanent = isinstance(exc, (AuthError, ContainerNotFoundError, ConfigError))
-                if permanent or attempts >= self.opts.attempts:
-                    self.journal.fail(rel, msg)
-                    self._last_error = msg
-                    log.error("failed path=%s attempts=%d error=%s", rel, attempts, msg)
-                    return
-                self.journal.retry_later(rel, msg)
-                pause = min(60.0, self.opts.retry_delay * 2 ** (attempts - 1))
-                log.warning(
-                    "attempt %d of %s failed, retrying in %.1fs: %s", attempts, rel, pause, msg
-                )
-                await anyio.sleep(pause)
-                continue
-            self._inflight.pop(rel, None)
-            self._progress.finish(rel)
-            cur = self.journal.get(rel)
-            if cur is None or (cur.size, cur.mtime_ns) != (rec.size, rec.mtime_ns):
-                log.info("path=%s changed during upload; uploading it again", rel)
-                continue
-            self.journal.done(rel, str(result.digest))
-            seconds = time.monotonic() - t0
-            log.info(
-                "verified path=%s object=%s size=%d digest=%s seconds=%.3f",
-                rel,
-                rec.object,
-                rec.size,
-                result.digest,
-                seconds,
-            )
-            done = self.journal.get(rel)
-            if done is not None and done.checkpoint:
-                await self._commit_pointer(done)
-            if self.opts.keep_local is not None:
-                try:
-                    self.journal.sync()  # "done" is on disk before any local file goes
-                except JournalFullError as exc:
-                    log.warning("local retention waits until the journal is saved: %s", exc)
-                else:
-                    apply_local(self.journal.records(), self.root, self.opts.keep_local, rec.rank)
-            return
-
-    def _upload_verified(self, rec: FileRecord) -> UploadResult:
-        """Upload, then read back size and digest (runs in a worker thread)."""
-        rel = rec.path
-        bucket = self._bucket
-
-        def progress(n: int) -> None:
-            with self._sent_lock:
-                self._sent += n
-                self._inflight[rel] = self._inflight.get(rel, 0) + n
-            self._progress.advance(rel, n)
-            if bucket is not None:
-                bucket.consume(n)
-
-        log.debug("sending path=%s object=%s", rel, rec.object)
-        result = self.store.upload_file(
-            self.root / rel, rec.object, progress=progress, verify=False
-        )
-        stat = self.store.stat(rec.object)
-        if stat.size != result.size:
-            raise IntegrityError(
-                f"{rec.object}: the store holds {stat.size} bytes after sending "
-                f"{result.size}; it will be uploaded again"
-            )
-        if stat.digest is not None and stat.digest != result.digest:
-            raise IntegrityError(
-                f"{rec.object}: the store records digest {stat.digest} but "
-                f"{result.digest} was sent; it will be uploaded again"
-            )
+        result: Found = await self.call(unknown)
         return result
 
-    async def _commit_pointer(self, rec: FileRecord) -> None:
-        """Queue ``rec`` (verified) for its rank's pointer; a per-rank writer task commits.
+    # -- taking complete files ----------------------------------------------------------
+    async def _take(self, found: Found) -> None:
+        """Accept complete files into the journal (unless that version is known), in one
+        journal call, and queue them."""
 
-        Commits of one rank are batched: while one pointer write is in flight,
-        later entries queue up and go out together in the next write, so a burst
-        of small checkpoints costs a few pointer writes, not one each, and no
-        upload worker waits for a pointer write.
-        """
-        assert rec.digest is not None
-        self._to_commit.setdefault(rec.rank, []).append(rec)
-        if rec.rank not in self._committing:
-            self._committing.add(rec.rank)
-            self._tg.start_soon(self._pointer_writer, rec.rank)
+        def record() -> list[tuple[FileRecord, bool]]:
+            out = []
+            for rel, st in found:
+                rec = self.journal.get(rel)
+                if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    out.append((rec, False))
+                    continue
+                loc = self.layout.locate(rel)
+                checkpoint = self.opts.filter.moves_pointer(rel)
+                new = FileRecord(
+                    rel, loc.rank, loc.name, loc.object, st.st_size, st.st_mtime_ns, checkpoint
+                )
+                out.append((self.journal.accept(new), True))
+            return out
 
-    async def _pointer_writer(self, rank: int) -> None:
-        try:
-            while self._to_commit.get(rank):
-                await self._write_pointer(rank, self._to_commit.pop(rank))
-                self._changed.set()
-        finally:
-            self._committing.discard(rank)
-            self._changed.set()
+        for rec, accepted in await self.call(record):
+            if accepted:
+                log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
+            elif rec.state != "pending":
+                continue
+            await self._enqueue(rec.path)
 
-    async def _write_pointer(self, rank: int, batch: list[FileRecord]) -> None:
-        entries = [
-            PointerEntry(r.name, r.object, r.size, r.digest or "", r.mtime_ns) for r in batch
-        ]
-        current = self._pointers.get(rank)
+    async def _enqueue(self, rel: str) -> None:
+        if rel in self.uploads.outstanding:
+            return
+        self.uploads.outstanding.add(rel)
+        await self._work_send.send(rel)
 
-        def write() -> Pointer:
-            cur = (
-                current if current is not None else read_pointer(self.store, self.opts.prefix, rank)
-            )
-            for e in entries[:-1]:
-                cur = _merge(cur, rank, e)
-            return commit(self.store, self.opts.prefix, rank, entries[-1], cur)
-
-        for attempt in range(1, self.opts.attempts + 1):
-            try:
-                pointer = await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
-                break
-            except Exception as exc:
-                msg = redact(f"{type(exc).__name__}: {exc}")
-                if attempt >= self.opts.attempts:
-                    self._commit_failures += len(batch)
-                    self._last_error = f"commit pointer of rank {rank}: {msg}"
-                    log.error("pointer commit failed rank=%d error=%s", rank, msg)
-                    return
-                await anyio.sleep(min(60.0, self.opts.retry_delay * 2 ** (attempt - 1)))
-        self._pointers[rank] = pointer
-        for r in batch:
-            self.journal.mark_committed(r.path)
-        log.info(
-            "committed rank=%d latest=%s (after %s)",
-            rank,
-            pointer.latest.name,
-            ", ".join(r.name for r in batch[:3])
-            + (f" +{len(batch) - 3}" if len(batch) > 3 else ""),
-        )
-        if self.opts.keep_remote is not None:
-            await self._prune_remote(rank, pointer)
-
-    async def _prune_remote(self, rank: int, pointer: Pointer) -> None:
-        keep = self.opts.keep_remote
-        assert keep is not None
-        in_flight = {
-            r.object
-            for r in self.journal.records()
-            if r.rank == rank and r.checkpoint and (r.state != "done" or not r.committed)
-        }
-
-        def prune() -> list[str]:
-            names = remote_deletions(
-                self.store, self.opts.prefix, rank, keep, self.opts.filter, pointer, in_flight
-            )
-            for name in names:
-                self.store.delete(name)
-            return names
-
-        try:
-            for name in await anyio.to_thread.run_sync(prune, abandon_on_cancel=True):
-                log.info("retention deleted remote object=%s", name)
-        except Exception as exc:
-            log.warning("remote retention failed: %s", redact(str(exc)))
+    async def _upload_loop(self, recv: MemoryObjectReceiveStream[str]) -> None:
+        """One upload at a time from the work stream, until it is closed and empty."""
+        async with recv:
+            async for rel in recv:
+                await self.uploads.process(rel)
 
     # -- stopping -----------------------------------------------------------------------
     def _request_stop(self, reason: str) -> None:
@@ -604,17 +305,16 @@ class Engine:
             self._stop_reason = reason
             self._stop.set()
 
-    def _busy(self) -> bool:
-        """Accepted work not finished: queued or in flight, unwritten pointers, unread journal."""
-        return bool(self._outstanding or self._committing or not self._resumed)
+    def _report(self, message: str) -> None:
+        self.last_error = message
 
     def _idle(self) -> bool:
+        intake = self.intake
         return (
-            self._scanned
-            and not self._cands
-            and not self._outstanding
-            and not self._committing
-            and self._events_recv.statistics().current_buffer_used == 0
+            intake is not None
+            and intake.quiet
+            and not self.uploads.outstanding
+            and not self.committer.busy
         )
 
     async def _idle_task(self) -> None:
@@ -626,110 +326,54 @@ class Engine:
                 self._request_stop("idle")
                 return
 
-    async def _parent_task(self, pid: int) -> None:
-        while _alive(pid):
-            await anyio.sleep(0.5)
-        log.info("parent process %d is gone; finishing accepted and complete files", pid)
-        self._final = True
-        for rel in await anyio.to_thread.run_sync(_scan_list, self.root, self.opts.filter, ""):
-            self._consider(rel, "scan")
-        self._scanned = True
-        self._wake.set()
-        quiet = 0
-        while quiet < 3:
-            await anyio.sleep(0.1)
-            quiet = quiet + 1 if self._idle() else 0
-        self._request_stop("parent")
+    def _last_words(self, reason: str) -> None:
+        self.phase = "failed"
+        self.last_error = reason
+        self._write_status(self._totals)
 
-    async def _signal_task(self, tg: TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            # Signals that arrived while the store was being opened count too.
-            while _early_signals:
-                self._on_signal(_early_signals.pop(0))
-            async for signum in signals:
-                self._on_signal(signum)
-
-    def _on_signal(self, signum: int) -> None:
-        self._signals += 1
-        name = signal.Signals(signum).name
-        if self._signals == 1:
-            log.info("%s received: draining (a second signal exits at once)", name)
-            self._request_stop("signal")
-        else:
-            log.warning("second signal %s: exiting now; the journal is intact", name)
-            self.state = "failed"
-            self._last_error = f"interrupted by a second {name}"
-            self._write_status()
-            logging.shutdown()
-            os._exit(128 + signum)
-
-    async def _supervise(self) -> int:
+    async def _supervise(self, done: anyio.Event) -> int:
+        assert self.intake is not None
         await self._stop.wait()
         reason = self._stop_reason
-        self.state = "draining" if reason in ("signal", "parent") else self.state
-        if self._watcher is not None:
-            self._watcher.stop(join=False)
-        if reason == "signal":
-            # A checkpoint renamed into place just before the signal is part of the drain,
-            # even if its event was not processed yet: take every file complete on disk.
-            self._final = True
-            found = await anyio.to_thread.run_sync(_scan_list, self.root, self.opts.filter, "")
-            for rel in found:
-                self._consider(rel, "scan")
-            self._wake.set()
-        left = len(self._outstanding) + len(self._cands)
+        if reason in ("signal", "parent"):
+            self.phase = "draining"
+        # A checkpoint renamed into place just before the signal is part of the drain,
+        # even if its event was not processed yet: take every file complete on disk.
+        await self.intake.stop(final=reason == "signal")
+        left = len(self.uploads.outstanding) + len(self.intake)
         if left:
             log.info("draining %d file(s), timeout %.0fs", left, self.opts.drain_timeout)
         with anyio.move_on_after(self.opts.drain_timeout):
-            while self._busy() or self._cands:
-                with anyio.move_on_after(0.1):
-                    await self._changed.wait()
-                self._changed = anyio.Event()
-        self._accepting = False
-        if self._busy() or self._cands:
+            await done.wait()
+        if not done.is_set():
             log.error(
                 "drain timeout (%.0fs) hit with %d file(s) not verified; the next start "
                 "resumes them from the journal and the run directory",
                 self.opts.drain_timeout,
-                len(self._outstanding) + len(self._cands),
+                len(self.uploads.outstanding) + len(self.intake),
             )
             return ExitCode.TIMEOUT
-        totals = self.journal.totals()
-        if totals.failed or totals.pending or totals.uploading or self._commit_failures:
-            log.error(
-                "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
-                totals.failed,
-                totals.pending + totals.uploading,
-                self._commit_failures,
-                self._last_error or totals.last_error,
-            )
-            return ExitCode.FAILED
-        log.info(
-            "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
-            "fresh connection",
-            totals.done,
-            totals.bytes_done,
-            self.store.retries.n,
-            int(getattr(self.store.backend, "resent", 0)),
-        )
-        return ExitCode.OK
+        totals: Totals = await self.call(self.journal.totals)
+        return _outcome(totals, self.committer.failures, self.last_error, self.store)
 
     # -- status -------------------------------------------------------------------------
-    def status(self) -> StatusReport:
-        t = self.journal.totals()
+    def status(self, totals: Totals | None = None) -> StatusReport:
+        """The daemon's report; ``totals`` from the journal (read here when None)."""
+        if totals is None:
+            with self.journal_lock:
+                totals = self.journal.totals()
+        t = totals
         now = time.monotonic()
-        with self._sent_lock:
-            sent = self._sent
-            inflight = sum(self._inflight.values())
+        sent, inflight = self.uploads.sent()
         self._rate_window.append((now, sent))
         t0, s0 = self._rate_window[0]
         rate = (sent - s0) / (now - t0) if now > t0 else 0.0
-        state = self.state
-        if state in ("running", "draining") and (t.failed or self._commit_failures):
-            state = "failed"
+        phase = self.phase
+        if phase in ("running", "draining") and (t.failed or self.committer.failures):
+            phase = "failed"
         return StatusReport(
             pid=os.getpid(),
-            state=state,
+            state=phase,
             pending=t.pending,
             uploading=t.uploading,
             done=t.done,
@@ -737,80 +381,50 @@ class Engine:
             bytes_total=t.bytes_total,
             bytes_done=t.bytes_done + inflight,
             rate_bytes_per_s=round(rate, 1),
-            last_error=self._last_error or t.last_error,
+            last_error=self.last_error or t.last_error,
             journal_saved=not self.journal.in_memory,
-            intake_finished=self._intake_finished(),
+            intake_finished=self.intake_finished,
             updated_at=time.time(),
         )
 
-    def _intake_finished(self) -> bool:
-        """Journal resumed, start-up scan done, nothing settling, no event unread."""
-        recv = getattr(self, "_events_recv", None)
-        return (
-            self._resumed
-            and self._scanned
-            and not self._cands
-            and recv is not None
-            and recv.statistics().current_buffer_used == 0
-        )
+    @property
+    def intake_finished(self) -> bool:
+        """Journal resumed, start-up scan done, nothing settling, no watch event unread."""
+        return self._resumed and self.intake is not None and self.intake.quiet
 
-    def _write_status(self) -> None:
+    def _write_status(self, totals: Totals | None = None) -> None:
         if self.opts.status_file is None:
             return
         with contextlib.suppress(Exception):
-            self.status().write(self.opts.status_file)
+            self.status(totals).write(self.opts.status_file)
 
     async def _status_task(self) -> None:
         while True:
-            s = self.status()
+            self._totals = await self.call(self.journal.totals)
+            s = self.status(self._totals)
             if self.opts.status_file is not None:
                 s.write(self.opts.status_file)
-            self._progress.tick(s)
+            self.uploads.progress.tick(s)
             await anyio.sleep(1.0)
 
 
-_early_signals: list[int] = []
-
-
-def capture_early_signals() -> None:
-    """Remember SIGTERM/SIGINT arriving before the engine runs (while the store is opened).
-
-    The engine drains for them once it starts, instead of the process dying with the
-    default action; a second early signal exits at once (the journal is intact).
-    """
-
-    def remember(signum: int, frame: object) -> None:
-        _early_signals.append(signum)
-        if len(_early_signals) >= 2:
-            os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, remember)
-    signal.signal(signal.SIGINT, remember)
-
-
-def _merge(cur: Pointer | None, rank: int, e: PointerEntry) -> Pointer:
-    """``cur`` with ``e`` added, by the rules of :func:`uploader.bucket.pointer.commit`, unwritten."""
-    history = [h for h in (cur.history if cur else ()) if h.name != e.name] + [e]
-    history.sort(key=lambda h: h.order, reverse=True)
-    latest = e
-    if cur is not None and cur.latest.name != e.name and cur.latest.order > e.order:
-        latest = cur.latest
-    return Pointer(rank, latest, tuple(history[:HISTORY_LIMIT]))
-
-
-def _scan_list(root: Path, filt: FileFilter, sub: str) -> list[str]:
-    return list(scan(root, filt, sub))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+def _outcome(totals: Totals, failures: int, last_error: str | None, store: ObjectStore) -> int:
+    """The exit code once drained (0: everything verified and committed, 1: failures)."""
+    if totals.failed or totals.pending or totals.uploading or failures:
+        log.error(
+            "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
+            totals.failed,
+            totals.pending + totals.uploading,
+            failures,
+            last_error or totals.last_error,
+        )
+        return ExitCode.FAILED
+    log.info(
+        "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
+        "fresh connection",
+        totals.done,
+        totals.bytes_done,
+        store.retries.n,
+        int(getattr(store.backend, "resent", 0)),
+    )
+    return ExitCode.OK

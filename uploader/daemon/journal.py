@@ -18,25 +18,33 @@ inter-process lock beside it and raises ConfigError when another holds it.
 Example::
 
     journal = Journal.open(Path("runs/1/rank_0"))
-    journal.accept(FileRecord(...))
-    journal.set_state("ep1.pt", "uploading")
+    journal.accept(FileRecord("ep1.pt", 0, "ep1.pt", "exp1/rank_0/ep1.pt", size, mtime_ns, True))
+    journal.start("ep1.pt")           # uploading
+    journal.done("ep1.pt", digest)    # verified
+    journal.mark_committed("ep1.pt")  # in the commit pointer
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uploader.errors import ConfigError, UploaderError
+from uploader.daemon.journal_db import (
+    RESERVE_BYTES,
+    RESERVE_NAME,
+    JournalDb,
+    JournalFullError,
+    make_reserve,
+    room,
+)
+from uploader.errors import ConfigError
 
-log = logging.getLogger("uploader.daemon.journal")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Journal",
@@ -53,9 +61,6 @@ __all__ = [
 
 JOURNAL_NAME = ".ckpt-uploader.sqlite"
 LOCK_NAME = ".ckpt-uploader.lock"
-#: Space kept aside so the journal can still record progress when the disk fills up.
-RESERVE_NAME = ".ckpt-uploader.reserve"
-RESERVE_BYTES = 2 << 20
 #: Names the watcher must never upload (the journal and its sqlite companions).
 STATE_NAMES = frozenset(
     {
@@ -163,65 +168,14 @@ def journal_path(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / JOURNAL_NAME
 
 
-class JournalFullError(UploaderError):
-    """The journal's disk is full even after releasing the space reserve."""
-
-
-def _is_full(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "full" in text or "no space" in text
-
-
-def _room(folder: Path) -> int:
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return -1
-    return st.f_bavail * st.f_frsize
-
-
-_FLUSH_EVERY = 5.0  # seconds between attempts to save an in-memory journal
-
-
-def _prepare(db: sqlite3.Connection) -> None:
-    db.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: every commit survives a crash or kill -9 of this
-    # process; sync() forces the disk before anything destructive.
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(_SCHEMA)
-
-
-def make_reserve(folder: str | os.PathLike[str]) -> bool:
-    """Set aside ``RESERVE_BYTES`` in ``folder`` for the journal (see :class:`Journal`).
-
-    Called by the daemon, and by a training process before it starts its worker, so
-    that the reserve exists before checkpoints can fill the disk. Skipped (False)
-    when the disk has less than four times that much room.
-    """
-    reserve = Path(folder) / RESERVE_NAME
-    if reserve.exists():
-        return True
-    try:
-        if _room(reserve.parent) < 4 * RESERVE_BYTES:
-            return False
-        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_BYTES)
-        finally:
-            os.close(fd)
-        return True
-    except OSError:
-        with contextlib.suppress(OSError):
-            reserve.unlink()
-        return False
-
-
 class Journal:
     """The sqlite journal of one run directory.
 
     Args:
         path: the sqlite file.
-        lock: hold the single-daemon lock (``False`` for read-only use such as ``status``).
+        lock: the single-daemon lock, released at :meth:`close` (None for read-only use
+            such as ``status``).
+        readonly: open the file for reading only.
 
     Every method commits before it returns, so what it recorded survives a crash
     or ``kill -9`` of the process. :meth:`sync` also forces it to disk (power
@@ -233,147 +187,33 @@ class Journal:
     released first (see :func:`make_reserve`); if the disk is still full, the
     journal goes on in memory and is saved to its file as soon as there is room
     (tried every few seconds, by :meth:`sync` and at :meth:`close`). Meanwhile
-    :meth:`sync` raises JournalFullError, so nothing local is deleted.
+    :meth:`sync` raises JournalFullError, so nothing local is deleted. That handling
+    lives in :mod:`uploader.daemon.journal_db`.
+
+    One call at a time: the connection may be used from any thread (the daemon runs
+    its journal calls in worker threads, one at a time), never from two at once.
     """
 
     def __init__(self, path: Path, lock: Any = None, readonly: bool = False) -> None:
         self.path = path
         self._lock = lock
-        # While the journal's disk is full, the journal lives in memory (``_db``) and
-        # ``_disk`` holds the connection to the file, to save it to once there is room.
-        self._disk: sqlite3.Connection | None = None
-        self._flush_tried = 0.0
-        self._unsaved = 0
-        if readonly:
-            uri = f"file:{path}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
-        else:
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
-            try:
-                _prepare(self._db)
-            except sqlite3.OperationalError as exc:
-                if not _is_full(exc):
-                    raise
-                self._to_memory()
-        self._db.row_factory = sqlite3.Row
-        self._reserve = path.parent / RESERVE_NAME
-        self._reserve_checked = 0.0
-        if not readonly:
-            self._make_reserve()
+        self._conn = JournalDb(path, _SCHEMA, readonly)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._conn.db
 
     @property
     def in_memory(self) -> bool:
         """True while the journal's disk is full and its changes are held in memory."""
-        return self._disk is not None
+        return self._conn.in_memory
 
     def save(self) -> bool:
         """Try now to save a journal held in memory; True when it is on disk."""
-        return self._flush(force=True)
+        return self._conn.flush(force=True)
 
-    # -- disk-full safety ---------------------------------------------------------------
-    # The journal usually lives in the run directory, on the disk training fills with
-    # checkpoints. A small reserve file is kept beside it; when a journal write fails
-    # for lack of space, the reserve is released so the daemon can still record its
-    # uploads (which need no local space) and retention can free the disk. It is
-    # re-created once space is back.
-    def _make_reserve(self) -> None:
-        self._reserve_checked = time.monotonic()
-        make_reserve(self._reserve.parent)
-
-    def _release_reserve(self) -> bool:
-        try:
-            self._reserve.unlink()
-        except OSError:
-            return False
-        # Keep the write-ahead log small from now on: move it into the database and
-        # truncate it (frees its space), and checkpoint every 64 pages instead of 1000.
-        with contextlib.suppress(sqlite3.Error):
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("PRAGMA wal_autocheckpoint=64")
-        log.warning(
-            "the disk holding the journal %s is full: released its %d MiB reserve to keep "
-            "recording uploads; free space there (e.g. --keep-local) or move the journal "
-            "with --state-dir",
-            self.path,
-            RESERVE_BYTES >> 20,
-        )
-        return True
-
-    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        """Execute one write. On a full disk: release the reserve and retry; if the disk
-        is still full, keep the journal in memory until there is room again."""
-        if self._disk is not None:
-            self._db.execute(sql, params)
-            self._unsaved += 1
-            self._flush()
-            return
-        delay = 0.05
-        for attempt in range(4):
-            try:
-                self._db.execute(sql, params)
-            except sqlite3.OperationalError as exc:
-                if not _is_full(exc):
-                    raise
-                if self._release_reserve():
-                    continue
-                if attempt < 3:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                self._to_memory()
-                self._db.execute(sql, params)
-                self._unsaved += 1
-                return
-            if not self._reserve.exists() and time.monotonic() - self._reserve_checked > 10:
-                self._make_reserve()
-            return
-
-    def _to_memory(self) -> None:
-        """Go on with a copy of the journal in memory (its disk is full)."""
-        mem = sqlite3.connect(":memory:", isolation_level=None)
-        try:
-            self._db.backup(mem)
-        except sqlite3.Error:  # nothing readable on disk yet (created on a full disk)
-            pass
-        mem.executescript(_SCHEMA)
-        mem.row_factory = sqlite3.Row
-        self._disk, self._db = self._db, mem
-        self._flush_tried = time.monotonic()
-        log.error(
-            "the disk holding the journal %s is full: keeping the journal in memory until "
-            "there is room again (uploads go on; if this process is killed before then, "
-            "files verified meanwhile are uploaded again at the next start). Free space "
-            "there or move the journal with --state-dir",
-            self.path,
-        )
-
-    def _flush(self, force: bool = False) -> bool:
-        """Save an in-memory journal to its file (at most every few seconds unless
-        ``force``); True when the journal is on disk again."""
-        disk = self._disk
-        if disk is None:
-            return True
-        now = time.monotonic()
-        if not force and now - self._flush_tried < _FLUSH_EVERY:
-            return False
-        self._flush_tried = now
-        try:
-            self._db.backup(disk)
-            _prepare(disk)
-        except sqlite3.Error as exc:
-            if not (isinstance(exc, sqlite3.OperationalError) and _is_full(exc)):
-                log.warning("cannot save the journal %s yet: %s", self.path, exc)
-            return False
-        disk.row_factory = sqlite3.Row
-        self._db.close()
-        self._db, self._disk = disk, None
-        log.warning(
-            "the journal %s is saved on disk again (%d change(s) kept in memory meanwhile)",
-            self.path,
-            self._unsaved,
-        )
-        self._unsaved = 0
-        return True
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return self._conn.write(sql, params)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -400,7 +240,7 @@ class Journal:
             return cls(journal_path(state), lock)
         except sqlite3.Error as exc:
             lock.release()
-            if _room(state) < RESERVE_BYTES:
+            if room(state) < RESERVE_BYTES:
                 raise ConfigError(
                     f"the journal {journal_path(state)} cannot be opened ({exc}): the disk "
                     f"holding {state} is full; free space there or move the journal with "
@@ -422,17 +262,7 @@ class Journal:
         return cls(path, readonly=True)
 
     def close(self) -> None:
-        if self._disk is not None and not self._flush(force=True):
-            log.error(
-                "the journal %s could not be saved: its disk is still full; %d change(s) "
-                "are lost from it. Uploads verified meanwhile are in the store; the next "
-                "start uploads those files again",
-                self.path,
-                self._unsaved,
-            )
-        if self._disk is not None:
-            self._disk.close()
-        self._db.close()
+        self._conn.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -464,9 +294,6 @@ class Journal:
             "ORDER BY mtime_ns"
         )
         return [FileRecord.from_row(r) for r in cur]
-
-    def __iter__(self) -> Iterator[FileRecord]:
-        return iter(self.records())
 
     def totals(self) -> Totals:
         counts = dict.fromkeys(STATES, 0)
@@ -553,13 +380,18 @@ class Journal:
             (error, now, now, path),
         )
 
-    def done(self, path: str, digest: str) -> None:
+    def done(self, path: str, digest: str, version: tuple[int, int] | None = None) -> bool:
+        """Record ``path`` verified with ``digest``; with ``version`` (size, mtime_ns), only
+        if the journal still holds that version. True when recorded."""
         now = time.time()
-        self._write(
+        sql = (
             "UPDATE files SET state = 'done', digest = ?, last_error = NULL, finished_at = ?, "
-            "updated_at = ? WHERE path = ?",
-            (digest, now, now, path),
+            "updated_at = ? WHERE path = ?"
         )
+        if version is None:
+            return self._write(sql, (digest, now, now, path)) > 0
+        sql += " AND size = ? AND mtime_ns = ?"
+        return self._write(sql, (digest, now, now, path, *version)) > 0
 
     def mark_committed(self, path: str) -> None:
         self._write(
@@ -572,15 +404,12 @@ class Journal:
         Raises JournalFullError while the journal is held in memory and still cannot be
         saved: the caller must not do anything destructive then.
         """
-        if not self._flush(force=True):
+        if not self._conn.flush(force=True):
             raise JournalFullError(
                 f"the journal {self.path} cannot be saved: its disk is full; free space "
                 "there or move the journal with --state-dir"
             )
         self._write("PRAGMA wal_checkpoint(FULL)")
-
-    def forget(self, path: str) -> None:
-        self._write("DELETE FROM files WHERE path = ?", (path,))
 
     def recover(self) -> list[FileRecord]:
         """After a restart: interrupted uploads and failures go back to pending.

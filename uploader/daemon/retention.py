@@ -1,37 +1,30 @@
-"""Retention: keep the newest N checkpoints, deleting only what is safely elsewhere.
+"""Local retention (``--keep-local N``): keep each rank's newest N checkpoint files on disk.
 
-* Local (``--keep-local N``): per rank, checkpoint files beyond the newest N (by
-  mtime, then name) are deleted, but only when the journal says their upload is
-  verified (``done``) and the file on disk is still the one that was verified
-  (same size and mtime). An unverified file is never deleted, whatever N says.
-* Remote (``--keep-remote N``): per rank, checkpoint objects beyond the newest N
-  are deleted, never the one the rank's commit pointer names as ``latest``.
+Per rank, checkpoint files beyond the newest N (by mtime, then name) are deleted,
+but only when the journal says their upload is verified (``done``) and the file
+on disk is still the one that was verified (same size and mtime). An unverified
+file is never deleted, whatever N says. Remote retention lives in
+:mod:`uploader.bucket.retention`.
 
 Example::
 
-    for path in local_deletions(journal.records(), root, keep=3, rank=0):
-        path.unlink()
+    for path in apply_local(journal.records(), root, keep=3, rank=0):
+        print("deleted", path)
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from uploader.config.hparams import join_key
 from uploader.daemon.journal import FileRecord
-from uploader.daemon.watcher import FileFilter, is_inside
+from uploader.daemon.layouts import is_inside
 
-if TYPE_CHECKING:  # pragma: no cover
-    from uploader.bucket.pointer import Pointer
-    from uploader.transfer.store import ObjectStore
+__all__ = ["local_deletions", "apply_local"]
 
-__all__ = ["local_deletions", "apply_local", "remote_deletions"]
-
-log = logging.getLogger("uploader.daemon.retention")
+log = logging.getLogger(__name__)
 
 
 def local_deletions(
@@ -67,36 +60,3 @@ def apply_local(records: Iterable[FileRecord], root: Path, keep: int, rank: int)
         log.info("retention deleted local path=%s (verified as %s)", rec.path, rec.object)
         deleted.append(rec.path)
     return deleted
-
-
-def remote_deletions(
-    store: ObjectStore,
-    prefix: str,
-    rank: int,
-    keep: int,
-    filt: FileFilter,
-    pointer: Pointer,
-    in_flight: Collection[str] = (),
-) -> list[str]:
-    """Checkpoint objects of ``rank`` beyond the newest ``keep``; never the pointer's latest.
-
-    Objects in ``in_flight`` (uploaded or uploading, but not yet in the pointer) are left
-    out: without their pointer entry their age is unknown (the store's mtime is the
-    upload time), and ranking a late old checkpoint as the newest would delete a newer
-    one. They are judged once committed.
-    """
-    base = join_key(prefix, f"rank_{rank}") + "/"
-    order = {e.object: e.order for e in pointer.history}
-    skip = set(in_flight)
-    objs = []
-    for info in store.list(base):
-        rel = info.name[len(base) :]
-        if not rel or rel.endswith(".json") or not filt.moves_pointer(rel):
-            continue
-        if info.name in skip:
-            continue
-        key = order.get(info.name, (int((info.mtime or 0) * 1e9), rel))
-        objs.append((key, info.name))
-    objs.sort(reverse=True)
-    protected = {pointer.latest.object}
-    return [name for _, name in objs[keep:] if name not in protected]

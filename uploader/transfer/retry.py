@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from uploader.errors import PermanentError, TransientError, UploaderError
 
-__all__ = ["RetryPolicy", "is_transient", "TRANSIENT_HTTP"]
+__all__ = ["RetryPolicy", "backoff", "is_transient", "TRANSIENT_HTTP"]
 
 log = logging.getLogger("uploader.transfer.retry")
 
@@ -87,6 +87,12 @@ def is_transient(exc: BaseException) -> bool:
     }
 
 
+def backoff(base: float, attempt: int, cap: float) -> float:
+    """The exponential backoff bound before retry number ``attempt`` (1-based):
+    ``base`` doubled for each earlier attempt, at most ``cap``."""
+    return min(cap, base * (2 ** (attempt - 1)))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How long to keep trying.
@@ -109,7 +115,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Sleep before retry number ``attempt`` (1-based)."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** (attempt - 1))))
+        return random.uniform(0, backoff(self.base_delay, attempt, self.max_delay))
 
     def call(
         self,

@@ -1,0 +1,189 @@
+"""The intake in process, with a real watchdog observer on a temporary directory:
+back-pressure keeps every event, a stop releases a blocked observer thread, and
+``quiet`` (what ``intake_finished`` reports) is exact."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import anyio
+from watchdog.observers.api import BaseObserver
+
+from uploader.daemon.intake import Found, Intake
+from uploader.daemon.layouts import FileFilter, RunLayout
+from uploader.daemon.settle import Settler
+
+
+async def keep_all(found: Found) -> Found:
+    return found
+
+
+def make_intake(root: Path, take: object, buffer: int = 1024) -> Intake:
+    return Intake(
+        RunLayout(root, "p"),
+        FileFilter(),
+        Settler(0.05, 5.0),
+        watch=True,
+        take=take,  # type: ignore[arg-type]
+        fresh=keep_all,
+        buffer=buffer,
+    )
+
+
+def rename_in(root: Path, names: list[str]) -> None:
+    staging = root / ".staging"  # watched, ignored: a rename from it is a move event
+    staging.mkdir(exist_ok=True)
+    for name in names:
+        (staging / name).write_bytes(b"x" * 10)
+        os.rename(staging / name, root / name)
+
+
+def test_a_full_event_stream_slows_the_watcher_and_loses_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    names = [f"ep{i:03d}.pt" for i in range(60)]
+    taken: list[str] = []
+    waited = 0
+
+    async def take(found: Found) -> None:
+        nonlocal waited
+        await anyio.sleep(0.01)  # slower than the renames: the 2-event buffer fills up
+        waited = max(waited, intake._send.statistics().tasks_waiting_send)
+        taken.extend(rel for rel, _ in found)
+
+    intake = make_intake(root, take, buffer=2)
+
+    async def main() -> None:
+        async def nothing() -> None:
+            pass
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run, nothing)
+            await anyio.to_thread.run_sync(rename_in, root, names)
+            with anyio.fail_after(30):
+                while len(set(taken)) < len(names):
+                    await anyio.sleep(0.05)
+            await intake.stop(final=False)
+
+    anyio.run(main)
+    assert sorted(set(taken)) == names
+    assert waited >= 1  # the observer thread did wait for room
+
+
+def test_stop_releases_an_observer_thread_blocked_on_a_full_stream(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    stuck = threading.Event()
+
+    async def take(found: Found) -> None:
+        stuck.set()
+        await anyio.sleep_forever()  # the work stream is full, say
+
+    intake = make_intake(root, take, buffer=1)
+    elapsed = 0.0
+
+    async def main() -> None:
+        nonlocal elapsed
+
+        async def nothing() -> None:
+            pass
+
+        with anyio.move_on_after(30):
+            async with anyio.create_task_group() as tg:
+                await tg.start(intake.run, nothing)
+                await anyio.to_thread.run_sync(rename_in, root, [f"e{i}.pt" for i in range(20)])
+                while intake._send.statistics().tasks_waiting_send == 0:
+                    await anyio.sleep(0.02)
+                assert stuck.is_set()
+                t0 = time.monotonic()
+                tg.cancel_scope.cancel()
+        elapsed = time.monotonic() - t0
+
+    anyio.run(main)
+    # The watcher is joined with a 5 s timeout: a send left blocked would take that long.
+    assert elapsed < 3.0
+    assert not [t for t in threading.enumerate() if isinstance(t, BaseObserver) and t.is_alive()]
+
+
+def test_quiet_only_after_the_scan_and_once_every_file_is_taken(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "old.pt").write_bytes(b"old")
+    taken: list[str] = []
+    seen: list[tuple[str, bool]] = []
+
+    async def take(found: Found) -> None:
+        taken.extend(rel for rel, _ in found)
+
+    intake = make_intake(root, take)
+
+    async def main() -> None:
+        gate = anyio.Event()
+
+        async def resume() -> None:
+            seen.append(("before scan", intake.quiet))
+            await gate.wait()
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run, resume)
+            await anyio.sleep(0.2)
+            seen.append(("resuming", intake.quiet))
+            gate.set()
+            with anyio.fail_after(10):
+                while "old.pt" not in taken:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            seen.append(("scanned", intake.quiet))
+            with open(root / "new.pt", "wb") as f:  # written in place: settles after close
+                f.write(b"new")
+                f.flush()
+                await anyio.sleep(0.3)
+                seen.append(("open", intake.quiet))
+            with anyio.fail_after(10):
+                while "new.pt" not in taken:
+                    await anyio.sleep(0.01)
+            seen.append(("taken", intake.quiet))
+            await intake.stop(final=False)
+
+    anyio.run(main)
+    assert seen == [
+        ("before scan", False),
+        ("resuming", False),
+        ("scanned", True),
+        ("open", False),
+        ("taken", True),
+    ]
+
+
+def test_stop_while_the_observer_waits_on_the_loop_does_not_deadlock(tmp_path: Path) -> None:
+    """watchdog holds a lock while its thread delivers an event; stopping the watcher on
+    the event loop then would wait for that thread, which waits for the loop."""
+    root = tmp_path / "run"
+    root.mkdir()
+    taken: list[str] = []
+
+    async def take(found: Found) -> None:
+        await anyio.sleep(0.2)
+        taken.extend(rel for rel, _ in found)
+
+    intake = make_intake(root, take, buffer=1)
+
+    async def main() -> None:
+        async def nothing() -> None:
+            pass
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run, nothing)
+            await anyio.to_thread.run_sync(rename_in, root, [f"e{i}.pt" for i in range(6)])
+            while intake._send.statistics().tasks_waiting_send == 0:
+                await anyio.sleep(0.01)
+            await intake.stop(final=False)
+
+    runner = threading.Thread(target=anyio.run, args=(main,), daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert not runner.is_alive(), "the intake did not finish: stop() deadlocked"
+    assert taken  # what was delivered before the stop is still taken

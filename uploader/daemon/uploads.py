@@ -1,0 +1,283 @@
+"""One file's upload: journal first, send, read back size and digest, then commit.
+
+:meth:`Uploads.process` takes one accepted file from the work stream to the
+store. In one worker thread (at most ``files + 2`` at once) an attempt records
+its start in the journal, uploads, reads the object back (size, and digest where
+the store keeps one) and records ``done``; then a checkpoint goes to the
+committer and local retention runs. A failed attempt is retried after the daemon's backoff;
+retries exhausted, or a permanent error (credentials, missing container, bad
+configuration), mark the file failed. A bug never loses a file: it is recorded
+as failed.
+
+Example::
+
+    uploads = Uploads(store, root, journal, call, lock, committer, options, report, progress)
+    await uploads.process("ckpt/ep1.pt")
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from uploader.daemon.committer import Committer
+from uploader.daemon.journal import FileRecord, Journal, JournalFullError
+from uploader.daemon.layouts import is_inside
+from uploader.daemon.progress import Progress
+from uploader.daemon.retention import apply_local
+from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, IntegrityError
+from uploader.redact import redact
+from uploader.transfer.bandwidth import TokenBucket
+from uploader.transfer.store import ObjectStore, UploadResult
+
+__all__ = ["Uploads"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """How an attempt ended: "gone", "done" (already), "missing", "failed" (``error``),
+    "changed" (the file changed during the upload) or "verified"."""
+
+    step: str
+    rec: FileRecord | None
+    error: Exception | None = None
+    digest: str = ""
+    seconds: float = 0.0
+
+
+class _Options(Protocol):
+    files: int
+    attempts: int
+    keep_local: int | None
+
+    def pause(self, attempt: int) -> float: ...
+
+
+class Uploads:
+    """The files accepted and not finished, and how each one is uploaded.
+
+    Args:
+        store: the destination store.
+        root: the run directory.
+        journal: the journal; ``call`` runs its methods off the event loop, holding ``lock``
+            (which an upload thread holds too for its own journal calls).
+        committer: takes verified checkpoints.
+        options: ``files``, ``attempts``, ``keep_local`` and ``pause(attempt)``.
+        report: called with the message of a file that failed.
+        progress: the progress bars.
+        bucket: the bandwidth limit (None: none).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        root: Path,
+        journal: Journal,
+        call: Callable[..., Awaitable[Any]],
+        lock: threading.Lock,
+        committer: Committer,
+        options: _Options,
+        report: Callable[[str], None],
+        progress: Progress,
+        bucket: TokenBucket | None = None,
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.journal = journal
+        self.call = call
+        self.lock = lock
+        self.committer = committer
+        self.opts = options
+        self.report = report
+        self.progress = progress
+        self.bucket = bucket
+        #: Files queued or being uploaded (a file is queued once).
+        self.outstanding: set[str] = set()
+        self._inflight: dict[str, int] = {}
+        self._sent = 0
+        self._sent_lock = threading.Lock()
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def sent(self) -> tuple[int, int]:
+        """Bytes sent since start, and bytes of uploads in flight."""
+        with self._sent_lock:
+            return self._sent, sum(self._inflight.values())
+
+    async def abort_stale(self, rec: FileRecord) -> None:
+        """Abort the multipart uploads an interrupted attempt of ``rec`` left behind."""
+        age = max(0.0, time.time() - (rec.started_at or time.time()) - 1.0)
+
+        def abort() -> int:
+            return self.store.abort_stale_uploads(rec.object, older_than=age)
+
+        try:
+            n = await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
+            if n:
+                log.info("aborted %d stale multipart upload(s) of %s", n, rec.object)
+        except Exception as exc:  # best effort: the store expires them too
+            log.warning("could not abort stale uploads of %s: %s", rec.object, redact(str(exc)))
+
+    async def process(self, rel: str) -> None:
+        """Upload ``rel`` (accepted in the journal) until verified, failed or gone."""
+        try:
+            await self._process(rel)
+        except Exception as exc:  # a bug must not lose the file: record it
+            msg = redact(f"{type(exc).__name__}: {exc}")
+            log.exception("internal error on %s", rel)
+            self.report(msg)
+            try:
+                await self.call(self.journal.fail, rel, msg)
+            except Exception:
+                log.exception("could not record the failure of %s in the journal", rel)
+        finally:
+            self.outstanding.discard(rel)
+
+    async def _fail(self, rel: str, msg: str) -> None:
+        await self.call(self.journal.fail, rel, msg)
+        self.report(msg)
+
+    async def _process(self, rel: str) -> None:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.opts.files + 2)
+        while True:
+            # One worker thread an attempt: journal (start), upload, read back, journal
+            # (done); the journal calls take its lock, as every other journal call does.
+            at = await anyio.to_thread.run_sync(
+                self._attempt, rel, limiter=self._limiter, abandon_on_cancel=True
+            )
+            rec = at.rec
+            if at.step == "gone" or rec is None:
+                return
+            if at.step == "done":
+                if rec.checkpoint and not rec.committed:
+                    self.committer.submit(rec)
+                return
+            if at.step == "missing":
+                msg = (
+                    f"{rel} was accepted but is gone or no longer a regular file inside "
+                    "the run directory; it cannot be uploaded (was it deleted before upload?)"
+                )
+                await self._fail(rel, msg)
+                log.error("failed path=%s error=%s", rel, msg)
+                return
+            if at.error is not None:
+                attempts = rec.attempts + 1
+                exc = at.error
+                msg = redact(f"{type(exc).__name__}: {exc}")
+                permanent = isinstance(exc, (AuthError, ContainerNotFoundError, ConfigError))
+                if permanent or attempts >= self.opts.attempts:
+                    await self._fail(rel, msg)
+                    log.error("failed path=%s attempts=%d error=%s", rel, attempts, msg)
+                    return
+                await self.call(self.journal.retry_later, rel, msg)
+                pause = self.opts.pause(attempts)
+                log.warning(
+                    "attempt %d of %s failed, retrying in %.1fs: %s", attempts, rel, pause, msg
+                )
+                await anyio.sleep(pause)
+                continue
+            if at.step == "changed":
+                log.info("path=%s changed during upload; uploading it again", rel)
+                continue
+            log.info(
+                "verified path=%s object=%s size=%d digest=%s seconds=%.3f",
+                rel,
+                rec.object,
+                rec.size,
+                at.digest,
+                at.seconds,
+            )
+            if rec.checkpoint:
+                self.committer.submit(replace(rec, state="done", digest=at.digest))
+            keep = self.opts.keep_local
+            if keep is not None:
+                await self.call(self._retain_local, keep, rec.rank)
+            return
+
+    def _attempt(self, rel: str) -> _Attempt:
+        """One attempt, in a worker thread: record its start, upload, verify, record done."""
+        with self.lock:
+            step, rec = self._begin(rel)
+        if step != "start" or rec is None:
+            return _Attempt(step, rec)
+        t0 = time.monotonic()
+        self._inflight[rel] = 0
+        self.progress.start(rel, rec.size)
+        try:
+            result = self._upload_verified(rec)
+        except Exception as exc:
+            sent = self._inflight.pop(rel, 0)
+            self.progress.finish(rel, sent, rec.size)
+            return _Attempt("failed", rec, error=exc)
+        self._inflight.pop(rel, None)
+        self.progress.finish(rel)
+        digest = str(result.digest)
+        with self.lock:
+            if not self.journal.done(rel, digest, (rec.size, rec.mtime_ns)):
+                return _Attempt("changed", rec)  # accepted again meanwhile, or forgotten
+        return _Attempt("verified", rec, digest=digest, seconds=time.monotonic() - t0)
+
+    def _begin(self, rel: str) -> tuple[str, FileRecord | None]:
+        """What to do with ``rel`` ("gone", "done", "missing" or "start"); on "start",
+        the attempt is recorded (for the version on disk). Holds the journal lock."""
+        rec = self.journal.get(rel)
+        if rec is None:
+            return "gone", None
+        if rec.state == "done":
+            return "done", rec
+        st = is_inside(self.root, rel)
+        if st is None:
+            return "missing", rec
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            rec = self.journal.accept(
+                replace(rec, size=st.st_size, mtime_ns=st.st_mtime_ns, state="pending")
+            )
+        self.journal.start(rel)
+        return "start", rec
+
+    def _retain_local(self, keep: int, rank: int) -> None:
+        try:
+            self.journal.sync()  # "done" is on disk before any local file goes
+        except JournalFullError as exc:
+            log.warning("local retention waits until the journal is saved: %s", exc)
+        else:
+            apply_local(self.journal.records(), self.root, keep, rank)
+
+    def _upload_verified(self, rec: FileRecord) -> UploadResult:
+        """Upload, then read back size and digest (runs in a worker thread)."""
+        rel = rec.path
+        bucket = self.bucket
+
+        def progress(n: int) -> None:
+            with self._sent_lock:
+                self._sent += n
+                self._inflight[rel] = self._inflight.get(rel, 0) + n
+            self.progress.advance(rel, n)
+            if bucket is not None:
+                bucket.consume(n)
+
+        log.debug("sending path=%s object=%s", rel, rec.object)
+        result = self.store.upload_file(
+            self.root / rel, rec.object, progress=progress, verify=False
+        )
+        stat = self.store.stat(rec.object)
+        if stat.size != result.size:
+            raise IntegrityError(
+                f"{rec.object}: the store holds {stat.size} bytes after sending "
+                f"{result.size}; it will be uploaded again"
+            )
+        if stat.digest is not None and stat.digest != result.digest:
+            raise IntegrityError(
+                f"{rec.object}: the store records digest {stat.digest} but "
+                f"{result.digest} was sent; it will be uploaded again"
+            )
+        return result
