@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: The longest pause between two attempts of one file or one pointer write.
 MAX_PAUSE = 60.0
+#: Files accepted, or pointer entries marked, on the event loop (:meth:`Engine.quick`);
+#: larger batches go to a worker thread.
+QUICK_ROWS = 16
 
 
 @dataclass
@@ -149,6 +152,8 @@ class Engine:
             options.keep_remote,
             options.filter.moves_pointer,
             self._report,
+            quick=self.quick,
+            quick_rows=QUICK_ROWS,
         )
         bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
         self.uploads = Uploads(
@@ -183,6 +188,22 @@ class Engine:
                 return fn(*args)
 
         return await anyio.to_thread.run_sync(locked)
+
+    async def quick(self, fn: Any, *args: Any) -> Any:
+        """Run a short journal call (a few rows) on the event loop when the journal lock is
+        free right now, else as :meth:`call` (the loop never waits for the lock).
+
+        Such a call takes about 0.05-0.15 ms of sqlite (commits are not forced to disk,
+        see :mod:`uploader.daemon.journal_db`), less than the round trip to a worker
+        thread (0.3 ms idle, over 1 ms on a busy machine), which sat on the path from a
+        renamed checkpoint to its first request.
+        """
+        if not self.journal_lock.acquire(blocking=False):
+            return await self.call(fn, *args)
+        try:
+            return fn(*args)
+        finally:
+            self.journal_lock.release()
 
     async def _main(self) -> int:
         ignore_lease_breaks()
@@ -280,7 +301,8 @@ class Engine:
                 out.append((self.journal.accept(new), True))
             return out
 
-        for rec, accepted in await self.call(record):
+        run = self.quick if len(found) <= QUICK_ROWS else self.call
+        for rec, accepted in await run(record):
             if accepted:
                 log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
             elif rec.state != "pending":
