@@ -15,8 +15,10 @@ task group of its own, which finishes when the work is done)::
 A full work stream blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
 buffers (``concurrency x part_size``) and the stream lengths, whatever the
-number and size of files. Journal calls run in worker threads, one at a time
-(:attr:`Engine.journal_lock`), and are awaited before the next step: a file is
+number and size of files. Journal calls run one at a time
+(:attr:`Engine.journal_lock`), in worker threads; a short one (a few files
+accepted, a pointer batch marked committed) runs on the loop when the lock is
+free (:meth:`Engine.quick`). Each is awaited before the next step: a file is
 recorded before its upload starts (in the upload's thread), and "done" before
 its pointer commit and before local retention.
 
