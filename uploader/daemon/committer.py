@@ -49,6 +49,8 @@ class Committer:
         keep_remote: remote retention (None: keep everything).
         is_checkpoint: which names (inside a rank directory) are checkpoints.
         report: called with an error message when a batch fails for good.
+        quick: runs a short journal call, on the event loop when it can (default: ``call``);
+            used to mark batches of at most ``quick_rows`` entries committed.
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class Committer:
         keep_remote: int | None = None,
         is_checkpoint: Callable[[str], bool] = lambda name: True,
         report: Callable[[str], None] = lambda msg: None,
+        quick: JournalCall | None = None,
+        quick_rows: int = 0,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -69,6 +73,8 @@ class Committer:
         self.pause = pause
         self.journal = journal
         self._call = call
+        self._quick = quick or call
+        self._quick_rows = quick_rows
         self.keep_remote = keep_remote
         self.is_checkpoint = is_checkpoint
         self.report = report
@@ -125,7 +131,8 @@ class Committer:
                     return
                 await anyio.sleep(self.pause(attempt))
         self._pointers[rank] = pointer
-        await self._call(_mark_committed, self.journal, [r.path for r in batch])
+        mark = self._quick if len(batch) <= self._quick_rows else self._call
+        await mark(_mark_committed, self.journal, [r.path for r in batch])
         log.info(
             "committed rank=%d latest=%s (after %s)",
             rank,

@@ -15,8 +15,10 @@ task group of its own, which finishes when the work is done)::
 A full work stream blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
 buffers (``concurrency x part_size``) and the stream lengths, whatever the
-number and size of files. Journal calls run in worker threads, one at a time
-(:attr:`Engine.journal_lock`), and are awaited before the next step: a file is
+number and size of files. Journal calls run one at a time
+(:attr:`Engine.journal_lock`), in worker threads; a short one (a few files
+accepted, a pointer batch marked committed) runs on the loop when the lock is
+free (:meth:`Engine.quick`). Each is awaited before the next step: a file is
 recorded before its upload starts (in the upload's thread), and "done" before
 its pointer commit and before local retention.
 
@@ -67,6 +69,9 @@ log = logging.getLogger(__name__)
 
 #: The longest pause between two attempts of one file or one pointer write.
 MAX_PAUSE = 60.0
+#: Files accepted, or pointer entries marked, on the event loop (:meth:`Engine.quick`);
+#: larger batches go to a worker thread.
+QUICK_ROWS = 16
 
 
 @dataclass
@@ -149,6 +154,8 @@ class Engine:
             options.keep_remote,
             options.filter.moves_pointer,
             self._report,
+            quick=self.quick,
+            quick_rows=QUICK_ROWS,
         )
         bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
         self.uploads = Uploads(
@@ -183,6 +190,22 @@ class Engine:
                 return fn(*args)
 
         return await anyio.to_thread.run_sync(locked)
+
+    async def quick(self, fn: Any, *args: Any) -> Any:
+        """Run a short journal call (a few rows) on the event loop when the journal lock is
+        free right now, else as :meth:`call` (the loop never waits for the lock).
+
+        Such a call takes about 0.05-0.15 ms of sqlite (commits are not forced to disk,
+        see :mod:`uploader.daemon.journal_db`), less than the round trip to a worker
+        thread (0.3 ms idle, over 1 ms on a busy machine), which sat on the path from a
+        renamed checkpoint to its first request.
+        """
+        if not self.journal_lock.acquire(blocking=False):
+            return await self.call(fn, *args)
+        try:
+            return fn(*args)
+        finally:
+            self.journal_lock.release()
 
     async def _main(self) -> int:
         ignore_lease_breaks()
@@ -280,7 +303,8 @@ class Engine:
                 out.append((self.journal.accept(new), True))
             return out
 
-        for rec, accepted in await self.call(record):
+        run = self.quick if len(found) <= QUICK_ROWS else self.call
+        for rec, accepted in await run(record):
             if accepted:
                 log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
             elif rec.state != "pending":
@@ -318,9 +342,13 @@ class Engine:
         )
 
     async def _idle_task(self) -> None:
+        # Idle at two checks in a row. Watching, an event may still be on its way from
+        # the filesystem: checks 50 ms apart. Pushing, nothing comes from outside once
+        # the scan is done (and idle is exact, see _idle): 20 ms apart.
+        every = 0.05 if self.opts.watch else 0.02
         quiet = 0
         while True:
-            await anyio.sleep(0.05)
+            await anyio.sleep(every)
             quiet = quiet + 1 if self._idle() else 0
             if quiet >= 2:
                 self._request_stop("idle")

@@ -3,9 +3,11 @@
 Three sources feed one :class:`~uploader.daemon.settle.Settler`:
 
 * the watchdog observer thread (:class:`Watcher`), whose events enter the event
-  loop through ``anyio.from_thread.run`` into a bounded stream: a full stream
-  blocks the observer thread (back-pressure; events wait in watchdog's own queue,
-  none is dropped) until :class:`Intake` reads on;
+  loop into a bounded stream: while the stream has room, an event is posted
+  without waiting for the loop (``call_soon_threadsafe``: the observer thread does
+  not wake up again in the middle of the loop's work on that event); a full stream
+  blocks the observer thread (``anyio.from_thread.run``; back-pressure, events
+  wait in watchdog's own queue, none is dropped) until :class:`Intake` reads on;
 * the start-up scan (after the engine has resumed the journal), and a scan of
   every directory that appears later;
 * at the end, a final scan (a checkpoint renamed into place just before a signal,
@@ -26,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -162,6 +165,11 @@ class Intake:
         self._fresh = fresh
         self._send, self._recv = anyio.create_memory_object_stream[tuple[str, str]](buffer)
         self._unread = 0  # events entered into the loop and not yet handled
+        self._buffer = buffer
+        # Events the observer thread posted and the intake has not read yet (fast posts
+        # are made only while this is below ``buffer``: they always find room).
+        self._posted = 0
+        self._posted_lock = threading.Lock()
         self._handing = 0  # batches of complete files being handed to ``take``
         self._wake = anyio.Event()
         self._watcher: Watcher | None = None
@@ -188,8 +196,15 @@ class Intake:
         the journal), scan, and settle, until :meth:`stop` and everything is settled."""
         if self._watch:
             token = anyio.lowlevel.current_token()
+            post = _poster()
 
             def notify(kind: str, path: str) -> None:  # on the observer thread
+                with self._posted_lock:
+                    room = self._posted < self._buffer
+                    self._posted += 1
+                if room and post is not None:
+                    post(self._post, (kind, path))
+                    return
                 anyio.from_thread.run(self._deliver, (kind, path), token=token)
 
             self._watcher = Watcher(self.root, notify)
@@ -228,17 +243,33 @@ class Intake:
         await self._scan("", "scan")
         self._wake.set()
 
+    def _read_one(self) -> None:
+        with self._posted_lock:
+            self._posted -= 1
+
+    def _post(self, event: tuple[str, str]) -> None:
+        """On the loop, for an event posted while the stream had room."""
+        self._unread += 1
+        try:
+            self._send.send_nowait(event)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._unread -= 1
+            self._read_one()
+            log.debug("event dropped after the intake stopped: %r", event)
+
     async def _deliver(self, event: tuple[str, str]) -> None:
         self._unread += 1
         try:
             await self._send.send(event)  # waits while the stream is full
         except BaseException:
             self._unread -= 1
+            self._read_one()
             raise
 
     async def _event_loop(self) -> None:
         async with self._recv:
             async for kind, path in self._recv:
+                self._read_one()
                 try:
                     await self._on_event(kind, path)
                 finally:
@@ -321,6 +352,15 @@ class Intake:
                     await self._hand(complete)
             finally:
                 self._handing -= 1
+
+
+def _poster() -> Callable[[Callable[[tuple[str, str]], None], tuple[str, str]], Any] | None:
+    """``call_soon_threadsafe`` of the running asyncio event loop (None on another backend:
+    every event then goes through ``anyio.from_thread.run``)."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        return None
 
 
 def _key(st: os.stat_result) -> tuple[int, int]:
