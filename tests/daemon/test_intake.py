@@ -91,15 +91,29 @@ def test_stop_releases_an_observer_thread_blocked_on_a_full_stream(tmp_path: Pat
         async def nothing() -> None:
             pass
 
+        t0: float | None = None
         with anyio.move_on_after(30):
             async with anyio.create_task_group() as tg:
                 await tg.start(intake.run, nothing)
-                await anyio.to_thread.run_sync(rename_in, root, [f"e{i}.pt" for i in range(20)])
-                while intake._send.statistics().tasks_waiting_send == 0:
-                    await anyio.sleep(0.02)
+                # A rename reaches the intake as a move, handed to ``take`` on the event
+                # loop, which then stops reading; under load watchdog may report a rename as
+                # a create instead (its move pairing has a deadline), so rename more files,
+                # in bounded rounds, until the observer thread waits on the full stream.
+                for batch in range(10):
+                    names = [f"e{batch}-{i}.pt" for i in range(20)]
+                    await anyio.to_thread.run_sync(rename_in, root, names)
+                    for _ in range(100):
+                        if intake._send.statistics().tasks_waiting_send and stuck.is_set():
+                            break
+                        await anyio.sleep(0.02)
+                    else:
+                        continue
+                    break
+                assert intake._send.statistics().tasks_waiting_send, "the stream never filled"
                 assert stuck.is_set()
                 t0 = time.monotonic()
                 tg.cancel_scope.cancel()
+        assert t0 is not None, "timed out before the stop"
         elapsed = time.monotonic() - t0
 
     anyio.run(main)
