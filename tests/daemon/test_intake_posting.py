@@ -4,38 +4,12 @@ exactly once (watchdog itself may reorder moves, so the order is not checked).""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import anyio
 
-from uploader.daemon.intake import Found, Intake
-from uploader.daemon.layouts import FileFilter, RunLayout
-from uploader.daemon.settle import Settler
-
-
-async def keep_all(found: Found) -> Found:
-    return found
-
-
-def make_intake(root: Path, take: object, buffer: int) -> Intake:
-    return Intake(
-        RunLayout(root, "p"),
-        FileFilter(),
-        Settler(0.05, 5.0),
-        watch=True,
-        take=take,  # type: ignore[arg-type]
-        fresh=keep_all,
-        buffer=buffer,
-    )
-
-
-def rename_in(root: Path, names: list[str]) -> None:
-    staging = root / ".staging"  # watched, ignored: a rename from it is a move event
-    staging.mkdir(exist_ok=True)
-    for name in names:
-        (staging / name).write_bytes(b"x" * 10)
-        os.rename(staging / name, root / name)
+from tests.daemon.test_intake import make_intake, rename_in
+from uploader.daemon.intake import Found
 
 
 def run_renames(tmp_path: Path, buffer: int, delay: float) -> tuple[list[str], list[str], int]:
