@@ -32,24 +32,21 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import importlib.util
 import json
 import logging
 import os
 import platform
-import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from harness.servers.net import free_port
+from harness.servers.net import free_port, spawn, stop_group, wait_ready
 from uploader import ObjectStoreHparams
 
 __all__ = [
@@ -258,25 +255,17 @@ class FakeGCS:
             "-log-level",
             "warn",
         ]
-        with open(log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                argv,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                text = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"fake-gcs-server exited with {self.proc.returncode}: {text}")
-            if _healthy(self.host, self.port):
-                if self.shim is None:
-                    self.shim = XmlApiShim((self.host, self.port))
-                return
-            time.sleep(0.05)
+        self.proc = spawn(argv, log_path, cwd=self.workdir)
+        if wait_ready(
+            self.proc,
+            "fake-gcs-server",
+            log_path,
+            lambda: _healthy(self.host, self.port),
+            START_TIMEOUT,
+        ):
+            if self.shim is None:
+                self.shim = XmlApiShim((self.host, self.port))
+            return
         self.stop()
         raise RuntimeError(
             f"fake-gcs-server did not answer on port {self.port} in {START_TIMEOUT}s"
@@ -288,15 +277,7 @@ class FakeGCS:
             self.shim.close()
             self.shim = None
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
+        stop_group(proc, timeout)
         for k, v in self._saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
