@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from uploader.config.hparams import join_key
+from uploader.config.hparams import join_key, listing_prefix
 from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,8 +171,7 @@ def commit(
 
 def list_ranks(store: ObjectStore, prefix: str) -> list[int]:
     """Ranks that have a pointer under ``prefix``."""
-    base = join_key(prefix, "")
-    base = base + "/" if base else ""
+    base = listing_prefix(prefix)
     ranks = set()
     for info in store.list(base):
         rest = info.name[len(base) :]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uploader.bucket.pointer import POINTER_FILE, Pointer
-from uploader.config.hparams import join_key
+from uploader.config.hparams import listing_prefix
 from uploader.errors import UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,8 +91,7 @@ def verify_prefix(
         on_verified: called with the stat (name, size, digest) of each object that matched.
     """
     report = VerifyReport()
-    base = join_key(prefix, "")
-    base = base + "/" if base else ""
+    base = listing_prefix(prefix)
     objects = store.list(base)
     sizes = {o.name: o.size for o in objects}
     with tempfile.TemporaryDirectory(prefix="ckpt-verify-", dir=tmp_dir) as tmp:

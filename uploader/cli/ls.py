@@ -18,7 +18,7 @@ from uploader.cli.options import (
     open_store,
 )
 from uploader.config.files import load_config_file
-from uploader.config.hparams import join_key
+from uploader.config.hparams import listing_prefix
 from uploader.errors import ExitCode, UploaderError
 
 __all__ = ["register", "cmd_ls"]
@@ -45,8 +45,7 @@ def register(sub: Any) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     loc = location(args, args.uri, load_config_file(args.config))
     with open_store(loc) as store:
-        base = join_key(loc.prefix, "")
-        base = base + "/" if base else ""
+        base = listing_prefix(loc.prefix)
         for info in store.list(base):
             latest = None
             if is_pointer(info.name):

@@ -22,7 +22,7 @@ from uploader.cli.options import (
     open_store,
 )
 from uploader.config.files import load_config_file
-from uploader.config.hparams import join_key
+from uploader.config.hparams import listing_prefix
 from uploader.daemon.progress import format_bytes, stderr_is_terminal
 from uploader.errors import ConfigError, ExitCode, UploaderError
 from uploader.transfer.store import ObjectStore, check_object_name
@@ -94,8 +94,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool) -> int:
     """Everything under ``prefix`` into ``dest``, but names that would land outside it."""
-    base = join_key(prefix, "")
-    base = base + "/" if base else ""
+    base = listing_prefix(prefix)
     objs = store.list(base)
     if not objs:
         raise UploaderError(

@@ -290,6 +290,13 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix and name else (prefix or name)
 
 
+def listing_prefix(prefix: str) -> str:
+    """What to list for the objects under ``prefix``: ``"a/b/"``, or ``""`` for the root
+    (so that ``a/b`` does not also match ``a/bc/...``)."""
+    base = join_key(prefix, "")
+    return base + "/" if base else ""
+
+
 def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
     """Parse ``scheme://container/prefix[?endpoint=..&region=..&key_environ=..]``.
 
