@@ -167,6 +167,12 @@ def resolve_remote(
                 f"ranks with commit pointers: {sorted(latest.entries)}"
             )
         e = latest.chosen[rank]
+        if e.is_directory:
+            raise CheckpointError(
+                f"'latest' under {latest.prefix or '(root)'!r} is the directory checkpoint "
+                f"{e.name} ({e.rule}), not a file this loader reads; restore it with "
+                "'ckpt-uploader pull' and load it with the framework that wrote it"
+            )
         log.info("latest resolves to %s (%s)", e.object, e.digest)
         return e.object, e.digest, e.size
     if prefix:

@@ -21,6 +21,7 @@ __all__ = [
     "ContainerNotFoundError",
     "ObjectNotFoundError",
     "IntegrityError",
+    "FileChangedError",
 ]
 
 
@@ -115,3 +116,8 @@ class ObjectNotFoundError(PermanentError, FileNotFoundError):
 
 class IntegrityError(UploaderError):
     """Bytes do not match their recorded size or digest. Never load or keep such data."""
+
+
+class FileChangedError(IntegrityError):
+    """A local file changed while it was uploaded: nothing was committed; the new version
+    is to be uploaded once complete."""

@@ -216,7 +216,7 @@ def scenario_disk_full_late_start(workdir: Path, fs_mib: int = 16, width: int = 
         run_dir.mkdir()
         # 2 MiB set aside now and topped up to the last byte after training: removing
         # it later is "the operator frees space".
-        ballast = run_dir / ".ballast"
+        ballast = run_dir / ".ballast.tmp"  # a temporary name: never uploaded
         ballast.write_bytes(b"\0" * (2 * MiB))
         torch.manual_seed(0)
         model = torch.nn.Linear(width, width)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import itertools
 
 from uploader import ObjectStore
-from uploader.bucket.pointer import PointerEntry, commit, merge, read_pointer
-from uploader.bucket.retention import prune_remote
+from uploader.bucket.pointer import (
+    ManifestFile,
+    PointerEntry,
+    commit,
+    manifest_digest,
+    merge,
+    read_pointer,
+)
+from uploader.bucket.retention import delete_checkpoints, prune
 
 PREFIX = "exp"
 
@@ -48,20 +55,62 @@ def test_commit_writes_what_merge_computes(local_store: ObjectStore) -> None:
     assert read_pointer(local_store, PREFIX, 0) == second
 
 
-def test_prune_remote_deletes_beyond_keep_and_only_checkpoints(local_store: ObjectStore) -> None:
+def _dir_entry(name: str, mtime: int, files: tuple[str, ...]) -> PointerEntry:
+    manifest = tuple(ManifestFile(f"{name}/{f}", 1, "sha256:" + "1" * 64) for f in files)
+    return PointerEntry(
+        name,
+        f"{PREFIX}/rank_0/{name}",
+        len(manifest),
+        manifest_digest(manifest),
+        mtime,
+        1.0,
+        rule="hf",
+        files=manifest,
+    )
+
+
+def test_retention_deletes_whole_checkpoints_beyond_keep(local_store: ObjectStore) -> None:
+    """Two directory checkpoints and a single file: keep 1 removes every file of the two
+    older ones, from the pointer first; artifacts and the newest stay."""
     p = None
-    for name, mtime in (("ep1.pt", 10), ("ep2.pt", 20), ("ep3.pt", 30)):
-        local_store.put_bytes(f"{PREFIX}/rank_0/{name}", b"x")
-        p = commit(local_store, PREFIX, 0, entry(name, mtime), current=p)
-    local_store.put_bytes(f"{PREFIX}/rank_0/notes.txt", b"x")
+    entries = [
+        _dir_entry("checkpoint-8", 10, ("model.safetensors", "trainer_state.json")),
+        entry("ep1.pt", 15),
+        _dir_entry("checkpoint-16", 20, ("model.safetensors", "trainer_state.json")),
+    ]
+    for e in entries:
+        for _, obj in e.objects():
+            local_store.put_bytes(obj, b"x")
+        p = commit(local_store, PREFIX, 0, e, current=p)
+    local_store.put_bytes(f"{PREFIX}/rank_0/train.log", b"x")  # an artifact
     assert p is not None
-
-    def is_checkpoint(name: str) -> bool:
-        return name.endswith(".pt")
-
-    assert prune_remote(local_store, PREFIX, 0, 1, is_checkpoint, p) == [
-        f"{PREFIX}/rank_0/ep2.pt",
+    kept, doomed = prune(p, 1)
+    assert [e.name for e in doomed] == ["ep1.pt", "checkpoint-8"]
+    assert [e.name for e in kept.history] == ["checkpoint-16"]
+    gone = delete_checkpoints(local_store, kept, doomed)
+    assert sorted(gone) == [
+        f"{PREFIX}/rank_0/checkpoint-8/model.safetensors",
+        f"{PREFIX}/rank_0/checkpoint-8/trainer_state.json",
         f"{PREFIX}/rank_0/ep1.pt",
     ]
     left = sorted(i.name for i in local_store.list(f"{PREFIX}/rank_0/"))
-    assert left == [f"{PREFIX}/rank_0/{n}" for n in ("ep3.pt", "latest.json", "notes.txt")]
+    assert left == [
+        f"{PREFIX}/rank_0/checkpoint-16/model.safetensors",
+        f"{PREFIX}/rank_0/checkpoint-16/trainer_state.json",
+        f"{PREFIX}/rank_0/latest.json",
+        f"{PREFIX}/rank_0/train.log",
+    ]
+
+
+def test_retention_never_removes_latest() -> None:
+    """A re-saved checkpoint with an older mtime stays latest (same name) even when
+    keep=1 ranks another entry newer."""
+    p = merge(merge(None, 0, entry("ep1.pt", 10)), 0, entry("ep2.pt", 20))
+    p = merge(p, 0, entry("ep2.pt", 5))  # latest, now the oldest entry
+    assert p.latest.name == "ep2.pt"
+    kept, doomed = prune(p, 1)
+    assert [e.name for e in doomed] == []
+    assert kept.latest.name == "ep2.pt"
+    # keep 0 would still leave latest
+    kept, doomed = prune(p, 0)
+    assert [e.name for e in doomed] == ["ep1.pt"] and kept.latest.name == "ep2.pt"

@@ -364,9 +364,16 @@ def test_pointer_parse_total_structured(d: dict[str, Any]) -> None:
     st.integers(min_value=0, max_value=1 << 62),
 )
 def test_pointer_round_trip(name: str, size: int, mtime: int) -> None:
+    """A pointer reads back as written; a name that is not a plain relative path (empty,
+    absolute, '.', '..' or empty parts) is refused on reading, never used as a path."""
     e = PointerEntry(name, f"run/rank_0/{name}", size, "sha256:" + "a" * 64, mtime, 1.5)
     p = Pointer(0, e, (e,))
-    assert Pointer.from_json(p.to_json(), "p") == p
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        with pytest.raises(IntegrityError, match="not a plain relative path"):
+            Pointer.from_json(p.to_json(), "p")
+    else:
+        assert Pointer.from_json(p.to_json(), "p") == p
 
 
 @settings(max_examples=300, deadline=None)

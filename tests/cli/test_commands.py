@@ -78,18 +78,20 @@ def test_config_file_and_flags_combine(tmp_path: Path, local_bucket: Path) -> No
     run = tmp_path / "rank_2"
     run.mkdir()
     atomic_write(run / "a.pt", 10)
-    atomic_write(run / "b.safetensors", 10)
+    atomic_write(run / "b.json", 10)
+    atomic_write(run / "c.txt", 10)
     cfg = tmp_path / "up.toml"
     cfg.write_text(
         '[store]\nprovider = "local"\ncontainer = "/nonexistent"\nprefix = "fromfile"\n'
-        '[watch]\ninclude = ["*.pt", "*.safetensors"]\nsettle = 0.1\n'
+        '[watch]\ninclude = ["*.pt", "*.json"]\nsettle = 0.1\n'
     )
-    # --container overrides the file's; the [watch] include adds safetensors.
+    # --container overrides the file's; the [watch] include narrows the files.
     assert (
         main(["push", str(run), "--config", str(cfg), "--container", str(local_bucket), "-q"]) == 0
     )
     assert (local_bucket / "fromfile" / "rank_2" / "a.pt").exists()
-    assert (local_bucket / "fromfile" / "rank_2" / "b.safetensors").exists()
+    assert (local_bucket / "fromfile" / "rank_2" / "b.json").exists()
+    assert not (local_bucket / "fromfile" / "rank_2" / "c.txt").exists()
     pointer = json.loads((local_bucket / "fromfile" / "rank_2" / "latest.json").read_text())
     assert pointer["latest"]["name"] == "a.pt"  # only checkpoints move the pointer
 
@@ -125,7 +127,16 @@ def test_watch_pull_ls_verify_against_rclone_s3(tmp_path: Path, rclone_s3: S3Ser
     )
     assert out.returncode == 0 and sha256(tmp_path / "one.pt") == sums[1]
 
-    out = run_cli("ls", uri, "--json")
+    out = run_cli("ls", uri, "--json")  # checkpoints, per rank
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["rank"], r["name"], r["latest"], r["files"]) for r in rows] == [
+        (0, "ep2.pt", True, 1),
+        (0, "ep1.pt", False, 1),
+        (1, "ep1.pt", True, 1),
+    ]
+    assert rows[2]["bytes"] == 6 << 20
+    out = run_cli("ls", uri, "--files", "--json")
     assert out.returncode == 0, out.stderr
     listed = {json.loads(line)["name"]: json.loads(line) for line in out.stdout.splitlines()}
     assert set(listed) == {

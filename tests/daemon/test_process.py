@@ -142,35 +142,38 @@ def test_watch_uploads_existing_and_new_files_then_drains_on_sigterm(
     run = tmp_path / "run" / "rank_0"
     run.mkdir(parents=True)
     before = atomic_write(run / "ep1.pt", 300_000, seed=1)
-    (run / "notes.txt").write_text("not a checkpoint")
+    (run / "notes.txt").write_text("not a checkpoint")  # an artifact: uploaded too
     d = Daemon(tmp_path, run, "--to", local_uri(local_bucket, "exp"), "--settle", "0.3")
     daemons.append(d)
-    d.wait_status(lambda s: s.get("done") == 1)
+    d.wait_status(lambda s: s.get("done") == 2)
     (run / "sub").mkdir()
     during = atomic_write(run / "sub" / "ep2.pt", 2_500_000, seed=2)
-    d.wait_status(lambda s: s.get("done") == 2)
+    d.wait_status(lambda s: s.get("done") == 3)
     # Accepted but still on its way when the signal arrives: the drain finishes it.
     atomic_write(run / "ep3.pt", 100_000, seed=3)
-    d.wait_status(lambda s: s.get("done", 0) + s.get("pending", 0) + s.get("uploading", 0) == 3)
+    d.wait_status(lambda s: s.get("done", 0) + s.get("pending", 0) + s.get("uploading", 0) == 4)
     d.signal(signal.SIGTERM)
     assert d.wait() == 0, d.log()
     objs = local_bucket / "exp" / "rank_0"
     assert sha256(objs / "ep1.pt") == before
     assert sha256(objs / "sub" / "ep2.pt") == during
     assert (objs / "ep3.pt").exists()
-    assert not (objs / "notes.txt").exists()
+    assert (objs / "notes.txt").read_text() == "not a checkpoint"
+    history = json.loads((objs / "latest.json").read_text())["history"]
+    assert sorted(e["name"] for e in history) == ["ep1.pt", "ep3.pt", "sub/ep2.pt"]
     assert not list(local_bucket.rglob("*.tmp"))
     latest = pointer(local_bucket, "exp")["latest"]
     assert latest["name"] == "ep3.pt" and latest["size"] == 100_000
     final = d.status()
-    assert final["state"] == "done" and final["done"] == 3 and final["failed"] == 0
-    assert final["bytes_done"] == final["bytes_total"] == 2_900_000
+    assert final["state"] == "done" and final["done"] == 4 and final["failed"] == 0
+    assert final["committed"] == 3 and final["left_out"] == {}
+    assert final["bytes_done"] == final["bytes_total"] == 2_900_016  # + notes.txt
     # The status command reads the same journal.
     out = run_cli("status", str(run), "--json")
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
-    assert (body["done"], body["pending"], body["failed"]) == (3, 0, 0)
-    assert {f["path"] for f in body["files"]} == {"ep1.pt", "sub/ep2.pt", "ep3.pt"}
+    assert (body["done"], body["pending"], body["failed"]) == (4, 0, 0)
+    assert {f["path"] for f in body["files"]} == {"ep1.pt", "sub/ep2.pt", "ep3.pt", "notes.txt"}
 
 
 @pytest.mark.parametrize("attempt", range(3))

@@ -7,10 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from uploader.bucket.pointer import ManifestFile, PointerEntry, merge
 from uploader.config.files import load_config_file, parse_bytes, store_location
 from uploader.daemon.journal import FileRecord, Journal
-from uploader.daemon.layouts import FileFilter, RunLayout, is_inside, scan
-from uploader.daemon.retention import local_deletions
+from uploader.daemon.layouts import (
+    DEFAULT_DIR_RULES,
+    Checkpoints,
+    FileFilter,
+    RunLayout,
+    Unit,
+    is_inside,
+    parse_dir_rule,
+    scan,
+)
+from uploader.daemon.retention import apply_local
 from uploader.errors import ConfigError
 
 
@@ -56,29 +66,88 @@ def test_journal_readonly_sees_a_live_journal(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rel", "accepted"),
+    ("rel", "why"),
     [
-        ("ep1.pt", True),
-        ("checkpoints/ba100.pt.zst", True),
-        ("model.tar.gz", True),
-        (".ep1.pt.tmp", False),
-        ("ep1.pt.tmp", False),
-        ("ep1.pt.part", False),
-        ("ep1.pt~", False),
-        (".hidden/ep1.pt", False),
-        ("notes.txt", False),
-        (".ckpt-uploader.sqlite", False),
+        ("ep1.pt", None),
+        ("checkpoints/ba100.pt.zst", None),
+        ("model.tar.gz", None),
+        ("notes.txt", None),  # every file is uploaded, checkpoints or not
+        ("step_10/.metadata", None),  # a dot file is not temporary by itself
+        (".hidden/ep1.pt", None),
+        (".ep1.pt.tmp", "temporary name (*.tmp)"),
+        ("ep1.pt.tmp", "temporary name (*.tmp)"),
+        ("ep1.pt.part", "temporary name (*.part)"),
+        ("ep1.pt~", "temporary name (*~)"),
+        (".notes.txt.swp", "temporary name (*.swp)"),
+        ("run.lock", "temporary name (*.lock)"),
+        ("x.tmp/ep1.pt", "temporary name (*.tmp)"),
+        (".ckpt-uploader.sqlite", ""),  # our own: not uploaded, not listed
+        (".ckpt-uploader.status.json", ""),
+        ("..ckpt-uploader.status.json.123.tmp", ""),
     ],
 )
-def test_default_filter(rel: str, accepted: bool) -> None:
-    assert FileFilter().accepts(rel) is accepted
+def test_default_filter(rel: str, why: str | None) -> None:
+    assert FileFilter().exclusion(rel) == why
+    assert FileFilter().accepts(rel) is (why is None)
 
 
-def test_include_exclude_and_pointer_patterns() -> None:
+def test_include_exclude_say_why() -> None:
     f = FileFilter(include=("*.pt", "*.json", "logs/*"), exclude=("scratch*",))
     assert f.accepts("a.pt") and f.accepts("meta.json") and f.accepts("logs/x.txt")
-    assert not f.accepts("scratch1.pt") and not f.accepts("other/x.txt")
-    assert f.moves_pointer("a.pt") and not f.moves_pointer("meta.json")
+    assert f.exclusion("scratch1.pt") == "excluded by --exclude scratch*"
+    assert f.exclusion("other/x.txt") == "not matched by --include *.pt *.json logs/*"
+    assert FileFilter(own=frozenset({"status.json"})).exclusion("status.json") == ""
+
+
+def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+
+
+def test_checkpoint_units_by_layout(tmp_path: Path) -> None:
+    """Which checkpoint each file belongs to: HF and DeepSpeed directories by name, DCP
+    once .metadata exists, single files by name, everything else an artifact."""
+    rules = Checkpoints()
+    for rel in (
+        "checkpoint-8/model.safetensors",
+        "checkpoint-8/optimizer.pt",
+        "step_10/__0_0.distcp",
+        "global_step5/mp_rank_00_model_states.pt",
+        "lightning_logs/version_0/metrics.csv",
+        "epoch=0-step=8.ckpt",
+        "sub/w.safetensors",
+    ):
+        _touch(tmp_path, rel)
+    unit = rules.unit
+    assert unit(tmp_path, "checkpoint-8/optimizer.pt") == Unit("checkpoint-8", "hf", True)
+    assert not rules.complete(tmp_path, Unit("checkpoint-8", "hf", True))
+    _touch(tmp_path, "checkpoint-8/trainer_state.json")
+    assert rules.complete(tmp_path, Unit("checkpoint-8", "hf", True))
+    # DCP: an artifact until its marker exists
+    assert unit(tmp_path, "step_10/__0_0.distcp") is None
+    _touch(tmp_path, "step_10/.metadata")
+    assert unit(tmp_path, "step_10/__0_0.distcp") == Unit("step_10", "dcp", True)
+    # DeepSpeed: complete once 'latest' names it
+    ds = unit(tmp_path, "global_step5/mp_rank_00_model_states.pt")
+    assert ds == Unit("global_step5", "deepspeed", True)
+    assert not rules.complete(tmp_path, ds)
+    (tmp_path / "latest").write_text("global_step5\n")
+    assert rules.complete(tmp_path, ds)
+    assert unit(tmp_path, "epoch=0-step=8.ckpt") == Unit("epoch=0-step=8.ckpt", "file", False)
+    assert unit(tmp_path, "sub/w.safetensors") == Unit("sub/w.safetensors", "file", False)
+    assert unit(tmp_path, "lightning_logs/version_0/metrics.csv") is None
+    # a user rule comes first
+    user = Checkpoints(rules=(parse_dir_rule("lightning_logs=metrics.csv"), *DEFAULT_DIR_RULES))
+    _touch(tmp_path, "lightning_logs/metrics.csv")
+    assert user.unit(tmp_path, "lightning_logs/x.txt") == Unit(
+        "lightning_logs", "dir:lightning_logs", True
+    )
+
+
+@pytest.mark.parametrize("text", ["step_*", "=COMMITTED", "step_*=", "step_*=a/b", "../x=M"])
+def test_bad_checkpoint_dir_rules(text: str) -> None:
+    with pytest.raises(ConfigError, match="--checkpoint-dir"):
+        parse_dir_rule(text)
 
 
 def test_layout_maps_ranks(tmp_path: Path) -> None:
@@ -115,21 +184,51 @@ def test_symlinks_are_not_followed(tmp_path: Path) -> None:
     assert is_inside(real_root, "real.pt") is not None
 
 
-def test_local_retention_deletes_only_verified(tmp_path: Path) -> None:
-    recs = []
-    for i, state in enumerate(["done", "failed", "pending", "done", "done"]):
-        p = tmp_path / f"ep{i}.pt"
-        p.write_bytes(b"x" * (i + 1))
-        os.utime(p, ns=(i * 10**9, i * 10**9))
-        st = p.stat()
-        recs.append(FileRecord(p.name, 0, p.name, p.name, st.st_size, st.st_mtime_ns, True, state))
-    doomed = {r.path for r in local_deletions(recs, tmp_path, keep=2, rank=0)}
-    # ep3, ep4 are the newest two; of the rest only the verified ep0 may go.
-    assert doomed == {"ep0.pt"}
-    # A verified file changed on disk since is not the verified one: kept.
-    (tmp_path / "ep0.pt").write_bytes(b"changed")
-    os.utime(tmp_path / "ep0.pt", ns=(0, 0))
-    assert local_deletions(recs, tmp_path, keep=2, rank=0) == []
+def test_local_retention_deletes_whole_verified_checkpoints(tmp_path: Path) -> None:
+    """keep=1: the older directory checkpoint goes whole (files, then the directory) once
+    every file is verified; a checkpoint with an unverified file is kept whole."""
+    root = tmp_path / "run"
+    j = Journal.open(tmp_path / "state")
+    layout = RunLayout(root, "p")
+    entries = []
+    for n, state in ((8, "done"), (16, "pending"), (24, "done")):
+        files = []
+        for f in ("model.safetensors", "trainer_state.json"):
+            rel = f"checkpoint-{n}/{f}"
+            _touch(root, rel, b"w" * n)
+            st = (root / rel).stat()
+            j.accept(FileRecord(rel, 0, rel, f"p/rank_0/{rel}", st.st_size, st.st_mtime_ns, True))
+            if state == "done" or f == "model.safetensors":
+                j.done(rel, "sha256:" + "0" * 64)
+            files.append(ManifestFile(rel, st.st_size, "sha256:" + "0" * 64))
+        entries.append(
+            PointerEntry(
+                f"checkpoint-{n}",
+                f"p/rank_0/checkpoint-{n}",
+                2 * n,
+                "d",
+                n,
+                rule="hf",
+                files=tuple(files),
+            )
+        )
+    p = None
+    for e in entries:
+        p = merge(p, 0, e)
+    assert p is not None and p.latest.name == "checkpoint-24"
+    deleted = apply_local(j, layout, p, keep=1)
+    assert sorted(deleted) == ["checkpoint-8/model.safetensors", "checkpoint-8/trainer_state.json"]
+    assert not (root / "checkpoint-8").exists()
+    # checkpoint-16 has an unverified file: nothing of it goes
+    assert sorted(x.name for x in (root / "checkpoint-16").iterdir()) == [
+        "model.safetensors",
+        "trainer_state.json",
+    ]
+    # a verified file changed on disk since is not the verified one: kept
+    j.done("checkpoint-16/trainer_state.json", "sha256:" + "0" * 64)
+    (root / "checkpoint-16/model.safetensors").write_bytes(b"changed")
+    assert apply_local(j, layout, p, keep=1) == []
+    j.close()
 
 
 def test_config_file_flags_override(tmp_path: Path) -> None:

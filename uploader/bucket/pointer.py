@@ -1,17 +1,28 @@
-"""Commit pointers: which checkpoint of a rank is safely in the bucket.
+"""Commit pointers: which checkpoints of a rank are safely in the bucket, with manifests.
 
-After a checkpoint object is uploaded and verified, the daemon writes
+After every file of a checkpoint is uploaded and verified, the daemon writes
 ``{prefix}/rank_{r}/latest.json``::
 
-    {"format": "ckpt-uploader/pointer/1", "rank": 0,
-     "latest": {"name": "checkpoints/ep3.pt", "object": "run1/rank_0/checkpoints/ep3.pt",
-                "size": 123, "digest": "sha256:...", "mtime_ns": ..., "committed_at": ...},
-     "history": [ ...the same entries, newest first, at most 64... ]}
+    {"format": "ckpt-uploader/pointer/2", "rank": 0,
+     "latest": {"name": "checkpoint-16", "rule": "hf", "object": "run1/rank_0/checkpoint-16",
+                "size": 123, "digest": "sha256:...", "mtime_ns": ..., "committed_at": ...,
+                "files": [{"path": "checkpoint-16/model.safetensors", "size": 100,
+                           "digest": "sha256:..."}, ...]},
+     "history": [ ...the same entries, newest first, at most 64... ],
+     "aliases": {"last.ckpt": "epoch=2-step=24.ckpt"}}
 
-``name`` is the path inside the rank directory, the same for every rank, so
-``latest`` across ranks is the newest name that every rank has committed.
-Entries are ordered by the checkpoint file's mtime (then name): a late upload
-of an older checkpoint joins the history but never moves ``latest`` back.
+A checkpoint is a single file or a directory (see :mod:`uploader.daemon.layouts` for
+the rules that recognise them). ``name`` is its path inside the rank directory, the
+same for every rank, so ``latest`` across ranks is the newest name that every rank
+has committed. ``files`` is the manifest: every file's path (inside the rank
+directory), size and sha256; a single-file checkpoint's manifest is that file. A
+directory's ``digest`` is the sha256 of its manifest (:func:`manifest_digest`).
+Entries are ordered by the checkpoint's mtime (its newest file's; then name): a late
+upload of an older checkpoint joins the history but never moves ``latest`` back.
+``aliases`` names checkpoints by another name (Lightning's ``last.ckpt`` symlink).
+
+Pointers of format 1 (one file per entry, no manifest, no aliases) still resolve: an
+entry without ``files`` is a single-file checkpoint.
 
 One daemon writes one rank's pointer, so a read-modify-write is race-free;
 the PUT of the pointer is atomic on every store.
@@ -19,11 +30,12 @@ the PUT of the pointer is atomic on every store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from uploader.config.hparams import join_key, listing_prefix
@@ -33,12 +45,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
 
 __all__ = [
+    "ManifestFile",
     "PointerEntry",
+    "manifest_digest",
     "Pointer",
     "pointer_name",
     "read_pointer",
     "commit",
     "merge",
+    "alias",
+    "beyond",
+    "write_pointer",
     "resolve_latest",
     "LatestSelection",
     "latest_prefix",
@@ -48,34 +65,127 @@ __all__ = [
     "HISTORY_LIMIT",
 ]
 
-FORMAT = "ckpt-uploader/pointer/1"
+FORMAT = "ckpt-uploader/pointer/2"
+#: Formats read (1: one file per entry, before checkpoints had manifests).
+FORMATS = ("ckpt-uploader/pointer/1", FORMAT)
+#: The rule of a single-file checkpoint (and of every format-1 entry).
+FILE_RULE = "file"
 POINTER_FILE = "latest.json"
 HISTORY_LIMIT = 64
 _RANK = re.compile(r"(?:^|/)rank_(\d+)/" + re.escape(POINTER_FILE) + "$")
 
 
+def _safe_path(path: str, where: str) -> str:
+    """``path`` when it is a plain relative '/'-path (no '..', '.', empty part, NUL)."""
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise ValueError(f"{where} path {path!r} is not a plain relative path")
+    return path
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a checkpoint: its path inside the rank directory, size and digest."""
+
+    path: str
+    size: int
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestFile:
+        return cls(_safe_path(str(d["path"]), "manifest"), int(d["size"]), str(d["digest"]))
+
+
+def manifest_digest(files: Iterable[ManifestFile]) -> str:
+    """The sha256 of a manifest (sorted by path): a directory checkpoint's identity."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
 @dataclass(frozen=True)
 class PointerEntry:
+    """One committed checkpoint.
+
+    ``object`` is the file's object, or for a directory the object prefix its files
+    are under (``{prefix}/rank_N/{name}``); ``size`` the bytes of every file;
+    ``digest`` the file's, or :func:`manifest_digest` for a directory; ``rule`` the
+    layout rule that recognised it; ``files`` the manifest (empty: the one file).
+    """
+
     name: str
     object: str
     size: int
     digest: str
     mtime_ns: int
     committed_at: float = field(default_factory=time.time)
+    rule: str = FILE_RULE
+    files: tuple[ManifestFile, ...] = ()
 
     @property
     def order(self) -> tuple[int, str]:
         return (self.mtime_ns, self.name)
 
+    @property
+    def is_directory(self) -> bool:
+        return self.rule != FILE_RULE
+
+    @property
+    def manifest(self) -> tuple[ManifestFile, ...]:
+        """Every file of the checkpoint (a single file's entry: that file)."""
+        return self.files or (ManifestFile(self.name, self.size, self.digest),)
+
+    def objects(self) -> Iterator[tuple[ManifestFile, str]]:
+        """Each manifest file with its object name."""
+        if not self.is_directory:
+            for f in self.manifest:
+                yield f, self.object
+            return
+        for f in self.manifest:
+            yield f, self.object + "/" + f.path[len(self.name) + 1 :]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "object": self.object,
+            "size": self.size,
+            "digest": self.digest,
+            "mtime_ns": self.mtime_ns,
+            "committed_at": self.committed_at,
+            "rule": self.rule,
+        }
+        if self.files:
+            d["files"] = [f.to_dict() for f in self.files]
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PointerEntry:
+        name = _safe_path(str(d["name"]), "checkpoint")
+        rule = str(d.get("rule") or FILE_RULE)
+        files = tuple(ManifestFile.from_dict(f) for f in d.get("files") or ())
+        if rule != FILE_RULE:
+            for f in files:
+                if not f.path.startswith(name + "/"):
+                    raise ValueError(f"manifest path {f.path!r} is not inside {name!r}")
         return cls(
-            str(d["name"]),
+            name,
             str(d["object"]),
             int(d["size"]),
             str(d["digest"]),
             int(d["mtime_ns"]),
             float(d.get("committed_at", 0.0)),
+            rule,
+            files,
         )
 
 
@@ -84,28 +194,51 @@ class Pointer:
     rank: int
     latest: PointerEntry
     history: tuple[PointerEntry, ...]
+    #: Other names of committed checkpoints: alias -> checkpoint name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def entry(self, name: str) -> PointerEntry | None:
+        """The committed checkpoint ``name`` (or the one the alias ``name`` stands for)."""
+        name = self.aliases.get(name, name)
+        for e in self.history:
+            if e.name == name:
+                return e
+        return self.latest if self.latest.name == name else None
+
+    def without(self, names: Collection[str]) -> Pointer:
+        """This pointer with the entries ``names`` (and aliases to them) removed; never
+        ``latest``."""
+        gone = set(names) - {self.latest.name}
+        return replace(
+            self,
+            history=tuple(e for e in self.history if e.name not in gone),
+            aliases={a: t for a, t in self.aliases.items() if t not in gone},
+        )
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "format": FORMAT,
-                "rank": self.rank,
-                "latest": asdict(self.latest),
-                "history": [asdict(e) for e in self.history],
-            },
-            indent=1,
-            sort_keys=True,
-        ).encode()
+        body: dict[str, Any] = {
+            "format": FORMAT,
+            "rank": self.rank,
+            "latest": self.latest.to_dict(),
+            "history": [e.to_dict() for e in self.history],
+        }
+        if self.aliases:
+            body["aliases"] = dict(sorted(self.aliases.items()))
+        return json.dumps(body, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Pointer:
         try:
             d = json.loads(data)
-            if d.get("format") != FORMAT:
+            if d.get("format") not in FORMATS:
                 raise ValueError(f"unknown format {d.get('format')!r}")
             latest = PointerEntry.from_dict(d["latest"])
             history = tuple(PointerEntry.from_dict(e) for e in d.get("history", []))
-            return cls(int(d["rank"]), latest, history or (latest,))
+            aliases = {
+                _safe_path(str(a), "alias"): _safe_path(str(t), "alias target")
+                for a, t in (d.get("aliases") or {}).items()
+            }
+            return cls(int(d["rank"]), latest, history or (latest,), aliases)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(
                 f"commit pointer {where} is unreadable ({exc}); it was not "
@@ -134,6 +267,7 @@ def merge(
 
     ``entry`` replaces an entry of the same name; the history is ordered newest first
     and cut to ``history_limit``; ``latest`` never moves back to an older checkpoint.
+    An alias of the same name as ``entry`` is dropped (a real checkpoint wins).
     """
     history = [e for e in (current.history if current else ()) if e.name != entry.name]
     history.append(entry)
@@ -145,7 +279,38 @@ def merge(
         and current.latest.order > entry.order
     ):
         latest = current.latest
-    return Pointer(rank, latest, tuple(history[:history_limit]))
+    aliases = {a: t for a, t in (current.aliases if current else {}).items() if a != entry.name}
+    kept = history[:history_limit]
+    if latest not in kept:
+        kept = [latest, *kept[: history_limit - 1]]
+    names = {e.name for e in kept}
+    aliases = {a: t for a, t in aliases.items() if t in names}
+    return Pointer(rank, latest, tuple(kept), aliases)
+
+
+def alias(current: Pointer, name: str, target: str | None) -> Pointer:
+    """``current`` with ``name`` standing for the committed checkpoint ``target`` (None:
+    ``name`` is no longer an alias). The target must be in the history."""
+    aliases = {a: t for a, t in current.aliases.items() if a != name}
+    if target is not None:
+        if current.entry(target) is None:
+            raise ValueError(f"alias {name!r}: {target!r} is not a committed checkpoint")
+        aliases[name] = current.aliases.get(target, target)
+    return replace(current, aliases=aliases)
+
+
+def beyond(pointer: Pointer, keep: int) -> list[PointerEntry]:
+    """The checkpoints of ``pointer`` older than its newest ``keep``; never ``latest``."""
+    return [e for e in pointer.history[keep:] if e.name != pointer.latest.name]
+
+
+def write_pointer(store: ObjectStore, prefix: str, pointer: Pointer) -> None:
+    """PUT ``pointer`` as its rank's ``latest.json`` (atomic on every store)."""
+    store.put_bytes(
+        pointer_name(prefix, pointer.rank),
+        pointer.to_json(),
+        {"content-type": "application/json"},
+    )
 
 
 def commit(
@@ -156,16 +321,14 @@ def commit(
     current: Pointer | None = None,
     history_limit: int = HISTORY_LIMIT,
 ) -> Pointer:
-    """Record ``entry`` (already verified in the store) by :func:`merge`'s rule.
+    """Record ``entry`` (every file already verified in the store) by :func:`merge`'s rule.
 
     ``current`` is the pointer as last written by this process; when None it is read.
     """
     if current is None:
         current = read_pointer(store, prefix, rank)
     pointer = merge(current, rank, entry, history_limit)
-    store.put_bytes(
-        pointer_name(prefix, rank), pointer.to_json(), {"content-type": "application/json"}
-    )
+    write_pointer(store, prefix, pointer)
     return pointer
 
 

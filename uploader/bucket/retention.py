@@ -1,77 +1,57 @@
-"""Remote retention (``--keep-remote N``): keep each rank's newest N checkpoint objects.
+"""Remote retention (``--keep-remote N``): keep each rank's newest N checkpoints.
 
-Per rank, checkpoint objects beyond the newest N are deleted, never the one the
-rank's commit pointer names as ``latest``, and never one whose commit is still
-to come. Age is the checkpoint's own mtime as the pointer records it; an object
-the pointer does not know is ranked by its upload time. Which objects are
-checkpoints is the caller's to say (a predicate on the name inside the rank
-directory), so this module needs nothing from the daemon.
+Retention counts checkpoints, not files, by the commit pointer's history (newest
+first, by the checkpoint's own mtime). :func:`prune` removes the checkpoints beyond
+the newest N from the pointer (never ``latest``); once that pointer is written,
+:func:`delete_checkpoints` deletes every file of each removed checkpoint that no
+remaining entry names. The pointer therefore never names a deleted object. Objects
+the pointer never named (artifacts, another tool's files) are never touched.
 
 Example::
 
-    for name in prune_remote(store, "exp1", 0, 3, is_checkpoint, pointer):
-        print("deleted", name)
+    kept, doomed = prune(pointer, keep=3)
+    write_pointer(store, prefix, kept)
+    delete_checkpoints(store, kept, doomed)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+import logging
 from typing import TYPE_CHECKING
 
-from uploader.bucket.pointer import Pointer
-from uploader.config.hparams import join_key
+from uploader.bucket.pointer import Pointer, PointerEntry, beyond
+from uploader.errors import ObjectNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
 
-__all__ = ["remote_deletions", "prune_remote"]
+__all__ = ["prune", "delete_checkpoints"]
+
+log = logging.getLogger(__name__)
 
 
-def remote_deletions(
-    store: ObjectStore,
-    prefix: str,
-    rank: int,
-    keep: int,
-    is_checkpoint: Callable[[str], bool],
-    pointer: Pointer,
-    in_flight: Collection[str] = (),
+def prune(pointer: Pointer, keep: int) -> tuple[Pointer, list[PointerEntry]]:
+    """``pointer`` without the checkpoints beyond its newest ``keep``, and those."""
+    doomed = beyond(pointer, keep)
+    if not doomed:
+        return pointer, []
+    return pointer.without([e.name for e in doomed]), doomed
+
+
+def delete_checkpoints(
+    store: ObjectStore, pointer: Pointer, doomed: list[PointerEntry]
 ) -> list[str]:
-    """Checkpoint objects of ``rank`` beyond the newest ``keep``; never the pointer's latest.
-
-    ``is_checkpoint`` tells, from a name relative to the rank directory, whether an
-    object is a checkpoint. Objects in ``in_flight`` (uploaded or uploading, but not
-    yet in the pointer) are left out: without their pointer entry their age is
-    unknown (the store's mtime is the upload time), and ranking a late old
-    checkpoint as the newest would delete a newer one. They are judged once committed.
-    """
-    base = join_key(prefix, f"rank_{rank}") + "/"
-    order = {e.object: e.order for e in pointer.history}
-    skip = set(in_flight)
-    objs = []
-    for info in store.list(base):
-        rel = info.name[len(base) :]
-        if not rel or rel.endswith(".json") or not is_checkpoint(rel):
-            continue
-        if info.name in skip:
-            continue
-        key = order.get(info.name, (int((info.mtime or 0) * 1e9), rel))
-        objs.append((key, info.name))
-    objs.sort(reverse=True)
-    protected = {pointer.latest.object}
-    return [name for _, name in objs[keep:] if name not in protected]
-
-
-def prune_remote(
-    store: ObjectStore,
-    prefix: str,
-    rank: int,
-    keep: int,
-    is_checkpoint: Callable[[str], bool],
-    pointer: Pointer,
-    in_flight: Collection[str] = (),
-) -> list[str]:
-    """Delete what :func:`remote_deletions` allows; return the deleted object names."""
-    names = remote_deletions(store, prefix, rank, keep, is_checkpoint, pointer, in_flight)
-    for name in names:
-        store.delete(name)
-    return names
+    """Delete every object of the ``doomed`` checkpoints that ``pointer`` (as written)
+    does not name; return the deleted object names."""
+    live = {obj for e in pointer.history for _, obj in e.objects()}
+    gone = []
+    for e in doomed:
+        for _, obj in e.objects():
+            if obj in live:
+                continue
+            with contextlib.suppress(ObjectNotFoundError):
+                store.delete(obj)
+            gone.append(obj)
+        log.info("retention deleted remote checkpoint=%s (%d file(s))", e.name, len(e.manifest))
+    return gone

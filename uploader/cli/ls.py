@@ -1,4 +1,10 @@
-"""``ckpt-uploader ls``: list the objects under a prefix; pointers show their latest."""
+"""``ckpt-uploader ls``: list the committed checkpoints under a prefix, or its objects.
+
+By default every rank's commit pointer under the prefix is read, and each
+checkpoint it names is one row: rank, name, layout rule, files, bytes and when it
+was committed, ``latest`` marked. ``--files`` lists the objects instead (pointers
+show their latest).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from uploader.bucket.pointer import Pointer
+from uploader.bucket.pointer import Pointer, list_ranks, read_pointer
 from uploader.bucket.verify import is_pointer
 from uploader.cli.options import (
     EXIT_CODES,
@@ -19,7 +25,9 @@ from uploader.cli.options import (
 )
 from uploader.config.files import load_config_file
 from uploader.config.hparams import listing_prefix
+from uploader.daemon.progress import format_bytes
 from uploader.errors import ExitCode, UploaderError
+from uploader.transfer.store import ObjectStore
 
 __all__ = ["register", "cmd_ls"]
 
@@ -28,12 +36,18 @@ def register(sub: Any) -> None:
     """Add the ``ls`` subcommand to ``sub`` (argparse subparsers)."""
     p = sub.add_parser(
         "ls",
-        help="list stored objects under a prefix",
-        description="List objects under URI's prefix with size and time; pointers show their latest.",
+        help="list committed checkpoints (or objects) under a prefix",
+        description="List the checkpoints committed under URI's prefix, one row each: "
+        "rank, name, files, bytes, committed; latest marked. --files lists the objects.",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
     p.add_argument("uri", metavar="URI")
+    p.add_argument(
+        "--files",
+        action="store_true",
+        help="list the objects instead of the checkpoints (default: checkpoints)",
+    )
     p.add_argument(
         "--json", action="store_true", help="one JSON object per line (default: a table)"
     )
@@ -42,24 +56,69 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_ls)
 
 
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     loc = location(args, args.uri, load_config_file(args.config))
     with open_store(loc) as store:
-        base = listing_prefix(loc.prefix)
-        for info in store.list(base):
-            latest = None
-            if is_pointer(info.name):
-                try:
-                    latest = Pointer.from_json(store.get_bytes(info.name), info.name).latest.name
-                except UploaderError:
-                    latest = "(unreadable)"
-            when = (
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.mtime)) if info.mtime else "-"
+        if args.files:
+            _list_files(store, loc.prefix, args.json)
+            return ExitCode.OK
+        ranks = list_ranks(store, loc.prefix)
+        if not ranks:
+            raise UploaderError(
+                f"no committed checkpoint under {loc.prefix or '(root)'!r} (no "
+                "rank_N/latest.json); 'ckpt-uploader ls --files URI' lists its objects"
             )
-            if args.json:
-                row = {"name": info.name, "size": info.size, "mtime": info.mtime, "latest": latest}
-                print(json.dumps(row))
-            else:
-                extra = f"  -> {latest}" if latest else ""
-                print(f"{info.size:>14}  {when}  {info.name}{extra}")
+        for rank in ranks:
+            pointer = read_pointer(store, loc.prefix, rank)
+            if pointer is not None:
+                _list_pointer(pointer, args.json)
     return ExitCode.OK
+
+
+def _list_pointer(pointer: Pointer, as_json: bool) -> None:
+    aliases: dict[str, list[str]] = {}
+    for a, t in pointer.aliases.items():
+        aliases.setdefault(t, []).append(a)
+    for e in pointer.history:
+        latest = e.name == pointer.latest.name
+        if as_json:
+            row = {
+                "rank": pointer.rank,
+                "name": e.name,
+                "rule": e.rule,
+                "object": e.object,
+                "files": len(e.manifest),
+                "bytes": e.size,
+                "digest": e.digest,
+                "committed_at": e.committed_at,
+                "latest": latest,
+                "aliases": sorted(aliases.get(e.name, [])),
+            }
+            print(json.dumps(row))
+            continue
+        also = f"  (also {', '.join(sorted(aliases[e.name]))})" if e.name in aliases else ""
+        print(
+            f"rank_{pointer.rank}  {e.name + ('/' if e.is_directory else ''):<32} "
+            f"{e.rule:<9} {len(e.manifest):>5} files {format_bytes(e.size):>10}  "
+            f"{_when(e.committed_at)}{'  latest' if latest else ''}{also}"
+        )
+
+
+def _list_files(store: ObjectStore, prefix: str, as_json: bool) -> None:
+    for info in store.list(listing_prefix(prefix)):
+        latest = None
+        if is_pointer(info.name):
+            try:
+                latest = Pointer.from_json(store.get_bytes(info.name), info.name).latest.name
+            except UploaderError:
+                latest = "(unreadable)"
+        if as_json:
+            row = {"name": info.name, "size": info.size, "mtime": info.mtime, "latest": latest}
+            print(json.dumps(row))
+        else:
+            extra = f"  -> {latest}" if latest else ""
+            print(f"{info.size:>14}  {_when(info.mtime)}  {info.name}{extra}")

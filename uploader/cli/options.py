@@ -15,7 +15,7 @@ from typing import Any
 from uploader.config.files import STORE_FIELDS, parse_extra_kwargs, store_location
 from uploader.config.hparams import StoreLocation
 from uploader.config.options import WATCH_KEYS, WatchOptions
-from uploader.daemon.layouts import FileFilter
+from uploader.daemon.layouts import CHECKPOINT_PATTERNS, TEMPORARY_PATTERNS
 from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import ObjectStore
@@ -133,21 +133,39 @@ def add_watch_options(p: argparse.ArgumentParser, push: bool = False) -> None:
         "--include",
         action="append",
         metavar="GLOB",
-        help="upload files matching GLOB; repeat for more; replaces the default "
-        f"(default: {_shown(d.include or FileFilter().include)})",
+        help="upload only files matching GLOB; repeat for more (default: every file but "
+        f"temporary names: {_shown(TEMPORARY_PATTERNS)})",
     )
     g.add_argument(
         "--exclude",
         action="append",
         metavar="GLOB",
-        help=f"never upload files matching GLOB; repeat for more (default: {_shown(d.exclude)})",
+        help="never upload files matching GLOB; repeat for more; left-out files show "
+        f"in status (default: {_shown(d.exclude)})",
     )
     g.add_argument(
         "--pointer-pattern",
         action="append",
         metavar="GLOB",
-        help="uploaded files matching GLOB move the commit pointer; repeat for more "
-        f"(default: {_shown(d.pointer_pattern or FileFilter().pointer)})",
+        help="single-file checkpoint names (outside directory checkpoints), committed "
+        "once verified; repeat for more; replaces the default "
+        f"(default: {_shown(d.pointer_pattern or CHECKPOINT_PATTERNS)})",
+    )
+    g.add_argument(
+        "--checkpoint-dir",
+        action="append",
+        metavar="GLOB=MARKER",
+        help="directories matching GLOB are checkpoints, complete once MARKER exists in "
+        "them and every file is verified; repeat for more; checked before the built-in "
+        "rules (torch DCP .metadata, Hugging Face checkpoint-*/trainer_state.json, "
+        "DeepSpeed global_step*/ named by 'latest') (default: none)",
+    )
+    g.add_argument(
+        "--artifact-interval",
+        type=float,
+        metavar="SECONDS",
+        help="a file in no checkpoint (log, metrics) that keeps changing is uploaded "
+        f"again at most this often, and once more at drain (default: {d.artifact_interval:g})",
     )
     g.add_argument(
         "--settle",

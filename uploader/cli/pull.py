@@ -1,8 +1,12 @@
-"""``ckpt-uploader pull``: download an object, ``latest``, or a prefix, verified.
+"""``ckpt-uploader pull``: download a checkpoint, ``latest``, an object, or a prefix, verified.
 
 ``latest`` is resolved by :func:`uploader.bucket.pointer.select_latest` (the same
-resolution the loader uses); every byte is checked against the size and digest
-recorded at upload before it is renamed into place.
+resolution the loader uses); a checkpoint name (``.../rank_0/checkpoint-16``, or an
+alias such as ``last.ckpt``) through its rank's pointer. A checkpoint is restored
+whole by :func:`uploader.bucket.fetch.fetch_entry`: a directory checkpoint as
+``DEST/<name>/...``, a single file as DEST (or inside DEST when it ends with ``/`` or
+is a directory). Every byte is checked against the size and digest recorded at
+upload before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from uploader.bucket.pointer import select_latest
+from uploader.bucket.fetch import fetch_entry, find_checkpoint, is_dir_dest
+from uploader.bucket.pointer import PointerEntry, select_latest
 from uploader.cli.options import (
     EXIT_CODES,
     Formatter,
@@ -37,9 +42,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "pull",
         help="download a checkpoint (or 'latest') and verify it",
-        description="Download URI to DEST, checking size and digest. URI names an object "
-        "(s3://b/run/rank_0/ep3.pt), 'latest' under a prefix (s3://b/run/latest: the "
-        "newest checkpoint committed by every rank), or a prefix (everything under it).",
+        description="Download URI to DEST, checking size and digest. URI names 'latest' "
+        "under a prefix (s3://b/run/latest: the newest checkpoint committed by every "
+        "rank), a checkpoint (s3://b/run/rank_0/checkpoint-16: a directory checkpoint "
+        "lands as DEST/checkpoint-16/...), an object, or a prefix (everything under it). "
+        "A DEST ending with '/' is always a directory.",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
@@ -48,8 +55,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--rank",
         type=int,
-        help="with latest: only this rank's file, written to DEST (default: every rank, "
-        "to DEST/rank_N/NAME; a single rank goes straight to DEST)",
+        help="with latest: only this rank's checkpoint (default: every rank, to "
+        "DEST/rank_N/NAME; a single rank goes straight to DEST)",
     )
     p.add_argument(
         "--world-size",
@@ -67,6 +74,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     store = open_store(loc)
     progress = not args.quiet and not args.no_progress and stderr_is_terminal()
     dest = Path(args.dest)
+    into = is_dir_dest(args.dest)
     with store:
         latest = select_latest(store, loc.prefix, args.world_size, args.rank)
         if latest is not None:
@@ -74,22 +82,25 @@ def cmd_pull(args: argparse.Namespace) -> int:
             if not entries:
                 raise ConfigError(f"rank {args.rank} has no pointer under {latest.prefix!r}")
             for rank, e in sorted(entries.items()):
-                target = dest if len(entries) == 1 else dest / f"rank_{rank}" / e.name
-                got = store.download_file(
-                    e.object,
-                    target,
-                    progress=progress,
-                    expected_digest=e.digest,
-                    expected_size=e.size,
-                    require_digest=True,
-                )
-                print(f"{e.object} -> {got} ({format_bytes(e.size)}, {e.digest})")
+                where = dest if len(entries) == 1 else dest / f"rank_{rank}"
+                single_into = into or len(entries) > 1
+                _report(e, fetch_entry(store, e, where, progress=progress, into=single_into))
+            return ExitCode.OK
+        entry = find_checkpoint(store, loc.prefix)
+        if entry is not None:
+            _report(entry, fetch_entry(store, entry, dest, progress=progress, into=into))
             return ExitCode.OK
         if loc.prefix and store.exists(loc.prefix):
-            got = store.download_file(loc.prefix, dest, progress=progress)
+            target = dest / Path(loc.prefix).name if into else dest
+            got = store.download_file(loc.prefix, target, progress=progress)
             print(f"{loc.prefix} -> {got}")
             return ExitCode.OK
         return _pull_prefix(store, loc.prefix, dest, progress)
+
+
+def _report(e: PointerEntry, got: Path) -> None:
+    files = f", {len(e.manifest)} files" if e.is_directory else ""
+    print(f"{e.object} -> {got} ({format_bytes(e.size)}{files}, {e.digest})")
 
 
 def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool) -> int:

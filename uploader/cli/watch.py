@@ -28,7 +28,13 @@ from uploader.config.files import load_config_file
 from uploader.config.options import WatchOptions
 from uploader.daemon.engine import Engine, EngineOptions
 from uploader.daemon.journal import Journal
-from uploader.daemon.layouts import FileFilter
+from uploader.daemon.layouts import (
+    CHECKPOINT_PATTERNS,
+    DEFAULT_DIR_RULES,
+    Checkpoints,
+    FileFilter,
+    parse_dir_rule,
+)
 from uploader.daemon.progress import stderr_is_terminal
 from uploader.daemon.signals import capture_early_signals
 from uploader.daemon.status import StatusReport
@@ -80,20 +86,30 @@ def engine_options(
 ) -> EngineOptions:
     """What the daemon's engine is told, from the watch/push options.
 
-    ``include`` / ``pointer_pattern`` left as None take the daemon's own file filter
-    defaults (its checkpoint names). ``push`` uploads once and exits when idle, and
-    does not follow a parent process.
+    ``include`` left as None uploads every file; ``pointer_pattern`` left as None takes
+    the daemon's single-file checkpoint names; ``checkpoint_dir`` rules come before the
+    built-in directory rules. ``push`` uploads once and exits when idle, and does not
+    follow a parent process. A status file inside RUN_DIR is never uploaded.
     """
-    patterns = {
-        "include": options.include,
-        "exclude": options.exclude,
-        "pointer": options.pointer_pattern,
-    }
+    root = Path(os.path.realpath(run_dir))
+    own = set()
+    if options.status_file is not None:
+        status = os.path.realpath(options.status_file)
+        if status.startswith(str(root) + os.sep):
+            own.add(status[len(str(root)) + 1 :].replace(os.sep, "/"))
+    rules = tuple(parse_dir_rule(r) for r in options.checkpoint_dir)
     return EngineOptions(
         run_dir=run_dir,
         prefix=prefix,
         rank=options.rank,
-        filter=FileFilter(**{k: v for k, v in patterns.items() if v is not None}),
+        filter=FileFilter(
+            include=options.include or ("*",), exclude=options.exclude, own=frozenset(own)
+        ),
+        checkpoints=Checkpoints(
+            single=options.pointer_pattern or CHECKPOINT_PATTERNS,
+            rules=rules + DEFAULT_DIR_RULES,
+        ),
+        artifact_interval=options.artifact_interval,
         watch=not push,
         settle=options.settle,
         open_timeout=options.open_timeout,

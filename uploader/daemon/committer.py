@@ -1,31 +1,54 @@
-"""Pointer commits: after a checkpoint is verified, its rank's commit pointer names it.
+"""Pointer commits: after every file of a checkpoint is verified, its rank's pointer names it.
 
+The assembler (:mod:`uploader.daemon.assembly`) submits complete checkpoints, each
+a :class:`PointerEntry` with its manifest and the journal paths of its files.
 Commits of one rank are batched: while one pointer write is in flight, later
 entries queue up and go out together in the next write, so a burst of small
 checkpoints costs a few pointer writes, not one each, and no upload waits for a
 pointer write. A write is retried a bounded number of times (the daemon's file
-backoff); once it succeeds, its files are marked committed in the journal, and
-remote retention (``--keep-remote``) runs for that rank.
+backoff); once it succeeds, the files are marked committed in the journal.
+
+Retention counts checkpoints, by the pointer's history (newest first), and never
+touches ``latest``:
+
+* ``--keep-remote N``: checkpoints beyond the newest N leave the pointer in the same
+  write that commits the new one; then their objects are deleted (every file of
+  the manifest). The pointer never names a deleted object.
+* ``--keep-local N``: after the write, the engine's ``retain_local`` deletes local
+  copies of checkpoints beyond the newest N, whole, and only once every file is
+  verified (see :mod:`uploader.daemon.retention`).
+
+Aliases (a symlink such as Lightning's ``last.ckpt``) join the pointer once their
+target is committed.
 
 Example::
 
-    committer = Committer(store, "exp1", attempts=5, pause=opts.pause, journal=call)
+    committer = Committer(store, "exp1", attempts=5, pause=opts.pause, journal=j, call=call)
     committer.task_group = tg
-    committer.submit(verified_record)
+    committer.submit(rank, entry, ["checkpoint-8/model.safetensors", ...])
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from uploader.bucket.pointer import Pointer, PointerEntry, commit, merge, read_pointer
-from uploader.bucket.retention import prune_remote
-from uploader.daemon.journal import FileRecord, Journal
+from uploader.bucket.pointer import (
+    HISTORY_LIMIT,
+    Pointer,
+    PointerEntry,
+    alias,
+    merge,
+    read_pointer,
+    write_pointer,
+)
+from uploader.bucket.retention import delete_checkpoints, prune
+from uploader.daemon.journal import Journal
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
 
@@ -37,6 +60,16 @@ log = logging.getLogger(__name__)
 JournalCall = Callable[..., Awaitable[Any]]
 
 
+@dataclass
+class _Queue:
+    entries: list[tuple[PointerEntry, list[str]]] = field(default_factory=list)
+    #: alias -> target name (None: remove the alias)
+    aliases: dict[str, str | None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.aliases)
+
+
 class Committer:
     """Writes each rank's commit pointer; one writer task per rank while work is queued.
 
@@ -46,11 +79,12 @@ class Committer:
         attempts: pointer writes tried per batch before it counts as failed.
         pause: seconds to wait before retry number ``attempt`` (1-based).
         journal: the journal, and ``call`` to run its methods off the event loop.
-        keep_remote: remote retention (None: keep everything).
-        is_checkpoint: which names (inside a rank directory) are checkpoints.
+        keep_remote: remote retention in checkpoints (None: keep everything).
+        keep_local: local retention in checkpoints (None: keep everything); run by
+            ``retain_local(rank, pointer)`` after each write.
         report: called with an error message when a batch fails for good.
         quick: runs a short journal call, on the event loop when it can (default: ``call``);
-            used to mark batches of at most ``quick_rows`` entries committed.
+            used to mark batches of at most ``quick_rows`` files committed.
     """
 
     def __init__(
@@ -62,10 +96,11 @@ class Committer:
         journal: Journal,
         call: JournalCall,
         keep_remote: int | None = None,
-        is_checkpoint: Callable[[str], bool] = lambda name: True,
         report: Callable[[str], None] = lambda msg: None,
         quick: JournalCall | None = None,
         quick_rows: int = 0,
+        keep_local: int | None = None,
+        retain_local: Callable[[int, Pointer], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -76,14 +111,20 @@ class Committer:
         self._quick = quick or call
         self._quick_rows = quick_rows
         self.keep_remote = keep_remote
-        self.is_checkpoint = is_checkpoint
+        self.keep_local = keep_local
+        self.retain_local = retain_local
+        self.history_limit = max(HISTORY_LIMIT, keep_remote or 0, keep_local or 0)
         self.report = report
         #: Where the per-rank writer tasks run (set by the engine before ``submit``).
         self.task_group: TaskGroup | None = None
         #: Files whose pointer commit failed for good.
         self.failures = 0
-        self._pointers: dict[int, Pointer] = {}
-        self._queued: dict[int, list[FileRecord]] = {}
+        #: Checkpoints committed by this process.
+        self.committed = 0
+        self._pointers: dict[int, Pointer | None] = {}
+        self._queued: dict[int, _Queue] = {}
+        #: Aliases whose target is not committed yet, per rank.
+        self._waiting: dict[int, dict[str, str | None]] = {}
         self._writing: set[int] = set()
 
     @property
@@ -91,13 +132,26 @@ class Committer:
         """A pointer write is queued or in flight."""
         return bool(self._writing)
 
-    def submit(self, rec: FileRecord) -> None:
-        """Queue ``rec`` (verified) for its rank's pointer."""
-        assert rec.digest is not None and self.task_group is not None
-        self._queued.setdefault(rec.rank, []).append(rec)
-        if rec.rank not in self._writing:
-            self._writing.add(rec.rank)
-            self.task_group.start_soon(self._writer, rec.rank)
+    def submit(self, rank: int, entry: PointerEntry, paths: list[str]) -> None:
+        """Queue the complete checkpoint ``entry`` (every file verified); ``paths`` are its
+        files' journal paths, marked committed once the pointer is written."""
+        self._queue(rank).entries.append((entry, paths))
+        self._start(rank)
+
+    def alias(self, rank: int, name: str, target: str | None) -> None:
+        """Record ``name`` as another name of the checkpoint ``target`` (None: ``name`` is
+        no longer an alias), once ``target`` is committed."""
+        self._queue(rank).aliases[name] = target
+        self._start(rank)
+
+    def _queue(self, rank: int) -> _Queue:
+        return self._queued.setdefault(rank, _Queue())
+
+    def _start(self, rank: int) -> None:
+        assert self.task_group is not None
+        if rank not in self._writing:
+            self._writing.add(rank)
+            self.task_group.start_soon(self._writer, rank)
 
     async def _writer(self, rank: int) -> None:
         try:
@@ -106,59 +160,78 @@ class Committer:
         finally:
             self._writing.discard(rank)
 
-    async def _write(self, rank: int, batch: list[FileRecord]) -> None:
-        entries = [
-            PointerEntry(r.name, r.object, r.size, r.digest or "", r.mtime_ns) for r in batch
-        ]
-        current = self._pointers.get(rank)
+    def _apply(
+        self, rank: int, batch: _Queue, waiting: dict[str, str | None]
+    ) -> tuple[Pointer | None, list[PointerEntry], dict[str, str | None]]:
+        """The pointer after ``batch`` (read when not known), the checkpoints retention
+        removes from it, and the aliases still waiting for their target."""
+        if rank in self._pointers:
+            cur = self._pointers[rank]
+        else:
+            cur = read_pointer(self.store, self.prefix, rank)
+        before = cur
+        for entry, _ in batch.entries:
+            cur = merge(cur, rank, entry, self.history_limit)
+        still: dict[str, str | None] = {}
+        for name, target in {**waiting, **batch.aliases}.items():
+            if cur is not None and (target is None or cur.entry(target) is not None):
+                cur = alias(cur, name, target)
+            elif target is not None:
+                still[name] = target
+        doomed: list[PointerEntry] = []
+        if cur is not None and self.keep_remote is not None:
+            cur, doomed = prune(cur, self.keep_remote)
+        if cur is not None and cur != before:
+            write_pointer(self.store, self.prefix, cur)
+        return cur, doomed, still
 
-        def write() -> Pointer:
-            cur = current if current is not None else read_pointer(self.store, self.prefix, rank)
-            for e in entries[:-1]:
-                cur = merge(cur, rank, e)
-            return commit(self.store, self.prefix, rank, entries[-1], cur)
-
+    async def _write(self, rank: int, batch: _Queue) -> None:
+        waiting = self._waiting.pop(rank, {})
+        files = sum(len(paths) for _, paths in batch.entries)
         for attempt in range(1, self.attempts + 1):
             try:
-                pointer = await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
+                pointer, doomed, still = await anyio.to_thread.run_sync(
+                    self._apply, rank, batch, waiting, abandon_on_cancel=True
+                )
                 break
             except Exception as exc:
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 if attempt >= self.attempts:
-                    self.failures += len(batch)
+                    self.failures += files
+                    self._waiting[rank] = {**waiting, **batch.aliases}
                     self.report(f"commit pointer of rank {rank}: {msg}")
                     log.error("pointer commit failed rank=%d error=%s", rank, msg)
                     return
                 await anyio.sleep(self.pause(attempt))
         self._pointers[rank] = pointer
-        mark = self._quick if len(batch) <= self._quick_rows else self._call
-        await mark(_mark_committed, self.journal, [r.path for r in batch])
-        log.info(
-            "committed rank=%d latest=%s (after %s)",
-            rank,
-            pointer.latest.name,
-            ", ".join(r.name for r in batch[:3])
-            + (f" +{len(batch) - 3}" if len(batch) > 3 else ""),
-        )
-        if self.keep_remote is not None:
-            await self._prune(rank, pointer, self.keep_remote)
-
-    async def _prune(self, rank: int, pointer: Pointer, keep: int) -> None:
-        records: list[FileRecord] = await self._call(self.journal.records)
-        in_flight = {
-            r.object
-            for r in records
-            if r.rank == rank and r.checkpoint and (r.state != "done" or not r.committed)
-        }
-
-        def prune() -> list[str]:
-            return prune_remote(
-                self.store, self.prefix, rank, keep, self.is_checkpoint, pointer, in_flight
+        if still:
+            self._waiting[rank] = still
+        if pointer is None:
+            return
+        paths = [p for _, ps in batch.entries for p in ps]
+        if paths:
+            mark = self._quick if len(paths) <= self._quick_rows else self._call
+            await mark(_mark_committed, self.journal, paths)
+        if batch.entries:
+            self.committed += len(batch.entries)
+            names = [e.name for e, _ in batch.entries]
+            log.info(
+                "committed rank=%d latest=%s (after %s)",
+                rank,
+                pointer.latest.name,
+                ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else ""),
             )
+        if doomed:
+            await self._delete(pointer, doomed)
+        if self.keep_local is not None and self.retain_local is not None and batch.entries:
+            await self.retain_local(rank, pointer)
 
+    async def _delete(self, pointer: Pointer, doomed: list[PointerEntry]) -> None:
+        """Delete the objects of checkpoints that left the pointer (none it still names)."""
         try:
-            for name in await anyio.to_thread.run_sync(prune, abandon_on_cancel=True):
-                log.info("retention deleted remote object=%s", name)
+            await anyio.to_thread.run_sync(
+                delete_checkpoints, self.store, pointer, doomed, abandon_on_cancel=True
+            )
         except Exception as exc:
             log.warning("remote retention failed: %s", redact(str(exc)))
 

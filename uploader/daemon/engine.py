@@ -10,7 +10,9 @@ task group of its own, which finishes when the work is done)::
                                                                                    |
       upload loops (--files) <-----------------------------------------------------+
         upload (thread, CapacityLimiter) -> read back size + digest -> journal done
-        Committer: pointer (per-rank batches) -> remote retention; local retention
+        Assembler: which checkpoint, complete? (per checkpoint, coalesced)
+        Committer: pointer + manifest (per-rank batches) -> remote, local retention
+    artifact re-uploads (at most every --artifact-interval)
 
 A full work stream blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
@@ -48,14 +50,17 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from uploader.bucket.pointer import Pointer
+from uploader.daemon.assembly import Assembler
 from uploader.daemon.committer import Committer
 from uploader.daemon.intake import Found, Intake, ignore_lease_breaks, watch_parent
-from uploader.daemon.journal import FileRecord, Journal, Totals
-from uploader.daemon.layouts import FileFilter, RunLayout
+from uploader.daemon.journal import FileRecord, Journal, JournalFullError, Totals
+from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout, is_inside
 from uploader.daemon.progress import Progress
+from uploader.daemon.retention import apply_local
 from uploader.daemon.settle import Settler
 from uploader.daemon.signals import signal_task
-from uploader.daemon.status import StatusReport
+from uploader.daemon.status import LEFT_OUT_SHOWN, StatusReport
 from uploader.daemon.uploads import Uploads
 from uploader.errors import ExitCode
 from uploader.transfer.bandwidth import TokenBucket
@@ -83,7 +88,10 @@ class EngineOptions:
         run_dir: the directory watched.
         prefix: object name prefix (``{prefix}/rank_N/...``).
         rank: rank of files not under a ``rank_N`` directory.
-        filter: which files are uploaded and which move the pointer.
+        filter: which files are uploaded.
+        checkpoints: which files form one checkpoint, and when it is complete.
+        artifact_interval: seconds between two uploads of a file in no checkpoint
+            (a log, metrics) that keeps changing.
         watch: watch for new files (False: upload what is there, then stop).
         settle: seconds a file must keep its size and mtime after it was closed.
         open_timeout: seconds of stability that count as complete without a close event.
@@ -103,6 +111,8 @@ class EngineOptions:
     prefix: str
     rank: int
     filter: FileFilter
+    checkpoints: Checkpoints
+    artifact_interval: float
     watch: bool
     settle: float
     open_timeout: float
@@ -143,7 +153,9 @@ class Engine:
         #: starting -> running -> (draining ->) done | failed
         self.phase = "starting"
         self.exit_code: int | None = None
-        self.settler = Settler(options.settle, options.open_timeout)
+        self.settler = Settler(
+            options.settle, options.open_timeout, snapshot_after=options.artifact_interval
+        )
         self.committer = Committer(
             store,
             options.prefix,
@@ -152,10 +164,14 @@ class Engine:
             journal,
             self.call,
             options.keep_remote,
-            options.filter.moves_pointer,
             self._report,
             quick=self.quick,
             quick_rows=QUICK_ROWS,
+            keep_local=options.keep_local,
+            retain_local=self._retain_local,
+        )
+        self.assembler = Assembler(
+            self.layout, options.checkpoints, options.filter, journal, self.call, self.committer
         )
         bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
         self.uploads = Uploads(
@@ -164,7 +180,7 @@ class Engine:
             journal,
             self.call,
             self.journal_lock,
-            self.committer,
+            self.assembler,
             options,
             self._report,
             Progress(options.progress),
@@ -176,6 +192,9 @@ class Engine:
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
         self._resumed = False
         self._stop_reason: str | None = None
+        #: Changed artifacts held back by --artifact-interval: rel -> when due (time.time()).
+        self._deferred: dict[str, float] = {}
+        self._draining = False
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -211,7 +230,14 @@ class Engine:
         ignore_lease_breaks()
         self._stop = anyio.Event()
         self.intake = Intake(
-            self.layout, self.opts.filter, self.settler, self.opts.watch, self._take, self._fresh
+            self.layout,
+            self.opts.filter,
+            self.settler,
+            self.opts.watch,
+            self._take,
+            self._fresh,
+            is_artifact=lambda rel: self.assembler.key(rel) is None,
+            link=self.assembler.link,
         )
         self._write_status()
         code: int = ExitCode.FAILED
@@ -223,6 +249,7 @@ class Engine:
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
                 tg.start_soon(self._status_task)
+                tg.start_soon(self._deferred_task)
                 if self.opts.parent_pid:
                     pid = self.opts.parent_pid
                     tg.start_soon(watch_parent, pid, self.intake, self._idle, self._request_stop)
@@ -248,6 +275,7 @@ class Engine:
         self._work_send = send
         async with anyio.create_task_group() as tg:
             self.committer.task_group = tg
+            self.assembler.task_group = tg
             async with recv:
                 for _ in range(self.opts.files):
                     tg.start_soon(self._upload_loop, recv.clone())
@@ -263,8 +291,8 @@ class Engine:
 
     async def _resume(self) -> None:
         """Before the start-up scan: commit what was verified, queue what is pending."""
-        for rec in await self.call(self.journal.uncommitted):
-            self.committer.submit(rec)
+        uncommitted = await self.call(self.journal.uncommitted)
+        self.assembler.request_many([r.path for r in uncommitted])
         for rec in await self.call(self.journal.records, "pending"):
             await self._enqueue(rec.path)
         self._resumed = True
@@ -286,30 +314,75 @@ class Engine:
     # -- taking complete files ----------------------------------------------------------
     async def _take(self, found: Found) -> None:
         """Accept complete files into the journal (unless that version is known), in one
-        journal call, and queue them."""
+        journal call, and queue them. A changed artifact uploaded less than
+        ``artifact_interval`` ago waits (:meth:`_deferred_task`), unless draining."""
+        now = time.time()
+        interval = self.opts.artifact_interval
 
-        def record() -> list[tuple[FileRecord, bool]]:
-            out = []
+        def record() -> list[tuple[FileRecord | None, str, float]]:
+            """(record, rel, 1.0 when newly accepted), or (None, rel, when due)."""
+            out: list[tuple[FileRecord | None, str, float]] = []
             for rel, st in found:
                 rec = self.journal.get(rel)
                 if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                    out.append((rec, False))
+                    out.append((rec, rel, 0.0))
+                    continue
+                key = self.assembler.key(rel)
+                if (
+                    key is None
+                    and rec is not None
+                    and rec.state == "done"
+                    and not self._draining
+                    and now - (rec.finished_at or 0.0) < interval
+                ):
+                    out.append((None, rel, (rec.finished_at or now) + interval))
                     continue
                 loc = self.layout.locate(rel)
-                checkpoint = self.opts.filter.moves_pointer(rel)
                 new = FileRecord(
-                    rel, loc.rank, loc.name, loc.object, st.st_size, st.st_mtime_ns, checkpoint
+                    rel,
+                    loc.rank,
+                    loc.name,
+                    loc.object,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    key is not None,
                 )
-                out.append((self.journal.accept(new), True))
+                out.append((self.journal.accept(new), rel, 1.0))
             return out
 
         run = self.quick if len(found) <= QUICK_ROWS else self.call
-        for rec, accepted in await run(record):
+        for rec, rel, flag in await run(record):
+            if rec is None:
+                self._deferred[rel] = flag
+                log.debug("path=%s changed; uploaded again after the artifact interval", rel)
+                continue
+            accepted = flag > 0
+            self._deferred.pop(rel, None)
             if accepted:
                 log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
             elif rec.state != "pending":
                 continue
             await self._enqueue(rec.path)
+
+    async def _deferred_task(self) -> None:
+        """Take changed artifacts once their interval is over (until draining)."""
+        while not self._draining:
+            await anyio.sleep(1.0)
+            now = time.time()
+            due = [rel for rel, when in self._deferred.items() if when <= now]
+            if due and not self._draining:
+                await self._take_now(due)
+
+    async def _take_now(self, rels: list[str]) -> None:
+        """Take the files ``rels`` as they are on disk now (those still there)."""
+        found: Found = []
+        for rel in rels:
+            self._deferred.pop(rel, None)
+            st = is_inside(self.root, rel)
+            if st is not None:
+                found.append((rel, st))
+        if found:
+            await self._take(found)
 
     async def _enqueue(self, rel: str) -> None:
         if rel in self.uploads.outstanding:
@@ -339,6 +412,7 @@ class Engine:
             and intake.quiet
             and not self.uploads.outstanding
             and not self.committer.busy
+            and not self.assembler.busy
         )
 
     async def _idle_task(self) -> None:
@@ -365,6 +439,8 @@ class Engine:
         reason = self._stop_reason
         if reason in ("signal", "parent"):
             self.phase = "draining"
+        self._draining = True
+        await self._take_now(list(self._deferred))  # a changed log goes up once more
         # A checkpoint renamed into place just before the signal is part of the drain,
         # even if its event was not processed yet: take every file complete on disk.
         await self.intake.stop(final=reason == "signal")
@@ -382,7 +458,44 @@ class Engine:
             )
             return ExitCode.TIMEOUT
         totals: Totals = await self.call(self.journal.totals)
+        await self._summary()
         return _outcome(totals, self.committer.failures, self.last_error, self.store)
+
+    async def _summary(self) -> None:
+        """Log what was committed, left out, and not committed (and why)."""
+        assert self.intake is not None
+        self.intake.prune_left_out()
+        uncommitted: dict[str, str] = await self.call(self.assembler.uncommitted)
+        self.assembler.incomplete.update(uncommitted)
+        log.info("committed %d checkpoint(s)", self.committer.committed)
+        left = self.intake.left_out
+        if left:
+            shown = sorted(left.items())[:20]
+            log.warning(
+                "left out %d file(s) in %s (not uploaded): %s%s",
+                len(left),
+                self.root,
+                "; ".join(f"{rel} ({why})" for rel, why in shown),
+                " ..." if len(left) > len(shown) else "",
+            )
+        for rel, why in sorted(uncommitted.items()):
+            log.warning("checkpoint %s was not committed: %s", rel, why)
+
+    async def _retain_local(self, rank: int, pointer: Pointer) -> None:
+        """Local retention after a pointer write (the committer's hook)."""
+        keep = self.opts.keep_local
+        if keep is None:
+            return
+
+        def retain() -> list[str]:
+            try:
+                self.journal.sync()  # "done" is on disk before any local file goes
+            except JournalFullError as exc:
+                log.warning("local retention waits until the journal is saved: %s", exc)
+                return []
+            return apply_local(self.journal, self.layout, pointer, keep)
+
+        await self.call(retain)
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
@@ -397,6 +510,7 @@ class Engine:
         t0, s0 = self._rate_window[0]
         rate = (sent - s0) / (now - t0) if now > t0 else 0.0
         phase = self.phase
+        left_out = self.intake.left_out if self.intake is not None else {}
         if phase in ("running", "draining") and (t.failed or self.committer.failures):
             phase = "failed"
         return StatusReport(
@@ -412,6 +526,10 @@ class Engine:
             last_error=self.last_error or t.last_error,
             journal_saved=not self.journal.in_memory,
             intake_finished=self.intake_finished,
+            committed=self.committer.committed,
+            incomplete=dict(self.assembler.incomplete),
+            left_out=dict(sorted(left_out.items())[:LEFT_OUT_SHOWN]),
+            left_out_count=len(left_out),
             updated_at=time.time(),
         )
 
@@ -427,7 +545,11 @@ class Engine:
             self.status(totals).write(self.opts.status_file)
 
     async def _status_task(self) -> None:
+        tick = 0
         while True:
+            if self.intake is not None and tick % 5 == 0:
+                await anyio.to_thread.run_sync(self.intake.prune_left_out)
+            tick += 1
             self._totals = await self.call(self.journal.totals)
             s = self.status(self._totals)
             if self.opts.status_file is not None:

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Watch events held between the observer thread and the intake (then it waits).
 EVENT_BUFFER = 1024
+#: Files left out that are remembered (for status); more are counted, not named.
+LEFT_OUT_LIMIT = 1000
 
 Found = list[tuple[str, os.stat_result]]
 #: Callback kinds: "moved" (renamed into place: complete now), "created", "modified",
@@ -144,6 +146,10 @@ class Intake:
             call and queues their uploads).
         fresh: of scanned files, those whose version the journal does not hold yet.
         buffer: watch events held before the observer thread waits.
+        is_artifact: whether a file belongs to no checkpoint (asked when it is first
+            seen): such a file is taken as a snapshot (see :class:`Settler`).
+        link: called with each symlink found: None when taken as an alias, else why
+            it is left out.
     """
 
     def __init__(
@@ -155,8 +161,14 @@ class Intake:
         take: Callable[[Found], Awaitable[None]],
         fresh: Callable[[Found], Awaitable[Found]],
         buffer: int = EVENT_BUFFER,
+        is_artifact: Callable[[str], bool] = lambda rel: False,
+        link: Callable[[str], str | None] = lambda rel: "symlink (not followed)",
     ) -> None:
         self.layout = layout
+        self._is_artifact = is_artifact
+        self._link = link
+        #: Files in RUN_DIR that are not uploaded: rel -> why (at most LEFT_OUT_LIMIT).
+        self.left_out: dict[str, str] = {}
         self.root = layout.root
         self.filt = filt
         self.settler = settler
@@ -174,6 +186,7 @@ class Intake:
         self._wake = anyio.Event()
         self._watcher: Watcher | None = None
         self.scanned = False
+        self._snapshots: set[str] = set()
         self._stopping = False
         self._events_over = False
 
@@ -284,9 +297,15 @@ class Intake:
         if kind in ("dirmoved", "dircreated"):
             await self._scan(rel, "moved" if kind == "dirmoved" else "created")
             return
-        if not self.filt.accepts(rel):
+        why = self.filt.exclusion(rel)
+        if why is not None:
+            if why:
+                self._leave_out(rel, why)
             return
         st = is_inside(self.root, rel)
+        if st is None and kind in ("moved", "created") and os.path.islink(path):
+            self._linked(rel)
+            return
         if kind == "moved":
             self.settler.drop(rel)
             if st is not None:
@@ -301,23 +320,50 @@ class Intake:
         finally:
             self._handing -= 1
 
+    def _leave_out(self, rel: str, why: str) -> None:
+        if rel in self.left_out or len(self.left_out) < LEFT_OUT_LIMIT:
+            self.left_out[rel] = why
+
+    def _linked(self, rel: str) -> None:
+        why = self._link(rel)
+        if why:
+            self._leave_out(rel, why)
+        else:
+            self.left_out.pop(rel, None)
+
+    def prune_left_out(self) -> None:
+        """Forget left-out files that are gone (temporary files renamed into place)."""
+        for rel in list(self.left_out):
+            if not os.path.lexists(self.root / rel.rstrip("/")):
+                self.left_out.pop(rel, None)
+
     def _observe(self, rel: str, kind: str, st: os.stat_result | None) -> None:
         if st is None:
             self.settler.drop(rel)
             return
-        self.settler.observe(rel, kind, st.st_size, st.st_mtime_ns)
+        snapshot = rel not in self.settler and self._is_artifact(rel)
+        if snapshot:
+            self._snapshots.add(rel)
+        self.settler.observe(rel, kind, st.st_size, st.st_mtime_ns, snapshot)
         self._wake.set()
 
     async def _scan(self, sub: str, kind: str) -> None:
+        links: list[str] = []
+        left_out: dict[str, str] = {}
+
         def listing() -> Found:
             found = []
-            for rel in scan(self.root, self.filt, sub):
+            for rel in scan(self.root, self.filt, sub, left_out, links):
                 st = is_inside(self.root, rel)
                 if st is not None:
                     found.append((rel, st))
             return found
 
         found = await anyio.to_thread.run_sync(listing)
+        for rel, why in left_out.items():
+            self._leave_out(rel, why)
+        for rel in links:
+            self._linked(rel)
         if kind == "scan":
             found = await self._fresh(found)
         for rel, st in found:
@@ -340,12 +386,19 @@ class Intake:
                     st = is_inside(self.root, rel)
                     verdict = self.settler.check(rel, None if st is None else _key(st))
                     if verdict is Verdict.QUIET:
-                        verdict = self.settler.writer(rel, open_for_writing(self.root / rel))
+                        # A writer is asked about for checkpoint files only: an artifact
+                        # (a log held open) is taken as it is, and again when it changes.
+                        writing = (
+                            False if rel in self._snapshots else open_for_writing(self.root / rel)
+                        )
+                        verdict = self.settler.writer(rel, writing)
                         if verdict is Verdict.HELD:
                             # Quiet, but a writer still holds it open (one that started
                             # before this daemon, say): wait for it to close, or for
                             # --open-timeout.
                             log.info("path=%s is quiet but still open for writing; waiting", rel)
+                    if verdict in (Verdict.DONE, Verdict.GONE):
+                        self._snapshots.discard(rel)
                     if verdict is Verdict.DONE and st is not None:
                         complete.append((rel, st))
                 if complete:

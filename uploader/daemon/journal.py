@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS files (
     object      TEXT NOT NULL,
     size        INTEGER NOT NULL,
     mtime_ns    INTEGER NOT NULL,
-    checkpoint  INTEGER NOT NULL,   -- 1 when it moves the commit pointer
+    checkpoint  INTEGER NOT NULL,   -- 1 when it belongs to a checkpoint (else an artifact)
     state       TEXT NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     digest      TEXT,
@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS files (
     updated_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_state ON files(state);
+CREATE INDEX IF NOT EXISTS files_rank_name ON files(rank, name);
 """
 
 
@@ -287,6 +288,23 @@ class Journal:
         else:
             cur = self._db.execute("SELECT * FROM files ORDER BY accepted_at, path")
         return [FileRecord.from_row(r) for r in cur]
+
+    def under(self, directory: str) -> list[FileRecord]:
+        """Records of files below ``directory`` (a path relative to the run directory)."""
+        lo = directory.rstrip("/") + "/"
+        hi = lo[:-1] + chr(ord("/") + 1)
+        cur = self._db.execute(
+            "SELECT * FROM files WHERE path >= ? AND path < ? ORDER BY path", (lo, hi)
+        )
+        return [FileRecord.from_row(r) for r in cur]
+
+    def find(self, rank: int, name: str) -> FileRecord | None:
+        """The record of ``rank``'s file ``name`` (relative to its rank directory)."""
+        row = self._db.execute(
+            "SELECT * FROM files WHERE rank = ? AND name = ? ORDER BY updated_at DESC",
+            (rank, name),
+        ).fetchone()
+        return FileRecord.from_row(row) if row else None
 
     def uncommitted(self) -> list[FileRecord]:
         cur = self._db.execute(

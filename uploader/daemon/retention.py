@@ -1,26 +1,30 @@
-"""Local retention (``--keep-local N``): keep each rank's newest N checkpoint files on disk.
+"""Local retention (``--keep-local N``): keep each rank's newest N checkpoints on disk.
 
-Per rank, checkpoint files beyond the newest N (by mtime, then name) are deleted,
-but only when the journal says their upload is verified (``done``) and the file
-on disk is still the one that was verified (same size and mtime). An unverified
-file is never deleted, whatever N says. Remote retention lives in
+Retention counts checkpoints, not files. After each pointer write, the checkpoints
+the pointer's history holds beyond the newest N are deleted locally, whole: every
+file of the manifest, then the directory of a directory checkpoint (and any empty
+directories in it). A checkpoint is deleted only when every one of its files is
+verified (``done`` in the journal) and the file on disk is still the one that was
+verified (same size and mtime); otherwise nothing of it is deleted. Files of the
+directory that are not in the manifest are kept (and so is the directory). The
+pointer's ``latest`` is never deleted. Remote retention lives in
 :mod:`uploader.bucket.retention`.
 
 Example::
 
-    for path in apply_local(journal.records(), root, keep=3, rank=0):
-        print("deleted", path)
+    for rel in apply_local(journal, layout, pointer, keep=3):
+        print("deleted", rel)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
-from pathlib import Path
 
-from uploader.daemon.journal import FileRecord
-from uploader.daemon.layouts import is_inside
+from uploader.bucket.pointer import Pointer, PointerEntry, beyond
+from uploader.daemon.journal import Journal
+from uploader.daemon.layouts import RunLayout, is_inside
 
 __all__ = ["local_deletions", "apply_local"]
 
@@ -28,35 +32,59 @@ log = logging.getLogger(__name__)
 
 
 def local_deletions(
-    records: Iterable[FileRecord], root: Path, keep: int, rank: int
-) -> list[FileRecord]:
-    """Records of ``rank`` whose local file may be deleted to keep the newest ``keep``."""
-    present: list[tuple[FileRecord, os.stat_result]] = []
-    for rec in records:
-        if rec.rank != rank or not rec.checkpoint:
-            continue
-        st = is_inside(root, rec.path)
-        if st is not None:
-            present.append((rec, st))
-    present.sort(key=lambda p: (p[1].st_mtime_ns, p[0].name), reverse=True)
+    journal: Journal, layout: RunLayout, pointer: Pointer, keep: int
+) -> list[tuple[PointerEntry, str, list[str]]]:
+    """Checkpoints of ``pointer`` whose local copy may go to keep the newest ``keep``,
+    each with its path and the paths of its files still on disk (relative to RUN_DIR)."""
     out = []
-    for rec, st in present[keep:]:
-        if rec.state == "done" and (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns):
-            out.append(rec)
+    for entry in beyond(pointer, keep):
+        paths: list[str] = []
+        where = ""
+        ok = True
+        for f in entry.manifest:
+            rec = journal.find(pointer.rank, f.path)
+            if rec is None:
+                ok = False  # not uploaded from this run directory
+                break
+            where = rec.path[: len(rec.path) - len(f.path)] + entry.name
+            st = is_inside(layout.root, rec.path)
+            if st is None:
+                continue  # already gone
+            if rec.state != "done" or (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+                ok = False
+                break
+            paths.append(rec.path)
+        if ok and paths:
+            out.append((entry, where, paths))
     return out
 
 
-def apply_local(records: Iterable[FileRecord], root: Path, keep: int, rank: int) -> list[str]:
+def apply_local(journal: Journal, layout: RunLayout, pointer: Pointer, keep: int) -> list[str]:
     """Delete what :func:`local_deletions` allows; return the deleted relative paths."""
     deleted = []
-    for rec in local_deletions(records, root, keep, rank):
-        try:
-            os.unlink(root / rec.path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("retention: cannot delete %s: %s", rec.path, exc.strerror)
-            continue
-        log.info("retention deleted local path=%s (verified as %s)", rec.path, rec.object)
-        deleted.append(rec.path)
+    for entry, where, paths in local_deletions(journal, layout, pointer, keep):
+        for rel in paths:
+            try:
+                os.unlink(layout.root / rel)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("retention: cannot delete %s: %s", rel, exc.strerror)
+                continue
+            deleted.append(rel)
+        if entry.is_directory:
+            _remove_empty(layout.root / where)
+        log.info(
+            "retention deleted local checkpoint=%s (%d file(s), verified as %s)",
+            entry.name,
+            len(paths),
+            entry.object,
+        )
     return deleted
+
+
+def _remove_empty(top: os.PathLike[str] | str) -> None:
+    """Remove ``top`` and the directories below it that are empty (bottom up)."""
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)

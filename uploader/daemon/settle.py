@@ -15,6 +15,10 @@ an injected clock; it answers which files are complete. The rules:
   the caller: :attr:`Verdict.QUIET`) is held until it is closed or ``open_timeout``
   has passed.
 * A file that is gone drops out.
+* A *snapshot* file (an artifact such as a log, see ``observe``) is complete once
+  quiet for ``settle`` seconds whether or not a writer holds it, and in any case
+  ``snapshot_after`` seconds after it was first seen: a log that never goes quiet
+  is still uploaded, as it is then (it is uploaded again when it changes).
 
 Example::
 
@@ -58,6 +62,8 @@ class _Candidate:
     closed: bool = False
     modified: bool = False
     held: bool = False  # seen open for writing while quiet
+    snapshot: bool = False
+    first: float = 0.0
 
 
 class Settler:
@@ -66,6 +72,8 @@ class Settler:
     Args:
         settle: seconds a file must keep its size and mtime.
         open_timeout: seconds of quiet that count as complete without a close event.
+        snapshot_after: seconds after which a snapshot file is complete even if it
+            keeps changing (None: never).
         clock: monotonic seconds (injected by tests).
     """
 
@@ -73,10 +81,12 @@ class Settler:
         self,
         settle: float,
         open_timeout: float,
+        snapshot_after: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settle = settle
         self.open_timeout = open_timeout
+        self.snapshot_after = snapshot_after
         self.clock = clock
         #: Take in-place writes without a close event (draining, or the parent is gone).
         self.final = False
@@ -92,12 +102,15 @@ class Settler:
         """The files being tracked, in the order they were first seen."""
         return list(self._cands)
 
-    def observe(self, rel: str, kind: str, size: int, mtime_ns: int) -> None:
-        """Record an event (or a scan result) for ``rel`` whose stat is ``size``/``mtime_ns``."""
+    def observe(
+        self, rel: str, kind: str, size: int, mtime_ns: int, snapshot: bool = False
+    ) -> None:
+        """Record an event (or a scan result) for ``rel`` whose stat is ``size``/``mtime_ns``;
+        ``snapshot`` (read when ``rel`` is first seen) marks a file taken as it is."""
         now = self.clock()
         c = self._cands.get(rel)
         if c is None:
-            c = self._cands[rel] = _Candidate(size, mtime_ns, now)
+            c = self._cands[rel] = _Candidate(size, mtime_ns, now, snapshot=snapshot, first=now)
         if kind in ("scan", "moved"):
             c.closed = True
         elif kind == "closed":
@@ -126,6 +139,10 @@ class Settler:
             del self._cands[rel]
             return Verdict.GONE
         now = self.clock()
+        after = self.snapshot_after
+        if c.snapshot and after is not None and now - c.first >= after:
+            del self._cands[rel]
+            return Verdict.DONE
         if stat != (c.size, c.mtime_ns):
             c.size, c.mtime_ns = stat
             c.since = now
@@ -135,6 +152,9 @@ class Settler:
             del self._cands[rel]
             return Verdict.DONE
         settled = quiet >= self.settle
+        if settled and c.snapshot:
+            del self._cands[rel]
+            return Verdict.DONE
         if settled and (c.closed or self.final or (not c.modified and c.size > 0)):
             return Verdict.QUIET
         return Verdict.WAIT

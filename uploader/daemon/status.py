@@ -6,6 +6,8 @@ at exit, atomically (temporary file + rename; in place when the disk is full)::
     {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
      "last_error": null, "journal_saved": true, "intake_finished": true,
+     "committed": 2, "incomplete": {"checkpoint-24": "no trainer_state.json yet ..."},
+     "left_out": {"notes.txt.swp": "temporary name (*.swp)"}, "left_out_count": 1,
      "updated_at": 1764000000.0}
 
 ``state`` is one of :data:`STATES`. The training side (the worker handle behind the
@@ -33,12 +35,14 @@ from typing import Any
 
 from uploader.redact import redact
 
-__all__ = ["StatusReport", "STATES"]
+__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN"]
 
 log = logging.getLogger("uploader.status")
 
 #: The daemon's states, in the order it passes through them.
 STATES = ("starting", "running", "draining", "done", "failed")
+#: Left-out files named in a report (the count covers all).
+LEFT_OUT_SHOWN = 100
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,13 @@ class StatusReport:
     #: True once the daemon has accepted every file complete on disk that it knows
     #: of (journal resumed, start-up scan done, nothing left settling).
     intake_finished: bool = False
+    #: checkpoints committed by this daemon
+    committed: int = 0
+    #: checkpoints with files uploaded that are not committed, and why
+    incomplete: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)
+    left_out_count: int = 0
     updated_at: float = 0.0
 
     @property
@@ -102,6 +113,10 @@ class StatusReport:
             last_error=str(last) if last else None,
             journal_saved=d.get("journal_saved") is not False,
             intake_finished=d.get("intake_finished") is True,
+            committed=num("committed"),
+            incomplete=_str_map(d.get("incomplete")),
+            left_out=_str_map(d.get("left_out")),
+            left_out_count=num("left_out_count"),
             updated_at=num("updated_at", float),
         )
 
@@ -135,6 +150,12 @@ class StatusReport:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(path, text):
                 return
             _warn_once(path, f"cannot write the status file {path}: {exc.strerror}")
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _overwrite(path: Path, text: bytes) -> bool:

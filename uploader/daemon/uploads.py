@@ -3,15 +3,16 @@
 :meth:`Uploads.process` takes one accepted file from the work stream to the
 store. In one worker thread (at most ``files + 2`` at once) an attempt records
 its start in the journal, uploads, reads the object back (size, and digest where
-the store keeps one) and records ``done``; then a checkpoint goes to the
-committer and local retention runs. A failed attempt is retried after the daemon's backoff;
-retries exhausted, or a permanent error (credentials, missing container, bad
-configuration), mark the file failed. A bug never loses a file: it is recorded
-as failed.
+the store keeps one) and records ``done``; then the assembler judges the checkpoint
+the file belongs to (:mod:`uploader.daemon.assembly`). A failed attempt is retried
+after the daemon's backoff; retries exhausted, or a permanent error (credentials,
+missing container, bad configuration), mark the file failed. A file that changed
+while it was read is not a failure: its version then on disk is sent after a pause
+(backing off). A bug never loses a file: it is recorded as failed.
 
 Example::
 
-    uploads = Uploads(store, root, journal, call, lock, committer, options, report, progress)
+    uploads = Uploads(store, root, journal, call, lock, assembler, options, report, progress)
     await uploads.process("ckpt/ep1.pt")
 """
 
@@ -27,12 +28,17 @@ from typing import Any, Protocol
 
 import anyio
 
-from uploader.daemon.committer import Committer
-from uploader.daemon.journal import FileRecord, Journal, JournalFullError
+from uploader.daemon.assembly import Assembler
+from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.layouts import is_inside
 from uploader.daemon.progress import Progress
-from uploader.daemon.retention import apply_local
-from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, IntegrityError
+from uploader.errors import (
+    AuthError,
+    ConfigError,
+    ContainerNotFoundError,
+    FileChangedError,
+    IntegrityError,
+)
 from uploader.redact import redact
 from uploader.transfer.bandwidth import TokenBucket
 from uploader.transfer.store import ObjectStore, UploadResult
@@ -57,7 +63,6 @@ class _Attempt:
 class _Options(Protocol):
     files: int
     attempts: int
-    keep_local: int | None
 
     def pause(self, attempt: int) -> float: ...
 
@@ -70,8 +75,8 @@ class Uploads:
         root: the run directory.
         journal: the journal; ``call`` runs its methods off the event loop, holding ``lock``
             (which an upload thread holds too for its own journal calls).
-        committer: takes verified checkpoints.
-        options: ``files``, ``attempts``, ``keep_local`` and ``pause(attempt)``.
+        assembler: judges the checkpoint of each verified file.
+        options: ``files``, ``attempts`` and ``pause(attempt)``.
         report: called with the message of a file that failed.
         progress: the progress bars.
         bucket: the bandwidth limit (None: none).
@@ -84,7 +89,7 @@ class Uploads:
         journal: Journal,
         call: Callable[..., Awaitable[Any]],
         lock: threading.Lock,
-        committer: Committer,
+        assembler: Assembler,
         options: _Options,
         report: Callable[[str], None],
         progress: Progress,
@@ -95,7 +100,7 @@ class Uploads:
         self.journal = journal
         self.call = call
         self.lock = lock
-        self.committer = committer
+        self.assembler = assembler
         self.opts = options
         self.report = report
         self.progress = progress
@@ -144,10 +149,12 @@ class Uploads:
     async def _fail(self, rel: str, msg: str) -> None:
         await self.call(self.journal.fail, rel, msg)
         self.report(msg)
+        self.assembler.failed(rel, msg)
 
     async def _process(self, rel: str) -> None:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.opts.files + 2)
+        changes = 0
         while True:
             # One worker thread an attempt: journal (start), upload, read back, journal
             # (done); the journal calls take its lock, as every other journal call does.
@@ -158,8 +165,8 @@ class Uploads:
             if at.step == "gone" or rec is None:
                 return
             if at.step == "done":
-                if rec.checkpoint and not rec.committed:
-                    self.committer.submit(rec)
+                if not rec.committed:
+                    self.assembler.verified(rec)
                 return
             if at.step == "missing":
                 msg = (
@@ -169,6 +176,15 @@ class Uploads:
                 await self._fail(rel, msg)
                 log.error("failed path=%s error=%s", rel, msg)
                 return
+            if isinstance(at.error, FileChangedError):
+                # Not a failure (a log still being written, say): the next attempt sends
+                # the version then on disk. Backs off, and is not counted as an attempt.
+                changes += 1
+                pause = self.opts.pause(changes)
+                await self.call(self.journal.retry_later, rel, str(at.error))
+                log.info("path=%s changed while it was uploaded; again in %.1fs", rel, pause)
+                await anyio.sleep(pause)
+                continue
             if at.error is not None:
                 attempts = rec.attempts + 1
                 exc = at.error
@@ -196,11 +212,7 @@ class Uploads:
                 at.digest,
                 at.seconds,
             )
-            if rec.checkpoint:
-                self.committer.submit(replace(rec, state="done", digest=at.digest))
-            keep = self.opts.keep_local
-            if keep is not None:
-                await self.call(self._retain_local, keep, rec.rank)
+            self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
 
     def _attempt(self, rel: str) -> _Attempt:
@@ -243,14 +255,6 @@ class Uploads:
             )
         self.journal.start(rel)
         return "start", rec
-
-    def _retain_local(self, keep: int, rank: int) -> None:
-        try:
-            self.journal.sync()  # "done" is on disk before any local file goes
-        except JournalFullError as exc:
-            log.warning("local retention waits until the journal is saved: %s", exc)
-        else:
-            apply_local(self.journal.records(), self.root, keep, rank)
 
     def _upload_verified(self, rec: FileRecord) -> UploadResult:
         """Upload, then read back size and digest (runs in a worker thread)."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uploader.errors import ConfigError, IntegrityError, ObjectNotFoundError
+from uploader.errors import ConfigError, FileChangedError, IntegrityError, ObjectNotFoundError
 from uploader.transfer.backends.base import Backend, ObjectInfo
 from uploader.transfer.digest import DIGEST_META, DIGEST_SUFFIX, Digest, parse_digest_record
 from uploader.transfer.download import Downloader
@@ -223,7 +223,7 @@ class ObjectStore:
                 # Checked before the object is committed, so a torn copy never lands.
                 after = os.fstat(fd)
                 if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
-                    raise IntegrityError(
+                    raise FileChangedError(
                         f"{path} changed while it was uploaded; upload it again once it is complete"
                     )
 

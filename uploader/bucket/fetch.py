@@ -1,0 +1,104 @@
+"""Restore whole checkpoints from the bucket: every file verified against the manifest.
+
+:func:`fetch_entry` downloads one committed checkpoint (a :class:`PointerEntry`):
+
+* a single-file checkpoint lands as ``dest`` (a file path), or as ``dest/<name>``
+  when ``dest`` is an existing directory or ends with ``/``;
+* a directory checkpoint lands as ``dest/<name>/...``: every file of its manifest,
+  each checked against the size and sha256 the manifest records before it is
+  renamed into place. The manifest's paths were checked when the pointer was read
+  (relative, no ``..``), and each target is checked again to lie inside ``dest``.
+
+:func:`find_checkpoint` resolves a name under a prefix (``exp/rank_0/checkpoint-16``,
+or an alias such as ``exp/rank_0/last.ckpt``) through its rank's pointer.
+
+Example::
+
+    entry = find_checkpoint(store, "exp/rank_0/checkpoint-16")
+    path = fetch_entry(store, entry, Path("restore/"))   # restore/checkpoint-16/
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from uploader.bucket.pointer import PointerEntry, read_pointer
+from uploader.errors import ConfigError, IntegrityError, UploaderError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uploader.transfer.store import ObjectStore
+
+__all__ = ["fetch_entry", "find_checkpoint", "is_dir_dest"]
+
+_RANK_NAME = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
+
+
+def is_dir_dest(dest: str | os.PathLike[str]) -> bool:
+    """A destination that means a directory: ends with a separator, or is one."""
+    text = os.fspath(dest)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
+    """The committed checkpoint ``{prefix}/rank_N/{checkpoint}`` (or an alias of one),
+    from rank N's pointer; None when ``name`` has no such form or no entry."""
+    m = _RANK_NAME.match(name.strip("/"))
+    if m is None:
+        return None
+    try:
+        pointer = read_pointer(store, m.group(1) or "", int(m.group(2)))
+    except UploaderError:
+        return None
+    return pointer.entry(m.group(3)) if pointer is not None else None
+
+
+def fetch_entry(
+    store: ObjectStore,
+    entry: PointerEntry,
+    dest: str | os.PathLike[str],
+    *,
+    progress: bool = False,
+    into: bool | None = None,
+) -> Path:
+    """Download the checkpoint ``entry`` (see the module docstring); return its local path:
+    the file, or the checkpoint's directory.
+
+    ``into`` says whether ``dest`` is a directory to put the checkpoint in (default:
+    :func:`is_dir_dest`; a directory checkpoint always goes inside ``dest``).
+    """
+    if into is None:
+        into = is_dir_dest(dest)
+    base = Path(dest)
+    if not entry.is_directory:
+        target = base / entry.name if into else base
+        return store.download_file(
+            entry.object,
+            target,
+            progress=progress,
+            expected_digest=entry.digest,
+            expected_size=entry.size,
+            require_digest=True,
+        )
+    root = base.absolute()
+    top = root / entry.name
+    for f, obj in entry.objects():
+        target = (root / f.path).absolute()
+        if os.path.commonpath([str(root), os.path.normpath(target)]) != str(root):
+            raise IntegrityError(
+                f"manifest path {f.path!r} of {entry.name} would land outside {root}; "
+                "the pointer is damaged or was not written by ckpt-uploader"
+            )
+        if target.is_dir():
+            raise ConfigError(f"{target} is a directory; cannot restore {f.path} there")
+        store.download_file(
+            obj,
+            target,
+            progress=progress,
+            expected_digest=f.digest,
+            expected_size=f.size,
+            require_digest=True,
+        )
+    return top
