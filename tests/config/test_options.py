@@ -82,21 +82,27 @@ _json = st.recursive(
 @st.composite
 def locations(draw: st.DrawFn) -> StoreLocation:
     provider = draw(st.sampled_from(sorted(KNOWN_PROVIDERS)))
+    key_environ = draw(st.none() | _env)
+    extra_key: dict[str, object] = {}
     if provider == "local":
-        container = str(draw(_path))
+        # An absolute directory, or (libcloud's LOCAL) a folder of the key's directory.
+        container = draw(st.just(".") | _word | st.builds(str, _path))
+        if not container.startswith("/") and key_environ is None:
+            extra_key = {"key": str(draw(_path))}
     else:
         container = draw(_word)
     hp = ObjectStoreHparams(
         provider=provider,
         container=container,
-        key_environ=draw(st.none() | _env),
+        key_environ=key_environ,
         secret_environ=draw(st.none() | _env),
         host=draw(st.none() | st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True)),
         port=draw(st.none() | st.integers(min_value=1, max_value=65535)),
         region=draw(st.none() | _word),
         extra_init_kwargs=draw(
             st.dictionaries(_word.filter(lambda k: k not in ("key", "secret")), _json, max_size=3)
-        ),
+        )
+        | extra_key,
     )
     prefix = "/".join(draw(st.lists(_word, max_size=3)))
     return StoreLocation(hp, prefix)

@@ -81,13 +81,14 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
     )
     g.add_argument(
         "--container",
-        help="bucket or container; local: an absolute directory (default: from the URI)",
+        help="bucket or container; local: an absolute directory, or a folder of the "
+        "directory named by --key-environ ('.' for that directory) (default: from the URI)",
     )
     g.add_argument(
         "--key-environ",
         metavar="VAR",
-        help="name of the environment variable holding the access key "
-        "(default: AWS_ACCESS_KEY_ID for s3://, AZURE_STORAGE_ACCOUNT for azure://)",
+        help="name of the environment variable holding the access key (for local: the base "
+        "directory that a relative --container is in) (default: AWS_ACCESS_KEY_ID for s3://, AZURE_STORAGE_ACCOUNT for azure://)",
     )
     g.add_argument(
         "--secret-environ",

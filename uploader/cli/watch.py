@@ -192,7 +192,7 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
                 "%s %s -> %s (prefix %r), journal in %s",
                 "pushing" if push else "watching",
                 run_dir,
-                loc.hparams.provider + ":" + loc.hparams.container,
+                loc.hparams.provider + ":" + store.settings.container,
                 loc.prefix,
                 state_dir,
             )

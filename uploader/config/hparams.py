@@ -16,6 +16,12 @@ A URI is a second way in, mapping onto the same fields::
     gs://bucket/prefix                      Google Cloud Storage
     file:///abs/dir?prefix=p                a local directory as the bucket (libcloud LOCAL)
 
+For ``local``, libcloud's (and Composer's) convention works too: the key is the
+base directory and the container a folder in it, ``"."`` being the base itself::
+
+    os.environ["OBJECT_STORE_KEY"] = "/data/remote_dir"
+    ObjectStoreHparams(provider="local", key_environ="OBJECT_STORE_KEY", container=".")
+
 Example::
 
     hp = ObjectStoreHparams(provider="s3", container="ckpts",
@@ -144,10 +150,12 @@ class ObjectStoreHparams:
 
     provider: the libcloud provider name (``s3``, ``azure_blobs``, ``google_storage``,
         ``local``, ``minio`` ...).
-    container: the container or bucket; for ``local``, an absolute directory whose
-        last component is the container.
+    container: the container or bucket. For ``local`` (libcloud LOCAL), either an
+        absolute directory, or a folder of the base directory that the key names
+        (``"."``: the base directory itself); see :meth:`local_root`.
     key_environ / secret_environ: names of the environment variables holding the
-        access key and secret. Never the values themselves.
+        access key and secret. Never the values themselves. For ``local`` the key is
+        the base directory (given by variable, or as ``extra_init_kwargs["key"]``).
     host / port: an endpoint override, e.g. an S3-compatible server. Plain HTTP is
         used on loopback, or when ``extra_init_kwargs={"secure": False}`` asks for it.
     region: the region, where the provider has them.
@@ -176,15 +184,11 @@ class ObjectStoreHparams:
         family = provider_family(self.provider)
         if not isinstance(self.container, str) or not self.container.strip():
             raise ConfigError(
-                "container is empty; name the bucket (or, for 'local', "
-                "an absolute directory) to upload into"
+                "container is empty; name the bucket (or, for 'local', an absolute "
+                "directory, or '.' with the base directory as the key) to upload into"
             )
         if family == "local":
-            if not os.path.isabs(self.container):
-                raise ConfigError(
-                    f"local container {self.container!r} must be an absolute "
-                    "directory path, e.g. file:///data/bucket"
-                )
+            self._validate_local()
         elif "/" in self.container or "\\" in self.container:
             raise ConfigError(
                 f"container {self.container!r} contains a slash; put the path "
@@ -217,12 +221,88 @@ class ObjectStoreHparams:
                 "extra_init_kwargs must be a mapping (a JSON object on the command line)"
             )
         for bad in ("key", "secret"):
-            if bad in self.extra_init_kwargs:
+            # For 'local' the key is the base directory (libcloud's LOCAL), not a secret.
+            if bad in self.extra_init_kwargs and not (bad == "key" and family == "local"):
                 raise ConfigError(
                     f"extra_init_kwargs may not contain {bad!r}: credentials come "
                     "only from the environment variables named by key_environ "
                     "and secret_environ"
                 )
+
+    def _validate_local(self) -> None:
+        """An absolute container, or a base directory (the key) and a folder inside it."""
+        key = (
+            self.extra_init_kwargs.get("key") if isinstance(self.extra_init_kwargs, dict) else None
+        )
+        if key is not None:
+            if not isinstance(key, str) or not key.strip():
+                raise ConfigError(
+                    "extra_init_kwargs['key'] for 'local' must be the base directory "
+                    'as a non-empty path, e.g. {"key": "/data/ckpts"}'
+                )
+            if self.key_environ is not None:
+                raise ConfigError(
+                    f"the local base directory is given twice: by key_environ "
+                    f"({self.key_environ}) and by extra_init_kwargs['key']; keep one"
+                )
+        if os.path.isabs(self.container):
+            return  # used as is, whatever the key says (as libcloud joins them)
+        if key is None and self.key_environ is None:
+            raise ConfigError(
+                f"local container {self.container!r} is relative; give an absolute "
+                "directory (e.g. file:///data/bucket), or name the base directory it is a "
+                "folder of: key_environ=VAR with VAR=/data exported, or "
+                "extra_init_kwargs={'key': '/data'} ('.' is the base directory itself)"
+            )
+        if ".." in self.container.replace("\\", "/").split("/"):
+            raise ConfigError(
+                f"local container {self.container!r} contains '..'; name a folder inside "
+                "the base directory, or give an absolute directory"
+            )
+
+    def local_root(self) -> str:
+        """For ``local``: the directory that is the store's root, resolved.
+
+        An absolute container is the root itself. A relative one is a folder of the
+        base directory (libcloud LOCAL's key: ``extra_init_kwargs["key"]``, or the
+        value of the variable ``key_environ`` names), read now; ``"."`` is the base
+        directory itself. The base directory must exist: ConfigError otherwise.
+        """
+        if self.family != "local":
+            raise ConfigError(
+                f"provider {self.provider!r} is not 'local'; it has no root directory"
+            )
+        if os.path.isabs(self.container):
+            return self.container
+        self._validate_local()  # the fields may have changed since they were validated
+        key = self.extra_init_kwargs.get("key")
+        if key is not None:
+            base, source = str(key), "extra_init_kwargs['key']"
+        else:
+            var = self.key_environ
+            assert var is not None  # _validate_local() requires a key for a relative container
+            value = os.environ.get(var)
+            if value is None or not value.strip():
+                raise ConfigError(
+                    f"environment variable {var} (named by key_environ) is "
+                    f"{'not set' if value is None else 'empty'}; for provider 'local' it holds "
+                    f"the base directory that container {self.container!r} is a folder of: "
+                    f"export {var}=/path/to/dir"
+                )
+            base, source = value, f"${var} (named by key_environ)"
+        if not os.path.isabs(base):
+            raise ConfigError(
+                f"the local base directory {base!r} from {source} must be an absolute path, "
+                "e.g. /data/ckpts"
+            )
+        if not os.path.isdir(base):
+            raise ConfigError(
+                f"the local base directory {base} from {source} does not exist (or is not "
+                f"a directory); create it "
+                f"(mkdir -p {base}) or point {source.split(' ')[0]} at an existing directory "
+                "(--create-container creates only the container folder inside it)"
+            )
+        return os.path.normpath(os.path.join(base, self.container))
 
     @property
     def family(self) -> str:
@@ -239,11 +319,17 @@ class ObjectStoreHparams:
     def store_settings(self) -> StoreSettings:
         """The resolved settings a backend takes (family, TLS, extra arguments)."""
         extra = {k: v for k, v in self.extra_init_kwargs.items() if k != "secure"}
+        container, key_environ = self.container, self.key_environ
+        if self.family == "local":
+            # The key is the base directory, consumed here: the backend takes the root,
+            # and the path is not a credential (so it is never masked as one).
+            container, key_environ = self.local_root(), None
+            extra.pop("key", None)
         return StoreSettings(
             provider=self.provider,
             family=self.family,
-            container=self.container,
-            key_environ=self.key_environ,
+            container=container,
+            key_environ=key_environ,
             secret_environ=self.secret_environ,
             host=self.host,
             port=self.port,

@@ -133,7 +133,9 @@ def watch_command(
 def worker_environment(hparams: ObjectStoreHparams, extra: Mapping[str, str]) -> dict[str, str]:
     """The worker's environment: this process's plus ``extra``. The credential
     variables ``hparams`` names must be set (ConfigError otherwise, before anything
-    starts); their values are registered as secrets, so no log line shows them."""
+    starts); their values are registered as secrets, so no log line shows them. For
+    ``local`` the key is the base directory, a path rather than a secret: it must be
+    set too, but is not masked."""
     env = dict(os.environ)
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -146,5 +148,6 @@ def worker_environment(hparams: ObjectStoreHparams, extra: Mapping[str, str]) ->
                 f"environment variable {var} (named by {field_name}) is not set or "
                 f"empty; export it before training starts, e.g. export {var}=..."
             )
-        register_secret(env[var])
+        if not (field_name == "key_environ" and hparams.family == "local"):
+            register_secret(env[var])
     return env

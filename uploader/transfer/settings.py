@@ -41,7 +41,8 @@ class StoreSettings:
 
     provider: the libcloud provider name (``s3``, ``minio``, ``azure_blobs`` ...).
     family: the adapter that serves it: ``s3``, ``azure``, ``gcs`` or ``local``.
-    container: the bucket or container; for ``local``, an absolute directory.
+    container: the bucket or container; for ``local``, an absolute directory (the
+        config layer resolves libcloud's "key is the base directory" form into one).
     key_environ / secret_environ: names of the environment variables holding the
         access key and the secret (never the values).
     host / port / region: an endpoint override and the region, where given.
