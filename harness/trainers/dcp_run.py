@@ -4,7 +4,7 @@
 [--kill-mid-save STEP] [--load DIR] [--width 32]``
 
 ``--world-size`` ranks (gloo on loopback; more than one run as child processes of this one,
-meeting at a ``TCPStore`` this process serves on a free port) train the same small model,
+meeting at the ``TCPStore`` rank 0 serves on a free port) train the same small model,
 averaging gradients. At each step in ``--steps`` every rank calls
 ``dcp.save(state_dict, checkpoint_id=RUN_DIR/step_N)`` with the model parameters and SGD
 momentum as ``DTensor`` shards (``Shard(0)`` over the ranks), so the one shared directory
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.servers.net import free_port
 from harness.trainers.common import emit, go_offline, kill_self, state_digest
 
 __all__ = ["main", "BATCH"]
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 8
 _IN = 8
+_OUT = 4
+_TIMEOUT = datetime.timedelta(seconds=120)
 
 
 def _model(width: int) -> Any:
@@ -51,7 +55,7 @@ def _model(width: int) -> Any:
     from torch import nn
 
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(_IN, width), nn.Tanh(), nn.Linear(width, 2))
+    return nn.Sequential(nn.Linear(_IN, width), nn.Tanh(), nn.Linear(width, _OUT))
 
 
 def _batch(step: int, rank: int) -> tuple[Any, Any]:
@@ -59,7 +63,7 @@ def _batch(step: int, rank: int) -> tuple[Any, Any]:
 
     g = torch.Generator().manual_seed(1000 * step + rank)
     x = torch.randn(BATCH, _IN, generator=g)
-    y = torch.stack([x.sum(dim=1), x[:, 0] - x[:, 1]], dim=1)
+    y = torch.stack([x.sum(dim=1), x[:, 0] - x[:, 1], x[:, 2] * x[:, 3], x[:, 4].abs()], dim=1)
     return x, y
 
 
@@ -105,15 +109,15 @@ def _writer(path: Path, kill: bool) -> Any:
     return KillBeforeMetadata(path)
 
 
-def _rank_main(args: argparse.Namespace, rank: int, port: int, store: Any = None) -> None:
+def _rank_main(args: argparse.Namespace, rank: int, port: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
     world = args.world_size
-    if store is None:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+    # rank 0 serves the rendezvous store on loopback (a free port when it runs alone)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=_TIMEOUT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -158,14 +162,12 @@ def _rank_main(args: argparse.Namespace, rank: int, port: int, store: Any = None
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Start ``world_size`` rank processes and wait; when one fails, end the rest."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, args.world_size, is_master=True, wait_for_workers=False)
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", __spec__.name if __spec__ else "harness.trainers.dcp_run"]
             + argv
-            + ["--rank", str(r), "--store-port", str(store.port)]
+            + ["--rank", str(r), "--store-port", str(port)]
         )
         for r in range(args.world_size)
     ]
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         help="comma separated steps to save at; training stops at the last",
     )
     p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--width", type=int, default=32, help="hidden width (an even number)")
+    p.add_argument("--width", type=int, default=32, help="hidden width (--world-size divides it)")
     p.add_argument("--kill-mid-save", type=int, metavar="STEP")
     p.add_argument(
         "--load", type=Path, metavar="DIR", help="load this checkpoint, print its digest"
@@ -210,14 +212,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.steps or min(args.steps) < 1:
+        p.error(f"--steps {args.steps} names no step to save at: pass e.g. --steps 10,20")
+    if args.kill_mid_save is not None and args.kill_mid_save not in args.steps:
+        p.error(f"--kill-mid-save {args.kill_mid_save} is not a save step: pick one of --steps")
+    if _OUT % args.world_size or args.width % args.world_size:
+        p.error(
+            f"--world-size {args.world_size} must divide {_OUT} (the output features) and "
+            f"--width {args.width}: pass 1, 2 or 4 and a width that it divides"
+        )
     go_offline()
     if args.rank is not None:
         _rank_main(args, args.rank, args.store_port)
     elif args.world_size == 1:
-        import torch.distributed as dist
-
-        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
-        _rank_main(args, 0, store.port, store)
+        _rank_main(args, 0, 0)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         sys.exit(_launch(args, argv))

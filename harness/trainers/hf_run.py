@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", type=Path, help="a checkpoint-N directory to continue from")
     p.add_argument("--kill-mid-save", type=int, metavar="STEP")
     args = p.parse_args(argv)
+    kill = args.kill_mid_save
+    if kill is not None and (kill % args.save_steps or not 0 < kill <= args.max_steps):
+        p.error(
+            f"--kill-mid-save {kill} is not a save step: pass a multiple of --save-steps "
+            f"{args.save_steps} up to --max-steps {args.max_steps}"
+        )
     go_offline()
 
     from transformers import (

@@ -291,3 +291,11 @@ def test_run_trainer_passes_failures_back(tmp_path: Path) -> None:
     assert run.returncode == 2 and "--world-size" in run.stderr
     with pytest.raises(subprocess.CalledProcessError):
         run_trainer("dcp_run", tmp_path, "--world-size", "two", check=True)
+    # a kill step that is no save step would never kill: refused before anything runs
+    for module, args in [
+        ("dcp_run", ("--steps", "10,20", "--kill-mid-save", "15")),
+        ("hf_run", ("--save-steps", "8", "--kill-mid-save", "12")),
+    ]:
+        run = run_trainer(module, tmp_path / module, *args)
+        assert run.returncode == 2 and "is not a save step" in run.stderr, run.stderr
+        assert not (tmp_path / module).exists()
