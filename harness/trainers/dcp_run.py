@@ -1,7 +1,7 @@
 """A tiny data-parallel run saving torch.distributed.checkpoint directories, as FSDP-style jobs do.
 
 ``python -m harness.trainers.dcp_run RUN_DIR --steps 10,20 [--world-size 2]
-[--kill-mid-save STEP] [--load DIR] [--width 32]``
+[--kill-mid-save STEP [--kill-at metadata|rename]] [--load DIR] [--width 32]``
 
 ``--world-size`` ranks (gloo on loopback; more than one run as child processes of this one,
 meeting at the ``TCPStore`` rank 0 serves on a free port) train the same small model,
@@ -14,9 +14,11 @@ per save, the digest being :func:`harness.trainers.common.state_digest` of the w
 (unsharded) ``{"model", "optim"}`` state.
 
 ``--kill-mid-save STEP``: the save of STEP uses a ``FileSystemWriter`` whose ``finish()``
-SIGKILLs rank 0 before it writes ``.metadata``; every rank's shard is already written (DCP
-gathers the write results before ``finish``). The launcher then kills the other ranks and
-itself with SIGKILL, as a job scheduler ends a job that lost a rank.
+SIGKILLs rank 0 before it writes ``.metadata`` (or, with ``--kill-at rename``, after it wrote
+and fsynced ``.metadata.tmp`` and before renaming that to ``.metadata``); every rank's shard
+is already written (DCP gathers the write results before ``finish``). The launcher then
+kills the other ranks and itself with SIGKILL, as a job scheduler ends a job that lost a
+rank.
 
 ``--load DIR``: build a fresh model, ``dcp.load`` the checkpoint into the same sharded
 layout (any ``--world-size``: DCP reshards) and print ``{"event": "load", "dir", "step",
@@ -40,13 +42,14 @@ from typing import Any
 from harness.servers.net import free_port
 from harness.trainers.common import emit, go_offline, kill_self, state_digest
 
-__all__ = ["main", "BATCH"]
+__all__ = ["main", "BATCH", "KILL_POINTS"]
 
 log = logging.getLogger(__name__)
 
 BATCH = 8
 _IN = 8
 _OUT = 4
+KILL_POINTS = ("metadata", "rename")
 _TIMEOUT = datetime.timedelta(seconds=120)
 
 
@@ -94,19 +97,26 @@ def _sharded(full: dict[str, dict[str, Any]], mesh: Any) -> dict[str, Any]:
     }
 
 
-def _writer(path: Path, kill: bool) -> Any:
+def _writer(path: Path, kill: str | None) -> Any:
+    """DCP's ``FileSystemWriter``; with ``kill``, one whose ``finish()`` (rank 0 only, after
+    every rank's shards are written) SIGKILLs the process at that point."""
     from torch.distributed.checkpoint import FileSystemWriter
 
-    if not kill:
+    if kill is None:
         return FileSystemWriter(path)
 
-    class KillBeforeMetadata(FileSystemWriter):
-        """Dies where ``.metadata`` would be written: the shards are all on disk."""
-
+    class KillingWriter(FileSystemWriter):
         def finish(self, metadata: Any, results: Any) -> None:
-            kill_self(f"--kill-mid-save: before {path / '.metadata'}")
+            if kill == "metadata":
+                kill_self(f"--kill-mid-save: before {path / '.metadata'}")
 
-    return KillBeforeMetadata(path)
+            def rename(src: Any, dst: Any) -> None:
+                kill_self(f"--kill-mid-save: {src} written, not yet renamed to {dst}")
+
+            self.fs.rename = rename  # type: ignore[method-assign,assignment]
+            super().finish(metadata, results)
+
+    return KillingWriter(path)
 
 
 def _rank_main(args: argparse.Namespace, rank: int, port: int) -> None:
@@ -153,7 +163,8 @@ def _rank_main(args: argparse.Namespace, rank: int, port: int) -> None:
                 full = _full_state(model, opt)
                 digest = state_digest(full)
                 state = {**_sharded(full, mesh), "step": step}
-                dcp.save(state, storage_writer=_writer(path, step == args.kill_mid_save))
+                kill = args.kill_at if step == args.kill_mid_save else None
+                dcp.save(state, storage_writer=_writer(path, kill))
                 if rank == 0:
                     emit(event="save", step=step, dir=os.fspath(path), digest=digest)
     finally:
@@ -206,6 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--width", type=int, default=32, help="hidden width (--world-size divides it)")
     p.add_argument("--kill-mid-save", type=int, metavar="STEP")
+    p.add_argument(
+        "--kill-at",
+        choices=KILL_POINTS,
+        default="metadata",
+        help="metadata: before .metadata is written; rename: after .metadata.tmp is written "
+        "and fsynced, before it is renamed to .metadata",
+    )
     p.add_argument(
         "--load", type=Path, metavar="DIR", help="load this checkpoint, print its digest"
     )

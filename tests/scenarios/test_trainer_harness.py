@@ -279,11 +279,14 @@ def test_dcp_kill_mid_save_leaves_shards_without_metadata(dcp: dict[str, Any]) -
     assert dcp["left"] == [], "ranks outlived their killed launcher"
 
 
-def test_dcp_single_rank_kill_mid_save(tmp_path: Path) -> None:
-    run = run_trainer("dcp_run", tmp_path, "--steps", "3,6", "--kill-mid-save", "6")
+def test_dcp_single_rank_kill_before_the_metadata_rename(tmp_path: Path) -> None:
+    run = run_trainer(
+        "dcp_run", tmp_path, "--steps", "3,6", "--kill-mid-save", "6", "--kill-at", "rename"
+    )
     assert run.returncode == KILLED, run.stderr[-3000:]
     assert _names(tmp_path / "step_3") == {".metadata", "__0_0.distcp"}
-    assert _names(tmp_path / "step_6") == {"__0_0.distcp"}
+    assert _names(tmp_path / "step_6") == {".metadata.tmp", "__0_0.distcp"}
+    assert (tmp_path / "step_6" / ".metadata.tmp").stat().st_size > 0
 
 
 def test_run_trainer_passes_failures_back(tmp_path: Path) -> None:
