@@ -5,8 +5,8 @@
 
 ``--world-size`` ranks (gloo on loopback; more than one run as child processes of this one,
 meeting at the ``TCPStore`` rank 0 serves on a free port) train the same small model,
-averaging gradients. At each step in ``--steps`` every rank calls
-``dcp.save(state_dict, checkpoint_id=RUN_DIR/step_N)`` with the model parameters and SGD
+averaging gradients. At each step in ``--steps`` every rank calls ``dcp.save(state_dict,
+storage_writer=FileSystemWriter(RUN_DIR/step_N))`` with the model parameters and SGD
 momentum as ``DTensor`` shards (``Shard(0)`` over the ranks), so the one shared directory
 holds ``__R_0.distcp`` from each rank R and, written last by rank 0 in the storage writer's
 ``finish()``, ``.metadata``. Rank 0 prints ``{"event": "save", "step", "dir", "digest"}``
@@ -22,7 +22,7 @@ rank.
 
 ``--load DIR``: build a fresh model, ``dcp.load`` the checkpoint into the same sharded
 layout (any ``--world-size``: DCP reshards) and print ``{"event": "load", "dir", "step",
-"digest"}``, comparable with the save's digest.
+"digest"}``, comparable with the save's digest (``RUN_DIR`` is not written then).
 """
 
 from __future__ import annotations
