@@ -1,0 +1,143 @@
+"""A tiny Hugging Face ``Trainer`` run writing ``checkpoint-N/`` directories as transformers does.
+
+``python -m harness.trainers.hf_run RUN_DIR --save-steps 8 --max-steps 16 [--resume DIR]
+[--kill-mid-save STEP]``
+
+A one-layer BERT classifier (hidden size 16) built from its config, so nothing is
+downloaded, trained on seeded random token ids (32 samples, batch 4: 8 steps an epoch).
+Each save writes ``RUN_DIR/checkpoint-N/`` with ``config.json``, ``model.safetensors``,
+``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and, last,
+``trainer_state.json``. ``--resume DIR`` continues with
+``trainer.train(resume_from_checkpoint=DIR)``.
+
+``--kill-mid-save STEP``: during the save of step STEP, after the model, optimizer,
+scheduler and RNG state are written and just before ``trainer_state.json`` would be, the
+process SIGKILLs itself (``TrainerState.save_to_json`` is wrapped, the call that
+``Trainer._save_checkpoint`` makes last), leaving a checkpoint directory without its marker.
+
+Prints JSON lines: ``{"event": "save", "step", "dir"}`` after each complete save, and at the
+end ``{"event": "end", "global_step", "digest"}`` (the model's state dict digest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.trainers.common import emit, go_offline, kill_self, state_digest
+
+__all__ = ["main", "SAMPLES", "BATCH"]
+
+SAMPLES = 32
+BATCH = 4
+_SEQ = 8
+
+
+def _dataset() -> list[dict[str, Any]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, 64, (SAMPLES, _SEQ), generator=g)
+    labels = (ids.sum(dim=1) % 2).long()
+    return [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(_SEQ, dtype=torch.long),
+            "labels": labels[i],
+        }
+        for i in range(SAMPLES)
+    ]
+
+
+def _kill_before_trainer_state(step: int) -> None:
+    """Make the save of ``step`` die just before its ``trainer_state.json`` is written."""
+    from transformers.trainer_callback import TrainerState
+
+    original = TrainerState.save_to_json
+
+    def save_to_json(self: Any, json_path: str) -> None:
+        if Path(json_path).parent.name == f"checkpoint-{step}":
+            kill_self(f"--kill-mid-save {step}: before {json_path}")
+        original(self, json_path)
+
+    TrainerState.save_to_json = save_to_json  # type: ignore[method-assign]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m harness.trainers.hf_run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--save-steps", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=16)
+    p.add_argument("--resume", type=Path, help="a checkpoint-N directory to continue from")
+    p.add_argument("--kill-mid-save", type=int, metavar="STEP")
+    args = p.parse_args(argv)
+    kill = args.kill_mid_save
+    if kill is not None and (kill % args.save_steps or not 0 < kill <= args.max_steps):
+        p.error(
+            f"--kill-mid-save {kill} is not a save step: pass a multiple of --save-steps "
+            f"{args.save_steps} up to --max-steps {args.max_steps}"
+        )
+    go_offline()
+
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
+    if args.kill_mid_save is not None:
+        _kill_before_trainer_state(args.kill_mid_save)
+
+    class SaveReport(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            emit(event="save", step=state.global_step, dir=os.fspath(path))
+
+    set_seed(0)
+    config = BertConfig(  # type: ignore[call-arg]
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=_SEQ,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(config)
+    training_args = TrainingArguments(
+        output_dir=os.fspath(args.run_dir),
+        max_steps=args.max_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        logging_strategy="steps",
+        logging_steps=4,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=_dataset(), callbacks=[SaveReport()]
+    )
+    trainer.train(resume_from_checkpoint=os.fspath(args.resume) if args.resume else None)
+    emit(
+        event="end",
+        global_step=trainer.state.global_step,
+        digest=state_digest(model.state_dict()),
+    )
+
+
+if __name__ == "__main__":
+    main()
