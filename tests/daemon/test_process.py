@@ -232,6 +232,31 @@ def test_slow_in_place_writer_is_not_uploaded_early(
     assert d.wait() == 0, d.log()
 
 
+def test_file_renamed_in_from_outside_and_chmodded_is_committed_at_once(
+    tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
+) -> None:
+    # fsspec's local transaction (Lightning's checkpoint save): write a temporary file
+    # in TMPDIR, rename it into RUN_DIR, chmod it. No close event is ever seen in RUN_DIR.
+    run = tmp_path / "rank_0"
+    run.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    uri = local_uri(local_bucket, "p")
+    d = Daemon(tmp_path, run, "--to", uri, "--settle", "0.3", "--open-timeout", "60")
+    daemons.append(d)
+    d.wait_running()
+    digest = atomic_write(outside / "ep1.ckpt", 200_000, seed=4)
+    os.chmod(outside / "ep1.ckpt", 0o600)
+    os.rename(outside / "ep1.ckpt", run / "ep1.ckpt")
+    os.chmod(run / "ep1.ckpt", 0o644)
+    # well before --open-timeout: taken as a rename, and the chmod leaves nothing settling
+    d.wait_status(lambda s: s.get("committed") == 1 and s.get("intake_finished") is True, 10)
+    assert sha256(local_bucket / "p" / "rank_0" / "ep1.ckpt") == digest
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    assert d.status()["done"] == 1
+
+
 def test_writer_that_started_before_the_daemon_is_waited_for(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:

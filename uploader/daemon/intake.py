@@ -72,7 +72,11 @@ EventFn = Callable[[str, str], None]
 class Watcher:
     """Recursive watchdog observer forwarding file events to ``notify(kind, abs_path)``.
 
-    ``notify`` runs on the observer thread; it may block (back-pressure).
+    ``notify`` runs on the observer thread; it may block (back-pressure). A file or
+    directory renamed in from outside the watched tree is "moved" too (inotify reports
+    such a move unmatched; watchdog's default would call it a creation, and a file
+    written elsewhere never has a close event here): fsspec's local transactions, and
+    so Lightning's checkpoints, write a temporary file in TMPDIR and rename it in.
     """
 
     def __init__(self, root: os.PathLike[str], notify: EventFn) -> None:
@@ -116,7 +120,7 @@ class Watcher:
             DirMovedEvent,
             DirCreatedEvent,
         ]
-        self._observer = Observer()
+        self._observer = _observer(Observer)
         self._observer.daemon = True
         self._observer.schedule(Handler(), os.fspath(root), recursive=True, event_filter=filters)
 
@@ -134,6 +138,17 @@ class Watcher:
                 self._observer.join(timeout=5)
 
 
+def _observer(default: Callable[[], Any]) -> Any:
+    """The platform's observer; with inotify, one that reports unmatched moves as moves."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except Exception:  # not Linux
+        return default()
+    if default is not InotifyObserver:  # inotify unusable here: watchdog chose another
+        return default()
+    return InotifyObserver(generate_full_events=True)
+
+
 class Intake:
     """Watch events and scans -> settling -> ``take(rel, stat)`` for each complete file.
 
@@ -144,7 +159,8 @@ class Intake:
         watch: start a :class:`Watcher` (False: scans only).
         take: accept complete files, in order (the engine records them in one journal
             call and queues their uploads).
-        fresh: of scanned files, those whose version the journal does not hold yet.
+        fresh: of scanned files (or a file modified after it was taken), those whose
+            version the journal does not hold yet.
         buffer: watch events held before the observer thread waits.
         is_artifact: whether a file belongs to no checkpoint (asked when it is first
             seen): such a file is taken as a snapshot (see :class:`Settler`).
@@ -310,6 +326,15 @@ class Intake:
             self.settler.drop(rel)
             if st is not None:
                 await self._hand([(rel, st)])
+            return
+        # An attribute change of a version already taken (fsspec chmods the file it
+        # renamed into place): nothing was written, there is nothing to wait for.
+        if (
+            kind == "modified"
+            and st is not None
+            and rel not in self.settler
+            and not await self._fresh([(rel, st)])
+        ):
             return
         self._observe(rel, kind, st)
 
