@@ -201,6 +201,11 @@ def test_lightning_every_file_reaches_the_bucket_byte_identical(lightning: dict[
     assert {"epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt"} <= names
     assert not any(n.startswith("logs/") for n in names), names
     assert full.pointer()["latest"]["rule"] == "file"
+    # committed beside training, not only at the drain: Lightning renames each checkpoint
+    # in from TMPDIR (fsspec), and a rename is taken at once (the margin is the trainer's
+    # seconds of teardown)
+    first = {e["name"]: e for e in _entries(full.pointer())}["epoch=0-step=8.ckpt"]
+    assert first["committed_at"] < full.ended, full.log[-3000:]
 
 
 def test_lightning_last_link_is_an_alias_not_an_object(lightning: dict[str, Any]) -> None:
@@ -380,6 +385,11 @@ def test_dcp_killed_mid_save_never_commits_the_step(
     ptr = side.pointer()
     assert ptr["latest"]["name"] == "step_10"
     assert "step_20" not in _committed_names(ptr)
+    # without .metadata step_20 is no checkpoint: its shards go up as plain files, the
+    # temporary .metadata.tmp is left out (and named in status)
+    assert side.objects() == {k: v for k, v in side.local_files().items() if not k.endswith(".tmp")}
+    if left == ".metadata.tmp":
+        assert side.status["left_out"] == {"step_20/.metadata.tmp": "temporary name (*.tmp)"}
     dest = side.pull(dcp["base"] / f"{name}-pulled")
     assert [p.name for p in dest.iterdir()] == ["step_10"]
     assert files_digest(dest / "step_10") == files_digest(side.run_dir / "step_10")
