@@ -43,6 +43,7 @@ from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.layouts import (
     DEEPSPEED_TAG,
     Checkpoints,
+    DirRule,
     FileFilter,
     RunLayout,
     Unit,
@@ -111,6 +112,8 @@ class Assembler:
         self._running: set[UnitKey] = set()
         #: What was last submitted for each checkpoint (rel -> manifest digest).
         self._submitted: dict[str, str] = {}
+        #: Rules that recognised at least one checkpoint.
+        self.matched: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -124,6 +127,7 @@ class Assembler:
         unit = self.rules.unit(rank_root, loc.name)
         if unit is None:
             return None
+        self.matched.add(unit.rule)
         base = loc.rel[: len(loc.rel) - len(loc.name)].rstrip("/")
         return UnitKey(loc.rank, base, unit)
 
@@ -284,6 +288,12 @@ class Assembler:
             else:
                 out[key.rel] = "its pointer write did not succeed"
         return out
+
+    def unmatched_rules(self) -> list[DirRule]:
+        """The user's ``--checkpoint-dir`` rules that recognised no directory."""
+        return [
+            r for r in self.rules.rules if r.name.startswith("dir:") and r.name not in self.matched
+        ]
 
     # -- symlinks ---------------------------------------------------------------------
     def link(self, rel: str) -> str | None:

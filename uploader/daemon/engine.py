@@ -480,6 +480,14 @@ class Engine:
             )
         for rel, why in sorted(uncommitted.items()):
             log.warning("checkpoint %s was not committed: %s", rel, why)
+        for rule in self.assembler.unmatched_rules():
+            log.warning(
+                "--checkpoint-dir %s=%s matched no directory in %s: check GLOB (a directory "
+                "name, or a path inside the rank directory) and MARKER",
+                rule.glob,
+                rule.marker,
+                self.root,
+            )
 
     async def _retain_local(self, rank: int, pointer: Pointer) -> None:
         """Local retention after a pointer write (the committer's hook)."""

@@ -1,7 +1,7 @@
 """The daemon's status report: one dataclass, written by the daemon, read by everyone else.
 
-The daemon rewrites its status file (``--status-file``) at least every second and
-at exit, atomically (temporary file + rename; in place when the disk is full)::
+The daemon rewrites its status file (``--status-file``, by default
+``STATE_DIR/.ckpt-uploader.status.json``) at least every second and at exit, atomically (temporary file + rename; in place when the disk is full)::
 
     {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
@@ -35,12 +35,15 @@ from typing import Any
 
 from uploader.redact import redact
 
-__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN"]
+__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN", "STATUS_FILE"]
 
 log = logging.getLogger("uploader.status")
 
 #: The daemon's states, in the order it passes through them.
 STATES = ("starting", "running", "draining", "done", "failed")
+#: The status file's name in the state directory, where the daemon writes it unless
+#: ``--status-file`` says otherwise (``ckpt-uploader status`` reads it there).
+STATUS_FILE = ".ckpt-uploader.status.json"
 #: Left-out files named in a report (the count covers all).
 LEFT_OUT_SHOWN = 100
 
