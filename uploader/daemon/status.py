@@ -35,7 +35,7 @@ from typing import Any
 
 from uploader.redact import redact
 
-__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN", "STATUS_FILE"]
+__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN", "STATUS_FILE", "log_summary"]
 
 log = logging.getLogger("uploader.status")
 
@@ -185,3 +185,34 @@ def _warn_once(path: Path, message: str, every: float = 60.0) -> None:
     if now - _warned.get(str(path), -every) >= every:
         _warned[str(path)] = now
         log.warning("%s", message)
+
+
+def log_summary(
+    root: Path,
+    committed: int,
+    left_out: dict[str, str],
+    uncommitted: dict[str, str],
+    unmatched: list[Any],
+) -> None:
+    """The drain summary: checkpoints committed, files left out and checkpoints not
+    committed (each with the reason), ``--checkpoint-dir`` rules that matched nothing."""
+    log.info("committed %d checkpoint(s)", committed)
+    if left_out:
+        shown = sorted(left_out.items())[:20]
+        log.warning(
+            "left out %d file(s) in %s (not uploaded): %s%s",
+            len(left_out),
+            root,
+            "; ".join(f"{rel} ({why})" for rel, why in shown),
+            " ..." if len(left_out) > len(shown) else "",
+        )
+    for rel, why in sorted(uncommitted.items()):
+        log.warning("checkpoint %s was not committed: %s", rel, why)
+    for rule in unmatched:
+        log.warning(
+            "--checkpoint-dir %s=%s matched no directory in %s: check GLOB (a directory "
+            "name, or a path inside the rank directory) and MARKER",
+            rule.glob,
+            rule.marker,
+            root,
+        )
