@@ -8,9 +8,10 @@ it, in a worker thread holding the journal lock:
 * a directory checkpoint is complete once its marker says so and every file in the
   directory (on disk, and in the journal) is verified, the version on disk being the
   one verified. A file still settling or uploading means "not yet": the checkpoint is
-  judged again when that file is verified. A file that failed, or was deleted before
-  it was uploaded, makes the checkpoint *incomplete*: it is reported
-  (:attr:`Assembler.incomplete`, shown in ``status``) and never committed.
+  judged again when that file is verified (or, still settling, vanishes: the
+  checkpoint is then what is on disk). A file that failed, or was deleted after it
+  was accepted but before it was uploaded, makes the checkpoint *incomplete*: it is
+  reported (:attr:`Assembler.incomplete`, shown in ``status``) and never committed.
 
 A complete checkpoint goes to the committer as one :class:`PointerEntry` with its
 manifest (every file's path, size and digest) and the journal paths to mark

@@ -239,6 +239,7 @@ class Engine:
             self._fresh,
             is_artifact=lambda rel: self.assembler.key(rel) is None,
             link=self.assembler.link,
+            gone=self.assembler.request_many,
         )
         self._write_status()
         code: int = ExitCode.FAILED
