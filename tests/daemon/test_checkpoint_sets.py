@@ -144,16 +144,12 @@ def test_hf_dir_is_committed_only_once_every_file_is_verified(
     assert tree(dest) == {n: sha256(run / n) for n in names}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a marker rule trusts the marker to be written last: when trainer_state.json "
-    "is complete before the other files of checkpoint-N/ even exist, the daemon cannot "
-    "know of them and commits the directory with the marker alone (then again, whole, "
-    "once the rest is verified); latest names a partial checkpoint meanwhile",
-)
 def test_hf_marker_complete_before_the_other_files_exist_is_not_committed_alone(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
+    """A directory holding only its marker is not a checkpoint: the files written after
+    it are waited for (files written after the marker *and* after that judgement cannot
+    be: the rules trust the marker to be written last, as the trainers do)."""
     run = tmp_path / "rank_0"
     ck = run / "checkpoint-9"
     ck.mkdir(parents=True)

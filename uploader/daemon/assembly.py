@@ -9,7 +9,10 @@ it, in a worker thread holding the journal lock:
   directory (on disk, and in the journal) is verified, the version on disk being the
   one verified. A file still settling or uploading means "not yet": the checkpoint is
   judged again when that file is verified (or, still settling, vanishes: the
-  checkpoint is then what is on disk). A file that failed, or was deleted after it
+  checkpoint is then what is on disk). A directory holding only its marker is not
+  complete: the rules trust the marker to be written last (as DCP and the Hugging
+  Face Trainer do), so files that do not exist yet when the marker is verified
+  cannot be waited for. A file that failed, or was deleted after it
   was accepted but before it was uploaded, makes the checkpoint *incomplete*: it is
   reported (:attr:`Assembler.incomplete`, shown in ``status``) and never committed.
 
@@ -243,8 +246,8 @@ class Assembler:
             return None
         marker = [r for r in files.values() if self.rules.is_marker(unit, r.name)]
         rule = self.rules.rule(unit.rule)
-        if rule is not None and rule.name != "deepspeed" and not marker:
-            return None
+        if rule is not None and rule.name != "deepspeed" and (not marker or len(files) < 2):
+            return None  # the marker alone is no checkpoint: its files are still to come
         if all(r.committed for r in files.values()):
             return None
         manifest = tuple(
