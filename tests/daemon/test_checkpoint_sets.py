@@ -165,6 +165,12 @@ def test_hf_marker_complete_before_the_other_files_exist_is_not_committed_alone(
     d.signal(signal.SIGTERM)
     assert d.wait() == 0, d.log()
     assert partial is None, partial["latest"]["files"]
+    whole = pointer_or_none(local_bucket, "mf")
+    assert whole is not None
+    assert [f["path"] for f in whole["latest"]["files"]] == [
+        "checkpoint-9/model.safetensors",
+        "checkpoint-9/trainer_state.json",
+    ]
 
 
 # -- 2. torch DCP: .metadata last; a save without it never becomes latest --------------
