@@ -18,6 +18,7 @@ from uploader.errors import (
     UploaderError,
 )
 from uploader.launch.callback import RunDirectoryUploader
+from uploader.launch.fetch import fetch_latest
 from uploader.launch.sidecar import Sidecar
 from uploader.launch.worker import WorkerError
 from uploader.transfer.digest import Digest
@@ -44,6 +45,7 @@ __all__ = [
     "RunDirectoryUploader",
     "Sidecar",
     "WorkerError",
+    "fetch_latest",
 ]
 
 __version__ = "0.1.0"

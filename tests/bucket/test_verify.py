@@ -49,7 +49,7 @@ def test_pointer_claims_that_do_not_hold_are_each_reported(local_store: ObjectSt
     assert any("ep3.pt with digest sha256:000" in f for f in failures)
     local_store.delete("run/rank_0/ep3.pt")
     failures = audit_pointer(local_store, pointer_name("run", 0), _sizes(local_store))
-    assert any("latest names run/rank_0/ep3.pt, which is missing" in f for f in failures)
+    assert any("latest (ep3.pt) names run/rank_0/ep3.pt, which is missing" in f for f in failures)
 
 
 def test_an_unreadable_pointer_and_objects_without_digest(local_store: ObjectStore) -> None:

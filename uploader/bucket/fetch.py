@@ -44,12 +44,21 @@ def is_dir_dest(dest: str | os.PathLike[str]) -> bool:
 
 def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
     """The committed checkpoint ``{prefix}/rank_N/{checkpoint}`` (or an alias of one),
-    from rank N's pointer; None when ``name`` has no such form or no entry."""
+    from rank N's pointer; None when ``name`` has no such form or no entry.
+
+    A damaged pointer (unreadable, or a manifest path with ``..``) raises its
+    IntegrityError unless ``name`` is an object of its own (then None: the object is
+    fetched as such): a directory checkpoint is never fetched some other, unverified way.
+    """
     m = _RANK_NAME.match(name.strip("/"))
     if m is None:
         return None
     try:
         pointer = read_pointer(store, m.group(1) or "", int(m.group(2)))
+    except IntegrityError:
+        if store.exists(name.strip("/")):
+            return None
+        raise
     except UploaderError:
         return None
     return pointer.entry(m.group(3)) if pointer is not None else None

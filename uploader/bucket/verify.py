@@ -49,29 +49,31 @@ def is_pointer(name: str) -> bool:
 
 def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> list[str]:
     """What is wrong with the pointer object ``name``, given the sizes of the objects
-    listed beside it: unreadable; ``latest`` names a missing object; an entry's size or
-    digest differs from the object's. An older entry whose object is gone (removed by
-    retention) is not a failure."""
+    listed beside it: unreadable; a file of ``latest``'s manifest is missing; a
+    manifest file's size or digest differs from the object's. An older entry whose
+    objects are gone (removed by retention) is not a failure."""
     try:
         pointer = Pointer.from_json(store.get_bytes(name), name)
     except UploaderError as exc:
         return [f"{name}: {exc}"]
     failures: list[str] = []
     for e in pointer.history:
-        if e.object not in sizes:
-            if e is pointer.latest or e.name == pointer.latest.name:
-                failures.append(f"{name}: latest names {e.object}, which is missing")
-            continue
-        if sizes[e.object] != e.size:
-            failures.append(
-                f"{name}: names {e.object} with {e.size} bytes but it holds {sizes[e.object]}"
-            )
-            continue
-        recorded = store.stat(e.object).digest
-        if recorded is not None and str(recorded) != e.digest:
-            failures.append(
-                f"{name}: names {e.object} with digest {e.digest} but the object records {recorded}"
-            )
+        is_latest = e.name == pointer.latest.name
+        for f, obj in e.objects():
+            if obj not in sizes:
+                if is_latest:
+                    failures.append(f"{name}: latest ({e.name}) names {obj}, which is missing")
+                continue
+            if sizes[obj] != f.size:
+                failures.append(
+                    f"{name}: names {obj} with {f.size} bytes but it holds {sizes[obj]}"
+                )
+                continue
+            recorded = store.stat(obj).digest
+            if recorded is not None and str(recorded) != f.digest:
+                failures.append(
+                    f"{name}: names {obj} with digest {f.digest} but the object records {recorded}"
+                )
     return failures
 
 

@@ -1,18 +1,23 @@
-"""``ckpt-uploader status``: what the journal of a run directory says.
+"""``ckpt-uploader status``: what the journal of a run directory says, and the daemon.
 
-Reads the journal read-only, so it works while the uploader daemon runs.
+Reads the journal read-only, so it works while the uploader daemon runs, and the
+daemon's last status report (``STATE_DIR/.ckpt-uploader.status.json``) when there is
+one: its state, the checkpoints it committed, the checkpoints not committed and why,
+and the files in RUN_DIR it does not upload and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from uploader.cli.options import EXIT_CODES, Formatter
 from uploader.daemon.journal import Journal
 from uploader.daemon.progress import format_bytes
+from uploader.daemon.status import STATUS_FILE, StatusReport
 from uploader.errors import ExitCode
 from uploader.redact import redact
 
@@ -25,7 +30,9 @@ def register(sub: Any) -> None:
         "status",
         help="what the journal of RUN_DIR says",
         description="Counts (pending, uploading, done, failed), bytes, rate and the last "
-        "error, from the journal of RUN_DIR (works while the daemon runs).",
+        "error, from the journal of RUN_DIR (works while the daemon runs); with the "
+        "daemon's last report: checkpoints committed, not committed (and why), and files "
+        "left out (and why).",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
@@ -59,6 +66,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
     finally:
         journal.close()
+    report = StatusReport.read(state_dir / STATUS_FILE)
+    if report is not None:
+        body["daemon"] = {
+            "pid": report.pid,
+            "state": report.state,
+            "committed": report.committed,
+            "incomplete": report.incomplete,
+            "left_out": report.left_out,
+            "left_out_count": report.left_out_count,
+            "updated_at": report.updated_at,
+        }
     if args.json:
         print(json.dumps(body, indent=1, sort_keys=True))
     else:
@@ -72,6 +90,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if totals.last_error:
             print(f"last error: {redact(totals.last_error)}")
+        if report is not None:
+            _print_report(report)
         for f in body.get("files", []):
             print(f"{f['state']:<10} {f['size']:>14}  {f['path']}")
     return ExitCode.OK if totals.failed == 0 else ExitCode.FAILED
+
+
+def _print_report(report: StatusReport) -> None:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.updated_at))
+    print(f"daemon {report.state} (pid {report.pid}, {when}): {report.committed} committed")
+    for rel, why in sorted(report.incomplete.items()):
+        print(f"not committed: {rel}: {why}")
+    if report.left_out_count:
+        print(f"left out {report.left_out_count} file(s):")
+        for rel, why in sorted(report.left_out.items()):
+            print(f"  {rel}: {why}")
+        if report.left_out_count > len(report.left_out):
+            print(f"  ... and {report.left_out_count - len(report.left_out)} more")

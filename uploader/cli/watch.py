@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from uploader.daemon.layouts import (
 )
 from uploader.daemon.progress import stderr_is_terminal
 from uploader.daemon.signals import capture_early_signals
-from uploader.daemon.status import StatusReport
+from uploader.daemon.status import STATUS_FILE, StatusReport
 from uploader.errors import ConfigError, ExitCode, UploaderError
 
 __all__ = ["register", "engine_options", "cmd_watch", "cmd_push"]
@@ -166,6 +167,8 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
     run_dir = Path(args.run_dir).expanduser()
     _prepare_run_dir(run_dir, push)
     state_dir = Path(options.state_dir or run_dir).expanduser()
+    if options.status_file is None:  # `ckpt-uploader status` reads it there
+        options = replace(options, status_file=state_dir / STATUS_FILE)
     if options.nice:
         try:
             os.nice(options.nice)

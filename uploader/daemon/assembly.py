@@ -8,9 +8,13 @@ it, in a worker thread holding the journal lock:
 * a directory checkpoint is complete once its marker says so and every file in the
   directory (on disk, and in the journal) is verified, the version on disk being the
   one verified. A file still settling or uploading means "not yet": the checkpoint is
-  judged again when that file is verified. A file that failed, or was deleted before
-  it was uploaded, makes the checkpoint *incomplete*: it is reported
-  (:attr:`Assembler.incomplete`, shown in ``status``) and never committed.
+  judged again when that file is verified (or, still settling, vanishes: the
+  checkpoint is then what is on disk). A directory holding only its marker is not
+  complete: the rules trust the marker to be written last (as DCP and the Hugging
+  Face Trainer do), so files that do not exist yet when the marker is verified
+  cannot be waited for. A file that failed, or was deleted after it
+  was accepted but before it was uploaded, makes the checkpoint *incomplete*: it is
+  reported (:attr:`Assembler.incomplete`, shown in ``status``) and never committed.
 
 A complete checkpoint goes to the committer as one :class:`PointerEntry` with its
 manifest (every file's path, size and digest) and the journal paths to mark
@@ -43,6 +47,7 @@ from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.layouts import (
     DEEPSPEED_TAG,
     Checkpoints,
+    DirRule,
     FileFilter,
     RunLayout,
     Unit,
@@ -111,6 +116,8 @@ class Assembler:
         self._running: set[UnitKey] = set()
         #: What was last submitted for each checkpoint (rel -> manifest digest).
         self._submitted: dict[str, str] = {}
+        #: Rules that recognised at least one checkpoint.
+        self.matched: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -124,6 +131,7 @@ class Assembler:
         unit = self.rules.unit(rank_root, loc.name)
         if unit is None:
             return None
+        self.matched.add(unit.rule)
         base = loc.rel[: len(loc.rel) - len(loc.name)].rstrip("/")
         return UnitKey(loc.rank, base, unit)
 
@@ -238,8 +246,8 @@ class Assembler:
             return None
         marker = [r for r in files.values() if self.rules.is_marker(unit, r.name)]
         rule = self.rules.rule(unit.rule)
-        if rule is not None and rule.name != "deepspeed" and not marker:
-            return None
+        if rule is not None and rule.name != "deepspeed" and (not marker or len(files) < 2):
+            return None  # the marker alone is no checkpoint: its files are still to come
         if all(r.committed for r in files.values()):
             return None
         manifest = tuple(
@@ -284,6 +292,12 @@ class Assembler:
             else:
                 out[key.rel] = "its pointer write did not succeed"
         return out
+
+    def unmatched_rules(self) -> list[DirRule]:
+        """The user's ``--checkpoint-dir`` rules that recognised no directory."""
+        return [
+            r for r in self.rules.rules if r.name.startswith("dir:") and r.name not in self.matched
+        ]
 
     # -- symlinks ---------------------------------------------------------------------
     def link(self, rel: str) -> str | None:

@@ -16,7 +16,8 @@ touches ``latest``:
   the manifest). The pointer never names a deleted object.
 * ``--keep-local N``: after the write, the engine's ``retain_local`` deletes local
   copies of checkpoints beyond the newest N, whole, and only once every file is
-  verified (see :mod:`uploader.daemon.retention`).
+  verified (see :mod:`uploader.daemon.retention`). It counts the checkpoints that
+  ``--keep-remote`` removed from the pointer too (those this process committed).
 
 Aliases (a symlink such as Lightning's ``last.ckpt``) join the pointer once their
 target is committed.
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -126,6 +127,9 @@ class Committer:
         #: Aliases whose target is not committed yet, per rank.
         self._waiting: dict[int, dict[str, str | None]] = {}
         self._writing: set[int] = set()
+        #: Checkpoints remote retention removed from the pointer, per rank (newest
+        #: first, at most ``history_limit``): local retention still counts them.
+        self._retired: dict[int, list[PointerEntry]] = {}
 
     @property
     def busy(self) -> bool:
@@ -224,7 +228,23 @@ class Committer:
         if doomed:
             await self._delete(pointer, doomed)
         if self.keep_local is not None and self.retain_local is not None and batch.entries:
-            await self.retain_local(rank, pointer)
+            await self.retain_local(rank, self._local_view(rank, pointer, doomed))
+
+    def _local_view(self, rank: int, pointer: Pointer, doomed: list[PointerEntry]) -> Pointer:
+        """``pointer`` with the checkpoints remote retention removed from it (now or
+        before) back in its history: local retention counts every committed checkpoint,
+        not only those still stored."""
+        names = {e.name for e in pointer.history}
+        by_name: dict[str, PointerEntry] = {}
+        for e in [*doomed, *self._retired.get(rank, [])]:
+            if e.name not in names:
+                by_name.setdefault(e.name, e)
+        retired = sorted(by_name.values(), key=lambda e: e.order, reverse=True)
+        self._retired[rank] = retired[: self.history_limit]
+        if not retired:
+            return pointer
+        history = sorted([*pointer.history, *retired], key=lambda e: e.order, reverse=True)
+        return replace(pointer, history=tuple(history))
 
     async def _delete(self, pointer: Pointer, doomed: list[PointerEntry]) -> None:
         """Delete the objects of checkpoints that left the pointer (none it still names)."""

@@ -50,17 +50,17 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from uploader.bucket.pointer import Pointer
+from uploader.daemon.artifacts import ArtifactThrottle
 from uploader.daemon.assembly import Assembler
 from uploader.daemon.committer import Committer
 from uploader.daemon.intake import Found, Intake, ignore_lease_breaks, watch_parent
-from uploader.daemon.journal import FileRecord, Journal, JournalFullError, Totals
+from uploader.daemon.journal import FileRecord, Journal, Totals
 from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout, is_inside
 from uploader.daemon.progress import Progress
-from uploader.daemon.retention import apply_local
+from uploader.daemon.retention import retain_local
 from uploader.daemon.settle import Settler
 from uploader.daemon.signals import signal_task
-from uploader.daemon.status import LEFT_OUT_SHOWN, StatusReport
+from uploader.daemon.status import LEFT_OUT_SHOWN, StatusReport, log_summary
 from uploader.daemon.uploads import Uploads
 from uploader.errors import ExitCode
 from uploader.transfer.bandwidth import TokenBucket
@@ -168,7 +168,9 @@ class Engine:
             quick=self.quick,
             quick_rows=QUICK_ROWS,
             keep_local=options.keep_local,
-            retain_local=self._retain_local,
+            retain_local=lambda rank, pointer: self.call(
+                retain_local, self.journal, self.layout, pointer, options.keep_local
+            ),
         )
         self.assembler = Assembler(
             self.layout, options.checkpoints, options.filter, journal, self.call, self.committer
@@ -192,9 +194,8 @@ class Engine:
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
         self._resumed = False
         self._stop_reason: str | None = None
-        #: Changed artifacts held back by --artifact-interval: rel -> when due (time.time()).
-        self._deferred: dict[str, float] = {}
-        self._draining = False
+        #: Changed artifacts wait for --artifact-interval.
+        self.artifacts = ArtifactThrottle(options.artifact_interval)
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -238,6 +239,7 @@ class Engine:
             self._fresh,
             is_artifact=lambda rel: self.assembler.key(rel) is None,
             link=self.assembler.link,
+            gone=self.assembler.request_many,
         )
         self._write_status()
         code: int = ExitCode.FAILED
@@ -249,7 +251,7 @@ class Engine:
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
                 tg.start_soon(self._status_task)
-                tg.start_soon(self._deferred_task)
+                tg.start_soon(self.artifacts.run, self._take_now)
                 if self.opts.parent_pid:
                     pid = self.opts.parent_pid
                     tg.start_soon(watch_parent, pid, self.intake, self._idle, self._request_stop)
@@ -315,9 +317,8 @@ class Engine:
     async def _take(self, found: Found) -> None:
         """Accept complete files into the journal (unless that version is known), in one
         journal call, and queue them. A changed artifact uploaded less than
-        ``artifact_interval`` ago waits (:meth:`_deferred_task`), unless draining."""
+        ``artifact_interval`` ago waits (:class:`ArtifactThrottle`), unless draining."""
         now = time.time()
-        interval = self.opts.artifact_interval
 
         def record() -> list[tuple[FileRecord | None, str, float]]:
             """(record, rel, 1.0 when newly accepted), or (None, rel, when due)."""
@@ -328,14 +329,9 @@ class Engine:
                     out.append((rec, rel, 0.0))
                     continue
                 key = self.assembler.key(rel)
-                if (
-                    key is None
-                    and rec is not None
-                    and rec.state == "done"
-                    and not self._draining
-                    and now - (rec.finished_at or 0.0) < interval
-                ):
-                    out.append((None, rel, (rec.finished_at or now) + interval))
+                due = self.artifacts.due(rec, key is None, now)
+                if due is not None:
+                    out.append((None, rel, due))
                     continue
                 loc = self.layout.locate(rel)
                 new = FileRecord(
@@ -353,31 +349,20 @@ class Engine:
         run = self.quick if len(found) <= QUICK_ROWS else self.call
         for rec, rel, flag in await run(record):
             if rec is None:
-                self._deferred[rel] = flag
-                log.debug("path=%s changed; uploaded again after the artifact interval", rel)
+                self.artifacts.hold(rel, flag)
                 continue
+            self.artifacts.release(rel)
             accepted = flag > 0
-            self._deferred.pop(rel, None)
             if accepted:
                 log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
             elif rec.state != "pending":
                 continue
             await self._enqueue(rec.path)
 
-    async def _deferred_task(self) -> None:
-        """Take changed artifacts once their interval is over (until draining)."""
-        while not self._draining:
-            await anyio.sleep(1.0)
-            now = time.time()
-            due = [rel for rel, when in self._deferred.items() if when <= now]
-            if due and not self._draining:
-                await self._take_now(due)
-
     async def _take_now(self, rels: list[str]) -> None:
         """Take the files ``rels`` as they are on disk now (those still there)."""
         found: Found = []
         for rel in rels:
-            self._deferred.pop(rel, None)
             st = is_inside(self.root, rel)
             if st is not None:
                 found.append((rel, st))
@@ -439,8 +424,7 @@ class Engine:
         reason = self._stop_reason
         if reason in ("signal", "parent"):
             self.phase = "draining"
-        self._draining = True
-        await self._take_now(list(self._deferred))  # a changed log goes up once more
+        await self.artifacts.flush(self._take_now)  # a changed log goes up once more
         # A checkpoint renamed into place just before the signal is part of the drain,
         # even if its event was not processed yet: take every file complete on disk.
         await self.intake.stop(final=reason == "signal")
@@ -467,35 +451,13 @@ class Engine:
         self.intake.prune_left_out()
         uncommitted: dict[str, str] = await self.call(self.assembler.uncommitted)
         self.assembler.incomplete.update(uncommitted)
-        log.info("committed %d checkpoint(s)", self.committer.committed)
-        left = self.intake.left_out
-        if left:
-            shown = sorted(left.items())[:20]
-            log.warning(
-                "left out %d file(s) in %s (not uploaded): %s%s",
-                len(left),
-                self.root,
-                "; ".join(f"{rel} ({why})" for rel, why in shown),
-                " ..." if len(left) > len(shown) else "",
-            )
-        for rel, why in sorted(uncommitted.items()):
-            log.warning("checkpoint %s was not committed: %s", rel, why)
-
-    async def _retain_local(self, rank: int, pointer: Pointer) -> None:
-        """Local retention after a pointer write (the committer's hook)."""
-        keep = self.opts.keep_local
-        if keep is None:
-            return
-
-        def retain() -> list[str]:
-            try:
-                self.journal.sync()  # "done" is on disk before any local file goes
-            except JournalFullError as exc:
-                log.warning("local retention waits until the journal is saved: %s", exc)
-                return []
-            return apply_local(self.journal, self.layout, pointer, keep)
-
-        await self.call(retain)
+        log_summary(
+            self.root,
+            self.committer.committed,
+            self.intake.left_out,
+            uncommitted,
+            self.assembler.unmatched_rules(),
+        )
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:

@@ -166,6 +166,9 @@ class Intake:
             seen): such a file is taken as a snapshot (see :class:`Settler`).
         link: called with each symlink found: None when taken as an alias, else why
             it is left out.
+        gone: called with files that vanished before they were complete (deleted
+            while settling): the checkpoint they were part of may be complete without
+            them, and is judged again.
     """
 
     def __init__(
@@ -179,8 +182,10 @@ class Intake:
         buffer: int = EVENT_BUFFER,
         is_artifact: Callable[[str], bool] = lambda rel: False,
         link: Callable[[str], str | None] = lambda rel: "symlink (not followed)",
+        gone: Callable[[list[str]], None] = lambda rels: None,
     ) -> None:
         self.layout = layout
+        self._gone = gone
         self._is_artifact = is_artifact
         self._link = link
         #: Files in RUN_DIR that are not uploaded: rel -> why (at most LEFT_OUT_LIMIT).
@@ -365,6 +370,7 @@ class Intake:
     def _observe(self, rel: str, kind: str, st: os.stat_result | None) -> None:
         if st is None:
             self.settler.drop(rel)
+            self._gone([rel])
             return
         snapshot = rel not in self.settler and self._is_artifact(rel)
         if snapshot:
@@ -405,6 +411,7 @@ class Intake:
                 continue
             await anyio.sleep(tick)
             complete: Found = []
+            vanished: list[str] = []
             self._handing += 1  # taken from the settler, not yet handed over
             try:
                 for rel in self.settler.paths():
@@ -426,6 +433,10 @@ class Intake:
                         self._snapshots.discard(rel)
                     if verdict is Verdict.DONE and st is not None:
                         complete.append((rel, st))
+                    elif verdict is Verdict.GONE and st is None:
+                        vanished.append(rel)
+                if vanished:
+                    self._gone(vanished)
                 if complete:
                     await self._hand(complete)
             finally:

@@ -23,10 +23,10 @@ import logging
 import os
 
 from uploader.bucket.pointer import Pointer, PointerEntry, beyond
-from uploader.daemon.journal import Journal
+from uploader.daemon.journal import Journal, JournalFullError
 from uploader.daemon.layouts import RunLayout, is_inside
 
-__all__ = ["local_deletions", "apply_local"]
+__all__ = ["local_deletions", "apply_local", "retain_local"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,22 @@ def apply_local(journal: Journal, layout: RunLayout, pointer: Pointer, keep: int
             entry.object,
         )
     return deleted
+
+
+def retain_local(
+    journal: Journal, layout: RunLayout, pointer: Pointer, keep: int | None
+) -> list[str]:
+    """After a pointer write: force the journal to disk (``done`` is there before any
+    local file goes), then :func:`apply_local`. Nothing is deleted while the journal
+    cannot be saved (its disk is full)."""
+    if keep is None:
+        return []
+    try:
+        journal.sync()
+    except JournalFullError as exc:
+        log.warning("local retention waits until the journal is saved: %s", exc)
+        return []
+    return apply_local(journal, layout, pointer, keep)
 
 
 def _remove_empty(top: os.PathLike[str] | str) -> None:

@@ -1,7 +1,7 @@
 """The daemon's status report: one dataclass, written by the daemon, read by everyone else.
 
-The daemon rewrites its status file (``--status-file``) at least every second and
-at exit, atomically (temporary file + rename; in place when the disk is full)::
+The daemon rewrites its status file (``--status-file``, by default
+``STATE_DIR/.ckpt-uploader.status.json``) at least every second and at exit, atomically (temporary file + rename; in place when the disk is full)::
 
     {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
@@ -35,12 +35,15 @@ from typing import Any
 
 from uploader.redact import redact
 
-__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN"]
+__all__ = ["StatusReport", "STATES", "LEFT_OUT_SHOWN", "STATUS_FILE", "log_summary"]
 
 log = logging.getLogger("uploader.status")
 
 #: The daemon's states, in the order it passes through them.
 STATES = ("starting", "running", "draining", "done", "failed")
+#: The status file's name in the state directory, where the daemon writes it unless
+#: ``--status-file`` says otherwise (``ckpt-uploader status`` reads it there).
+STATUS_FILE = ".ckpt-uploader.status.json"
 #: Left-out files named in a report (the count covers all).
 LEFT_OUT_SHOWN = 100
 
@@ -182,3 +185,34 @@ def _warn_once(path: Path, message: str, every: float = 60.0) -> None:
     if now - _warned.get(str(path), -every) >= every:
         _warned[str(path)] = now
         log.warning("%s", message)
+
+
+def log_summary(
+    root: Path,
+    committed: int,
+    left_out: dict[str, str],
+    uncommitted: dict[str, str],
+    unmatched: list[Any],
+) -> None:
+    """The drain summary: checkpoints committed, files left out and checkpoints not
+    committed (each with the reason), ``--checkpoint-dir`` rules that matched nothing."""
+    log.info("committed %d checkpoint(s)", committed)
+    if left_out:
+        shown = sorted(left_out.items())[:20]
+        log.warning(
+            "left out %d file(s) in %s (not uploaded): %s%s",
+            len(left_out),
+            root,
+            "; ".join(f"{rel} ({why})" for rel, why in shown),
+            " ..." if len(left_out) > len(shown) else "",
+        )
+    for rel, why in sorted(uncommitted.items()):
+        log.warning("checkpoint %s was not committed: %s", rel, why)
+    for rule in unmatched:
+        log.warning(
+            "--checkpoint-dir %s=%s matched no directory in %s: check GLOB (a directory "
+            "name, or a path inside the rank directory) and MARKER",
+            rule.glob,
+            rule.marker,
+            root,
+        )

@@ -18,6 +18,7 @@ from typing import Any, TypedDict, cast
 
 from uploader.config.hparams import ObjectStoreHparams, StoreLocation, parse_uri
 from uploader.config.options import WatchOptions, to_argv
+from uploader.daemon.status import STATUS_FILE
 from uploader.errors import ConfigError
 from uploader.redact import register_secret
 
@@ -33,8 +34,7 @@ __all__ = [
     "NO_LIMIT",
 ]
 
-#: The worker's status file and log, in its state directory.
-STATUS_FILE = ".ckpt-uploader.status.json"
+#: The worker's log, in its state directory (its status file: STATUS_FILE, the daemon's).
 LOG_FILE = ".ckpt-uploader.log"
 #: The drain timeout given to a worker that may take as long as it needs (ten years).
 NO_LIMIT = 10 * 365 * 86400.0
