@@ -390,6 +390,9 @@ def test_dcp_killed_mid_save_never_commits_the_step(
     assert side.objects() == {k: v for k, v in side.local_files().items() if not k.endswith(".tmp")}
     if left == ".metadata.tmp":
         assert side.status["left_out"] == {"step_20/.metadata.tmp": "temporary name (*.tmp)"}
+    # ... and the drain names the save that did not finish
+    assert "without .metadata" in side.status["incomplete"]["step_20"]
+    assert "checkpoint step_20 was not committed" in side.log
     dest = side.pull(dcp["base"] / f"{name}-pulled")
     assert [p.name for p in dest.iterdir()] == ["step_10"]
     assert files_digest(dest / "step_10") == files_digest(side.run_dir / "step_10")

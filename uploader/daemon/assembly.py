@@ -58,6 +58,10 @@ from uploader.daemon.layouts import (
 
 __all__ = ["Assembler", "UnitKey"]
 
+#: torch DCP's shard files: a directory of them without ``.metadata`` is a save that did
+#: not finish (reported as such at drain).
+DCP_SHARD_SUFFIX = ".distcp"
+
 log = logging.getLogger(__name__)
 
 #: Runs a callable off the event loop, holding the journal lock.
@@ -275,6 +279,14 @@ class Assembler:
             if rec.committed:
                 continue
             key = self.key(rec.path)
+            if key is None and rec.path.endswith(DCP_SHARD_SUFFIX) and "/" in rec.path:
+                # torch DCP shards whose directory never got its .metadata
+                out.setdefault(
+                    rec.path.rsplit("/", 1)[0],
+                    "torch DCP shards without .metadata (the save did not finish); "
+                    "uploaded as plain files, not committed",
+                )
+                continue
             if key is None or key.rel in out:
                 continue
             if key.rel in self.incomplete:
