@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from harness.trainers import files_digest, records, run_trainer
@@ -97,6 +98,16 @@ def _last(run: Run, event: str) -> dict[str, Any]:
     found = [r for r in records(run) if r.get("event") == event]
     assert found, f"no {event!r} record in {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
     return found[-1]
+
+
+def _left_running(marker: Path) -> list[str]:
+    """Processes whose command line names ``marker`` (a run directory)."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any(str(marker) in part for part in cmd):
+            out.append(" ".join(cmd))
+    return out
 
 
 def _saves(run: Run) -> dict[int, str]:
@@ -309,6 +320,10 @@ def test_hf_killed_mid_save_never_commits_the_checkpoint(hf: dict[str, Any]) -> 
     assert "checkpoint checkpoint-16 was not committed" in killed.log
     # the files that were written are uploaded all the same (nothing is lost)
     assert killed.objects() == killed.local_files()
+    # and they are what an uninterrupted run writes
+    full = hf["full"].local_files()
+    for rel in ("checkpoint-8/model.safetensors", "checkpoint-16/model.safetensors"):
+        assert killed.local_files()[rel] == full[rel]
 
 
 def test_hf_resumes_from_the_pulled_latest_bit_exact(hf: dict[str, Any]) -> None:
@@ -333,13 +348,16 @@ def dcp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     runs = {
         "ws2": beside(base, "ws2", "dcp_run", *DCP_ARGS, *ws2),
         "killed": beside(base, "killed", "dcp_run", *DCP_ARGS, *ws2, "--kill-mid-save", "20"),
+    }
+    left = _left_running(base / "killed" / "run")  # the killed launcher's ranks
+    runs |= {
         "rename": beside(
             base, "rename", "dcp_run", *DCP_ARGS, "--kill-mid-save", "20", "--kill-at", "rename"
         ),
     }
     pulled = runs["ws2"].pull(base / "pulled")
     load = run_trainer("dcp_run", base / "unused", "--load", pulled / "step_20")
-    return {**runs, "pulled": pulled, "load": load, "base": base}
+    return {**runs, "pulled": pulled, "load": load, "base": base, "left": left}
 
 
 def _dcp_steps_committed(side: Side, ranks: int) -> None:
@@ -388,6 +406,13 @@ def test_dcp_killed_mid_save_never_commits_the_step(
     # without .metadata step_20 is no checkpoint: its shards go up as plain files, the
     # temporary .metadata.tmp is left out (and named in status)
     assert side.objects() == {k: v for k, v in side.local_files().items() if not k.endswith(".tmp")}
+    if name == "killed":
+        assert dcp["left"] == [], "ranks outlived their killed launcher"
+        # the shards on disk are the bytes a completed save writes (only .metadata, which
+        # names the save's id and path, differs between runs)
+        complete = files_digest(dcp["ws2"].run_dir / "step_20")
+        del complete[".metadata"]
+        assert files_digest(side.run_dir / "step_20") == complete
     if left == ".metadata.tmp":
         assert side.status["left_out"] == {"step_20/.metadata.tmp": "temporary name (*.tmp)"}
     # ... and the drain names the save that did not finish
