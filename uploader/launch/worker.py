@@ -377,7 +377,7 @@ class UploadWorker:
             if (
                 st is not None
                 and st.updated_at >= asked
-                and (st.intake_finished or st.state in ("running", "failed"))
+                and (st.intake_finished or st.state == "running")
             ):
                 return
             time.sleep(0.1)
