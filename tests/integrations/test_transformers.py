@@ -69,6 +69,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, rclone_s3: S3Server) -> dict[
     )
     worker_pid = _last(killed, "worker")["pid"]
     worker_gone = wait_gone(worker_pid, 60)
+    with parse_uri(local.as_uri()).hparams.initialize_object() as store:
+        after_kill = read_pointer(store, "", 0)  # before the resume commits more
     resumed = _ok(
         run_trainer(
             "hf_run",
@@ -86,6 +88,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, rclone_s3: S3Server) -> dict[
         "full": full,
         "killed": killed,
         "worker_gone": worker_gone,
+        "after_kill": after_kill,
         "resumed": resumed,
     }
 
@@ -112,9 +115,7 @@ def test_after_sigkill_the_worker_uploads_what_is_complete_and_exits(
 ) -> None:
     assert runs["killed"].returncode == KILLED
     assert runs["worker_gone"], "the worker did not exit within 60 s of training's SIGKILL"
-    hp = parse_uri(runs["local"].as_uri()).hparams
-    with hp.initialize_object() as store:
-        pointer = read_pointer(store, "", 0)
+    pointer = runs["after_kill"]
     assert pointer is not None
     # checkpoint-16 lost its trainer_state.json to the kill: never committed
     assert pointer.latest.name == "checkpoint-8"
