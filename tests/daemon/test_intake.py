@@ -201,3 +201,44 @@ def test_stop_while_the_observer_waits_on_the_loop_does_not_deadlock(tmp_path: P
     runner.join(timeout=20)
     assert not runner.is_alive(), "the intake did not finish: stop() deadlocked"
     assert taken  # what was delivered before the stop is still taken
+
+
+def test_a_file_renamed_in_from_outside_then_chmod_is_taken_at_once(tmp_path: Path) -> None:
+    """fsspec's local write (Lightning's checkpoints): a temporary file outside the watched
+    tree, renamed in, then chmod-ed. The rename makes it complete; the chmod (a modify
+    event without a close) must not make it wait for ``open_timeout``."""
+    root = tmp_path / "run"
+    root.mkdir()
+    outside = tmp_path / "tmp-elsewhere"
+    outside.mkdir()
+    taken: list[str] = []
+
+    async def take(found: Found) -> None:
+        taken.extend(rel for rel, _ in found)
+
+    intake = make_intake(root, take)  # open_timeout 5 s
+    quiet_after: list[bool] = []
+
+    async def main() -> None:
+        async def nothing() -> None:
+            pass
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run, nothing)
+            await anyio.sleep(0.2)
+            start = time.monotonic()
+            src = outside / "epoch=0-step=8.ckpt"
+            src.write_bytes(b"x" * 1000)
+            os.rename(src, root / "epoch=0-step=8.ckpt")
+            os.chmod(root / "epoch=0-step=8.ckpt", 0o644)
+            with anyio.fail_after(3):  # well before open_timeout
+                while "epoch=0-step=8.ckpt" not in taken:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)
+            quiet_after.append(intake.quiet)
+            assert time.monotonic() - start < 3
+            await intake.stop(final=False)
+
+    anyio.run(main)
+    assert taken == ["epoch=0-step=8.ckpt"]
+    assert quiet_after == [True]  # the chmod left nothing waiting for a close

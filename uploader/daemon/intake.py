@@ -116,7 +116,7 @@ class Watcher:
             DirMovedEvent,
             DirCreatedEvent,
         ]
-        self._observer = Observer()
+        self._observer = _observer(Observer)
         self._observer.daemon = True
         self._observer.schedule(Handler(), os.fspath(root), recursive=True, event_filter=filters)
 
@@ -187,6 +187,10 @@ class Intake:
         self._watcher: Watcher | None = None
         self.scanned = False
         self._snapshots: set[str] = set()
+        # Files taken when renamed into place, by (size, mtime): a later "modified" event
+        # with the same stat is an attribute change (fsspec chmods after its rename), not
+        # a write, and does not make the file wait for a close event that never comes.
+        self._renamed: dict[str, tuple[int, int]] = {}
         self._stopping = False
         self._events_over = False
 
@@ -306,10 +310,23 @@ class Intake:
         if st is None and kind in ("moved", "created") and os.path.islink(path):
             self._linked(rel)
             return
+        renamed = self._renamed.pop(rel, None)
         if kind == "moved":
             self.settler.drop(rel)
             if st is not None:
+                if len(self._renamed) >= LEFT_OUT_LIMIT:
+                    self._renamed.clear()  # a bound; at worst a file waits for a close
+                self._renamed[rel] = _key(st)
                 await self._hand([(rel, st)])
+            return
+        if (
+            kind == "modified"
+            and renamed is not None
+            and st is not None
+            and _key(st) == renamed
+            and rel not in self.settler
+        ):
+            self._renamed[rel] = renamed  # attributes only: the data taken is unchanged
             return
         self._observe(rel, kind, st)
 
@@ -405,6 +422,20 @@ class Intake:
                     await self._hand(complete)
             finally:
                 self._handing -= 1
+
+
+def _observer(default: Callable[[], Any]) -> Any:
+    """An observer that reports a file renamed in from outside the watched tree as moved
+    (inotify's full events: complete at once, as a rename inside it), not as created; on
+    platforms without inotify, watchdog's default observer."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:
+        return default()
+    try:
+        return InotifyObserver(generate_full_events=True)
+    except Exception:
+        return default()
 
 
 def _poster() -> Callable[[Callable[[tuple[str, str]], None], tuple[str, str]], Any] | None:

@@ -377,7 +377,8 @@ class UploadWorker:
             if (
                 st is not None
                 and st.updated_at >= asked
-                and (st.intake_finished or st.state == "running")
+                # up: running, or running with uploads failed (not a failed start)
+                and (st.intake_finished or st.state == "running" or st.failed > 0)
             ):
                 return
             time.sleep(0.1)
