@@ -141,9 +141,9 @@ class _LightningUploader:
                 *Path(other_dir).absolute().parents,
             ):
                 log.warning(
-                    "a second ModelCheckpoint saves into %s, outside %s; its checkpoints "
-                    "are not uploaded (give it the same dirpath, or a second UploaderCallback "
-                    "is not supported: use one dirpath)",
+                    "a second ModelCheckpoint saves into %s, outside %s, the directory "
+                    "uploaded; its checkpoints are not uploaded: give every ModelCheckpoint "
+                    "a dirpath inside that directory",
                     other_dir,
                     run_dir,
                 )
