@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,28 @@ def test_callback_is_a_lightning_callback_and_needs_no_import_of_its_own(pl: Any
     assert isinstance(cb, pl.Callback)
     assert integration.UploaderCallback.__module__ == "uploader.integrations.lightning"
     assert "some-bucket" in repr(cb)
+
+
+def test_with_both_packages_installed_it_is_a_callback_of_both(
+    pl: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lightning.pytorch`` is not installed here: a stand-in module with its own
+    Callback class shows the class takes every installed package's Callback as a base."""
+    import types
+
+    from uploader.integrations import lightning as integration
+
+    class Callback:  # lightning.pytorch.Callback's stand-in
+        pass
+
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback = Callback  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    cls = integration._build()
+    cb = cls("file:///tmp/some-bucket")
+    assert isinstance(cb, Callback) and isinstance(cb, pl.Callback)
+    assert type(cb).on_fit_start is integration._LightningUploader.on_fit_start
 
 
 @pytest.mark.parametrize(
