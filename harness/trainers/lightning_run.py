@@ -15,16 +15,17 @@ copy, or with ``link`` a symbolic link to the newest epoch file); a ``CSVLogger`
 (Lightning starts the second one by running this module again).
 
 ``--upload-to URI`` adds :class:`uploader.integrations.lightning.UploaderCallback` (no
-progress bar). ``--resume-from-bucket DEST`` first calls ``uploader.fetch_latest(URI,
-DEST)`` and continues from what it returns (a fresh start when it returns None).
+progress bar). ``--resume-from-bucket DEST`` (one device) first calls
+``uploader.fetch_latest(URI, DEST)`` and continues from what it returns (a fresh start
+when it returns None).
 ``--no-checkpointing`` passes ``enable_checkpointing=False`` and no ``ModelCheckpoint``;
 ``--remove-bucket-at-epoch E`` deletes the ``file://`` bucket's directory when epoch E
 starts; ``--step-sleep S`` sleeps S seconds after each training step.
 
-Prints JSON lines (rank 0 only, except ``worker``): ``{"event": "worker", "rank", "pid"}``
-(each rank, at fit start: its worker's pid or None), ``{"event": "fetched", "path"}``,
-``{"event": "error", "type", "message", "global_step"}`` when ``fit()`` raises (then the
-error propagates), ``{"event": "bucket", ...}`` (:func:`harness.trainers.common.bucket_report`,
+Prints JSON lines (rank 0 only, except ``worker`` and ``error``): ``{"event": "worker",
+"rank", "pid"}`` (each rank, at fit start: its worker's pid or None), ``{"event":
+"fetched", "path"}``, ``{"event": "error", "type", "message", "global_step", "rank"}`` when
+``fit()`` raises (then the error propagates), ``{"event": "bucket", ...}`` (:func:`harness.trainers.common.bucket_report`,
 right after ``fit()`` returns) and at the end ``{"event": "end", "global_step", "epoch",
 "digest"}``, the digest being :func:`harness.trainers.common.state_digest` of the model's
 state dict.
