@@ -1,6 +1,9 @@
 """What the trainer scripts share: the weights digest, JSON records on stdout, offline setup.
 
 Imported by the trainer processes only (it imports torch when a digest is computed).
+With ``--upload-to URI`` a trainer adds the uploader's callback for its framework and,
+right after ``fit()``/``train()`` returns, prints :func:`bucket_report`: what the bucket
+holds at that moment and which worker processes are still alive.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["emit", "go_offline", "kill_self", "state_digest"]
+__all__ = [
+    "bucket_report",
+    "emit",
+    "go_offline",
+    "kill_self",
+    "remove_local_bucket",
+    "state_digest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +71,55 @@ def kill_self(why: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def bucket_report(uri: str, worker_pid: int | None = None) -> dict[str, Any]:
+    """What the store at ``uri`` holds now, and which worker processes still run.
+
+    ``objects``: ``{name: sha256 of its bytes}`` under the URI's prefix; ``pointers``:
+    ``{rank: latest.json as a dict}``; ``workers_alive``: this process's descendants
+    that run ``uploader watch``, plus ``worker_pid`` if that process still exists.
+    """
+    import psutil
+
+    from uploader import parse_uri
+    from uploader.bucket.pointer import list_ranks, read_pointer
+
+    location = parse_uri(uri)
+    objects: dict[str, str] = {}
+    pointers: dict[str, Any] = {}
+    with location.hparams.initialize_object() as store:
+        for info in store.list(location.prefix):
+            objects[info.name] = hashlib.sha256(store.get_bytes(info.name)).hexdigest()
+        for rank in list_ranks(store, location.prefix):
+            pointer = read_pointer(store, location.prefix, rank)
+            if pointer is not None:
+                pointers[str(rank)] = json.loads(pointer.to_json())
+    alive: set[int] = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "uploader" in cmd and "watch" in cmd:
+            alive.add(child.pid)
+    if worker_pid is not None and psutil.pid_exists(worker_pid):
+        try:
+            if psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(worker_pid)
+        except psutil.Error:
+            pass
+    return {"objects": objects, "pointers": pointers, "workers_alive": sorted(alive)}
+
+
+def remove_local_bucket(uri: str) -> None:
+    """Delete the directory a ``file://`` bucket URI names (a permanent store error)."""
+    import shutil
+
+    from uploader import parse_uri
+
+    hp = parse_uri(uri).hparams
+    if hp.provider != "local":
+        raise SystemExit(f"--remove-bucket needs a file:// URI, not {uri}")
+    log.warning("removing the bucket %s", hp.container)
+    shutil.rmtree(hp.container)

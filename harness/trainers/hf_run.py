@@ -1,7 +1,7 @@
 """A tiny Hugging Face ``Trainer`` run writing ``checkpoint-N/`` directories as transformers does.
 
 ``python -m harness.trainers.hf_run RUN_DIR --save-steps 8 --max-steps 16 [--resume DIR]
-[--kill-mid-save STEP]``
+[--kill-mid-save STEP] [--save-strategy steps|no] [--upload-to URI [--resume-from-bucket DEST]]``
 
 A one-layer BERT classifier (hidden size 16) built from its config, so nothing is
 downloaded, trained on seeded random token ids (32 samples, batch 4: 8 steps an epoch).
@@ -15,7 +15,15 @@ scheduler and RNG state are written and just before ``trainer_state.json`` would
 process SIGKILLs itself (``TrainerState.save_to_json`` is wrapped, the call that
 ``Trainer._save_checkpoint`` makes last), leaving a checkpoint directory without its marker.
 
-Prints JSON lines: ``{"event": "save", "step", "dir"}`` after each complete save, and at the
+``--upload-to URI`` adds :class:`uploader.integrations.transformers.UploaderCallback` (no
+progress bar); ``--resume-from-bucket DEST`` first calls ``uploader.fetch_latest(URI, DEST)``
+and resumes from the directory it returns (a fresh start when it returns None).
+
+Prints JSON lines: ``{"event": "worker", "pid"}`` at train begin (with ``--upload-to``),
+``{"event": "fetched", "path"}``, ``{"event": "save", "step", "dir"}`` after each complete
+save, ``{"event": "error", "type", "message", "global_step"}`` when ``train()`` raises (the
+error then propagates), ``{"event": "bucket", ...}``
+(:func:`harness.trainers.common.bucket_report`, right after ``train()`` returns), and at the
 end ``{"event": "end", "global_step", "digest"}`` (the model's state dict digest).
 """
 
@@ -26,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.trainers.common import emit, go_offline, kill_self, state_digest
+from harness.trainers.common import bucket_report, emit, go_offline, kill_self, state_digest
 
 __all__ = ["main", "SAMPLES", "BATCH"]
 
@@ -72,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=16)
     p.add_argument("--resume", type=Path, help="a checkpoint-N directory to continue from")
     p.add_argument("--kill-mid-save", type=int, metavar="STEP")
+    p.add_argument("--save-strategy", choices=("steps", "no"), default="steps")
+    p.add_argument("--upload-to", metavar="URI", help="add the uploader's HF Trainer callback")
+    p.add_argument("--resume-from-bucket", type=Path, metavar="DEST")
     args = p.parse_args(argv)
+    if args.resume_from_bucket and not args.upload_to:
+        p.error("--resume-from-bucket needs --upload-to")
     kill = args.kill_mid_save
     if kill is not None and (kill % args.save_steps or not 0 < kill <= args.max_steps):
         p.error(
@@ -101,6 +114,26 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             emit(event="save", step=state.global_step, dir=os.fspath(path))
 
+    callbacks: list[Any] = [SaveReport()]
+    uploader_cb = None
+    if args.upload_to:
+        from uploader.integrations.transformers import UploaderCallback
+
+        uploader_cb = up = UploaderCallback(args.upload_to, progress_bar=False, drain_timeout=120)
+
+        class WorkerReport(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                worker = up.worker
+                emit(event="worker", pid=worker.pid if worker else None)
+
+        callbacks = [uploader_cb, WorkerReport(), *callbacks]
+    if args.resume_from_bucket:
+        import uploader
+
+        fetched = uploader.fetch_latest(args.upload_to, args.resume_from_bucket)
+        emit(event="fetched", path=None if fetched is None else str(fetched))
+        args.resume = fetched
+
     set_seed(0)
     config = BertConfig(  # type: ignore[call-arg]
         vocab_size=64,
@@ -115,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     training_args = TrainingArguments(
         output_dir=os.fspath(args.run_dir),
         max_steps=args.max_steps,
-        save_strategy="steps",
+        save_strategy=args.save_strategy,
         save_steps=args.save_steps,
         per_device_train_batch_size=BATCH,
         learning_rate=1e-3,
@@ -129,9 +162,21 @@ def main(argv: list[str] | None = None) -> None:
         dataloader_num_workers=0,
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=_dataset(), callbacks=[SaveReport()]
+        model=model, args=training_args, train_dataset=_dataset(), callbacks=callbacks
     )
-    trainer.train(resume_from_checkpoint=os.fspath(args.resume) if args.resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=os.fspath(args.resume) if args.resume else None)
+    except Exception as exc:
+        emit(
+            event="error",
+            type=type(exc).__name__,
+            message=str(exc),
+            global_step=trainer.state.global_step,
+        )
+        raise
+    if uploader_cb is not None:
+        worker = uploader_cb.worker
+        emit(event="bucket", **bucket_report(args.upload_to, worker.pid if worker else None))
     emit(
         event="end",
         global_step=trainer.state.global_step,

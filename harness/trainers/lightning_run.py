@@ -1,7 +1,9 @@
 """A tiny PyTorch Lightning run writing its run directory as Lightning does.
 
 ``python -m harness.trainers.lightning_run RUN_DIR --epochs 3 [--max-epochs N]
-[--save-last link|copy|none] [--resume CKPT]``
+[--save-last link|copy|none] [--resume CKPT] [--devices N] [--upload-to URI
+[--resume-from-bucket DEST] [--no-checkpointing] [--remove-bucket-at-epoch E]
+[--step-sleep S]]``
 
 A small regression model on seeded random tensors (64 samples, batch 8: 8 steps an
 epoch), Adam with a cosine schedule over ``--epochs``. ``ModelCheckpoint(dirpath=RUN_DIR,
@@ -9,10 +11,24 @@ save_top_k=-1)`` writes ``epoch=E-step=S.ckpt`` after every epoch and ``last.ckp
 copy, or with ``link`` a symbolic link to the newest epoch file); a ``CSVLogger`` writes
 ``RUN_DIR/logs/metrics.csv`` and ``hparams.yaml``. ``--max-epochs`` stops the run early
 (an interrupted run); ``--resume`` continues from a checkpoint with
-``trainer.fit(ckpt_path=CKPT)``.
+``trainer.fit(ckpt_path=CKPT)``. ``--devices 2`` runs DDP on CPU with two gloo processes
+(Lightning starts the second one by running this module again).
 
-Prints one JSON line at the end: ``{"event": "end", "global_step", "epoch", "digest"}``,
-the digest being :func:`harness.trainers.common.state_digest` of the model's state dict.
+``--upload-to URI`` adds :class:`uploader.integrations.lightning.UploaderCallback` (no
+progress bar). ``--resume-from-bucket DEST`` (one device) first calls
+``uploader.fetch_latest(URI, DEST)`` and continues from what it returns (a fresh start
+when it returns None).
+``--no-checkpointing`` passes ``enable_checkpointing=False`` and no ``ModelCheckpoint``;
+``--remove-bucket-at-epoch E`` deletes the ``file://`` bucket's directory when epoch E
+starts; ``--step-sleep S`` sleeps S seconds after each training step.
+
+Prints JSON lines (rank 0 only, except ``worker`` and ``error``): ``{"event": "worker",
+"rank", "pid"}`` (each rank, at fit start: its worker's pid or None), ``{"event":
+"fetched", "path"}``, ``{"event": "error", "type", "message", "global_step", "rank"}`` when
+``fit()`` raises (then the error propagates), ``{"event": "bucket", ...}`` (:func:`harness.trainers.common.bucket_report`,
+right after ``fit()`` returns) and at the end ``{"event": "end", "global_step", "epoch",
+"digest"}``, the digest being :func:`harness.trainers.common.state_digest` of the model's
+state dict.
 """
 
 from __future__ import annotations
@@ -21,7 +37,13 @@ import argparse
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.trainers.common import emit, go_offline, state_digest
+from harness.trainers.common import (
+    bucket_report,
+    emit,
+    go_offline,
+    remove_local_bucket,
+    state_digest,
+)
 
 __all__ = ["main", "SAMPLES", "BATCH"]
 
@@ -66,6 +88,29 @@ def _data() -> Any:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
+def _probe(uploader_cb: Any, args: argparse.Namespace) -> Any:
+    """A callback after the uploader's: reports each rank's worker, sleeps after each step,
+    removes the bucket when ``--remove-bucket-at-epoch`` says."""
+    import time
+
+    import pytorch_lightning as pl
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            worker = uploader_cb.worker
+            emit(event="worker", rank=trainer.global_rank, pid=worker.pid if worker else None)
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == args.remove_bucket_at_epoch and trainer.global_rank == 0:
+                remove_local_bucket(args.upload_to)
+
+        def on_train_batch_end(self, *a: Any) -> None:
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+
+    return Probe()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m harness.trainers.lightning_run")
     p.add_argument("run_dir", type=Path)
@@ -73,7 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-epochs", type=int, help="stop after this many epochs (default: --epochs)")
     p.add_argument("--save-last", choices=("link", "copy", "none"), default="copy")
     p.add_argument("--resume", type=Path, help="a .ckpt to continue from")
+    p.add_argument("--devices", type=int, default=1, help="CPU processes (2+: DDP on gloo)")
+    p.add_argument("--upload-to", metavar="URI", help="add the uploader's Lightning callback")
+    p.add_argument("--resume-from-bucket", type=Path, metavar="DEST")
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--remove-bucket-at-epoch", type=int, metavar="E")
+    p.add_argument("--step-sleep", type=float, default=0.0)
     args = p.parse_args(argv)
+    if (args.resume_from_bucket or args.remove_bucket_at_epoch is not None) and not args.upload_to:
+        p.error("--resume-from-bucket and --remove-bucket-at-epoch need --upload-to")
     go_offline()
 
     import pytorch_lightning as pl
@@ -85,12 +138,28 @@ def main(argv: list[str] | None = None) -> None:
     save_last: Literal["link"] | bool = (
         "link" if args.save_last == "link" else args.save_last == "copy"
     )
-    checkpoint = ModelCheckpoint(dirpath=args.run_dir, save_top_k=-1, save_last=save_last)
+    callbacks: list[Any] = []
+    if not args.no_checkpointing:
+        callbacks.append(ModelCheckpoint(dirpath=args.run_dir, save_top_k=-1, save_last=save_last))
+    uploader_cb = None
+    if args.upload_to:
+        from uploader.integrations.lightning import UploaderCallback
+
+        uploader_cb = UploaderCallback(args.upload_to, progress_bar=False, drain_timeout=120)
+        callbacks += [uploader_cb, _probe(uploader_cb, args)]
+    if args.resume_from_bucket:
+        import uploader
+
+        fetched = uploader.fetch_latest(args.upload_to, args.resume_from_bucket)
+        emit(event="fetched", path=None if fetched is None else str(fetched))
+        args.resume = fetched
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.max_epochs or args.epochs,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
+        enable_checkpointing=not args.no_checkpointing,
         logger=CSVLogger(save_dir=args.run_dir, name="", version="logs"),
         log_every_n_steps=1,
         enable_progress_bar=False,
@@ -100,7 +169,22 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.run_dir,
     )
     model = _build(args.epochs)
-    trainer.fit(model, train_dataloaders=_data(), ckpt_path=args.resume)
+    try:
+        trainer.fit(model, train_dataloaders=_data(), ckpt_path=args.resume)
+    except Exception as exc:
+        emit(
+            event="error",
+            type=type(exc).__name__,
+            message=str(exc),
+            global_step=trainer.global_step,
+            rank=trainer.global_rank,
+        )
+        raise
+    if trainer.global_rank != 0:
+        return
+    if uploader_cb is not None:
+        worker = uploader_cb.worker
+        emit(event="bucket", **bucket_report(args.upload_to, worker.pid if worker else None))
     emit(
         event="end",
         global_step=trainer.global_step,

@@ -34,7 +34,7 @@ def make_intake(root: Path, take: object, buffer: int = 1024) -> Intake:
 
 
 def rename_in(root: Path, names: list[str]) -> None:
-    staging = root / ".staging"  # watched, ignored: a rename from it is a move event
+    staging = root / ".staging.tmp"  # watched, left out (a temporary name): renames are moves
     staging.mkdir(exist_ok=True)
     for name in names:
         (staging / name).write_bytes(b"x" * 10)
@@ -192,8 +192,12 @@ def test_stop_while_the_observer_waits_on_the_loop_does_not_deadlock(tmp_path: P
         async with anyio.create_task_group() as tg:
             await tg.start(intake.run, nothing)
             await anyio.to_thread.run_sync(rename_in, root, [f"e{i}.pt" for i in range(6)])
-            while intake._send.statistics().tasks_waiting_send == 0:
-                await anyio.sleep(0.01)
+            # stop while a file is being handed over and the observer waits on a full stream
+            with anyio.fail_after(10):
+                while not (
+                    (taken or intake._handing) and intake._send.statistics().tasks_waiting_send
+                ):
+                    await anyio.sleep(0.01)
             await intake.stop(final=False)
 
     runner = threading.Thread(target=anyio.run, args=(main,), daemon=True)
@@ -201,3 +205,50 @@ def test_stop_while_the_observer_waits_on_the_loop_does_not_deadlock(tmp_path: P
     runner.join(timeout=20)
     assert not runner.is_alive(), "the intake did not finish: stop() deadlocked"
     assert taken  # what was delivered before the stop is still taken
+
+
+def test_a_file_renamed_in_from_outside_then_chmod_is_taken_at_once(tmp_path: Path) -> None:
+    """fsspec's local write (Lightning's checkpoints): a temporary file outside the watched
+    tree, renamed in, then chmod-ed. The rename makes it complete; the chmod (a modify
+    event without a close) must not make it wait for ``open_timeout``."""
+    root = tmp_path / "run"
+    root.mkdir()
+    outside = tmp_path / "tmp-elsewhere"
+    outside.mkdir()
+    taken: list[str] = []
+    versions: dict[str, tuple[int, int]] = {}  # what the engine's journal would hold
+
+    async def take(found: Found) -> None:
+        taken.extend(rel for rel, _ in found)
+        versions.update((rel, (st.st_size, st.st_mtime_ns)) for rel, st in found)
+
+    async def fresh(found: Found) -> Found:
+        return [(r, st) for r, st in found if versions.get(r) != (st.st_size, st.st_mtime_ns)]
+
+    intake = make_intake(root, take)  # open_timeout 5 s
+    intake._fresh = fresh
+    quiet_after: list[bool] = []
+
+    async def main() -> None:
+        async def nothing() -> None:
+            pass
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run, nothing)
+            await anyio.sleep(0.2)
+            start = time.monotonic()
+            src = outside / "epoch=0-step=8.ckpt"
+            src.write_bytes(b"x" * 1000)
+            os.rename(src, root / "epoch=0-step=8.ckpt")
+            os.chmod(root / "epoch=0-step=8.ckpt", 0o644)
+            with anyio.fail_after(3):  # well before open_timeout
+                while "epoch=0-step=8.ckpt" not in taken:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)
+            quiet_after.append(intake.quiet)
+            assert time.monotonic() - start < 3
+            await intake.stop(final=False)
+
+    anyio.run(main)
+    assert taken == ["epoch=0-step=8.ckpt"]
+    assert quiet_after == [True]  # the chmod left nothing waiting for a close

@@ -70,7 +70,7 @@ log = logging.getLogger("uploader.launch.worker")
 #: interrupts the worker (the worker normally exits with ExitCode.TIMEOUT first).
 DRAIN_GRACE = 15.0
 #: Seconds :meth:`UploadWorker.drain` waits, before SIGTERM, for the worker to be up
-#: and to have taken in every checkpoint complete on disk (SIGTERM ends intake).
+#: (SIGTERM then ends intake with a final scan of every file complete on disk).
 INTAKE_WAIT = 60.0
 #: The worker's drain timeout unless told otherwise (training waits long at the end).
 WORKER_DRAIN_TIMEOUT = 3600.0
@@ -304,8 +304,8 @@ class UploadWorker:
             timeout = self.drain_timeout + DRAIN_GRACE
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.proc.poll() is None:
-            # SIGTERM ends intake: first let the worker come up and accept every
-            # checkpoint already complete on disk, so the drain includes them all.
+            # SIGTERM ends intake with a final scan of every checkpoint complete on
+            # disk: first let the worker come up, so the signal starts a drain.
             self._await_intake(deadline)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -360,7 +360,13 @@ class UploadWorker:
 
     def _await_intake(self, deadline: float | None) -> None:
         """Wait (bounded) until the daemon reports, in a report written after this
-        call began, that it has taken in every file complete on disk."""
+        call began, that it is up: its watcher runs and SIGTERM starts a drain whose
+        final scan takes every file complete on disk, closed or not.
+
+        Waiting for the whole intake to go quiet instead would hold the drain for
+        ``--open-timeout`` on a file renamed into place from outside the directory and
+        then chmod-ed (fsspec's local write, which Lightning uses): watchdog reports the
+        chmod as a modification, and no close event follows."""
         assert self.proc is not None
         asked = time.time()
         limit = time.monotonic() + INTAKE_WAIT
@@ -368,7 +374,12 @@ class UploadWorker:
             limit = min(limit, deadline)
         while self.proc.poll() is None and time.monotonic() < limit:
             st = self.status(fresh=True)
-            if st is not None and st.intake_finished and st.updated_at >= asked:
+            if (
+                st is not None
+                and st.updated_at >= asked
+                # up: running, or running with uploads failed (not a failed start)
+                and (st.intake_finished or st.state == "running" or st.failed > 0)
+            ):
                 return
             time.sleep(0.1)
         if self.proc.poll() is None:
