@@ -16,6 +16,7 @@ from uploader.config.files import STORE_FIELDS, parse_extra_kwargs, store_locati
 from uploader.config.hparams import StoreLocation
 from uploader.config.options import WATCH_KEYS, WatchOptions
 from uploader.daemon.layouts import CHECKPOINT_PATTERNS, TEMPORARY_PATTERNS
+from uploader.daemon.status import STATUS_FILE
 from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import ObjectStore
@@ -258,20 +259,20 @@ def add_watch_options(p: argparse.ArgumentParser, push: bool = False) -> None:
     g.add_argument(
         "--status-file",
         metavar="PATH",
-        help="JSON status rewritten atomically every second and at exit "
-        f"(default: {_shown(d.status_file)})",
+        help="JSON status rewritten atomically every second and at exit; 'ckpt-uploader "
+        f"status' reads it there (default: STATE_DIR/{STATUS_FILE})",
     )
     g.add_argument(
         "--keep-local",
         type=int,
         metavar="N",
-        help="delete local checkpoints beyond the newest N, only once verified (default: keep all)",
+        help="delete local checkpoints beyond the newest N, whole, only once every file is verified (default: keep all)",
     )
     g.add_argument(
         "--keep-remote",
         type=int,
         metavar="N",
-        help="delete stored checkpoints beyond the newest N, never the pointer's latest "
+        help="delete stored checkpoints beyond the newest N, whole, never the pointer's latest "
         "(default: keep all)",
     )
     add_output_options(p)
