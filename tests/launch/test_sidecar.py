@@ -23,6 +23,7 @@ import yaml
 from harness.servers.s3 import find_binary
 from uploader import ObjectStoreHparams, Sidecar
 from uploader.bucket.pointer import read_pointer
+from uploader.launch.worker import WORKER_NICE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +52,14 @@ def test_sidecar_context_manager_uploads_and_drains_on_exit(tmp_path: Path) -> N
     with Sidecar(run, to=f"file://{bucket}?prefix=team", prefix="exp1", progress_bar=False) as sc:
         assert sc.pid is not None and sc.pid != os.getpid()
         assert os.getsid(sc.pid) == sc.pid  # its own session: Ctrl-C in training misses it
+        # a lower CPU priority than training's: uploads never take a step's CPU
+        deadline = time.monotonic() + 30  # up: past its own os.nice
+        while (st := sc.status()) is None or st.state != "running":
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, sc.pid) == os.getpriority(os.PRIO_PROCESS, 0) + min(
+            WORKER_NICE, 19 - os.getpriority(os.PRIO_PROCESS, 0)
+        )
         for epoch in range(1, 4):
             data = os.urandom(200_000 + epoch)
             save(run / f"ep{epoch}.pt", data)

@@ -54,6 +54,7 @@ class WorkerOptions(TypedDict, total=False):
     state_dir: str | os.PathLike[str] | None
     drain_timeout: float | None
     keep_local: int | None
+    nice: int | None
     create_container: bool
     log_to: str
     log_format: str

@@ -72,6 +72,8 @@ DRAIN_GRACE = 15.0
 #: Seconds :meth:`UploadWorker.drain` waits, before SIGTERM, for the worker to be up
 #: (SIGTERM then ends intake with a final scan of every file complete on disk).
 INTAKE_WAIT = 60.0
+#: How much lower the worker's CPU priority is than training's, unless told otherwise.
+WORKER_NICE = 10
 #: The worker's drain timeout unless told otherwise (training waits long at the end).
 WORKER_DRAIN_TIMEOUT = 3600.0
 
@@ -92,6 +94,9 @@ class UploadWorker:
             after the parent is gone) before it gives up with ``ExitCode.TIMEOUT``.
             None: no limit.
         keep_local: keep only the newest N verified checkpoints on local disk.
+        nice: how much lower than training the worker's CPU priority is (``os.nice``;
+            default :data:`WORKER_NICE`; 0 or None: the same): uploads never take the
+            CPU from a training step.
         create_container: create the bucket when it does not exist.
         log_to: ``"file"`` (``.ckpt-uploader.log`` in the state dir) or ``"stderr"``
             (inherit this process's stderr).
@@ -116,6 +121,7 @@ class UploadWorker:
         parent_pid: int | None = -1,
         drain_timeout: float | None = WORKER_DRAIN_TIMEOUT,
         keep_local: int | None = WatchOptions.keep_local,
+        nice: int | None = None,
         create_container: bool = WatchOptions.create_container,
         log_to: str = "file",
         log_format: str = "text",
@@ -145,6 +151,8 @@ class UploadWorker:
             raise ConfigError(f"keep_local {keep_local} must be at least 1 (or None)")
         if rank < 0:
             raise ConfigError(f"rank {rank} must not be negative")
+        if nice is not None and not 0 <= nice <= 19:
+            raise ConfigError(f"nice {nice} must be between 0 and 19 (or None)")
         self.run_dir = Path(run_dir).absolute()
         self.hparams = hparams if to is None else None
         self.to = to
@@ -157,6 +165,7 @@ class UploadWorker:
         self.parent_pid = os.getpid() if parent_pid == -1 else parent_pid
         self.drain_timeout = drain_timeout
         self.keep_local = keep_local
+        self.nice = WORKER_NICE if nice is None else nice
         self.create_container = create_container
         self.log_to = log_to
         self.log_format = log_format
@@ -183,6 +192,7 @@ class UploadWorker:
             parent_pid=self.parent_pid or None,
             drain_timeout=NO_LIMIT if self.drain_timeout is None else self.drain_timeout,
             keep_local=self.keep_local,
+            nice=self.nice or None,
             create_container=self.create_container,
         )
 
