@@ -356,6 +356,12 @@ def test_symlinks_alias_inside_and_left_out_outside_or_looping(
     out = run_cli("pull", local_uri(local_bucket, "ln/rank_0/last.ckpt"), str(dest), "-q")
     assert out.returncode == 0, out.stderr
     assert sha256(dest) == digest
+    # into a directory, an alias lands under its own name
+    into = tmp_path / "into"
+    out = run_cli("pull", local_uri(local_bucket, "ln/rank_0/last.ckpt"), f"{into}/", "-q")
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in into.iterdir()] == ["last.ckpt"]
+    assert sha256(into / "last.ckpt") == digest
 
 
 # -- 6. left-out files ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,9 @@ def is_dir_dest(dest: str | os.PathLike[str]) -> bool:
 
 
 def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
-    """The committed checkpoint ``{prefix}/rank_N/{checkpoint}`` (or an alias of one),
-    from rank N's pointer; None when ``name`` has no such form or no entry.
+    """The committed checkpoint ``{prefix}/rank_N/{checkpoint}`` (or an alias of one, then
+    named as the alias), from rank N's pointer; None when ``name`` has no such form or
+    no entry.
 
     A damaged pointer (unreadable, or a manifest path with ``..``) raises its
     IntegrityError unless ``name`` is an object of its own (then None: the object is
@@ -61,7 +63,10 @@ def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
         raise
     except UploaderError:
         return None
-    return pointer.entry(m.group(3)) if pointer is not None else None
+    entry = pointer.entry(m.group(3)) if pointer is not None else None
+    if entry is not None and not entry.is_directory and entry.name != m.group(3):
+        entry = replace(entry, name=m.group(3))  # an alias lands under its own name
+    return entry
 
 
 def fetch_entry(
