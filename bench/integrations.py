@@ -7,9 +7,9 @@ parameter), about 500 MiB in all (Lightning: one ``.ckpt`` file; HF: ``model.saf
 plus ``optimizer.pt`` and small files). Every framework runs in three variants:
 
 * ``none``: no callback;
-* ``callback``: ``UploaderCallback(file://BUCKET)`` with its default worker options;
-* ``callback nice``: the same with ``extra_args=["--nice", "10"]`` (the worker lowers
-  its own priority).
+* ``callback``: ``UploaderCallback(file://BUCKET)`` with its default worker options (the
+  worker runs at ``nice`` 10, below training);
+* ``callback nice 0``: the same with ``nice=0`` (the worker at training's priority).
 
 The bucket is a LOCAL directory on the same disk as the run directory, so the worker's
 reads, hashing and writes compete with training for the same disk, memory bandwidth and
@@ -53,8 +53,7 @@ log = logging.getLogger("bench.integrations")
 
 MiB = 1 << 20
 FRAMEWORKS = ("lightning", "hf")
-VARIANTS = ("none", "callback", "callback nice")
-NICE = 10
+VARIANTS = ("none", "callback", "callback nice 0")
 TARGET = 1.05
 _LABEL = {"lightning": "Lightning", "hf": "HF Trainer"}
 
@@ -119,8 +118,8 @@ class _Clock:
 
 def _uploader_options(variant: str) -> dict[str, Any]:
     options: dict[str, Any] = {"progress_bar": False, "drain_timeout": 600}
-    if variant == "callback nice":
-        options["extra_args"] = ["--nice", str(NICE)]
+    if variant == "callback nice 0":
+        options["nice"] = 0
     return options
 
 
@@ -414,9 +413,9 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], cfg: argparse.Nam
         "",
         "`worker nice` is the worker process's niceness as training ends (the trainer runs "
         f"at {results[FRAMEWORKS[0]]['none'][0]['trainer_nice']}); with the default options it "
-        f"is {', '.join(map(str, sorted(default_nice, key=str)))}: the callbacks do not lower "
-        "the worker's priority unless asked (`extra_args=['--nice', 'N']`). Worker CPU: the "
-        "worker's CPU seconds up to the end of training (before the drain).",
+        f"is {', '.join(map(str, sorted(default_nice, key=str)))} (the worker option `nice`; "
+        "0 keeps training's priority). Worker CPU: the worker's CPU seconds up to the end of "
+        "training (before the drain).",
     ]
     return "\n".join(lines)
 
