@@ -29,13 +29,37 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "TRAINERS", "files_digest", "records", "run_trainer", "trainer_env"]
+__all__ = [
+    "ROOT",
+    "TRAINERS",
+    "HF_FILES",
+    "files_digest",
+    "records",
+    "last",
+    "saves",
+    "succeeded",
+    "run_trainer",
+    "trainer_env",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository root, put on ``PYTHONPATH`` of every trainer process."""
 
 TRAINERS = ("lightning_run", "hf_run", "dcp_run")
 """The trainer modules under ``harness.trainers``."""
+
+HF_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+        "scheduler.pt",
+        "trainer_state.json",
+        "training_args.bin",
+    }
+)
+"""The files of each ``checkpoint-N/`` that ``hf_run`` (the HF Trainer) writes."""
 
 _OFFLINE = {
     "HF_HUB_OFFLINE": "1",
@@ -108,6 +132,24 @@ def records(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
     return out
+
+
+def succeeded(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """``done``, asserting that the trainer exited 0 (its args and output tails otherwise)."""
+    assert done.returncode == 0, f"{done.args}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def last(done: subprocess.CompletedProcess[str], event: str) -> dict[str, Any]:
+    """The last record of ``event`` a trainer printed (asserting there is one)."""
+    found = [r for r in records(done) if r.get("event") == event]
+    assert found, f"no {event!r} record in {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return found[-1]
+
+
+def saves(done: subprocess.CompletedProcess[str]) -> dict[int, str]:
+    """``{step: digest}`` of the saves a trainer reported."""
+    return {r["step"]: r["digest"] for r in records(done) if r["event"] == "save"}
 
 
 def files_digest(directory: str | os.PathLike[str]) -> dict[str, str]:

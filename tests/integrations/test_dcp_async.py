@@ -25,7 +25,7 @@ import pytest
 
 import uploader
 from harness.reliability import wait_gone
-from harness.trainers import files_digest, records, run_trainer
+from harness.trainers import files_digest, last, run_trainer, saves, succeeded
 from tests.daemon.test_process import local_uri
 from tests.scenarios.test_trainers_sidecar import PREFIX, Side, beside
 from uploader.transfer.digest import DIGEST_SUFFIX
@@ -37,21 +37,6 @@ STEPS = ("step_5", "step_10")
 ARGS = ("--steps", "5,10")
 EXECUTORS = ("thread", "process")
 TENSORS = 8  # model and momentum: two Linear layers' weight and bias each
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"{run.args}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
-    return run
-
-
-def _last(run: Run, event: str) -> dict[str, Any]:
-    found = [r for r in records(run) if r.get("event") == event]
-    assert found, f"no {event!r} record in {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
-    return found[-1]
-
-
-def _saves(run: Run) -> dict[int, str]:
-    return {r["step"]: r["digest"] for r in records(run) if r["event"] == "save"}
 
 
 def _within(run_dir: Path) -> dict[str, str]:
@@ -120,7 +105,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         out[f"{executor}-side"] = _beside(base, executor)
         out[f"{executor}-ctx"] = _in_process(base, executor)
     for name, case in out.items():
-        _ok(case["run"])
+        succeeded(case["run"])
         dest = base / f"{name}-restore"
         case["fetched"] = uploader.fetch_latest(case["uri"], dest)
         if case["fetched"] is not None:
@@ -141,8 +126,8 @@ CASES = [f"{e}-{how}" for e in EXECUTORS for how in ("side", "ctx")]
 @pytest.mark.parametrize("name", CASES)
 def test_the_executor_named_wrote_the_saves(runs: dict[str, Any], name: str) -> None:
     run: Run = runs[name]["run"]
-    assert sorted(_saves(run)) == [5, 10]
-    used = _last(run, "async")
+    assert sorted(saves(run)) == [5, 10]
+    used = last(run, "async")
     executor = name.split("-")[0]
     assert used["executor"] == executor
     if executor == "process":
@@ -184,10 +169,10 @@ def test_the_context_manager_returns_once_every_step_is_committed(
     runs: dict[str, Any], name: str
 ) -> None:
     run: Run = runs[name]["run"]
-    report = _last(run, "bucket")  # printed right after the with block
+    report = last(run, "bucket")  # printed right after the with block
     assert set(_entries(report["pointers"]["0"])) == set(STEPS)
     assert report["workers_alive"] == []
-    assert wait_gone(_last(run, "worker")["pid"], 5)
+    assert wait_gone(last(run, "worker")["pid"], 5)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -197,11 +182,11 @@ def test_fetch_latest_then_dcp_load_gives_equal_tensors(runs: dict[str, Any], na
     assert fetched is not None, "fetch_latest found nothing committed"
     assert fetched.name == "step_10"
     assert files_digest(fetched) == files_digest(case["run_dir"] / "step_10")
-    loaded = _last(_ok(case["load"]), "load")
+    loaded = last(succeeded(case["load"]), "load")
     assert (loaded["step"], loaded["expected_step"]) == (10, 10)
     assert loaded["tensors"] == TENSORS
     assert loaded["unequal"] == []
-    assert loaded["digest"] == _saves(case["run"])[10]
+    assert loaded["digest"] == saves(case["run"])[10]
 
 
 def test_fetch_latest_of_an_empty_bucket_is_none(tmp_path: Path) -> None:

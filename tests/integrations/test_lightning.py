@@ -21,7 +21,7 @@ import pytest
 
 from harness.reliability import wait_gone
 from harness.reliability.common import journal_rows
-from harness.trainers import files_digest, records, run_trainer
+from harness.trainers import files_digest, last, records, run_trainer, succeeded
 from uploader import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.timeout(300)
 Run = subprocess.CompletedProcess[str]
 EPOCHS = 3
 STEPS = 8  # a epoch: 64 samples, batch 8
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"{run.args}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
-    return run
-
-
-def _last(run: Run, event: str) -> dict[str, Any]:
-    found = [r for r in records(run) if r.get("event") == event]
-    assert found, f"no {event!r} record in {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
-    return found[-1]
 
 
 def _bucket(path: Path) -> str:
@@ -57,10 +46,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     machine (a new directory) from what the cut run uploaded."""
     base = tmp_path_factory.mktemp("lightning")
     full_bucket, cut_bucket = _bucket(base / "bucket-full"), _bucket(base / "bucket-cut")
-    full = _ok(
+    full = succeeded(
         run_trainer("lightning_run", base / "full", "--epochs", EPOCHS, "--upload-to", full_bucket)
     )
-    cut = _ok(
+    cut = succeeded(
         run_trainer(
             "lightning_run",
             base / "cut",
@@ -72,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             cut_bucket,
         )
     )
-    resumed = _ok(
+    resumed = succeeded(
         run_trainer(
             "lightning_run",
             base / "resumed",
@@ -89,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_every_checkpoint_is_in_the_bucket_when_fit_returns(runs: dict[str, Any]) -> None:
     run_dir = runs["base"] / "full"
-    report = _last(runs["full"], "bucket")
+    report = last(runs["full"], "bucket")
     local = _checkpoints(run_dir)
     assert set(local) == {
         "epoch=0-step=8.ckpt",
@@ -106,23 +95,23 @@ def test_every_checkpoint_is_in_the_bucket_when_fit_returns(runs: dict[str, Any]
     assert pointer["latest"]["digest"] == f"sha256:{local['epoch=2-step=24.ckpt']}"
     # no worker process left: none among the trainer's children, and the one it ran is gone
     assert report["workers_alive"] == []
-    worker = _last(runs["full"], "worker")
+    worker = last(runs["full"], "worker")
     assert worker["pid"] and wait_gone(worker["pid"], 5)
-    assert _last(runs["full"], "end")["global_step"] == EPOCHS * STEPS
+    assert last(runs["full"], "end")["global_step"] == EPOCHS * STEPS
 
 
 def test_resume_on_another_machine_from_fetch_latest(runs: dict[str, Any]) -> None:
-    fetched = _last(runs["resumed"], "fetched")["path"]
+    fetched = last(runs["resumed"], "fetched")["path"]
     assert fetched is not None
     assert Path(fetched).parent == runs["base"] / "restore"
     # the cut run's newest checkpoint (last.ckpt is a copy of epoch 0's)
     cut_digests = _checkpoints(runs["base"] / "cut")
     assert files_digest(Path(fetched).parent)[Path(fetched).name] in set(cut_digests.values())
-    end, full_end = _last(runs["resumed"], "end"), _last(runs["full"], "end")
+    end, full_end = last(runs["resumed"], "end"), last(runs["full"], "end")
     assert end["global_step"] == EPOCHS * STEPS
     assert end["digest"] == full_end["digest"]  # bit for bit: the uninterrupted weights
     # and the resumed run uploaded its own checkpoints to the same place
-    pointer = _last(runs["resumed"], "bucket")["pointers"]["0"]
+    pointer = last(runs["resumed"], "bucket")["pointers"]["0"]
     latest = _checkpoints(runs["base"] / "resumed")["epoch=2-step=24.ckpt"]
     assert pointer["latest"]["digest"] == f"sha256:{latest}"
 
@@ -144,7 +133,7 @@ def test_permanent_store_error_raises_in_training(tmp_path: Path) -> None:
         "0.1",
     )
     assert run.returncode != 0
-    error = _last(run, "error")
+    error = last(run, "error")
     assert error["type"] == "WorkerError"
     assert "bucket" in error["message"] or "container" in error["message"]
     # raised while training ran, not only at the end
@@ -157,7 +146,7 @@ def test_two_ddp_ranks_upload_each_file_once(tmp_path: Path) -> None:
     """DDP on CPU, 2 gloo processes sharing one checkpoint directory: one worker (on
     local rank 0, as node rank 0) uploads each file exactly once."""
     run_dir = tmp_path / "run"
-    run = _ok(
+    run = succeeded(
         run_trainer(
             "lightning_run",
             run_dir,
@@ -173,7 +162,7 @@ def test_two_ddp_ranks_upload_each_file_once(tmp_path: Path) -> None:
     workers = {r["rank"]: r["pid"] for r in records(run) if r.get("event") == "worker"}
     assert set(workers) == {0, 1}
     assert workers[0] is not None and workers[1] is None
-    report = _last(run, "bucket")
+    report = last(run, "bucket")
     local = _checkpoints(run_dir)
     assert len(local) == 3  # 2 epochs of 4 steps each rank, and last.ckpt
     assert {k for k in report["objects"] if k.endswith(".ckpt")} == {

@@ -20,7 +20,7 @@ import pytest
 
 from harness.reliability import wait_gone
 from harness.servers.s3 import S3Server
-from harness.trainers import files_digest, records, run_trainer
+from harness.trainers import HF_FILES, files_digest, last, run_trainer, succeeded
 from uploader import ConfigError, parse_uri
 from uploader.bucket.pointer import read_pointer
 
@@ -28,26 +28,6 @@ pytestmark = pytest.mark.timeout(300)
 
 Run = subprocess.CompletedProcess[str]
 KILLED = -9
-HF_FILES = {
-    "config.json",
-    "model.safetensors",
-    "optimizer.pt",
-    "rng_state.pth",
-    "scheduler.pt",
-    "trainer_state.json",
-    "training_args.bin",
-}
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"{run.args}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
-    return run
-
-
-def _last(run: Run, event: str) -> dict[str, Any]:
-    found = [r for r in records(run) if r.get("event") == event]
-    assert found, f"no {event!r} record in {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
-    return found[-1]
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +41,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory, rclone_s3: S3Server) -> dict[
     bucket = f"hf-{uuid.uuid4().hex[:10]}"
     rclone_s3.make_bucket(bucket)
     s3_uri = rclone_s3.uri(bucket, "exp1")
-    full = _ok(run_trainer("hf_run", base / "full", "--upload-to", s3_uri))
+    full = succeeded(run_trainer("hf_run", base / "full", "--upload-to", s3_uri))
     local = base / "bucket"
     local.mkdir()
     killed = run_trainer(
         "hf_run", base / "killed", "--kill-mid-save", "16", "--upload-to", local.as_uri()
     )
-    worker_pid = _last(killed, "worker")["pid"]
+    worker_pid = last(killed, "worker")["pid"]
     worker_gone = wait_gone(worker_pid, 60)
     with parse_uri(local.as_uri()).hparams.initialize_object() as store:
         after_kill = read_pointer(store, "", 0)  # before the resume commits more
-    resumed = _ok(
+    resumed = succeeded(
         run_trainer(
             "hf_run",
             base / "resumed",
@@ -95,7 +75,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, rclone_s3: S3Server) -> dict[
 
 def test_every_checkpoint_is_in_the_s3_bucket_when_train_returns(runs: dict[str, Any]) -> None:
     run_dir = runs["base"] / "full"
-    report = _last(runs["full"], "bucket")
+    report = last(runs["full"], "bucket")
     local = files_digest(run_dir)
     checkpoints = {k: v for k, v in local.items() if k.startswith("checkpoint-")}
     assert {k.split("/")[0] for k in checkpoints} == {"checkpoint-8", "checkpoint-16"}
@@ -106,8 +86,8 @@ def test_every_checkpoint_is_in_the_s3_bucket_when_train_returns(runs: dict[str,
     assert {e["name"] for e in pointer["history"]} == {"checkpoint-8", "checkpoint-16"}
     assert pointer["latest"]["name"] == "checkpoint-16"
     assert report["workers_alive"] == []
-    assert wait_gone(_last(runs["full"], "worker")["pid"], 5)
-    assert _last(runs["full"], "end")["global_step"] == 16
+    assert wait_gone(last(runs["full"], "worker")["pid"], 5)
+    assert last(runs["full"], "end")["global_step"] == 16
 
 
 def test_after_sigkill_the_worker_uploads_what_is_complete_and_exits(
@@ -128,13 +108,13 @@ def test_after_sigkill_the_worker_uploads_what_is_complete_and_exits(
 
 
 def test_resume_on_another_machine_from_fetch_latest(runs: dict[str, Any]) -> None:
-    fetched = Path(_last(runs["resumed"], "fetched")["path"])
+    fetched = Path(last(runs["resumed"], "fetched")["path"])
     assert fetched == runs["base"] / "restore" / "checkpoint-8"
     assert {p.name for p in fetched.iterdir()} == HF_FILES
-    end = _last(runs["resumed"], "end")
+    end = last(runs["resumed"], "end")
     assert end["global_step"] == 16
-    assert end["digest"] == _last(runs["full"], "end")["digest"]  # bit for bit
-    pointer = _last(runs["resumed"], "bucket")["pointers"]["0"]
+    assert end["digest"] == last(runs["full"], "end")["digest"]  # bit for bit
+    pointer = last(runs["resumed"], "bucket")["pointers"]["0"]
     assert pointer["latest"]["name"] == "checkpoint-16"
 
 

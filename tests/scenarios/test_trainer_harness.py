@@ -16,44 +16,22 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from harness.trainers import ROOT, files_digest, records, run_trainer
+from harness.trainers import ROOT, files_digest, run_trainer
 
 pytestmark = pytest.mark.timeout(300)
 
 Run = subprocess.CompletedProcess[str]
 KILLED = -signal.SIGKILL
 
-HF_FILES = {
-    "config.json",
-    "model.safetensors",
-    "optimizer.pt",
-    "rng_state.pth",
-    "scheduler.pt",
-    "trainer_state.json",
-    "training_args.bin",
-}
-
 
 def _both(*calls: Callable[[], Run]) -> list[Run]:
     """Run trainer calls two at a time (the machine has two cores)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda call: call(), calls))
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"{run.args}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
-    return run
-
-
-def _last(run: Run, event: str) -> dict[str, Any]:
-    found = [r for r in records(run) if r.get("event") == event]
-    assert found, f"no {event!r} record in {run.stdout[-2000:]}"
-    return found[-1]
 
 
 def _names(directory: Path) -> set[str]:

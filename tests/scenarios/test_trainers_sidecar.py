@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from harness.trainers import files_digest, records, run_trainer
+from harness.trainers import HF_FILES, files_digest, last, run_trainer, saves, succeeded
 from tests.daemon.test_process import Daemon, local_uri, run_cli
 from tests.fixtures.s3 import S3Server
 from uploader.transfer.digest import DIGEST_SUFFIX
@@ -38,16 +38,6 @@ Run = subprocess.CompletedProcess[str]
 KILLED = -signal.SIGKILL
 PREFIX = "exp"
 OWN = ".ckpt-uploader"  # the sidecar's journal and lock in RUN_DIR
-
-HF_FILES = {
-    "config.json",
-    "model.safetensors",
-    "optimizer.pt",
-    "rng_state.pth",
-    "scheduler.pt",
-    "trainer_state.json",
-    "training_args.bin",
-}
 
 
 @dataclass
@@ -89,17 +79,6 @@ class Side:
         return self.latest_uri.replace(f"{PREFIX}/latest", f"{PREFIX}/rank_0/{name}")
 
 
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"{run.args}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
-    return run
-
-
-def _last(run: Run, event: str) -> dict[str, Any]:
-    found = [r for r in records(run) if r.get("event") == event]
-    assert found, f"no {event!r} record in {run.stdout[-2000:]}\n{run.stderr[-3000:]}"
-    return found[-1]
-
-
 def _left_running(marker: Path) -> list[str]:
     """Processes whose command line names ``marker`` (a run directory)."""
     out = []
@@ -108,10 +87,6 @@ def _left_running(marker: Path) -> list[str]:
         if any(str(marker) in part for part in cmd):
             out.append(" ".join(cmd))
     return out
-
-
-def _saves(run: Run) -> dict[int, str]:
-    return {r["step"]: r["digest"] for r in records(run) if r["event"] == "save"}
 
 
 def beside(
@@ -186,10 +161,10 @@ def lightning(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cut = beside(
         base, "cut", "lightning_run", "--epochs", "3", "--max-epochs", "1", "--save-last", "link"
     )
-    _ok(full.run)
-    _ok(cut.run)
+    succeeded(full.run)
+    succeeded(cut.run)
     pulled = cut.pull(base / "pulled")
-    resumed = _ok(
+    resumed = succeeded(
         run_trainer(
             "lightning_run",
             base / "resumed",
@@ -237,9 +212,9 @@ def test_lightning_resumes_from_the_pulled_latest_bit_exact(lightning: dict[str,
     assert files_digest(pulled) == {
         "epoch=0-step=8.ckpt": files_digest(cut.run_dir)["epoch=0-step=8.ckpt"]
     }
-    end = _last(lightning["resumed"], "end")
+    end = last(lightning["resumed"], "end")
     assert end["global_step"] == 24
-    assert end["digest"] == _last(lightning["full"].run, "end")["digest"]
+    assert end["digest"] == last(lightning["full"].run, "end")["digest"]
 
 
 def test_lightning_pull_the_alias_and_the_full_runs_latest(lightning: dict[str, Any]) -> None:
@@ -266,9 +241,9 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("hf-side")
     full = beside(base, "full", "hf_run", *HF_ARGS)
     killed = beside(base, "killed", "hf_run", *HF_ARGS, "--kill-mid-save", "16")
-    _ok(full.run)
+    succeeded(full.run)
     pulled = killed.pull(base / "pulled")
-    resumed = _ok(
+    resumed = succeeded(
         run_trainer("hf_run", base / "resumed", *HF_ARGS, "--resume", pulled / "checkpoint-8")
     )
     return {"full": full, "killed": killed, "pulled": pulled, "resumed": resumed, "base": base}
@@ -331,9 +306,9 @@ def test_hf_resumes_from_the_pulled_latest_bit_exact(hf: dict[str, Any]) -> None
     assert [p.name for p in pulled.iterdir()] == ["checkpoint-8"]
     killed: Side = hf["killed"]
     assert files_digest(pulled / "checkpoint-8") == files_digest(killed.run_dir / "checkpoint-8")
-    end = _last(hf["resumed"], "end")
+    end = last(hf["resumed"], "end")
     assert end["global_step"] == 16
-    assert end["digest"] == _last(hf["full"].run, "end")["digest"]
+    assert end["digest"] == last(hf["full"].run, "end")["digest"]
 
 
 # -- torch.distributed.checkpoint ------------------------------------------------------------
@@ -363,7 +338,7 @@ def dcp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _dcp_steps_committed(side: Side, ranks: int) -> None:
     """Both steps committed by the ``dcp`` rule, each manifest every file on disk, byte-identical
     in the bucket."""
-    _ok(side.run)
+    succeeded(side.run)
     assert side.objects() == side.local_files()
     ptr = side.pointer()
     by_name = {e["name"]: e for e in _entries(ptr)}
@@ -385,9 +360,9 @@ def test_dcp_two_ranks_commit_each_step_with_every_shard(dcp: dict[str, Any]) ->
 def test_dcp_pulled_latest_loads_to_the_saved_digest(dcp: dict[str, Any]) -> None:
     pulled: Path = dcp["pulled"]
     assert [p.name for p in pulled.iterdir()] == ["step_20"]
-    loaded = _last(_ok(dcp["load"]), "load")
+    loaded = last(succeeded(dcp["load"]), "load")
     assert loaded["step"] == 20
-    assert loaded["digest"] == _saves(dcp["ws2"].run)[20]
+    assert loaded["digest"] == saves(dcp["ws2"].run)[20]
 
 
 @pytest.mark.parametrize("name,left", [("killed", ".metadata"), ("rename", ".metadata.tmp")])

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uploader.config.hparams import ObjectStoreHparams, join_key
 from uploader.daemon.status import StatusReport
@@ -22,7 +22,12 @@ from uploader.errors import ConfigError, UploaderError
 from uploader.launch.options import checked_worker_options, store_location, worker_environment
 from uploader.launch.worker import UploadWorker
 
-__all__ = ["WorkerSlot"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from uploader.launch.options import WorkerOptions
+
+__all__ = ["WorkerSlot", "SlotCallback"]
 
 log = logging.getLogger("uploader.integrations")
 
@@ -127,3 +132,43 @@ class WorkerSlot:
             self.drain()
         except UploaderError as err:
             log.error("%s", err)
+
+
+class SlotCallback:
+    """What both framework callbacks expose: built from the store and the worker options
+    (a bad URI or option fails here), and the worker of the current run.
+
+    Args:
+        to: a store URI or :class:`ObjectStoreHparams`.
+        prefix: object name prefix after the URI's own.
+        progress_bar: show a progress bar while the end of training drains.
+        worker_options: :class:`uploader.launch.options.WorkerOptions`.
+    """
+
+    def __init__(
+        self,
+        to: str | ObjectStoreHparams,
+        *,
+        prefix: str = "",
+        progress_bar: bool = True,
+        **worker_options: Unpack[WorkerOptions],
+    ) -> None:
+        super().__init__()
+        self.slot = WorkerSlot("UploaderCallback", to, prefix, progress_bar, worker_options)
+
+    def __repr__(self) -> str:
+        return repr(self.slot)
+
+    @property
+    def worker(self) -> UploadWorker | None:
+        """This process's worker for the current run, or None (another rank runs it)."""
+        return self.slot.worker
+
+    @property
+    def final_status(self) -> StatusReport | None:
+        """The worker's last status once the end of training drained it."""
+        return self.slot.final_status
+
+    def status(self) -> StatusReport | None:
+        """The worker's latest status (counts, bytes, last error), if it runs here."""
+        return self.slot.worker.status() if self.slot.worker is not None else None

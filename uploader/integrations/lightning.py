@@ -42,15 +42,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uploader.config.hparams import ObjectStoreHparams
-from uploader.daemon.status import StatusReport
 from uploader.errors import ConfigError
-from uploader.integrations.base import WorkerSlot
+from uploader.integrations.base import SlotCallback
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
-    from uploader.launch.options import WorkerOptions
+    pass
 
 __all__ = ["UploaderCallback", "callback_bases"]
 
@@ -78,36 +74,8 @@ def callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-class _LightningUploader:
+class _LightningUploader(SlotCallback):
     """The callback's behaviour; :func:`_build` adds the Lightning ``Callback`` bases."""
-
-    def __init__(
-        self,
-        to: str | ObjectStoreHparams,
-        *,
-        prefix: str = "",
-        progress_bar: bool = True,
-        **worker_options: Unpack[WorkerOptions],
-    ) -> None:
-        super().__init__()
-        self.slot = WorkerSlot("UploaderCallback", to, prefix, progress_bar, worker_options)
-
-    def __repr__(self) -> str:
-        return repr(self.slot)
-
-    @property
-    def worker(self) -> Any:
-        """This process's :class:`UploadWorker` for the current fit, or None."""
-        return self.slot.worker
-
-    @property
-    def final_status(self) -> StatusReport | None:
-        """The worker's last status after ``on_fit_end`` drained it."""
-        return self.slot.final_status
-
-    def status(self) -> StatusReport | None:
-        """The worker's latest status (counts, bytes, last error), if it runs here."""
-        return self.slot.worker.status() if self.slot.worker is not None else None
 
     # -- hooks ----------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
