@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m bench.transfer
 	$(PY) -m bench.stall
 	$(PY) -m bench.daemon
+	$(PY) -m bench.integrations
 
 reliability: $(STAMP) $(NODE_STAMP)
 	$(PY) -m bench.reliability

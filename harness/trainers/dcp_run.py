@@ -1,7 +1,8 @@
 """A tiny data-parallel run saving torch.distributed.checkpoint directories, as FSDP-style jobs do.
 
 ``python -m harness.trainers.dcp_run RUN_DIR --steps 10,20 [--world-size 2]
-[--kill-mid-save STEP [--kill-at metadata|rename]] [--load DIR] [--width 32]``
+[--kill-mid-save STEP [--kill-at metadata|rename]] [--async thread|process]
+[--reference-dir REF] [--upload-to URI] [--load DIR [--expect FILE]] [--width 32]``
 
 ``--world-size`` ranks (gloo on loopback; more than one run as child processes of this one,
 meeting at the ``TCPStore`` rank 0 serves on a free port) train the same small model,
@@ -13,6 +14,23 @@ holds ``__R_0.distcp`` from each rank R and, written last by rank 0 in the stora
 per save, the digest being :func:`harness.trainers.common.state_digest` of the whole
 (unsharded) ``{"model", "optim"}`` state.
 
+``--async thread|process`` saves with ``dcp.async_save`` instead, with that executor
+(``AsyncCheckpointerType.THREAD``, the default one, or ``PROCESS``: a checkpoint process
+torch spawns, with a gloo group of its own on loopback), coordinating on a gloo group made
+for the saves (``dist.new_group``). The state is staged (copied) when the call returns and
+training goes on while the save writes; before the next save, and before the run ends,
+the previous save's future is waited on, and the ``save`` record is printed once its
+``.metadata`` is written. At the end rank 0 prints ``{"event": "async", "executor",
+"checkpoint_pid"}``, the pid of the checkpoint process (None for ``thread``).
+
+``--reference-dir REF``: rank 0 also writes the whole state of each save, as it was when
+the save began, with ``torch.save`` to ``REF/step_N.pt`` (keep REF outside RUN_DIR).
+
+``--upload-to URI`` runs the training inside ``uploader.Sidecar(RUN_DIR, to=URI)`` (in the
+launcher process: one worker for the shared directory, rank 0), prints ``{"event":
+"worker", "pid"}`` once it started and, after the ``with`` block drained it, ``{"event":
+"bucket", ...}`` (:func:`harness.trainers.common.bucket_report`).
+
 ``--kill-mid-save STEP``: the save of STEP uses a ``FileSystemWriter`` whose ``finish()``
 SIGKILLs rank 0 before it writes ``.metadata`` (or, with ``--kill-at rename``, after it wrote
 and fsynced ``.metadata.tmp`` and before renaming that to ``.metadata``); every rank's shard
@@ -22,7 +40,10 @@ rank.
 
 ``--load DIR``: build a fresh model, ``dcp.load`` the checkpoint into the same sharded
 layout (any ``--world-size``: DCP reshards) and print ``{"event": "load", "dir", "step",
-"digest"}``, comparable with the save's digest (``RUN_DIR`` is not written then).
+"digest"}``, comparable with the save's digest (``RUN_DIR`` is not written then). With
+``--expect FILE`` (a ``--reference-dir`` file) the record also holds ``tensors`` (how many
+were compared), ``unequal`` (the names where ``torch.equal`` is false, or whose shape or
+dtype differs) and ``expected_step``.
 """
 
 from __future__ import annotations
@@ -36,13 +57,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from harness.servers.net import free_port
-from harness.trainers.common import emit, go_offline, kill_self, state_digest
+from harness.trainers.common import bucket_report, emit, go_offline, kill_self, state_digest
 
-__all__ = ["main", "BATCH", "KILL_POINTS"]
+__all__ = ["main", "ASYNC_EXECUTORS", "BATCH", "KILL_POINTS"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +72,7 @@ BATCH = 8
 _IN = 8
 _OUT = 4
 KILL_POINTS = ("metadata", "rename")
+ASYNC_EXECUTORS = ("thread", "process")
 _TIMEOUT = datetime.timedelta(seconds=120)
 
 
@@ -119,6 +142,54 @@ def _writer(path: Path, kill: str | None) -> Any:
     return KillingWriter(path)
 
 
+def _compare(loaded: dict[str, dict[str, Any]], expect: Path) -> dict[str, Any]:
+    """``torch.equal`` of every loaded tensor against a ``--reference-dir`` file."""
+    import torch
+
+    ref = torch.load(expect, weights_only=True)
+    names: list[str] = []
+    unequal: list[str] = []
+    for group in sorted(set(ref) | set(loaded)):
+        if group == "step":
+            continue
+        want, got = ref.get(group, {}), loaded.get(group, {})
+        for name in sorted(set(want) | set(got)):
+            key = f"{group}.{name}"
+            names.append(key)
+            a, b = want.get(name), got.get(name)
+            if (
+                a is None
+                or b is None
+                or a.dtype != b.dtype
+                or a.shape != b.shape
+                or not torch.equal(a, b)
+            ):
+                unequal.append(key)
+    return {"tensors": len(names), "unequal": unequal, "expected_step": ref["step"]}
+
+
+def _load(args: argparse.Namespace, model: Any, opt: Any, mesh: Any, rank: int) -> None:
+    """``dcp.load`` ``args.load`` into a zeroed copy of the sharded state; rank 0 reports."""
+    import torch.distributed.checkpoint as dcp
+
+    fresh = _sharded(_full_state(model, opt), mesh)
+    for tensors in fresh.values():
+        for t in tensors.values():
+            t.to_local().zero_()
+    state = {**fresh, "step": -1}
+    dcp.load(state, checkpoint_id=args.load)
+    full = {g: {n: t.full_tensor() for n, t in ts.items()} for g, ts in fresh.items()}
+    if rank == 0:
+        checked = _compare(full, args.expect) if args.expect is not None else {}
+        emit(
+            event="load",
+            dir=os.fspath(args.load),
+            step=state["step"],
+            digest=state_digest(full),
+            **checked,
+        )
+
+
 def _rank_main(args: argparse.Namespace, rank: int, port: int) -> None:
     import torch
     import torch.distributed as dist
@@ -134,41 +205,94 @@ def _rank_main(args: argparse.Namespace, rank: int, port: int) -> None:
         model = _model(args.width)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         if args.load is not None:
-            fresh = _sharded(_full_state(model, opt), mesh)
-            for tensors in fresh.values():
-                for t in tensors.values():
-                    t.to_local().zero_()
-            state = {**fresh, "step": -1}
-            dcp.load(state, checkpoint_id=args.load)
-            full = {g: {n: t.full_tensor() for n, t in ts.items()} for g, ts in fresh.items()}
-            if rank == 0:
-                emit(
-                    event="load",
-                    dir=os.fspath(args.load),
-                    step=state["step"],
-                    digest=state_digest(full),
-                )
+            _load(args, model, opt, mesh, rank)
             return
         steps = sorted(args.steps)
+        pending: tuple[int, Path, str, Any] | None = None  # an async save not yet waited on
+        # async saves coordinate on a group of their own, so that a save's collectives in
+        # the background never interleave with training's on the default group
+        save_group = dist.new_group(backend="gloo") if args.async_save else None
         for step in range(1, steps[-1] + 1):
             x, y = _batch(step, rank)
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
-            for param in model.parameters():
-                dist.all_reduce(param.grad)
-                param.grad /= world
+            if world > 1:
+                for param in model.parameters():
+                    dist.all_reduce(param.grad)
+                    param.grad /= world
             opt.step()
             if step in steps:
                 path = args.run_dir / f"step_{step}"
                 full = _full_state(model, opt)
                 digest = state_digest(full)
+                if rank == 0 and args.reference_dir is not None:
+                    _save_reference(args.reference_dir / f"step_{step}.pt", full, step)
                 state = {**_sharded(full, mesh), "step": step}
-                kill = args.kill_at if step == args.kill_mid_save else None
-                dcp.save(state, storage_writer=_writer(path, kill))
-                if rank == 0:
-                    emit(event="save", step=step, dir=os.fspath(path), digest=digest)
+                if args.async_save is None:
+                    kill = args.kill_at if step == args.kill_mid_save else None
+                    dcp.save(state, storage_writer=_writer(path, kill))
+                    if rank == 0:
+                        emit(event="save", step=step, dir=os.fspath(path), digest=digest)
+                    continue
+                if pending is not None:
+                    _finish_async(pending, rank)
+                pending = (
+                    step,
+                    path,
+                    digest,
+                    _async_save(state, path, args.async_save, save_group),
+                )
+        if pending is not None:
+            _finish_async(pending, rank)
+        if args.async_save is not None and rank == 0:
+            emit(event="async", executor=args.async_save, checkpoint_pid=_checkpoint_pid())
     finally:
         dist.destroy_process_group()
+
+
+def _save_reference(path: Path, full: dict[str, dict[str, Any]], step: int) -> None:
+    """The whole state as it is now, for ``--load DIR --expect`` to compare with."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copy = {g: {n: t.detach().clone() for n, t in ts.items()} for g, ts in full.items()}
+    torch.save({**copy, "step": step}, path)
+
+
+def _async_save(state: dict[str, Any], path: Path, executor: str, group: Any) -> Any:
+    """``dcp.async_save`` into ``path`` with the named executor, coordinating on ``group``;
+    the future of its completion."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import (
+        AsyncCheckpointerType,
+        AsyncSaveResponse,
+    )
+
+    kind = AsyncCheckpointerType.PROCESS if executor == "process" else AsyncCheckpointerType.THREAD
+    started = dcp.async_save(
+        state,
+        storage_writer=FileSystemWriter(path),
+        process_group=group,
+        async_checkpointer_type=kind,
+    )
+    # torch returns AsyncSaveResponse only for a stager that stages asynchronously
+    return started.upload_completion if isinstance(started, AsyncSaveResponse) else started
+
+
+def _checkpoint_pid() -> int | None:
+    """The pid of the PROCESS executor's checkpoint process, if this process started one."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    running = executor._CHECKPOINT_PROCESS
+    return None if running is None else running._save_process.pid
+
+
+def _finish_async(pending: tuple[int, Path, str, Any], rank: int) -> None:
+    step, path, digest, future = pending
+    future.result(timeout=_TIMEOUT.total_seconds())
+    if rank == 0:
+        emit(event="save", step=step, dir=os.fspath(path), digest=digest)
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -227,6 +351,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--load", type=Path, metavar="DIR", help="load this checkpoint, print its digest"
     )
+    p.add_argument(
+        "--async",
+        dest="async_save",
+        choices=ASYNC_EXECUTORS,
+        help="save with dcp.async_save and this executor (default: dcp.save)",
+    )
+    p.add_argument(
+        "--reference-dir",
+        type=Path,
+        metavar="REF",
+        help="also torch.save each save's whole state to REF/step_N.pt",
+    )
+    p.add_argument("--upload-to", metavar="URI", help="train inside uploader.Sidecar(RUN_DIR)")
+    p.add_argument(
+        "--expect",
+        type=Path,
+        metavar="FILE",
+        help="with --load: compare every tensor with this --reference-dir file",
+    )
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -239,14 +382,43 @@ def main(argv: list[str] | None = None) -> None:
             f"--world-size {args.world_size} must divide {_OUT} (the output features) and "
             f"--width {args.width}: pass 1, 2 or 4 and a width that it divides"
         )
+    if args.async_save is not None and args.kill_mid_save is not None:
+        p.error("--kill-mid-save works with dcp.save only: leave out --async")
+    if args.expect is not None and args.load is None:
+        p.error("--expect compares a loaded checkpoint: pass --load DIR too")
+    if args.upload_to is not None and args.load is not None:
+        p.error("--upload-to watches the run directory of a training run: leave out --load")
     go_offline()
-    if args.rank is not None:
+    # the PROCESS executor's checkpoint process meets its peers at MASTER_ADDR: loopback
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if args.rank is not None:  # a rank the launcher started (its sidecar runs there)
         _rank_main(args, args.rank, args.store_port)
-    elif args.world_size == 1:
-        _rank_main(args, 0, 0)
-    else:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        sys.exit(_launch(args, argv))
+        return
+    with _sidecar(args.run_dir, args.upload_to):
+        if args.world_size == 1:
+            _rank_main(args, 0, 0)
+        else:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            code = _launch(args, argv)
+            if code:
+                sys.exit(code)
+
+
+@contextlib.contextmanager
+def _sidecar(run_dir: Path, uri: str | None) -> Iterator[None]:
+    """``uploader.Sidecar(run_dir, to=uri)`` around the block, with its records; nothing
+    without ``uri``."""
+    if uri is None:
+        yield
+        return
+    import uploader
+
+    with uploader.Sidecar(
+        run_dir, to=uri, rank=0, progress_bar=False, drain_timeout=120
+    ) as sidecar:
+        emit(event="worker", pid=sidecar.pid)
+        yield
+    emit(event="bucket", **bucket_report(uri, sidecar.pid))
 
 
 if __name__ == "__main__":

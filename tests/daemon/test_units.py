@@ -84,6 +84,7 @@ def test_journal_readonly_sees_a_live_journal(tmp_path: Path) -> None:
         (".ckpt-uploader.sqlite", ""),  # our own: not uploaded, not listed
         (".ckpt-uploader.status.json", ""),
         ("..ckpt-uploader.status.json.123.tmp", ""),
+        ("ckpt-uploader-notes.txt", None),  # a user's file, not ours
     ],
 )
 def test_default_filter(rel: str, why: str | None) -> None:

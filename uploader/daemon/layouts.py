@@ -252,7 +252,10 @@ class FileFilter:
 
     @staticmethod
     def own_part(part: str) -> bool:
-        return part in STATE_NAMES or part.lstrip(".").startswith(OWN_PREFIX[1:])
+        # ".ckpt-uploader*" and its temporary names ("..ckpt-uploader.status.json.1.tmp")
+        return part in STATE_NAMES or (
+            part.startswith(".") and part.lstrip(".").startswith(OWN_PREFIX[1:])
+        )
 
     def skipped_dir(self, part: str) -> str | None:
         """Why a directory named ``part`` is not entered (None: it is)."""
