@@ -22,6 +22,7 @@ __all__ = [
     "ObjectNotFoundError",
     "IntegrityError",
     "FileChangedError",
+    "PreconditionFailedError",
 ]
 
 
@@ -121,3 +122,9 @@ class IntegrityError(UploaderError):
 class FileChangedError(IntegrityError):
     """A local file changed while it was uploaded: nothing was committed; the new version
     is to be uploaded once complete."""
+
+
+class PreconditionFailedError(UploaderError):
+    """A conditional write found the object changed (or present) since it was read:
+    another writer got there first. Read it again, merge, and write again; retrying
+    the same write cannot succeed."""
