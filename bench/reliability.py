@@ -117,7 +117,9 @@ Every row below is a fault or load case run against real processes on
 loopback: `rclone serve s3` as the object store, the `ckpt-uploader` daemon and
 upload workers as separate processes, real training processes, real signals,
 a real size-limited filesystem, and a fault-injecting TCP proxy
-(`harness/faultproxy.py`) between uploader and server. `make test` runs a
+(`harness/faultproxy.py`) between uploader and server; the two-writer
+cases (8) use moto, Azurite and a local directory, which honour conditional
+writes. `make test` runs a
 shortened form of every case (`tests/scenarios/`);
 `make reliability` runs the full forms below with the same scenario code
 (`harness/reliability/`) and rewrites this file.

@@ -248,7 +248,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 await tg.start(signal_task, lambda: self._request_stop("signal"), self._last_words)
                 await self._recover()
-                tg.start_soon(self._fence)
+                await self._fence()  # before any upload: the probe's scratch object is alone
                 done = anyio.Event()
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
