@@ -128,14 +128,16 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             emit(event="save", step=state.global_step, dir=os.fspath(path))
 
-    class Probe(TrainerCallback):
-        def on_step_begin(self, targs: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == args.remove_bucket_at_step:
-                remove_local_bucket(args.upload_to)
+    cli = args
 
-        def on_step_end(self, targs: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if args.step_sleep:
-                time.sleep(args.step_sleep)
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == cli.remove_bucket_at_step:
+                remove_local_bucket(cli.upload_to)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cli.step_sleep:
+                time.sleep(cli.step_sleep)
 
     callbacks: list[Any] = [SaveReport(), Probe()]
     uploader_cb = None
