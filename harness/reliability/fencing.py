@@ -274,18 +274,20 @@ def scenario_two_writers(
     )
     # In the report's terms: cycles = checkpoints per writer, files = commits in all.
     cycles, files = figures.pop("rounds"), figures.pop("committed")
-    notes = [
-        f"two writer processes, each with its own journal and the daemon's Committer, commit "
-        f"{cycles} checkpoints each to rank 0's pointer at once (interleaved by mtime); a third "
-        "process reads the pointer every 0.1 s; lost = commits missing from the final pointer, "
-        "backwards = reads where latest was older than before; conflicts = writes that lost "
-        "the race and were merged and written again"
-    ]
-    if store == "moto":
+    notes: list[str] = []
+    if store == "moto" and not unfenced:
+        notes.append(
+            f"each case: two writer processes, each with its own journal and the daemon's "
+            f"Committer, commit {cycles} checkpoints each to rank 0's pointer at once "
+            "(interleaved by mtime) while a third process reads it every 0.1 s; lost = commits "
+            "missing from the final pointer; backwards = reads (by any of the three) where "
+            "latest was older than before; conflicts = writes that lost the race and were "
+            "merged and written again"
+        )
         notes.append(
             "moto serves one request at a time here (harness/servers/moto_serial.py): threaded "
             "moto checks If-Match and then writes without a lock, so two conditional PUTs at "
-            "once can both pass (1 commit in 200 was lost that way); AWS S3 decides them "
+            "once can both pass (seen here: 1 of 200 commits lost); AWS S3 decides them "
             "atomically"
         )
     if unfenced:

@@ -375,7 +375,8 @@ class ObjectStore:
         A scratch object ``probe_name`` is created only-if-absent, then written again
         only-if-absent and only-if-version-"1" (both must be refused), then replaced
         with its real version (must succeed), then deleted. Stores that ignore the
-        conditions (rclone serve s3) accept the second and third writes.
+        conditions (rclone serve s3) accept the second and third writes. A backend that
+        enforces them itself (LOCAL) is not asked.
         """
         if self._conditions is not None:
             return self._conditions
@@ -385,6 +386,8 @@ class ObjectStore:
     def _probe_conditions(self, name: str) -> tuple[bool, str]:
         if not self.backend.conditional:
             return False, f"the {self.settings.provider} backend has no conditional writes"
+        if self.backend.enforces_conditions:
+            return True, "the backend enforces the conditions itself"
         try:
             self.put_if(name, b"1", None)
             for expected, what in ((None, "If-None-Match: *"), ("1", "a version mismatch")):

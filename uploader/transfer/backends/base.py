@@ -61,6 +61,8 @@ class Backend(ABC):
     keeps_metadata: bool = True
     #: Whether get_versioned/put_if are implemented (the server may still ignore them).
     conditional: bool = False
+    #: Whether this adapter enforces the conditions itself (no server to ask: LOCAL).
+    enforces_conditions: bool = False
 
     # -- container ---------------------------------------------------------------------
     @abstractmethod

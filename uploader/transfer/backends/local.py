@@ -53,6 +53,7 @@ class LocalBackend(Backend):
     max_part_size = 5 << 30
     max_parts = 10_000
     conditional = True
+    enforces_conditions = True
 
     def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.local import LocalStorageDriver
