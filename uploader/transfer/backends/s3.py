@@ -153,6 +153,12 @@ class S3Backend(S3RequestBackend):
                     f"{what}: another writer changed it since it was read "
                     f"({exc.code or exc.status}); read it again and merge"
                 ) from None
+            if exc.status == 501 or exc.code == "NotImplemented":  # an answer, not a fault
+                raise S3Error(
+                    f"{what}: the store does not implement conditional writes ({exc.code})",
+                    exc.status,
+                    exc.code,
+                ) from None
             raise
         return resp.getheader("ETag")
 
