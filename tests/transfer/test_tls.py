@@ -125,6 +125,13 @@ def test_a_failed_check_is_one_request(tls_s3: dict[str, S3Server]) -> None:
         backend.close()
 
 
+def test_an_endpoint_without_tls_says_so(rclone_s3: S3Server) -> None:
+    if not rclone_s3.alive():
+        rclone_s3.start()
+    with pytest.raises(TLSError, match=r"does not answer TLS.*http://"):
+        _hparams(rclone_s3, "127.0.0.1").initialize_object(retry=PATIENT)
+
+
 def test_missing_ca_bundle_is_a_config_error(
     tmp_path: Path, tls_s3: dict[str, S3Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,6 +59,8 @@ _HOW_TO_TRUST = (
     "?ca_bundle=PATH in the URI, extra_init_kwargs={'ca_bundle': PATH}, or ca_bundle in "
     "the config file's [store]) or set AWS_CA_BUNDLE"
 )
+#: What OpenSSL says when the other end answers a TLS hello with something else (plain HTTP).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure", "HTTP_REQUEST")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -171,7 +173,8 @@ def _ssl_errors(exc: BaseException) -> ssl.SSLError | None:
 def tls_failure(exc: BaseException, endpoint: str, trust: TLSTrust) -> TLSError | None:
     """The TLSError for ``exc`` when a TLS handshake with ``endpoint`` failed for a reason
     retrying cannot fix (the certificate, or an endpoint that does not speak TLS); None
-    for anything else (a connection reset mid-handshake stays transient)."""
+    for anything else, which keeps its usual handling (a connection reset mid-handshake
+    stays transient)."""
     err = _ssl_errors(exc)
     if err is None or isinstance(err, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return None
@@ -191,12 +194,9 @@ def tls_failure(exc: BaseException, endpoint: str, trust: TLSTrust) -> TLSError 
             f"{hint}"
         )
     text = f"{err.reason or ''} {err}"
-    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+    if any(w in text for w in _NOT_TLS):
         return TLSError(
             f"{endpoint} does not answer TLS ({err.reason or err}); if it serves plain "
             "HTTP, give an http:// endpoint (or extra_init_kwargs={'secure': False})"
         )
-    return TLSError(
-        f"the TLS handshake with {endpoint} failed: {err.reason or err}; check that it "
-        f"serves HTTPS on that port, and {_HOW_TO_TRUST}"
-    )
+    return None  # anything else (a record damaged in transit ...) is for the retrier
