@@ -367,7 +367,7 @@ def read_pointer_versioned(
     """The rank's pointer (None when absent) and the version to write it back with."""
     name = pointer_name(prefix, rank)
     try:
-        data, version = store.get_versioned(name)
+        data, version = store.get_versioned(name, max_size=MAX_POINTER_BYTES)
     except ObjectNotFoundError:
         return None, None
     return Pointer.from_json(data, name), version

@@ -352,12 +352,22 @@ class ObjectStore:
         return data
 
     # -- compare-and-swap of small objects ------------------------------------------------
-    def get_versioned(self, object_name: str) -> tuple[bytes, str | None]:
-        """The whole (small) object and its version, for :meth:`put_if`; unverified."""
+    def get_versioned(
+        self, object_name: str, max_size: int | None = None
+    ) -> tuple[bytes, str | None]:
+        """The whole (small) object and its version, for :meth:`put_if`; unverified.
+        ``max_size`` bounds what is read, as for :meth:`get_bytes`."""
         object_name = check_object_name(object_name)
-        return self._call(  # type: ignore[no-any-return]
-            lambda: self.backend.get_versioned(object_name), f"download {object_name}"
+        limit = None if max_size is None else max_size + 1
+        data, version = self._call(
+            lambda: self.backend.get_versioned(object_name, limit), f"download {object_name}"
         )
+        if max_size is not None and len(data) > max_size:
+            raise IntegrityError(
+                f"{object_name} is larger than the {max_size} bytes allowed for it; it was "
+                "not written by ckpt-uploader or is damaged: remove or replace it"
+            )
+        return data, version
 
     def put_if(
         self,

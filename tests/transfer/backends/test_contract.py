@@ -397,3 +397,7 @@ def test_conditional_writes(target: Target, store: ObjectStore) -> None:
     assert store.stat("run/p.json").digest == (want if store.backend.keeps_metadata else None)
     with pytest.raises(ObjectNotFoundError):
         store.get_versioned("run/absent.json")
+    # Read with a bound, as pointers are: a larger object is refused, not read whole.
+    assert store.get_versioned("run/p.json", max_size=3) == (b"two", latest)
+    with pytest.raises(IntegrityError, match="larger than the 2 bytes"):
+        store.get_versioned("run/p.json", max_size=2)

@@ -58,6 +58,7 @@ from uploader.transfer.backends.http import (
     http_time,
     install_request_timeout,
     metadata_from_headers,
+    read_bounded,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
 from uploader.transfer.settings import StoreSettings
@@ -283,13 +284,13 @@ class AzureBackend(LibcloudHTTPBackend):
         return resp
 
     # -- conditional writes ------------------------------------------------------------
-    def get_versioned(self, name: str) -> tuple[bytes, str | None]:
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
         what = f"download {name}"
-        resp = self._request(what, self._path(name), "GET")
+        resp = self._request(what, self._path(name), "GET", stream=True)
         if resp.status_code != 200:
             raise self._fail(what, resp, name)
         try:
-            return resp.content, resp.headers.get("etag")
+            return read_bounded(resp, limit), resp.headers.get("etag")
         finally:
             resp.close()
 

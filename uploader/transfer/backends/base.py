@@ -106,8 +106,11 @@ class Backend(ABC):
         return []
 
     # -- conditional writes ----------------------------------------------------------
-    def get_versioned(self, name: str) -> tuple[bytes, str | None]:  # pragma: no cover
+    def get_versioned(
+        self, name: str, limit: int | None = None
+    ) -> tuple[bytes, str | None]:  # pragma: no cover
         """The whole (small) object and its version; ObjectNotFoundError when absent.
+        With ``limit``, at most that many bytes are read (the caller checks for more).
         The version is None when the store sent none (a later ``put_if`` then cannot
         name it: read again)."""
         raise NotImplementedError

@@ -145,8 +145,8 @@ class LocalBackend(Backend):
     def _version(data: bytes) -> str:
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
-    def get_versioned(self, name: str) -> tuple[bytes, str | None]:
-        data = b"".join(self.read_range(name, 0, None))
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        data = b"".join(self.read_range(name, 0, limit))
         return data, self._version(data)
 
     def put_if(

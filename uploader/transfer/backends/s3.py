@@ -121,9 +121,15 @@ class S3Backend(S3RequestBackend):
         )
 
     # -- conditional writes ---------------------------------------------------------------
-    def get_versioned(self, name: str) -> tuple[bytes, str | None]:
-        resp, data = self._request("GET", name, f"download {name}")
-        return data, resp.getheader("ETag")
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        resp = self._send("GET", name)
+        try:
+            if resp.status != 200:
+                raise self._error(resp.status, resp.read(), f"download {name}")
+            return (resp.read() if limit is None else resp.read(limit)), resp.getheader("ETag")
+        finally:
+            if not resp.isclosed() or resp.will_close:  # not read to its end: not reusable
+                self._drop_conn()
 
     def put_if(
         self,
