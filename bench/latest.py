@@ -75,9 +75,11 @@ def _fetch(hp: ObjectStoreHparams, world: int, share: OnceShare | None, dest: Pa
         assert path is not None and path.name == "ep2.pt"
 
 
+LOADER = "ckpt.load (select_latest)"
+FETCH = "fetch_latest"
 ENTRIES: dict[str, Callable[[ObjectStoreHparams, int, OnceShare | None, Path], None]] = {
-    "ckpt.load (select_latest)": _loader,
-    "fetch_latest": _fetch,
+    LOADER: _loader,
+    FETCH: _fetch,
 }
 
 
@@ -120,10 +122,12 @@ def table(rows: Sequence[Row]) -> str:
 def report(rows: Sequence[Row]) -> str:
     by = {(r.entry, r.world, r.way): r.counts["total"] for r in rows}
     worlds = sorted({r.world for r in rows})
-    ratios = ", ".join(
-        f"W={w}: {by[('fetch_latest', w, 'alone')] / by[('fetch_latest', w, 'shared')]:.1f}x"
-        for w in worlds
-    )
+
+    def ratios(entry: str) -> str:
+        return ", ".join(
+            f"W={w}: {by[(entry, w, 'alone')] / by[(entry, w, 'shared')]:.1f}x" for w in worlds
+        )
+
     return (
         "## Resolving `latest` at scale\n\n"
         "W simulated ranks restore `latest` at once from `rclone serve s3`; every request "
@@ -131,13 +135,17 @@ def report(rows: Sequence[Row]) -> str:
         "reading every rank's pointer (W x W GETs). *shared*: rank 0 resolves and hands the "
         "result to every rank (`ckpt.share_from_rank_zero`, a torch.distributed broadcast; "
         "`ckpt.load` does it whenever a process group of several ranks is initialised, "
-        "`fetch_latest` with `share=`). `fetch_latest` also lists the ranks and downloads "
-        "each rank's file (HEAD, GET), and opens its store (HEAD of the bucket).\n\n"
+        "`fetch_latest` with `share=`). The loader's row is its resolution alone "
+        "(`select_latest` given the world size, as the Trainer calls it; one store, so one "
+        "HEAD of the bucket, for all simulated ranks). `fetch_latest` opens a store per rank "
+        "(HEAD of the bucket), lists the ranks, and downloads each rank's file (HEAD, GET)."
+        "\n\n"
         + table(rows)
         + "\n\n"
         + "Shared, the requests grow as W: for `fetch_latest` about 4 per rank (its store's "
         "HEAD, its pointer read by rank 0, its file's HEAD and GET) plus one listing; alone, "
-        f"as W x W. All requests of `fetch_latest`, alone / shared: {ratios}."
+        f"as W x W. All requests, alone / shared: the loader {ratios(LOADER)}; "
+        f"`fetch_latest` {ratios(FETCH)}."
     )
 
 

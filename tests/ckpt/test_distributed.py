@@ -13,8 +13,10 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from harness.servers.s3 import S3Server
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.servers.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 
