@@ -63,13 +63,15 @@ def commit_world(
     world: int,
     names: Sequence[str],
     data: bytes | None = None,
+    ranks: Iterable[int] | None = None,
 ) -> None:
-    """Commit the single-file checkpoints ``names`` (oldest first) for ranks 0..world-1.
+    """Commit the single-file checkpoints ``names`` (oldest first) for ranks 0..world-1
+    (or only ``ranks``).
 
     With ``data``, each checkpoint's object is uploaded too (its digest recorded), so
     it can be downloaded; without, the entries name objects that do not exist.
     """
-    for rank in range(world):
+    for rank in range(world) if ranks is None else ranks:
         current = None
         for i, name in enumerate(names, 1):
             obj = f"{prefix}/rank_{rank}/{name}"

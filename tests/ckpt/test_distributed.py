@@ -53,27 +53,34 @@ def worker(rank: int, port: int, store_json: str) -> None:
             "samples": ref.timer.sample,
         }
         Path(f"rank{rank}.json").write_text(json.dumps(report))
-        load_latest(rank, store_json)
+        load_latest(rank, store_json, folder / "ba6.pt")
     finally:
         dist.destroy_process_group()
 
 
-def load_latest(rank: int, store_json: str) -> None:
-    """Load ``latest`` with ckpt.load and fetch_latest together with the other rank; a
-    prefix with nothing committed fails on both ranks instead of leaving one waiting."""
+def load_latest(rank: int, store_json: str, saved: Path) -> None:
+    """Commit this rank's checkpoint ``saved`` (directly), then, through the counting
+    proxy, load ``latest`` with ckpt.load and fetch_latest together with the other rank;
+    a prefix with nothing committed fails on both ranks instead of leaving one waiting."""
     import torch
     import torch.distributed as dist
 
     import ckpt
+    from harness.ranks import commit_world
     from uploader import ObjectNotFoundError, ObjectStoreHparams, fetch_latest
 
-    hp = ObjectStoreHparams(**json.loads(store_json))
+    where = json.loads(store_json)
+    with ObjectStoreHparams(**where["direct"]).initialize_object() as store:
+        commit_world(store, "run", 2, ["ep1.pt", "ep2.pt"], saved.read_bytes(), ranks=[rank])
+    dist.barrier()
+    hp = ObjectStoreHparams(**where["proxied"])
     data = ckpt.load("latest", object_store=hp, prefix="run", rank=rank, world_size=2,
                      progress=False)  # fmt: skip
-    assert torch.equal(data["x"], torch.arange(6.0)), data
+    want = torch.load(saved, weights_only=True)
+    assert torch.equal(data["state"]["model"]["l1.weight"], want["state"]["model"]["l1.weight"])
     path = fetch_latest(hp, f"restore{rank}", prefix="run", rank=rank,
                         share=ckpt.share_from_rank_zero)  # fmt: skip
-    assert path is not None and path.name == "ep2.pt", path
+    assert path is not None and path.read_bytes() == saved.read_bytes(), path
     try:
         ckpt.load("latest", object_store=hp, prefix="empty", rank=rank, world_size=2)
     except ObjectNotFoundError as exc:
@@ -86,31 +93,26 @@ def load_latest(rank: int, store_json: str) -> None:
 def test_two_gloo_ranks_resume_exactly_and_resolve_latest_once(
     tmp_path: Path, rclone_s3: S3Server
 ) -> None:
-    import torch
-
-    import ckpt
     from harness.faultproxy import FaultProxy
-    from harness.ranks import commit_world, pointer_requests
+    from harness.ranks import pointer_requests
     from harness.servers.net import free_port
 
     if not rclone_s3.alive():  # a fault test may have left it stopped
         rclone_s3.start()
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     rclone_s3.make_bucket(bucket)
-    saved = ckpt.save({"x": torch.arange(6.0)}, tmp_path / "ep.pt")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with FaultProxy(("127.0.0.1", rclone_s3.port)) as proxy:
-        with rclone_s3.hparams(bucket).initialize_object() as store:
-            commit_world(store, "run", 2, ["ep1.pt", "ep2.pt"], data=saved.read_bytes())
-        fields = {
-            "provider": "s3", "container": bucket, "host": "127.0.0.1", "port": proxy.port,
+        direct = {
+            "provider": "s3", "container": bucket, "host": "127.0.0.1", "port": rclone_s3.port,
             "key_environ": rclone_s3.key_env, "secret_environ": rclone_s3.secret_env,
             "region": "us-east-1",
         }  # fmt: skip
+        where = json.dumps({"direct": direct, "proxied": {**direct, "port": proxy.port}})
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, str(r), str(port), json.dumps(fields)],
+                [sys.executable, __file__, str(r), str(port), where],
                 cwd=tmp_path,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -134,7 +136,6 @@ def test_two_gloo_ranks_resume_exactly_and_resolve_latest_once(
     # rank 0 alone read the pointers: 2 for ckpt.load, 2 (and one listing) for
     # fetch_latest, 1 for the empty prefix; ranks resolving alone would read 10
     assert (counts["pointer"], counts["list"]) == (5, 1), counts
-    assert (tmp_path / "restore1" / "ep2.pt").read_bytes() == saved.read_bytes()
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     dirs = [Path(r["run_directory"]) for r in reports]
     assert [d.name for d in dirs] == ["rank_0", "rank_1"]
