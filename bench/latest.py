@@ -16,7 +16,7 @@ Two entry points: the loader's (``select_latest``, what ``ckpt.load("latest")``
 resolves with; the world size given, no listing) and ``fetch_latest`` (lists the
 ranks, then downloads each rank's small file: a HEAD and a GET).
 
-:func:`measure` and :func:`table` are importable (``bench.restore`` shows the same
+:func:`measure` and :func:`table` are importable (``bench.restore`` can show the same
 table as its part (c)); ``python -m bench.latest`` writes the ``latest`` section of
 docs/benchmarks.md.
 
