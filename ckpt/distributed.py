@@ -8,7 +8,8 @@ checkpoint even while uploads are still committing newer ones.
 
 Every rank of the default process group must call it together, as with any
 collective; :func:`default_share` returns it only when a process group with more
-than one rank is initialised.
+than one rank is initialised. With NCCL, set each rank's CUDA device first
+(``torch.cuda.set_device``), as ``broadcast_object_list`` requires.
 
 Example::
 
