@@ -32,6 +32,12 @@ manifest lies inside the checkpoint and a file's names only the file; and
 :func:`resolve_latest` takes an entry only if its objects are where its rank's pointer
 is (``{prefix}/rank_N/{name}``).
 
+Resolving ``latest`` reads one pointer per rank (W GETs). When W ranks restore at
+once, each resolving it alone would make W x W GETs; :func:`select_latest` takes a
+``share`` function instead (:data:`Share`) that resolves once and hands the result
+to every rank (``ckpt.share_from_rank_zero`` does it with a torch.distributed
+broadcast), so a restart costs O(W) requests in total.
+
 Writes are compare-and-swap where the store honours conditions
 (:func:`fencing`): :func:`update_pointer` writes the merged pointer only while the
 object still has the version it was merged from (S3/Azure ETag, GCS generation,
@@ -53,7 +59,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from uploader.config.hparams import join_key, listing_prefix
 from uploader.errors import (
@@ -85,6 +91,7 @@ __all__ = [
     "CONFLICT_ATTEMPTS",
     "resolve_latest",
     "LatestSelection",
+    "Share",
     "latest_prefix",
     "select_latest",
     "list_ranks",
@@ -107,6 +114,10 @@ MAX_POINTER_BYTES = 64 << 20
 #: The longest part of a name (the file systems' NAME_MAX), and the longest name, in bytes.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
+_T = TypeVar("_T")
+#: Runs the function it is given on one process of a job and returns that result (or
+#: raises that error) on every process that calls it: how ranks resolve ``latest`` once.
+Share = Callable[[Callable[[], _T]], _T]
 _RANK = re.compile(r"(?:^|/)rank_(\d+)/" + re.escape(POINTER_FILE) + "$")
 
 
@@ -481,14 +492,23 @@ def list_ranks(store: ObjectStore, prefix: str) -> list[int]:
 
 
 def resolve_latest(
-    store: ObjectStore, prefix: str, world_size: int | None = None
+    store: ObjectStore,
+    prefix: str,
+    world_size: int | None = None,
+    *,
+    listed: Iterable[int] | None = None,
 ) -> dict[int, PointerEntry]:
     """The newest checkpoint every rank has committed, as rank -> entry.
 
     ``world_size`` says how many ranks must agree; by default, every rank that has
-    a pointer. Raises ObjectNotFoundError (with what to do) when nothing qualifies.
+    a pointer (``listed``, when the caller has just listed them; else listed here).
+    Raises ObjectNotFoundError (with what to do) when nothing qualifies.
     """
-    ranks: Iterable[int] = range(world_size) if world_size else list_ranks(store, prefix)
+    ranks: Iterable[int]
+    if world_size:
+        ranks = range(world_size)
+    else:
+        ranks = list_ranks(store, prefix) if listed is None else listed
     pointers: dict[int, Pointer] = {}
     for r in ranks:
         p = read_pointer(store, prefix, r)
@@ -564,12 +584,25 @@ class LatestSelection:
 
 
 def select_latest(
-    store: ObjectStore, name: str, world_size: int | None = None, rank: int | None = None
+    store: ObjectStore,
+    name: str,
+    world_size: int | None = None,
+    rank: int | None = None,
+    share: Share[dict[int, PointerEntry]] | None = None,
 ) -> LatestSelection | None:
     """Resolve ``name`` when it asks for ``latest`` (see :func:`latest_prefix`); None
     when it names something else. ``world_size`` and the errors are those of
-    :func:`resolve_latest`; ``rank`` picks one rank's entry (see ``chosen``)."""
+    :func:`resolve_latest`; ``rank`` picks one rank's entry (see ``chosen``).
+
+    With ``share``, every rank of a job calls this together and the pointers are read
+    once, by the process ``share`` picks: W ranks make W GETs in all, not W x W, and
+    they all get the same answer even while uploads still commit.
+    """
     prefix = latest_prefix(name)
     if prefix is None:
         return None
-    return LatestSelection(prefix, resolve_latest(store, prefix, world_size), rank)
+
+    def resolve() -> dict[int, PointerEntry]:
+        return resolve_latest(store, prefix, world_size)
+
+    return LatestSelection(prefix, share(resolve) if share else resolve(), rank)
