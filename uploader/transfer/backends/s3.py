@@ -19,8 +19,9 @@ its downloads read whole objects into memory.
   store's part buffer, without copies.
 * Downloads stream ranged GETs in ``chunk_size`` pieces. Servers that answer a
   range with 200 and ``Content-Range``, or with the whole object, are handled.
-* Listings page through ListObjectsV2 (``list_page_size`` keys a page) and
-  ListMultipartUploads.
+* Listings page through ListObjectsV2 (``list_page_size`` keys a page),
+  ListMultipartUploads and ListParts (what an unfinished upload holds, for resuming;
+  NoSuchUpload means the store forgot it).
 
 Endpoint, TLS, timeout and error mapping: see :mod:`uploader.transfer.backends.s3request`.
 
@@ -39,7 +40,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from uploader.errors import ConfigError, ContainerNotFoundError, ObjectNotFoundError
-from uploader.transfer.backends.base import ObjectInfo, PartToken
+from uploader.transfer.backends.base import HeldPart, ObjectInfo, PartToken
 from uploader.transfer.backends.http import http_time, iso_time, metadata_from_headers, range_value
 from uploader.transfer.backends.s3request import (
     TRANSIENT_CODES,
@@ -73,6 +74,7 @@ class S3Backend(S3RequestBackend):
     max_part_size = 5 << 30
     min_part_size = 5 << 20
     keeps_metadata = True
+    resumable = True
 
     def __init__(self, settings: StoreSettings, *, list_page_size: int = 1000) -> None:
         if not 1 <= list_page_size <= 1000:
@@ -191,6 +193,33 @@ class S3Backend(S3RequestBackend):
             if um:
                 params["upload-id-marker"] = um
         return out
+
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        held: dict[int, HeldPart] = {}
+        params = {"uploadId": upload_id, "max-parts": "1000"}
+        for _ in range(100):  # 10,000 parts at most, 1000 a page
+            try:
+                _, body = self._request("GET", name, f"list parts of {name}", params=params)
+            except ObjectNotFoundError:  # NoSuchUpload: completed, aborted or forgotten
+                return None
+            root = parse_xml(body)
+            if root is None:
+                break
+            for part in root.iter("Part"):
+                number, etag = part.findtext("PartNumber"), part.findtext("ETag")
+                if number and etag:
+                    held[int(number) - 1] = HeldPart(int(part.findtext("Size") or 0), etag)
+            marker = root.findtext("NextPartNumberMarker")
+            if (root.findtext("IsTruncated") or "").lower() != "true" or not marker:
+                break
+            params = {"uploadId": upload_id, "max-parts": "1000", "part-number-marker": marker}
+        return held
+
+    def part_etag(self, token: PartToken) -> str:
+        return str(token[1])
+
+    def part_token(self, index: int, etag: str) -> PartToken:
+        return (index + 1, etag)
 
     # -- reading --------------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
