@@ -50,7 +50,9 @@ from uploader.transfer.digest import (
     DIGEST_SUFFIX,
     Digest,
     PartHasher,
+    combine_parts,
     digest_record,
+    parse_digest_record,
 )
 from uploader.transfer.files import pread_exact
 from uploader.transfer.parts import PartPool
@@ -157,6 +159,8 @@ class Uploader:
         found = None
         if resume is not None:
             found = self._resumable(name, size, part_size, mtime_ns, resume, hasher.count)
+        if isinstance(found, Digest):  # completed before the last process was killed
+            return found, hasher.count
         if found is not None:
             upload_id, kept = found
             backend.reopen(name, upload_id, meta)
@@ -226,9 +230,10 @@ class Uploader:
 
     def _resumable(
         self, name: str, size: int, part_size: int, mtime_ns: int, resume: Resume, count: int
-    ) -> tuple[str, dict[int, PartRecord]] | None:
+    ) -> tuple[str, dict[int, PartRecord]] | Digest | None:
         """The recorded session of ``name`` to continue, and the parts the store holds as
-        recorded; None (the session aborted and forgotten) when it cannot continue."""
+        recorded; None (the session aborted and forgotten) when it cannot continue; the
+        digest when the session was completed, with this file's recorded parts."""
         prior = resume.sessions.session(name)
         if prior is None:
             return None
@@ -245,6 +250,11 @@ class Uploader:
         backend = self.backend
         held = self.call(lambda: backend.list_parts(name, prior.upload_id), f"list parts of {name}")
         if held is None:
+            done = self._completed(name, prior, count)
+            if done is not None:
+                log.info("the upload of %s was completed before a restart; not sent again", name)
+                resume.sessions.end_session(name, prior.upload_id)
+                return done
             log.warning(
                 "the store no longer knows the upload of %s begun at %s (completed, aborted, "
                 "expired, or forgotten by a server restart); sending it again from the start",
@@ -270,6 +280,27 @@ class Uploader:
             else "",
         )
         return prior.upload_id, kept
+
+    def _completed(self, name: str, prior: Session, count: int) -> Digest | None:
+        """The digest of ``name`` when the store holds it as the completed ``prior``
+        session: every part recorded, and the object's size and digest record those
+        the recorded part hashes give (the record is written after completion)."""
+        if sorted(prior.parts) != list(range(count)):
+            return None
+        digest = combine_parts(
+            (bytes.fromhex(prior.parts[i].sha256) for i in range(count)),
+            prior.size,
+            prior.part_size,
+        )
+        try:
+            body = b"".join(self.backend.read_range(name + DIGEST_SUFFIX, 0, None))
+            recorded, recorded_size = parse_digest_record(body)
+            info = self.backend.stat(name)
+        except Exception:  # absent, unreadable: not known to be complete
+            return None
+        if recorded == digest and recorded_size == prior.size == info.size:
+            return digest
+        return None
 
     def _drop_session(
         self, name: str, resume: Resume, why: str, prior: Session | None = None
