@@ -8,7 +8,8 @@ functions with small counts and assert on the figures.
 
 Modules: ``common`` (results, audits, the daemon process, checkpoint writers),
 ``proxy`` (store outage, faulty network), ``process`` (kill -9, SIGKILLed training,
-slow writer), ``disk`` (full disk, corrupted object), ``load`` (many ranks).
+slow writer), ``disk`` (full disk, corrupted object), ``load`` (many ranks),
+``resume`` (kill -9 mid-upload: resumable uploads on each store).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from harness.reliability.process import (
     scenario_trainer_sigkill,
 )
 from harness.reliability.proxy import scenario_proxy_faults, scenario_server_down
+from harness.reliability.resume import scenario_resume_kill
 
 __all__ = [
     "ROOT",
@@ -58,6 +60,7 @@ __all__ = [
     "scenario_disk_full_late_start",
     "scenario_kill9",
     "scenario_load",
+    "scenario_resume_kill",
     "scenario_proxy_faults",
     "scenario_server_down",
     "scenario_slow_writer",

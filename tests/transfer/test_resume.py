@@ -73,7 +73,7 @@ def test_a_retried_attempt_sends_only_the_missing_parts(target: Target, tmp_path
         _check(store, src, name, tmp_path)
 
 
-@pytest.mark.parametrize("target", ["moto", "local"], indirect=True)
+@pytest.mark.parametrize("target", ["local"], indirect=True)
 def test_verify_resumed_rehashes_kept_parts(target: Target, tmp_path: Path) -> None:
     store = target.store(concurrency=1)
     part = store.part_size
@@ -96,7 +96,7 @@ def test_verify_resumed_rehashes_kept_parts(target: Target, tmp_path: Path) -> N
         _check(store, src, name, tmp_path)
 
 
-@pytest.mark.parametrize("target", ["rclone", "azurite", "local"], indirect=True)
+@pytest.mark.parametrize("target", ["azurite", "local"], indirect=True)
 def test_a_changed_file_is_sent_whole_from_its_new_content(target: Target, tmp_path: Path) -> None:
     store = target.store(concurrency=2)
     part = store.part_size
@@ -134,7 +134,7 @@ def test_a_part_held_with_another_etag_is_sent_again(target: Target, tmp_path: P
         _check(store, src, name, tmp_path)
 
 
-@pytest.mark.parametrize("target", ["moto", "rclone"], indirect=True)
+@pytest.mark.parametrize("target", ["rclone"], indirect=True)
 def test_a_session_the_store_forgot_starts_from_zero(
     target: Target, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -147,11 +147,9 @@ def test_a_session_the_store_forgot_starts_from_zero(
         _interrupted(store, src, name, resume, parts=2)
         session = journal.sessions.session(name)
         assert session is not None
-        if target.kind == "rclone":  # rclone serve s3 keeps uploads in memory only
-            target.server.stop()
-            target.server.start()
-        else:  # aborted behind the uploader's back (or expired by a lifecycle rule)
-            store.backend.abort(name, session.upload_id)
+        # rclone serve s3 keeps multipart uploads in memory only: a restart forgets them.
+        target.server.stop()
+        target.server.start()
         sent: list[int] = []
         with caplog.at_level(logging.INFO, "uploader.transfer.upload"):
             result = store.upload_file(src, name, progress=sent.append, resume=resume)
