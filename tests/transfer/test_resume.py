@@ -158,3 +158,30 @@ def test_a_session_the_store_forgot_starts_from_zero(
         _check(store, src, name, tmp_path)
         forgot = [r for r in caplog.records if "no longer knows" in r.getMessage()]
         assert len(forgot) == 1
+
+
+@pytest.mark.parametrize("target", ["moto", "azurite"], indirect=True)
+def test_an_upload_completed_before_a_kill_is_not_sent_again(
+    target: Target, tmp_path: Path
+) -> None:
+    """The store completed the upload, but the process died before it heard so (and
+    before it wrote the digest record)."""
+    store = target.store(concurrency=2)
+    part = store.part_size
+    src = write_random(tmp_path / "f.bin", 3 * part + 5, seed=9)
+    name = "run/rank_0/done.bin"
+    with Journal.open(tmp_path / "state") as journal, store:
+        resume = Resume(journal.sessions)
+        _interrupted(store, src, name, resume, parts=4)
+        session = journal.sessions.session(name)
+        assert session is not None and len(session.parts) == 4
+        b = store.backend
+        b.reopen(name, session.upload_id, {})
+        b.complete(
+            name, session.upload_id, [b.part_token(i, session.parts[i].etag) for i in range(4)]
+        )
+        sent: list[int] = []
+        result = store.upload_file(src, name, progress=sent.append, resume=resume)
+        assert sent == []
+        assert result.digest == file_digest(src, part) == store.stat(name).digest
+        _check(store, src, name, tmp_path)

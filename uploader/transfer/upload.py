@@ -255,7 +255,8 @@ class Uploader:
                 log.info("the upload of %s was completed before a restart; not sent again", name)
                 resume.sessions.end_session(name, prior.upload_id)
                 return done
-            log.warning(
+            log.log(
+                logging.WARNING if prior.parts else logging.DEBUG,
                 "the store no longer knows the upload of %s begun at %s (completed, aborted, "
                 "expired, or forgotten by a server restart); sending it again from the start",
                 name,
@@ -283,8 +284,10 @@ class Uploader:
 
     def _completed(self, name: str, prior: Session, count: int) -> Digest | None:
         """The digest of ``name`` when the store holds it as the completed ``prior``
-        session: every part recorded, and the object's size and digest record those
-        the recorded part hashes give (the record is written after completion)."""
+        session: every part recorded, the object's size the recorded one, and either its
+        digest record (written after completion) names the digest the recorded part
+        hashes give, or the store says it was completed from exactly the recorded parts
+        (the digest record is then written)."""
         if sorted(prior.parts) != list(range(count)):
             return None
         digest = combine_parts(
@@ -292,15 +295,27 @@ class Uploader:
             prior.size,
             prior.part_size,
         )
+        backend = self.backend
         try:
-            body = b"".join(self.backend.read_range(name + DIGEST_SUFFIX, 0, None))
-            recorded, recorded_size = parse_digest_record(body)
-            info = self.backend.stat(name)
-        except Exception:  # absent, unreadable: not known to be complete
+            if backend.stat(name).size != prior.size:
+                return None
+        except Exception:  # absent or unreadable: not known to be complete
             return None
-        if recorded == digest and recorded_size == prior.size == info.size:
-            return digest
-        return None
+        try:
+            body = b"".join(backend.read_range(name + DIGEST_SUFFIX, 0, None))
+            recorded, recorded_size = parse_digest_record(body)
+            if recorded == digest and recorded_size == prior.size:
+                return digest
+        except Exception:  # no digest record yet: ask the store how it was completed
+            pass
+        tokens = [backend.part_token(i, prior.parts[i].etag) for i in range(count)]
+        try:
+            if not backend.completed_from(name, prior.upload_id, tokens):
+                return None
+        except Exception:
+            return None
+        self.write_digest_record(name, prior.size, digest)
+        return digest
 
     def _drop_session(
         self, name: str, resume: Resume, why: str, prior: Session | None = None

@@ -325,8 +325,8 @@ class AzureBackend(LibcloudHTTPBackend):
             what, self._path(name), "GET", {"comp": "blocklist", "blocklisttype": "uncommitted"}
         )
         if resp.status_code == 404 and resp.headers.get("x-ms-error-code") != "ContainerNotFound":
-            resp.close()  # no blob and no block: nothing held
-            return {}
+            resp.close()  # no blob and no block
+            return None
         if resp.status_code != 200:
             raise self._fail(what, resp, name)
         try:
@@ -345,7 +345,24 @@ class AzureBackend(LibcloudHTTPBackend):
                 continue  # a block of another writer
             if text.startswith(mine) and text[len(mine) :].isdigit():
                 held[int(text[len(mine) :])] = HeldPart(int(size), block_id)
-        return held
+        # No block of this upload left: committed, discarded, or none sent yet.
+        return held or None
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        what = f"list blocks of {name}"
+        resp = self._request(
+            what, self._path(name), "GET", {"comp": "blocklist", "blocklisttype": "committed"}
+        )
+        if resp.status_code != 200:
+            resp.close()
+            return False
+        try:
+            root = ET.fromstring(resp.content)
+        except ET.ParseError:
+            return False
+        finally:
+            resp.close()
+        return [b.findtext("Name") for b in root.iter("Block")] == [str(t) for t in tokens]
 
     def reopen(self, name: str, upload_id: str, metadata: Mapping[str, str]) -> None:
         headers = self._headers_for(metadata)

@@ -124,6 +124,11 @@ class Backend(ABC):
     def reopen(self, name: str, upload_id: str, metadata: Mapping[str, str]) -> None:
         """Prepare a resumed upload (begun by an earlier process) for ``complete``."""
 
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        """Whether object ``name`` is this upload completed from exactly these parts (a
+        ``complete`` whose answer was lost); False where the store cannot tell."""
+        return False
+
     # -- reading -----------------------------------------------------------------------
     @abstractmethod
     def stat(self, name: str) -> ObjectInfo:

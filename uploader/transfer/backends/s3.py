@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -217,6 +218,16 @@ class S3Backend(S3RequestBackend):
 
     def part_etag(self, token: PartToken) -> str:
         return str(token[1])
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        # A multipart object's ETag is the MD5 of its parts' MD5s, "-" the part count
+        # (where part ETags are MD5s): it names the parts it was completed from.
+        try:
+            md5s = b"".join(bytes.fromhex(str(etag).strip('"')) for _, etag in tokens)
+            etag = self.stat(name).etag
+        except (ValueError, ObjectNotFoundError):
+            return False
+        return etag == f"{hashlib.md5(md5s).hexdigest()}-{len(tokens)}"
 
     def part_token(self, index: int, etag: str) -> PartToken:
         return (index + 1, etag)
