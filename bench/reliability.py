@@ -71,6 +71,26 @@ CASES: dict[str, tuple[Callable[..., R.Result], dict[str, Any], dict[str, Any]]]
         {"fs_mib": 8, "width": 384},
     ),
     "corrupt": (R.scenario_corrupt_object, {}, {"width": 600}),
+    "resume_rclone": (
+        R.scenario_resume_kill,
+        {"kind": "rclone", "cycles": 20, "modify_every": 7, "restart_server_every": 10},
+        {"kind": "rclone", "cycles": 3, "restart_server_every": 2},
+    ),
+    "resume_moto": (
+        R.scenario_resume_kill,
+        {"kind": "moto", "cycles": 20, "modify_every": 7},
+        {"kind": "moto", "cycles": 3},
+    ),
+    "resume_azurite": (
+        R.scenario_resume_kill,
+        {"kind": "azurite", "cycles": 20, "modify_every": 7},
+        {"kind": "azurite", "cycles": 3, "modify_every": 2},
+    ),
+    "resume_local": (
+        R.scenario_resume_kill,
+        {"kind": "local", "cycles": 20, "modify_every": 7},
+        {"kind": "local", "cycles": 3, "modify_every": 2},
+    ),
     "load": (
         R.scenario_load,
         {"ranks": 8, "files_per_rank": 50, "size": 4 * MiB},
@@ -130,6 +150,8 @@ def _row(name: str, r: R.Result) -> str:
         ok = ok and f["rewrites_uploaded"] == f["files"]
     if "verified" in f:
         ok = ok and f["verified"] == f["files"]
+    if "within_bound" in f:
+        ok = ok and f["within_bound"] is True and f["unfinished_uploads"] == 0
     if "recorded_after_space_freed" in f:
         ok = ok and f["exit_code"] == 0 and f["uploaded"] == f["files"] >= 2
         ok = ok and f["second_run_exit"] == 0 and f["recorded_after_space_freed"] == f["files"]
