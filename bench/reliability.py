@@ -122,6 +122,16 @@ shortened form of every case (`tests/scenarios/`);
 `make reliability` runs the full forms below with the same scenario code
 (`harness/reliability/`) and rewrites this file.
 
+The *resume after kill -9* rows run the same kind of cycle on each store that
+resumes multipart uploads (`rclone serve s3`, `moto_server`, Azurite, LOCAL):
+the daemon is killed at a random point of a multipart upload, 20 times, and
+restarted each time. *sent* counts the bytes it sent (request bodies through the
+fault proxy; for LOCAL, the bytes the daemon process wrote, read from
+`/proc/PID/io` while it is stopped just before the kill, so they include its
+journal, log and status file); *bound* is every file once, plus `--concurrency`
+parts per kill, plus one whole file for each file rewritten between a kill and
+the restart and each server restart that forgot the session (rclone).
+
 *Lost*: a file written locally whose object is missing from the bucket.
 *Corrupted*: an object whose bytes differ from the local file's sha256, or
 fail the digest recorded at upload. *Retries*: request retries counted by the
