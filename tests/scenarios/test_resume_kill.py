@@ -38,5 +38,5 @@ def test_kill9_mid_upload_resumes(
     r = scenario_resume_kill(tmp_path, kind, cycles=2, server=server, shape=shape, seed=3, **extra)
     assert r["lost"] == 0 and r["corrupted"] == 0, r.figures
     assert r["within_bound"], r.figures
-    assert r["unfinished_uploads"] == 0, r.figures
+    assert r["unfinished_uploads"] in (0, "n/a"), r.figures  # n/a: the store cannot list them
     assert r["kills"] >= 1, r.figures
