@@ -1,7 +1,8 @@
 """Resumable uploads: restart-to-durable time after a kill -9, as a fraction of a whole upload.
 
-One file (1 GiB) is pushed with ``ckpt-uploader push`` to ``rclone serve s3`` on
-loopback at a fixed ``--bwlimit``. A *whole* run pushes it from nothing; a *kill* run
+One file (1 GiB) is pushed with ``ckpt-uploader push`` at a fixed ``--bwlimit`` to
+``rclone serve s3`` on loopback, and to a LOCAL directory (no server: only the
+client's costs). A *whole* run pushes it from nothing; a *kill* run
 pushes it, is SIGKILLed once the journal records the given fraction of the file as
 held by the store, and is started again: its figure is the time from that restart
 to the push's exit (the file verified and its pointer committed), divided by the
@@ -10,8 +11,9 @@ journal. The target: at most the fraction still to send, plus 0.1.
 
 Example::
 
-    python -m bench.resume            # 1 GiB at 40 MiB/s, kills at 25/50/75%
-    python -m bench.resume --quick    # 128 MiB, one round
+    python -m bench.resume                  # 1 GiB at 40 MiB/s, kills at 25/50/75%, both stores
+    python -m bench.resume --store local    # one store
+    python -m bench.resume --quick          # 128 MiB, one round
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -69,7 +72,7 @@ def _push(
 
 
 def _one(
-    server: S3Server,
+    server: S3Server | None,
     work: Path,
     run_dir: Path,
     n: int,
@@ -80,8 +83,12 @@ def _one(
 ) -> dict[str, float]:
     """One run on a fresh bucket and journal: seconds of the (restarted) push."""
     bucket = f"resume{n}"
-    server.make_bucket(bucket)
-    uri = server.uri(bucket, "bench")
+    if server is None:
+        (work / bucket).mkdir()
+        uri = f"file://{work / bucket}?prefix=bench"
+    else:
+        server.make_bucket(bucket)
+        uri = server.uri(bucket, "bench")
     state = work / f"state{n}"
     out: dict[str, float] = {}
     with open(work / f"push{n}.log", "ab") as logf:
@@ -106,14 +113,16 @@ def _one(
     return out
 
 
-def run(size: int, bwlimit: int, rounds: int, part: int, timeout: float) -> dict[str, Any]:
+def run(
+    store: str, size: int, bwlimit: int, rounds: int, part: int, timeout: float
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     run_dir = work / "run"
     write_checkpoint_file(run_dir / "checkpoints" / "ep1.pt", size, seed=1)
     args = ["--bwlimit", str(bwlimit), "--part-size", str(part), "--settle", "0.2"]
     whole: list[float] = []
     kills: dict[float, list[dict[str, float]]] = {f: [] for f in FRACTIONS}
-    server = start_rclone_s3(work / "s3data")
+    server = start_rclone_s3(work / "s3data") if store == "rclone" else None
     n = 0
     try:
         for r in range(rounds):
@@ -126,7 +135,9 @@ def run(size: int, bwlimit: int, rounds: int, part: int, timeout: float) -> dict
                 kills[f].append(k)
                 log.info("round %d kill at %.0f%%: %s", r + 1, f * 100, k)
     finally:
-        server.close()
+        if server is not None:
+            server.close()
+        shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(whole)
     rows = []
     for f in FRACTIONS:
@@ -142,6 +153,7 @@ def run(size: int, bwlimit: int, rounds: int, part: int, timeout: float) -> dict
             }
         )
     return {
+        "store": store,
         "size": size,
         "bwlimit": bwlimit,
         "part": part,
@@ -152,33 +164,41 @@ def run(size: int, bwlimit: int, rounds: int, part: int, timeout: float) -> dict
     }
 
 
-def table(res: dict[str, Any]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
+    first = results[0]
     lines = [
         "## Resumable uploads: restart after kill -9 (`bench/resume.py`)",
         "",
-        f"`ckpt-uploader push` of one {res['size'] // MiB} MiB file to `rclone serve s3` on "
-        f"loopback at `--bwlimit {res['bwlimit'] // MiB}M`, `--part-size "
-        f"{res['part'] // MiB}M`; SIGKILLed once the journal records the fraction below as "
-        "held by the store, then started again. *Restart to durable*: from the second start "
-        "to its exit (verified, pointer committed), as a fraction of a whole push "
-        f"(median of {len(res['whole_runs'])} interleaved whole runs: {res['whole_s']:.1f} s). "
-        f"{res['rounds']} round(s), medians.",
+        f"`ckpt-uploader push` of one {first['size'] // MiB} MiB file at `--bwlimit "
+        f"{first['bwlimit'] // MiB}M`, `--part-size {first['part'] // MiB}M`, to `rclone serve "
+        "s3` on loopback and to a LOCAL directory; SIGKILLed once the journal records the "
+        "fraction below as held by the store, then started again. *Restart to durable*: from "
+        "the second start to its exit (verified, pointer committed), as a fraction of a whole "
+        "push (the median of the whole runs interleaved with the kill runs, each on a fresh "
+        "bucket and journal). *At the limit*: the file's size over the bandwidth limit; the "
+        "rest of a whole push is fixed cost (start-up, the store completing the object, the "
+        "read-back, exit), paid again by the restart.",
         "",
-        "| killed at | held at kill | restart to durable | fraction of a whole push "
-        "| target (remaining + 0.1) | |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| store | whole push (at the limit) | killed at | held at kill | restart to durable "
+        "| fraction of a whole push | target (remaining + 0.1) | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in res["rows"]:
-        ok = "pass" if r["fraction"] <= r["target"] else "**miss**"
-        lines.append(
-            f"| {r['kill_at']:.0%} | {r['held_at_kill']:.0%} | {r['restart_s']:.1f} s | "
-            f"{r['fraction']:.2f} | {r['target']:.2f} | {ok} |"
-        )
+    for res in results:
+        limit = res["size"] / res["bwlimit"]
+        for r in res["rows"]:
+            ok = "pass" if r["fraction"] <= r["target"] else "**miss**"
+            lines.append(
+                f"| {res['store']} | {res['whole_s']:.1f} s ({limit:.1f} s) | {r['kill_at']:.0%} | "
+                f"{r['held_at_kill']:.0%} | {r['restart_s']:.1f} s | {r['fraction']:.2f} | "
+                f"{r['target']:.2f} | {ok} |"
+            )
+    loads = ", ".join(f"{r['store']} {r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in results)
     lines += [
         "",
-        "Before resumable uploads, the restart aborted the session and sent the whole "
-        "file again: a fraction of about 1.0 whatever the kill point (1.03 measured at "
-        "60% with `--bwlimit 40M`).",
+        f"{first['rounds']} round(s) per store, medians; load average during the runs: {loads} "
+        "(2 cores, shared). Before resumable uploads a restart aborted the session and sent "
+        "the whole file again: a fraction of about 1.0 whatever the kill point (1.03 measured "
+        "at 60% with `--bwlimit 40M`).",
     ]
     return "\n".join(lines)
 
@@ -188,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="128 MiB, one round")
+    ap.add_argument("--store", action="append", choices=["rclone", "local"], help="default: both")
     ap.add_argument("--size-mib", type=int)
     ap.add_argument("--bwlimit-mib", type=int, default=40)
     ap.add_argument("--rounds", type=int)
@@ -195,16 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     size = (args.size_mib or (128 if args.quick else 1024)) * MiB
     rounds = args.rounds or 1
-    res = run(size, args.bwlimit_mib * MiB, rounds, 8 * MiB, timeout=600.0)
-    md = table(res)
+    results = []
+    for store in args.store or ["rclone", "local"]:
+        load0 = os.getloadavg()[0]
+        res = run(store, size, args.bwlimit_mib * MiB, rounds, 8 * MiB, timeout=600.0)
+        res["load"] = (load0, os.getloadavg()[0])
+        log.info("raw: %s", json.dumps(res))
+        results.append(res)
+    md = table(results)
     print(md)
-    log.info("raw: %s", json.dumps(res))
     from bench.report import write_section
 
-    cmd = "python -m bench.resume" + (" --quick" if args.quick else "")
-    if args.size_mib or args.rounds or args.bwlimit_mib != 40:
-        cmd = "python -m bench.resume " + " ".join(argv or sys.argv[1:])
-    write_section("resume", md, cmd)
+    given = argv if argv is not None else sys.argv[1:]
+    write_section("resume", md, " ".join(["python -m bench.resume", *given]))
     return 0
 
 
