@@ -269,7 +269,7 @@ def test_with_both_packages_installed_it_is_a_callback_of_both(
     fake.Callback = Callback  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
     monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
-    cls = integration._build()
+    cls = integration.__getattr__.build()
     cb = cls("file:///tmp/some-bucket")
     assert isinstance(cb, Callback) and isinstance(cb, pl.Callback)
     assert type(cb).on_fit_start is integration._LightningUploader.on_fit_start
