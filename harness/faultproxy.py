@@ -15,7 +15,7 @@ decide a fault for every request, with a seeded RNG:
   close the connection.
 
 Responses are relayed unchanged. Every request is recorded (``requests``), with the
-body bytes forwarded for each path (``body_bytes``, cut bodies included). Every
+body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
 injected fault is counted; ``stats()`` returns a snapshot. ``stop()`` closes every
 socket and joins every thread.
 
@@ -211,8 +211,9 @@ class FaultProxy:
         self._accept_thread: threading.Thread | None = None
         #: Every request seen: (time.time(), method, unquoted path without the query).
         self.requests: list[tuple[float, str, str]] = []
-        #: Request body bytes forwarded upstream, by unquoted path (cut bodies included).
-        self.body_bytes: dict[str, int] = {}
+        #: Request body bytes forwarded upstream, by (method, unquoted path) (cut bodies
+        #: included).
+        self.body_bytes: dict[tuple[str, str], int] = {}
         self._path = threading.local()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -367,7 +368,7 @@ class FaultProxy:
                     self.requests.append((time.time(), method, target))
                     self._stats.requests += 1
                     self._stats.methods[method] = self._stats.methods.get(method, 0) + 1
-                self._path.value = target
+                self._path.value = (method, target)
                 has_body = chunked or body_len > 0
                 kind, where = self._decide(method, has_body)
                 if kind == "slowdown":
@@ -413,8 +414,8 @@ class FaultProxy:
         with self._lock:
             self._stats.bytes_up += n
             if body:
-                path = getattr(self._path, "value", "")
-                self.body_bytes[path] = self.body_bytes.get(path, 0) + n
+                key = getattr(self._path, "value", ("", ""))
+                self.body_bytes[key] = self.body_bytes.get(key, 0) + n
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
