@@ -13,6 +13,11 @@ against the digest recorded at upload (the commit pointer entry naming the
 object when there is one, else the object's own record). A mismatch raises
 :class:`uploader.IntegrityError`; nothing is loaded.
 
+``latest`` is resolved from every rank's commit pointer. When a torch.distributed
+process group of several ranks is initialised, rank 0 reads the pointers and
+broadcasts the answer (:mod:`ckpt.distributed`): every rank must then load
+``latest`` together (``distributed=False`` lets each process resolve it alone).
+
 Example::
 
     model.load_state_dict(ckpt.load("runs/.../ep3.pt.zst")["state"]["model"])
@@ -30,13 +35,14 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .codecs import decompress_file, detect_format, extract_tar_member
+from .distributed import default_share
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["load", "read_checkpoint", "local_copy", "resolve_remote", "DEFAULT_CHUNK_SIZE"]
@@ -112,6 +118,7 @@ def read_checkpoint(
     map_location: Any = "cpu",
     verify: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Any:
     """Load a local checkpoint file (any codec, or a tar archive) with weights_only=True."""
     src = Path(path)
@@ -150,16 +157,22 @@ def _store(obj: Any) -> tuple[Any, bool]:
 
 
 def resolve_remote(
-    store: Any, name: str, prefix: str | None, rank: int, world_size: int | None
+    store: Any,
+    name: str,
+    prefix: str | None,
+    rank: int,
+    world_size: int | None,
+    share: Callable[[Callable[[], Any]], Any] | None = None,
 ) -> tuple[str, str | None, int | None]:
-    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``."""
+    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``;
+    ``share`` resolves ``latest`` once for the whole job (see :mod:`ckpt.distributed`)."""
     from uploader.bucket import pointer
     from uploader.errors import UploaderError
 
     name = name.strip("/")
     if pointer.latest_prefix(name) is not None and prefix is not None:
         name = "/".join(p for p in (prefix.strip("/"), name) if p)
-    latest = pointer.select_latest(store, name, world_size, rank)
+    latest = pointer.select_latest(store, name, world_size, rank, share)
     if latest is not None:
         if rank not in latest.chosen:
             raise CheckpointError(
@@ -199,8 +212,10 @@ def local_copy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Iterator[Path]:
-    """Yield a local, verified path for a checkpoint; downloads are removed afterwards."""
+    """Yield a local, verified path for a checkpoint; downloads are removed afterwards.
+    ``distributed``: see :func:`load`."""
     name = str(path_or_uri).replace("{rank}", str(rank))
     if object_store is None and "://" not in name:
         if name == "latest" or name.endswith("/latest"):
@@ -223,7 +238,8 @@ def local_copy(
     store, owned = _store(object_store)
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
-        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size)
+        share = default_share() if distributed else None
+        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
         dest = work / Path(obj).name
         store.download_file(
             obj,
@@ -253,6 +269,7 @@ def load(
     progress: bool = True,
     verify: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Any:
     """Load a checkpoint: what ``torch.load`` returns, for any codec and location.
 
@@ -266,6 +283,10 @@ def load(
         map_location: as for ``torch.load``.
         chunk_size / progress: download chunk size (1 MiB) and progress bar.
         verify: check the zip CRCs of the torch file before loading.
+        distributed: when a torch.distributed process group of several ranks is
+            initialised, ``latest`` is resolved by rank 0 and broadcast, so every
+            rank must load it together; False: this process resolves it alone
+            (one pointer read per rank).
     """
     with local_copy(
         str(path_or_uri),
@@ -276,5 +297,6 @@ def load(
         chunk_size=chunk_size,
         progress=progress,
         tmp_dir=tmp_dir,
+        distributed=distributed,
     ) as path:
         return read_checkpoint(path, map_location=map_location, verify=verify, tmp_dir=tmp_dir)

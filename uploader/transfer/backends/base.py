@@ -16,6 +16,15 @@ Resuming (``resumable = True``): ``list_parts`` says which parts of an unfinishe
 upload the store holds (size and ETag or block id), or that it no longer knows the
 upload; ``part_etag`` / ``part_token`` turn a part's token into the text the
 journal records and back; ``reopen`` prepares a resumed upload for ``complete``.
+
+Conditional writes (compare-and-swap of a small object, for commit pointers):
+``get_versioned`` returns an object with its version (S3 and Azure: the ETag; GCS:
+the generation; LOCAL: the sha256 of its bytes), and ``put_if`` writes only while
+the object still has that version (``None``: only while it does not exist),
+raising :class:`uploader.errors.PreconditionFailedError` otherwise. Backends that
+implement them set ``conditional = True``; a server may still ignore the
+conditions (rclone serve s3 does), which
+:meth:`uploader.transfer.store.ObjectStore.conditions_honoured` finds out.
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ class Backend(ABC):
     keeps_metadata: bool = True
     #: Whether an unfinished multipart upload can be listed and continued.
     resumable: bool = False
+    #: Whether get_versioned/put_if are implemented (the server may still ignore them).
+    conditional: bool = False
+    #: Whether this adapter enforces the conditions itself (no server to ask: LOCAL).
+    enforces_conditions: bool = False
 
     # -- container ---------------------------------------------------------------------
     @abstractmethod
@@ -128,6 +141,29 @@ class Backend(ABC):
         """Whether object ``name`` is this upload completed from exactly these parts (a
         ``complete`` whose answer was lost); False where the store cannot tell."""
         return False
+
+    # -- conditional writes ----------------------------------------------------------
+    def get_versioned(
+        self, name: str, limit: int | None = None
+    ) -> tuple[bytes, str | None]:  # pragma: no cover
+        """The whole (small) object and its version; ObjectNotFoundError when absent.
+        With ``limit``, at most that many bytes are read (the caller checks for more).
+        The version is None when the store sent none (a later ``put_if`` then cannot
+        name it: read again)."""
+        raise NotImplementedError
+
+    def put_if(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes,
+        expected: str | None,
+    ) -> str | None:  # pragma: no cover
+        """Store ``data`` only if the object's version is ``expected`` (None: only if
+        there is no such object); return the new version (None when the store sent
+        none). Raise PreconditionFailedError when the condition does not hold."""
+        raise NotImplementedError
 
     # -- reading -----------------------------------------------------------------------
     @abstractmethod
