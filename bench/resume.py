@@ -196,12 +196,17 @@ def table(results: list[dict[str, Any]]) -> str:
     lines += [
         "",
         f"{first['rounds']} round(s) per store, medians; load average during the runs: {loads} "
-        "(2 cores, shared). The restart pays the whole fixed cost again, so the fraction "
-        "exceeds the remaining fraction by about the fixed cost over a whole push: with "
-        "`rclone serve s3` that is mostly the server joining the parts into one file when the "
-        "upload completes (about 8 s for 1 GiB on this machine under load, seen in the daemon "
-        "log between the last part and `verified`), beyond the 0.1 the target allows; LOCAL "
-        "shows the uploader's own cost. Before resumable uploads a restart aborted the "
+        "(2 cores, shared). The restart pays the fixed cost again (here: "
+        + ", ".join(
+            f"{r['store']} {r['whole_s'] - r['size'] / r['bwlimit']:.1f} s" for r in results
+        )
+        + " of a whole push), and sends again the parts in flight at the kill (up to "
+        "`--concurrency` parts: 32 MiB, 0.8 s at the limit), so its fraction exceeds the "
+        "remaining fraction by their share of a whole push; with `rclone serve s3` the fixed "
+        "cost is mostly the server joining the parts into one file when the upload "
+        "completes, and grows with the machine's load (about 8 s for 1 GiB at a load average "
+        "of 12 in an earlier run). LOCAL shows the uploader's own cost. Before resumable "
+        "uploads a restart aborted the "
         "session and sent "
         "the whole file again: a fraction of about 1.0 whatever the kill point (1.03 measured "
         "at 60% with `--bwlimit 40M`).",
