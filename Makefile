@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) -m bench.stall
 	$(PY) -m bench.daemon
 	$(PY) -m bench.integrations
+	$(PY) -m bench.resume
 
 reliability: $(STAMP) $(NODE_STAMP)
 	$(PY) -m bench.reliability

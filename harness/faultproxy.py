@@ -14,8 +14,10 @@ decide a fault for every request, with a seeded RNG:
   ``<Error><Code>SlowDown</Code>`` body without forwarding the request, and
   close the connection.
 
-Responses are relayed unchanged. Every injected fault is counted; ``stats()``
-returns a snapshot. ``stop()`` closes every socket and joins every thread.
+Responses are relayed unchanged. Every request is recorded (``requests``), with the
+body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
+injected fault is counted; ``stats()`` returns a snapshot. ``stop()`` closes every
+socket and joins every thread.
 
 Example::
 
@@ -209,6 +211,10 @@ class FaultProxy:
         self._accept_thread: threading.Thread | None = None
         #: Every request seen: (time.time(), method, unquoted path without the query).
         self.requests: list[tuple[float, str, str]] = []
+        #: Request body bytes forwarded upstream, by (method, unquoted path) (cut bodies
+        #: included).
+        self.body_bytes: dict[tuple[str, str], int] = {}
+        self._path = threading.local()
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -362,6 +368,7 @@ class FaultProxy:
                     self.requests.append((time.time(), method, target))
                     self._stats.requests += 1
                     self._stats.methods[method] = self._stats.methods.get(method, 0) + 1
+                self._path.value = (method, target)
                 has_body = chunked or body_len > 0
                 kind, where = self._decide(method, has_body)
                 if kind == "slowdown":
@@ -403,9 +410,12 @@ class FaultProxy:
             if pipe is not None and pipe is not threading.current_thread():
                 pipe.join(5.0)
 
-    def _count_up(self, n: int) -> None:
+    def _count_up(self, n: int, body: bool = False) -> None:
         with self._lock:
             self._stats.bytes_up += n
+            if body:
+                key = getattr(self._path, "value", ("", ""))
+                self.body_bytes[key] = self.body_bytes.get(key, 0) + n
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
@@ -432,7 +442,7 @@ class FaultProxy:
                 stall_at = None
             data = reader.read_some(min(want, _CHUNK))
             up.sendall(data)
-            self._count_up(len(data))
+            self._count_up(len(data), body=True)
             sent += len(data)
         return stop_at is None or stop_at >= length
 

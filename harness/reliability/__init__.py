@@ -9,7 +9,8 @@ functions with small counts and assert on the figures.
 Modules: ``common`` (results, audits, the daemon process, checkpoint writers),
 ``proxy`` (store outage, faulty network), ``process`` (kill -9, SIGKILLed training,
 slow writer), ``disk`` (full disk, corrupted object), ``load`` (many ranks), ``fencing``
-(two uploaders committing one rank's pointer).
+(two uploaders committing one rank's pointer), ``resume`` (kill -9 mid-upload: resumable
+uploads on each store).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from harness.reliability.process import (
     scenario_trainer_sigkill,
 )
 from harness.reliability.proxy import scenario_proxy_faults, scenario_server_down
+from harness.reliability.resume import scenario_resume_kill
 
 __all__ = [
     "ROOT",
@@ -60,6 +62,7 @@ __all__ = [
     "scenario_disk_full_late_start",
     "scenario_kill9",
     "scenario_load",
+    "scenario_resume_kill",
     "scenario_proxy_faults",
     "scenario_server_down",
     "scenario_slow_writer",

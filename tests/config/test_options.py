@@ -70,6 +70,7 @@ watch_options_strategy = st.builds(
     bwlimit=st.none() | st.integers(min_value=1, max_value=1 << 40),
     nice=st.none() | st.integers(min_value=-20, max_value=19),
     create_container=st.booleans(),
+    verify_resumed=st.booleans(),
 )
 
 _json = st.recursive(

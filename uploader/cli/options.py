@@ -247,6 +247,14 @@ def add_watch_options(p: argparse.ArgumentParser, push: bool = False) -> None:
         help="create the bucket or container when missing "
         f"(default: {_shown(d.create_container)}; missing is exit {int(ExitCode.CONFIG)})",
     )
+    g.add_argument(
+        "--verify-resumed",
+        action="store_true",
+        default=None,
+        help="when an interrupted multipart upload resumes, read and hash again the parts "
+        "the store already holds instead of trusting their recorded hashes "
+        f"(default: {_shown(d.verify_resumed)})",
+    )
     g = p.add_argument_group("lifecycle and reporting")
     g.add_argument(
         "--drain-timeout",

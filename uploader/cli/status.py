@@ -3,7 +3,9 @@
 Reads the journal read-only, so it works while the uploader daemon runs, and the
 daemon's last status report (``STATE_DIR/.ckpt-uploader.status.json``) when there is
 one: its state, the checkpoints it committed, the checkpoints not committed and why,
-and the files in RUN_DIR it does not upload and why.
+and the files in RUN_DIR it does not upload and why. Unfinished multipart uploads
+the journal records are listed as resumable, with the bytes the store already holds
+(parts it confirmed): a restarted ``watch`` or ``push`` sends only the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def register(sub: Any) -> None:
         "status",
         help="what the journal of RUN_DIR says",
         description="Counts (pending, uploading, done, failed), bytes, rate and the last "
-        "error, from the journal of RUN_DIR (works while the daemon runs); with the "
+        "error, from the journal of RUN_DIR (works while the daemon runs); resumable "
+        "uploads and the bytes the store already holds of them; with the "
         "daemon's last report: checkpoints committed, not committed (and why), and files "
         "left out (and why).",
         epilog=EXIT_CODES,
@@ -64,8 +67,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                 }
                 for r in journal.records()
             ]
+        sessions = journal.sessions.all()
     finally:
         journal.close()
+    body["resumable"] = [
+        {
+            "object": s.object,
+            "size": s.size,
+            "part_size": s.part_size,
+            "parts_held": len(s.parts),
+            "bytes_held": s.bytes_held,
+            "started_at": s.started_at,
+        }
+        for s in sessions
+    ]
+    body["bytes_held"] = sum(s.bytes_held for s in sessions)
     report = StatusReport.read(state_dir / STATUS_FILE)
     if report is not None:
         body["daemon"] = {
@@ -90,6 +106,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if totals.last_error:
             print(f"last error: {redact(totals.last_error)}")
+        if sessions:
+            print(
+                f"resumable {len(sessions)} upload(s): the store holds "
+                f"{format_bytes(body['bytes_held'])} of "
+                f"{format_bytes(sum(s.size for s in sessions))}"
+            )
+            for s in sessions:
+                print(
+                    f"  {s.object}: {format_bytes(s.bytes_held)} of {format_bytes(s.size)} "
+                    f"({len(s.parts)} of {-(-s.size // s.part_size)} parts)"
+                )
         if report is not None:
             _print_report(report)
         for f in body.get("files", []):

@@ -125,6 +125,7 @@ def engine_options(
         keep_local=options.keep_local,
         keep_remote=options.keep_remote,
         bwlimit=options.bwlimit or 0,
+        verify_resumed=options.verify_resumed,
         progress=progress,
     )
 

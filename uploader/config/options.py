@@ -72,6 +72,7 @@ class WatchOptions:
     bwlimit: int | None = None
     nice: int | None = None
     create_container: bool = False
+    verify_resumed: bool = False
 
     @classmethod
     def resolve(
@@ -160,7 +161,7 @@ def _checked(key: str, value: Any) -> Any:
         return parse_bytes(value) or None
     if key in ("state_dir", "status_file"):
         return Path(value)
-    return bool(value)  # exit_when_idle, create_container
+    return bool(value)  # exit_when_idle, create_container, verify_resumed
 
 
 def _flag(key: str, value: Any) -> str:

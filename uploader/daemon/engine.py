@@ -105,6 +105,7 @@ class EngineOptions:
         status_file: JSON status rewritten every second.
         keep_local / keep_remote: retention (None: keep everything).
         bwlimit: bytes per second for all uploads together (0: no limit).
+        verify_resumed: read and hash again the parts a resumed upload keeps.
         progress: draw tqdm bars.
     """
 
@@ -127,6 +128,7 @@ class EngineOptions:
     keep_local: int | None
     keep_remote: int | None
     bwlimit: int
+    verify_resumed: bool
     progress: bool
 
     def pause(self, attempt: int) -> float:
@@ -303,6 +305,7 @@ class Engine:
         for rec in await self.call(self.journal.recover):
             log.info("resuming interrupted upload path=%s object=%s", rec.path, rec.object)
             await self.uploads.abort_stale(rec)
+        await self.uploads.abort_orphans()
 
     async def _resume(self) -> None:
         """Before the start-up scan: commit what was verified, queue what is pending."""

@@ -12,6 +12,11 @@ States::
                          -> pending   (a failed attempt that will be retried)
                          -> failed    (retries exhausted; reported, retried at next start)
 
+Multipart sessions and their confirmed parts are recorded too
+(:mod:`uploader.daemon.sessions`, ``journal.sessions``), so an interrupted upload
+resumes. A journal of an earlier version is upgraded when it is opened for
+writing (:data:`JOURNAL_VERSION`).
+
 Only one daemon may use a journal at a time: :meth:`Journal.open` takes an
 inter-process lock beside it and raises ConfigError when another holds it.
 
@@ -42,6 +47,7 @@ from uploader.daemon.journal_db import (
     make_reserve,
     room,
 )
+from uploader.daemon.sessions import SESSIONS_SCHEMA, JournalSessions
 from uploader.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ __all__ = [
     "FileRecord",
     "Totals",
     "JOURNAL_NAME",
+    "JOURNAL_VERSION",
     "LOCK_NAME",
     "STATE_NAMES",
     "journal_path",
@@ -73,8 +80,11 @@ STATE_NAMES = frozenset(
     }
 )
 STATES = ("pending", "uploading", "done", "failed")
+#: The schema version: 0 had the files table only; 1 added sessions and parts.
+JOURNAL_VERSION = 1
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS files (
     path        TEXT PRIMARY KEY,   -- relative to the run directory
     rank        INTEGER NOT NULL,
@@ -96,6 +106,8 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_rank_name ON files(rank, name);
 """
+    + SESSIONS_SCHEMA
+)
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,10 @@ class Journal:
     def __init__(self, path: Path, lock: Any = None, readonly: bool = False) -> None:
         self.path = path
         self._lock = lock
-        self._conn = JournalDb(path, _SCHEMA, readonly)
+        self._conn = JournalDb(path, _SCHEMA, readonly, JOURNAL_VERSION)
+        #: Multipart sessions, for callers holding the journal's lock (the upload
+        #: threads use ``sessions.locked(lock)``).
+        self.sessions = JournalSessions(self._conn)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -239,6 +254,9 @@ class Journal:
             )
         try:
             return cls(journal_path(state), lock)
+        except ConfigError:
+            lock.release()
+            raise
         except sqlite3.Error as exc:
             lock.release()
             if room(state) < RESERVE_BYTES:
@@ -303,6 +321,13 @@ class Journal:
         row = self._db.execute(
             "SELECT * FROM files WHERE rank = ? AND name = ? ORDER BY updated_at DESC",
             (rank, name),
+        ).fetchone()
+        return FileRecord.from_row(row) if row else None
+
+    def find_object(self, object_name: str) -> FileRecord | None:
+        """The record of the file uploaded as ``object_name``."""
+        row = self._db.execute(
+            "SELECT * FROM files WHERE object = ? ORDER BY updated_at DESC", (object_name,)
         ).fetchone()
         return FileRecord.from_row(row) if row else None
 

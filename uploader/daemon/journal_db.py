@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uploader.errors import UploaderError
+from uploader.errors import ConfigError, UploaderError
 
 __all__ = ["JournalDb", "JournalFullError", "RESERVE_NAME", "RESERVE_BYTES", "make_reserve", "room"]
 
@@ -91,13 +91,17 @@ class JournalDb:
 
     Args:
         path: the sqlite file.
-        schema: the SQL script creating the tables (run on every writable open).
+        schema: the SQL script creating the tables (run on every writable open, so a
+            journal of an earlier version gains the tables it lacks).
         readonly: open for reading only (no schema, no reserve).
+        version: the schema version (sqlite's ``user_version``): an older journal is
+            upgraded to it; a newer one, written by a later release, is refused.
     """
 
-    def __init__(self, path: Path, schema: str, readonly: bool = False) -> None:
+    def __init__(self, path: Path, schema: str, readonly: bool = False, version: int = 0) -> None:
         self.path = path
         self._schema = schema
+        self._version = version
         # While the disk is full, ``db`` is in memory and ``_disk`` holds the
         # connection to the file, to save to once there is room.
         self._disk: sqlite3.Connection | None = None
@@ -132,7 +136,18 @@ class JournalDb:
         # NORMAL in WAL mode: every commit survives a crash or kill -9 of this
         # process; Journal.sync() forces the disk before anything destructive.
         db.execute("PRAGMA synchronous=NORMAL")
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if found > self._version:
+            raise ConfigError(
+                f"the journal {self.path} was written by a newer ckpt-uploader (schema "
+                f"{found}, this one knows {self._version}); upgrade ckpt-uploader, or move "
+                "the journal away to start afresh (verified files are then checked again)"
+            )
         db.executescript(self._schema)
+        if found < self._version:
+            db.execute(f"PRAGMA user_version = {int(self._version)}")
+            if found:
+                log.info("upgraded the journal %s to schema %d", self.path, self._version)
 
     @property
     def in_memory(self) -> bool:

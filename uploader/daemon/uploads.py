@@ -10,6 +10,12 @@ missing container, bad configuration), mark the file failed. A file that changed
 while it was read is not a failure: its version then on disk is sent after a pause
 (backing off). A bug never loses a file: it is recorded as failed.
 
+Multipart uploads are resumable: the store records each session and each part it
+confirms in the journal (:mod:`uploader.daemon.sessions`), so a retried attempt, or
+the first attempt after a restart, sends only the parts the store does not hold
+(:mod:`uploader.transfer.resume`). Sessions no file will resume (its row gone or
+done, the file deleted) are aborted.
+
 Example::
 
     uploads = Uploads(store, root, journal, call, lock, assembler, options, report, progress)
@@ -41,6 +47,7 @@ from uploader.errors import (
 )
 from uploader.redact import redact
 from uploader.transfer.bandwidth import TokenBucket
+from uploader.transfer.resume import Resume
 from uploader.transfer.store import ObjectStore, UploadResult
 
 __all__ = ["Uploads"]
@@ -63,6 +70,7 @@ class _Attempt:
 class _Options(Protocol):
     files: int
     attempts: int
+    verify_resumed: bool
 
     def pause(self, attempt: int) -> float: ...
 
@@ -76,7 +84,7 @@ class Uploads:
         journal: the journal; ``call`` runs its methods off the event loop, holding ``lock``
             (which an upload thread holds too for its own journal calls).
         assembler: judges the checkpoint of each verified file.
-        options: ``files``, ``attempts`` and ``pause(attempt)``.
+        options: ``files``, ``attempts``, ``verify_resumed`` and ``pause(attempt)``.
         report: called with the message of a file that failed.
         progress: the progress bars.
         bucket: the bandwidth limit (None: none).
@@ -111,6 +119,8 @@ class Uploads:
         self._sent = 0
         self._sent_lock = threading.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
+        #: The journal's sessions, for the upload threads (each call takes ``lock``).
+        self.sessions = journal.sessions.locked(lock)
 
     def sent(self) -> tuple[int, int]:
         """Bytes sent since start, and bytes of uploads in flight."""
@@ -118,11 +128,14 @@ class Uploads:
             return self._sent, sum(self._inflight.values())
 
     async def abort_stale(self, rec: FileRecord) -> None:
-        """Abort the multipart uploads an interrupted attempt of ``rec`` left behind."""
+        """Abort the multipart uploads an interrupted attempt of ``rec`` left behind,
+        except the session the journal records to resume."""
         age = max(0.0, time.time() - (rec.started_at or time.time()) - 1.0)
+        session = await self.call(self.journal.sessions.session, rec.object)
+        keep = {session.upload_id} if session is not None else set()
 
         def abort() -> int:
-            return self.store.abort_stale_uploads(rec.object, older_than=age)
+            return self.store.abort_stale_uploads(rec.object, older_than=age, keep=keep)
 
         try:
             n = await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
@@ -130,6 +143,48 @@ class Uploads:
                 log.info("aborted %d stale multipart upload(s) of %s", n, rec.object)
         except Exception as exc:  # best effort: the store expires them too
             log.warning("could not abort stale uploads of %s: %s", rec.object, redact(str(exc)))
+        if session is not None:
+            log.info(
+                "upload of %s can resume: %d part(s), %d bytes recorded as held",
+                rec.object,
+                len(session.parts),
+                session.bytes_held,
+            )
+
+    async def abort_orphans(self) -> None:
+        """Abort the recorded sessions no file will resume: the journal no longer holds
+        their file, or holds it as verified, or the file is gone from the run directory."""
+
+        def orphans() -> list[tuple[str, str, str]]:
+            out = []
+            for session in self.journal.sessions.all():
+                row = self.journal.find_object(session.object)
+                if row is None:
+                    why = "the journal no longer holds its file"
+                elif row.state == "done":
+                    why = "its file is verified"
+                elif is_inside(self.root, row.path) is None:
+                    why = "its file is gone"
+                else:
+                    continue
+                out.append((session.object, session.upload_id, why))
+            return out
+
+        for name, upload_id, why in await self.call(orphans):
+            await self.drop_session(name, upload_id, why)
+
+    async def drop_session(self, name: str, upload_id: str, why: str) -> None:
+        """Abort one recorded session in the store (best effort) and forget it."""
+
+        def abort() -> None:
+            self.store.backend.abort(name, upload_id)
+
+        try:
+            await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
+        except Exception as exc:  # the store expires it too
+            log.warning("could not abort the upload of %s: %s", name, redact(str(exc)))
+        await self.call(self.journal.sessions.end_session, name, upload_id)
+        log.info("aborted the unfinished upload of %s: %s", name, why)
 
     async def process(self, rel: str) -> None:
         """Upload ``rel`` (accepted in the journal) until verified, failed or gone."""
@@ -169,6 +224,9 @@ class Uploads:
                     self.assembler.verified(rec)
                 return
             if at.step == "missing":
+                session = await self.call(self.journal.sessions.session, rec.object)
+                if session is not None:
+                    await self.drop_session(rec.object, session.upload_id, "its file is gone")
                 msg = (
                     f"{rel} was accepted but is gone or no longer a regular file inside "
                     "the run directory; it cannot be uploaded (was it deleted before upload?)"
@@ -271,7 +329,11 @@ class Uploads:
 
         log.debug("sending path=%s object=%s", rel, rec.object)
         result = self.store.upload_file(
-            self.root / rel, rec.object, progress=progress, verify=False
+            self.root / rel,
+            rec.object,
+            progress=progress,
+            verify=False,
+            resume=Resume(self.sessions, self.opts.verify_resumed),
         )
         stat = self.store.stat(rec.object)
         if stat.size != result.size:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 __all__ = ["PartPool"]
@@ -64,7 +64,7 @@ class PartPool:
         finally:
             self._buffer_slots.release()
 
-    def run(self, fn: Callable[[int], None], items: range, failed: threading.Event) -> None:
+    def run(self, fn: Callable[[int], None], items: Iterable[int], failed: threading.Event) -> None:
         """Run ``fn(i)`` for every item on the worker threads; the first error cancels the
         rest, sets ``failed`` (so parts already running can stop early) and is raised."""
         pool = self._executor()

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from uploader.transfer.backends.base import Backend, ObjectInfo
 from uploader.transfer.digest import DIGEST_META, DIGEST_SUFFIX, Digest, parse_digest_record
 from uploader.transfer.download import Downloader
 from uploader.transfer.parts import PartPool
+from uploader.transfer.resume import Resume
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.settings import SettingsSource, StoreSettings, resolve_settings
 from uploader.transfer.upload import ProgressFn, Uploader
@@ -218,12 +219,15 @@ class ObjectStore:
         metadata: Mapping[str, str] | None = None,
         progress: ProgressFn | None = None,
         verify: bool = True,
+        resume: Resume | None = None,
     ) -> UploadResult:
         """Upload a file in constant memory; return its size and digest.
 
         The file must not change while it is read: a change in size or mtime
         raises IntegrityError and nothing is committed. With ``verify``, the size
-        the store then holds is checked too.
+        the store then holds is checked too. With ``resume``, a multipart upload is
+        recorded as it goes and continues where an earlier attempt on the same file
+        version stopped (see :mod:`uploader.transfer.resume`).
         """
         object_name = check_object_name(object_name)
         meta = {k.lower(): str(v) for k, v in (metadata or {}).items()}
@@ -243,7 +247,7 @@ class ObjectStore:
                     )
 
             digest, parts = self._uploader.upload(
-                fd, size, part_size, object_name, meta, progress, unchanged
+                fd, size, part_size, object_name, meta, progress, unchanged, resume, st.st_mtime_ns
             )
             unchanged()
         if verify:
@@ -441,14 +445,17 @@ class ObjectStore:
             except UploaderError as exc:
                 log.warning("could not delete the scratch object %s: %s", name, exc)
 
-    def abort_stale_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
-        """Abort unfinished multipart uploads under ``prefix`` started ``older_than`` seconds ago."""
+    def abort_stale_uploads(
+        self, prefix: str = "", older_than: float = 0.0, keep: Collection[str] = ()
+    ) -> int:
+        """Abort unfinished multipart uploads under ``prefix`` started ``older_than`` seconds
+        ago, except those whose upload id is in ``keep`` (sessions to resume)."""
         now = time.time()
         count = 0
         for name, upload_id, started in self._call(
             lambda: self.backend.list_uploads(prefix), f"list uploads {prefix!r}"
         ):
-            if now - started >= older_than:
+            if now - started >= older_than and upload_id not in keep:
                 self._call(
                     functools.partial(self.backend.abort, name, upload_id),
                     f"abort upload of {name}",

@@ -18,6 +18,14 @@ request (where the backend signs payloads) and goes into the file's digest
 ``complete``, before the single request, before the last bytes of a stream), so
 a file that changed while it was read never lands.
 
+Resuming (a :class:`uploader.transfer.resume.Resume` given, backend
+``resumable``): each multipart session and each confirmed part is recorded
+through its :class:`uploader.transfer.resume.SessionStore`; a failed attempt
+leaves the session in the store (a file that changed is aborted) and the next
+one continues it, sending only the parts the store does not hold (see
+:mod:`uploader.transfer.resume` for when a session is kept). Without one, a
+failed multipart upload is aborted.
+
 Example::
 
     uploader = Uploader(backend, pool, call)
@@ -28,24 +36,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from uploader.errors import IntegrityError
+from uploader.errors import FileChangedError, IntegrityError
 from uploader.transfer.backends.base import Backend
 from uploader.transfer.digest import (
     DIGEST_META,
     DIGEST_SUFFIX,
     Digest,
     PartHasher,
+    combine_parts,
     digest_record,
+    parse_digest_record,
 )
 from uploader.transfer.files import pread_exact
 from uploader.transfer.parts import PartPool
+from uploader.transfer.resume import SESSION_MAX_AGE, PartRecord, Resume, Session, same_etag
 
 __all__ = ["Call", "ProgressFn", "Uploader"]
+
+log = logging.getLogger("uploader.transfer.upload")
 
 MiB = 1 << 20
 
@@ -71,12 +86,23 @@ class Uploader:
         meta: dict[str, str],
         progress: ProgressFn | None,
         before_commit: Callable[[], None] | None = None,
+        resume: Resume | None = None,
+        mtime_ns: int = 0,
     ) -> tuple[Digest, int]:
-        """Upload ``size`` bytes of ``fd`` as object ``name``; return its digest and parts."""
+        """Upload ``size`` bytes of ``fd`` as object ``name``; return its digest and parts.
+
+        With ``resume``, a multipart upload is recorded and continues an earlier
+        session of ``name`` begun on this file version (``size``, ``mtime_ns``)."""
+        multipart = size > part_size and self.backend.multipart
+        if resume is not None and not (multipart and self.backend.resumable):
+            self._drop_session(name, resume, "it is now sent without multipart")
+            resume = None
         if size <= part_size:
             return self._single(fd, size, name, meta, progress, before_commit), 1
-        if self.backend.multipart:
-            return self._multipart(fd, size, part_size, name, meta, progress, before_commit)
+        if multipart:
+            return self._multipart(
+                fd, size, part_size, name, meta, progress, before_commit, resume, mtime_ns
+            )
         return self._stream(fd, size, part_size, name, meta, progress, before_commit)
 
     def write_digest_record(self, name: str, size: int, digest: Digest) -> None:
@@ -124,11 +150,27 @@ class Uploader:
         meta: dict[str, str],
         progress: ProgressFn | None,
         before_commit: Callable[[], None] | None,
+        resume: Resume | None,
+        mtime_ns: int,
     ) -> tuple[Digest, int]:
         hasher = PartHasher(size, part_size)
         backend = self.backend
-        upload_id = self.call(lambda: backend.begin(name, meta), f"start upload of {name}")
-        tokens: dict[int, Any] = {}
+        kept: dict[int, PartRecord] = {}
+        found = None
+        if resume is not None:
+            found = self._resumable(name, size, part_size, mtime_ns, resume, hasher.count)
+        if isinstance(found, Digest):  # completed before the last process was killed
+            return found, hasher.count
+        if found is not None:
+            upload_id, kept = found
+            backend.reopen(name, upload_id, meta)
+        else:
+            upload_id = self.call(lambda: backend.begin(name, meta), f"start upload of {name}")
+            if resume is not None:
+                resume.sessions.begin_session(
+                    Session(name, upload_id, part_size, size, mtime_ns, time.time())
+                )
+        tokens: dict[int, Any] = {i: backend.part_token(i, p.etag) for i, p in kept.items()}
         failed = threading.Event()
 
         def part(index: int) -> None:
@@ -140,29 +182,154 @@ class Uploader:
                 view = memoryview(buf)[:length]
                 pread_exact(fd, view, start)
                 sha = hashlib.sha256(view).digest()
+                if index in kept:  # --verify-resumed: a kept part is read and hashed again
+                    if sha.hex() == kept[index].sha256:
+                        hasher.add(index, sha)
+                        return
+                    log.warning(
+                        "part %d of %s differs from its record; sending it again", index + 1, name
+                    )
                 hasher.add(index, sha)
-                tokens[index] = self.call(
+                token = self.call(
                     lambda: backend.put_part(name, upload_id, index, start, view, sha),
                     f"upload part {index + 1}/{hasher.count} of {name}",
                 )
+                tokens[index] = token
+            if resume is not None:
+                record = PartRecord(index, length, sha.hex(), backend.part_etag(token))
+                resume.sessions.record_part(name, upload_id, record)
             if progress:
                 progress(length)
 
+        verify = resume is not None and resume.verify
+        todo = [i for i in range(hasher.count) if verify or i not in kept]
+        if not verify:
+            for i, p in kept.items():
+                hasher.add(i, bytes.fromhex(p.sha256))
         try:
-            self.pool.run(part, range(hasher.count), failed)
+            self.pool.run(part, todo, failed)
             if before_commit is not None:
                 before_commit()
             self.call(
                 lambda: backend.complete(name, upload_id, [tokens[i] for i in range(hasher.count)]),
                 f"complete upload of {name}",
             )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                backend.abort(name, upload_id)
+        except BaseException as exc:
+            # Kept for the next attempt where it can resume; a changed file never is.
+            if resume is None or isinstance(exc, FileChangedError):
+                with contextlib.suppress(Exception):
+                    backend.abort(name, upload_id)
+                if resume is not None:
+                    resume.sessions.end_session(name, upload_id)
             raise
+        if resume is not None:
+            resume.sessions.end_session(name, upload_id)
         digest = hasher.digest()
         self.write_digest_record(name, size, digest)
         return digest, hasher.count
+
+    def _resumable(
+        self, name: str, size: int, part_size: int, mtime_ns: int, resume: Resume, count: int
+    ) -> tuple[str, dict[int, PartRecord]] | Digest | None:
+        """The recorded session of ``name`` to continue, and the parts the store holds as
+        recorded; None (the session aborted and forgotten) when it cannot continue; the
+        digest when the session was completed, with this file's recorded parts."""
+        prior = resume.sessions.session(name)
+        if prior is None:
+            return None
+        why = ""
+        if (prior.size, prior.mtime_ns) != (size, mtime_ns):
+            why = "the file changed since its upload began"
+        elif prior.part_size != part_size:
+            why = f"the part size is now {part_size}, not {prior.part_size}"
+        elif time.time() - prior.started_at > SESSION_MAX_AGE:
+            why = f"its upload began more than {SESSION_MAX_AGE / 86400:g} days ago"
+        if why:
+            self._drop_session(name, resume, why, prior)
+            return None
+        backend = self.backend
+        held = self.call(lambda: backend.list_parts(name, prior.upload_id), f"list parts of {name}")
+        if held is None:
+            done = self._completed(name, prior, count)
+            if done is not None:
+                log.info("the upload of %s was completed before a restart; not sent again", name)
+                resume.sessions.end_session(name, prior.upload_id)
+                return done
+            log.log(
+                logging.WARNING if prior.parts else logging.DEBUG,
+                "the store no longer knows the upload of %s begun at %s (completed, aborted, "
+                "expired, or forgotten by a server restart); sending it again from the start",
+                name,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(prior.started_at)),
+            )
+            resume.sessions.end_session(name, prior.upload_id)
+            return None
+        kept = {}
+        for i, p in prior.parts.items():
+            h = held.get(i)
+            if i < count and h is not None and h.size == p.size and same_etag(h.etag, p.etag):
+                kept[i] = p
+        again = len(prior.parts) - len(kept)
+        log.info(
+            "resuming upload of %s: the store holds %d of %d parts (%d bytes)%s",
+            name,
+            len(kept),
+            count,
+            sum(p.size for p in kept.values()),
+            f"; {again} recorded part(s) differ from the store's and are sent again"
+            if again
+            else "",
+        )
+        return prior.upload_id, kept
+
+    def _completed(self, name: str, prior: Session, count: int) -> Digest | None:
+        """The digest of ``name`` when the store holds it as the completed ``prior``
+        session: every part recorded, the object's size the recorded one, and either its
+        digest record (written after completion) names the digest the recorded part
+        hashes give, or the store says it was completed from exactly the recorded parts
+        (the digest record is then written)."""
+        if sorted(prior.parts) != list(range(count)):
+            return None
+        digest = combine_parts(
+            (bytes.fromhex(prior.parts[i].sha256) for i in range(count)),
+            prior.size,
+            prior.part_size,
+        )
+        backend = self.backend
+        try:
+            if backend.stat(name).size != prior.size:
+                return None
+        except Exception:  # absent or unreadable: not known to be complete
+            return None
+        try:
+            body = b"".join(backend.read_range(name + DIGEST_SUFFIX, 0, None))
+            recorded, recorded_size = parse_digest_record(body)
+            if recorded == digest and recorded_size == prior.size:
+                return digest
+        except Exception:  # no digest record yet: ask the store how it was completed
+            pass
+        tokens = [backend.part_token(i, prior.parts[i].etag) for i in range(count)]
+        try:
+            if not backend.completed_from(name, prior.upload_id, tokens):
+                return None
+        except Exception:
+            return None
+        self.write_digest_record(name, prior.size, digest)
+        return digest
+
+    def _drop_session(
+        self, name: str, resume: Resume, why: str, prior: Session | None = None
+    ) -> None:
+        """Abort and forget the recorded session of ``name``, if any."""
+        if prior is None:
+            prior = resume.sessions.session(name)
+            if prior is None:
+                return
+        log.info("not resuming the upload of %s: %s; sending it whole", name, why)
+        upload_id = prior.upload_id
+        with contextlib.suppress(Exception):
+            self.call(lambda: self.backend.abort(name, upload_id), f"abort upload of {name}")
+        resume.sessions.end_session(name, upload_id)
 
     def _stream(
         self,

@@ -22,6 +22,9 @@ with ``If-Match: <ETag>`` replaces; 412 ``ConditionNotMet`` and 409
 
 Unfinished uploads leave uncommitted blocks, which Azure discards by itself
 (after a week, or at the next commit of that blob), so ``abort`` sends nothing.
+A block's id names its upload and index, so an interrupted upload is resumed
+from the blob's uncommitted block list (``list_parts``); the block id is the
+part's ETag.
 
 Example::
 
@@ -52,7 +55,7 @@ from uploader.errors import (
     UploaderError,
 )
 from uploader.redact import redact
-from uploader.transfer.backends.base import ObjectInfo, PartToken
+from uploader.transfer.backends.base import HeldPart, ObjectInfo, PartToken
 from uploader.transfer.backends.http import (
     LibcloudHTTPBackend,
     http_time,
@@ -103,6 +106,7 @@ class AzureBackend(LibcloudHTTPBackend):
 
     multipart = True
     keeps_metadata = True
+    resumable = True
     # 50,000 committed blocks per blob. Blocks may be 4000 MiB from service version
     # 2019-12-12 on, but libcloud signs requests as 2018-11-09, where the limit is
     # 100 MiB per block (and 256 MiB per single Put Blob).
@@ -363,6 +367,56 @@ class AzureBackend(LibcloudHTTPBackend):
         # Uncommitted blocks expire by themselves; nothing to send.
         with self._lock:
             self._uploads.pop(upload_id, None)
+
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        what = f"list blocks of {name}"
+        resp = self._request(
+            what, self._path(name), "GET", {"comp": "blocklist", "blocklisttype": "uncommitted"}
+        )
+        if resp.status_code == 404 and resp.headers.get("x-ms-error-code") != "ContainerNotFound":
+            resp.close()  # no blob and no block
+            return None
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        try:
+            root = ET.fromstring(resp.content)
+        except ET.ParseError:
+            raise TransientError(f"{what}: the store sent an unreadable block list") from None
+        finally:
+            resp.close()
+        held: dict[int, HeldPart] = {}
+        mine = f"{upload_id}-"
+        for block in root.iter("Block"):
+            block_id, size = block.findtext("Name") or "", block.findtext("Size") or "0"
+            try:
+                text = base64.b64decode(block_id, validate=True).decode("ascii")
+            except ValueError:
+                continue  # a block of another writer
+            if text.startswith(mine) and text[len(mine) :].isdigit():
+                held[int(text[len(mine) :])] = HeldPart(int(size), block_id)
+        # No block of this upload left: committed, discarded, or none sent yet.
+        return held or None
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        what = f"list blocks of {name}"
+        resp = self._request(
+            what, self._path(name), "GET", {"comp": "blocklist", "blocklisttype": "committed"}
+        )
+        if resp.status_code != 200:
+            resp.close()
+            return False
+        try:
+            root = ET.fromstring(resp.content)
+        except ET.ParseError:
+            return False
+        finally:
+            resp.close()
+        return [b.findtext("Name") for b in root.iter("Block")] == [str(t) for t in tokens]
+
+    def reopen(self, name: str, upload_id: str, metadata: Mapping[str, str]) -> None:
+        headers = self._headers_for(metadata)
+        with self._lock:
+            self._uploads[upload_id] = headers
 
     # -- reading -----------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:

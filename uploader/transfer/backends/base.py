@@ -12,6 +12,11 @@ Multipart protocol (S3 multipart, Azure block blobs): ``begin`` -> ``put_part``
 (any order, in parallel) -> ``complete``; ``abort`` on failure. Backends
 without one set ``multipart = False`` and implement ``put_stream``.
 
+Resuming (``resumable = True``): ``list_parts`` says which parts of an unfinished
+upload the store holds (size and ETag or block id), or that it no longer knows the
+upload; ``part_etag`` / ``part_token`` turn a part's token into the text the
+journal records and back; ``reopen`` prepares a resumed upload for ``complete``.
+
 Conditional writes (compare-and-swap of a small object, for commit pointers):
 ``get_versioned`` returns an object with its version (S3 and Azure: the ETag; GCS:
 the generation; LOCAL: the sha256 of its bytes), and ``put_if`` writes only while
@@ -29,7 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Backend", "ObjectInfo", "PartToken"]
+__all__ = ["Backend", "HeldPart", "ObjectInfo", "PartToken"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class ObjectInfo:
 PartToken = Any  # whatever ``complete`` needs to stitch a part in (ETag, block id ...)
 
 
+@dataclass(frozen=True)
+class HeldPart:
+    """A part of an unfinished upload as the store lists it."""
+
+    size: int
+    etag: str
+
+
 class Backend(ABC):
     """One provider. Methods raise ``uploader.errors`` types (or transport errors that
     ``uploader.transfer.retry.is_transient`` recognises) and never retry by themselves."""
@@ -59,6 +72,8 @@ class Backend(ABC):
     min_part_size: int = 5 << 20
     #: Whether object metadata survives a round trip (LOCAL keeps none).
     keeps_metadata: bool = True
+    #: Whether an unfinished multipart upload can be listed and continued.
+    resumable: bool = False
     #: Whether get_versioned/put_if are implemented (the server may still ignore them).
     conditional: bool = False
     #: Whether this adapter enforces the conditions itself (no server to ask: LOCAL).
@@ -104,6 +119,28 @@ class Backend(ABC):
     def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         """Unfinished multipart uploads as (name, upload_id, started_unix_time)."""
         return []
+
+    # -- resuming (resumable backends) -----------------------------------------------------
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        """The parts the store holds of an unfinished upload, by 0-based index; None when
+        the store does not know the upload (completed, aborted, expired, forgotten)."""
+        return None
+
+    def part_etag(self, token: PartToken) -> str:
+        """The ETag or block id in a token ``put_part`` returned (what the journal keeps)."""
+        return str(token)
+
+    def part_token(self, index: int, etag: str) -> PartToken:
+        """The token ``complete`` needs for part ``index`` recorded with ``etag``."""
+        return etag
+
+    def reopen(self, name: str, upload_id: str, metadata: Mapping[str, str]) -> None:
+        """Prepare a resumed upload (begun by an earlier process) for ``complete``."""
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        """Whether object ``name`` is this upload completed from exactly these parts (a
+        ``complete`` whose answer was lost); False where the store cannot tell."""
+        return False
 
     # -- conditional writes ----------------------------------------------------------
     def get_versioned(

@@ -8,6 +8,11 @@ Here every write goes to a temporary file on the same filesystem
 (``<base>/.<container>.uploads/``), is fsynced, and is renamed into place (the
 folder fsynced too); reads seek and stream.
 
+A multipart upload is one staged file that each part is written into at its offset
+(and flushed to disk), plus a ``.parts`` list beside it naming each part written
+(index, size, and the first 128 bits of its sha256 as its ETag), from which an
+interrupted upload is resumed (``list_parts``).
+
 The driver keeps no metadata, so the store records digests in digest records
 (``<name>.ckpt-digest`` objects).
 
@@ -36,7 +41,7 @@ from uploader.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
 )
-from uploader.transfer.backends.base import Backend, ObjectInfo, PartToken
+from uploader.transfer.backends.base import Backend, HeldPart, ObjectInfo, PartToken
 from uploader.transfer.files import fsync_dir
 from uploader.transfer.settings import StoreSettings
 
@@ -49,6 +54,7 @@ class LocalBackend(Backend):
 
     multipart = True
     keeps_metadata = False
+    resumable = True
     min_part_size = 64 << 10
     max_part_size = 5 << 30
     max_parts = 10_000
@@ -189,14 +195,43 @@ class LocalBackend(Backend):
     def put_part(
         self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
     ) -> PartToken:
-        fd = os.open(self.staging / upload_id, os.O_WRONLY)
+        staged = self.staging / upload_id
+        try:
+            fd = os.open(staged, os.O_WRONLY)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(
+                f"upload {upload_id} of {name!r} is gone from {self.staging}"
+            ) from None
         try:
             written = 0
             while written < len(data):
                 written += os.pwrite(fd, data[written:], offset + written)
+            os.fdatasync(fd)  # the part is on disk before it is listed as held
         finally:
             os.close(fd)
-        return index
+        etag = sha256[:16].hex()
+        fd = os.open(staged.with_suffix(".parts"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{index} {len(data)} {etag}\n".encode())
+        finally:
+            os.close(fd)
+        return etag
+
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        staged = self.staging / upload_id
+        if not staged.exists():
+            return None
+        try:
+            lines = staged.with_suffix(".parts").read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        held: dict[int, HeldPart] = {}
+        for line in lines:
+            # A line torn by a crash names a wrong size or ETag: that part is sent again.
+            fields = line.split()
+            if len(fields) == 3 and fields[0].isdigit() and fields[1].isdigit():
+                held[int(fields[0])] = HeldPart(int(fields[1]), fields[2])
+        return held
 
     def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
         tmp = self.staging / upload_id
@@ -206,11 +241,13 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
         self._commit(tmp, name)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.with_suffix(".name").unlink()
+        for suffix in (".name", ".parts"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.with_suffix(suffix).unlink()
 
     def abort(self, name: str, upload_id: str) -> None:
-        for path in (self.staging / upload_id, (self.staging / upload_id).with_suffix(".name")):
+        staged = self.staging / upload_id
+        for path in (staged, staged.with_suffix(".name"), staged.with_suffix(".parts")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -219,7 +256,7 @@ class LocalBackend(Backend):
             return []
         uploads = []
         for p in self.staging.iterdir():
-            if p.suffix == ".name":
+            if p.suffix in (".name", ".parts"):
                 continue
             try:
                 name = p.with_suffix(".name").read_text()

@@ -19,8 +19,9 @@ its downloads read whole objects into memory.
   store's part buffer, without copies.
 * Downloads stream ranged GETs in ``chunk_size`` pieces. Servers that answer a
   range with 200 and ``Content-Range``, or with the whole object, are handled.
-* Listings page through ListObjectsV2 (``list_page_size`` keys a page) and
-  ListMultipartUploads.
+* Listings page through ListObjectsV2 (``list_page_size`` keys a page),
+  ListMultipartUploads and ListParts (what an unfinished upload holds, for resuming;
+  NoSuchUpload means the store forgot it).
 * Conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace;
   412 ``PreconditionFailed`` and 409 ``ConditionalRequestConflict`` (a concurrent
   conditional write) raise PreconditionFailedError. AWS S3 and moto honour both;
@@ -38,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -48,7 +50,7 @@ from uploader.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
 )
-from uploader.transfer.backends.base import ObjectInfo, PartToken
+from uploader.transfer.backends.base import HeldPart, ObjectInfo, PartToken
 from uploader.transfer.backends.http import http_time, iso_time, metadata_from_headers, range_value
 from uploader.transfer.backends.s3request import (
     TRANSIENT_CODES,
@@ -82,6 +84,7 @@ class S3Backend(S3RequestBackend):
     max_part_size = 5 << 30
     min_part_size = 5 << 20
     keeps_metadata = True
+    resumable = True
     conditional = True
 
     def __init__(self, settings: StoreSettings, *, list_page_size: int = 1000) -> None:
@@ -249,6 +252,43 @@ class S3Backend(S3RequestBackend):
             if um:
                 params["upload-id-marker"] = um
         return out
+
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        held: dict[int, HeldPart] = {}
+        params = {"uploadId": upload_id, "max-parts": "1000"}
+        for _ in range(100):  # 10,000 parts at most, 1000 a page
+            try:
+                _, body = self._request("GET", name, f"list parts of {name}", params=params)
+            except ObjectNotFoundError:  # NoSuchUpload: completed, aborted or forgotten
+                return None
+            root = parse_xml(body)
+            if root is None:
+                break
+            for part in root.iter("Part"):
+                number, etag = part.findtext("PartNumber"), part.findtext("ETag")
+                if number and etag:
+                    held[int(number) - 1] = HeldPart(int(part.findtext("Size") or 0), etag)
+            marker = root.findtext("NextPartNumberMarker")
+            if (root.findtext("IsTruncated") or "").lower() != "true" or not marker:
+                break
+            params = {"uploadId": upload_id, "max-parts": "1000", "part-number-marker": marker}
+        return held
+
+    def part_etag(self, token: PartToken) -> str:
+        return str(token[1])
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        # A multipart object's ETag is the MD5 of its parts' MD5s, "-" the part count
+        # (where part ETags are MD5s): it names the parts it was completed from.
+        try:
+            md5s = b"".join(bytes.fromhex(str(etag).strip('"')) for _, etag in tokens)
+            etag = self.stat(name).etag
+        except (ValueError, ObjectNotFoundError):
+            return False
+        return etag == f"{hashlib.md5(md5s).hexdigest()}-{len(tokens)}"
+
+    def part_token(self, index: int, etag: str) -> PartToken:
+        return (index + 1, etag)
 
     # -- reading --------------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
