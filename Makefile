@@ -44,6 +44,7 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) -m bench.transfer
+	$(PY) -m bench.restore
 	$(PY) -m bench.stall
 	$(PY) -m bench.daemon
 	$(PY) -m bench.integrations
