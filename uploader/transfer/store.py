@@ -118,11 +118,15 @@ class ObjectStore:
     Args:
         hparams: which store: an ``ObjectStoreHparams`` (resolved through its
             ``store_settings()``) or :class:`StoreSettings`. Kept as ``hparams``.
-        part_size: bytes per part for multipart uploads and parallel downloads
+        part_size: bytes per part for multipart uploads
             (default 8 MiB; grown automatically so no object needs more than the
             provider's part limit, 10,000 on S3).
         concurrency: worker threads (and part buffers) for parallel parts, shared by
             all transfers of this store (see :mod:`uploader.transfer.parts`).
+        download_part_size: bytes per ranged read of a download (one request); default:
+            chosen by the object's size, 8-64 MiB, so every worker gets about two
+            ranges (rounded to whole upload parts where the digest names them). A
+            download's memory is ``concurrency`` buffers of 4 MiB whatever the range.
         retry: bounds for retrying transient failures.
         create_container: create the container when it does not exist.
         check: look the container up now, so a wrong name or bad credentials fail
@@ -136,6 +140,7 @@ class ObjectStore:
         *,
         part_size: int = DEFAULT_PART_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        download_part_size: int | None = None,
         retry: RetryPolicy | None = None,
         create_container: bool = False,
         check: bool = True,
@@ -157,7 +162,9 @@ class ObjectStore:
         self.retries = _Counter()
         self._pool = PartPool(concurrency)
         self._uploader = Uploader(self.backend, self._pool, self._call)
-        self._downloader = Downloader(self.backend, self._pool, self._call, part_size)
+        if download_part_size is not None and download_part_size < 1:
+            raise ConfigError(f"download part size {download_part_size} must be positive")
+        self._downloader = Downloader(self.backend, self._pool, self._call, download_part_size)
         if check:
             self.retry.call(
                 lambda: self.backend.check_container(create_container),
