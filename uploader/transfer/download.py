@@ -184,7 +184,10 @@ class Downloader:
 
         ``sink`` runs in the calling thread and must not keep the view it is given.
         Its output must not be used before this returns: an IntegrityError (wrong
-        digest) or any transfer error is raised after bytes have been passed on.
+        digest) or any transfer error is raised after bytes have been passed on. When
+        ``sink`` raises, the rest is still fetched and checked but not passed on: a
+        wrong digest raises IntegrityError (the bytes were damaged), a right one
+        raises what ``sink`` raised.
         At most ``concurrency + 2`` ranges are held in memory.
         """
         plan = _Plan(size, digest, self.range_size(size, STREAM_RANGE))
@@ -239,6 +242,7 @@ class Downloader:
                     cond.notify_all()
 
         whole = hashlib.sha256() if hasher is None else None
+        sink_error: Exception | None = None
         fetcher = threading.Thread(target=fetch_all, name="objstore-stream", daemon=True)
         fetcher.start()
         try:
@@ -253,7 +257,13 @@ class Downloader:
                     view = ready.pop(i)
                 if whole is not None:
                     whole.update(view)
-                sink(view)
+                if sink_error is None:
+                    try:
+                        sink(view)
+                    except Exception as exc:
+                        # Perhaps the bytes are damaged (a decoder chokes on them): the
+                        # digest says which error is the real one, so keep checking.
+                        sink_error = exc
                 bar.update(len(view))
                 with cond:
                     state["next"] = i + 1
@@ -273,6 +283,8 @@ class Downloader:
         if whole is not None and digest is not None:
             actual = Digest("sha256", whole.hexdigest())
         _check(name, digest, actual)
+        if sink_error is not None:
+            raise sink_error
 
 
 class _Plan:

@@ -8,7 +8,8 @@ part buffers shared by every transfer of the store) and the retries
 Uploads go through :mod:`uploader.transfer.upload` (one request, parallel
 multipart, or one stream; the digest in metadata or a digest record),
 downloads through :mod:`uploader.transfer.download` (parallel ranged reads
-into a temporary file, renamed once size and digest match). Here live the
+into a temporary file, renamed once size and digest match; or, for a caller
+that consumes the bytes as they arrive, an ordered stream checked at its end). Here live the
 checks around them: object names, the part size, a file that changes while it
 is read, the size the store holds afterwards, and the recorded digest
 (:mod:`uploader.transfer.digest`).
@@ -368,6 +369,44 @@ class ObjectStore:
         """
         if chunk_size < 1:
             raise ConfigError(f"chunk_size {chunk_size} must be positive")
+        info, digest = self._expected(object_name, expected_digest, expected_size, require_digest)
+        target = Path(dest)
+        if target.is_dir():
+            target = target / Path(object_name).name
+        return self._downloader.download(info.name, info.size, digest, target, chunk_size, progress)
+
+    def download_stream(
+        self,
+        object_name: str,
+        sink: Callable[[memoryview], None],
+        progress: bool | ProgressFn = False,
+        expected_digest: Digest | str | None = None,
+        expected_size: int | None = None,
+        require_digest: bool = False,
+    ) -> ObjectStat:
+        """Pass the object's bytes to ``sink``, in order, as parallel ranged reads
+        deliver them; then check size and digest as :meth:`download_file` does.
+
+        Nothing is written to disk here: the caller decides where the bytes go (a
+        decompressor, say) while the rest is still arriving. Until this returns,
+        what ``sink`` made of the bytes is unverified: on IntegrityError (or any
+        error) the caller must discard it. ``sink`` runs in the calling thread and
+        must not keep the ``memoryview`` it is given. Memory: ``concurrency + 2``
+        ranges of at most 16 MiB.
+        """
+        info, digest = self._expected(object_name, expected_digest, expected_size, require_digest)
+        self._downloader.stream(info.name, info.size, digest, sink, progress)
+        return info
+
+    def _expected(
+        self,
+        object_name: str,
+        expected_digest: Digest | str | None,
+        expected_size: int | None,
+        require_digest: bool,
+    ) -> tuple[ObjectStat, Digest | None]:
+        """The object's listing and the digest a download must match (``expected_*``
+        first, then what the store records); the checks that need no byte of it."""
         info = self.stat(object_name)
         digest = (
             Digest.parse(expected_digest) if isinstance(expected_digest, str) else expected_digest
@@ -386,10 +425,7 @@ class ObjectStore:
                     "expected sha256"
                 )
             log.warning("%s has no recorded digest; checking its size only", object_name)
-        target = Path(dest)
-        if target.is_dir():
-            target = target / Path(object_name).name
-        return self._downloader.download(info.name, info.size, digest, target, chunk_size, progress)
+        return info, digest
 
 
 def check_object_name(name: str) -> str:
