@@ -14,9 +14,11 @@ loaded. :func:`load` pipelines the restore: parallel ranged reads arrive in
 order (:meth:`uploader.ObjectStore.download_stream`), are hashed, and a zstd
 checkpoint is decompressed as they arrive, into one temporary file; once the
 digest matches, ``torch.load(mmap=True)`` maps that file instead of reading it
-into memory, so the checkpoint is held once (in the page cache, as the tensors'
-storage) and the process's own memory stays at the stream's few ranges whatever
-the size. The zip CRC check is skipped for such a file: the sha256 of every
+into memory, so the checkpoint is held once (as the tensors' storage) and the
+process's own memory stays at the stream's few ranges whatever the size. The
+file is an anonymous in-memory one (``memfd_create``) when the checkpoint takes
+at most a quarter of the memory available, so a restore never waits for a disk;
+otherwise a temporary file, whose pages the kernel may drop and read again. The zip CRC check is skipped for such a file: the sha256 of every
 byte (and zstd's own checksum) already vouch for it. :func:`local_copy` instead
 downloads the file as it is (``chunk_size`` pieces, a progress bar).
 
@@ -282,8 +284,8 @@ def _load_remote(
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
         obj, digest, size = resolve_remote(store, name, prefix, rank, world_size)
-        out = work / Path(obj).name
-        with open(out, "wb", buffering=0) as f:
+        known = size if size is not None else store.stat(obj).size
+        with _scratch(work / Path(obj).name, known) as (f, out):
             dec = StreamDecoder(f)
             store.download_stream(
                 obj,
@@ -294,16 +296,53 @@ def _load_remote(
                 require_digest=True,
             )
             dec.close()
-        fmt = detect_format(_head(out)) if dec.decoded else dec.fmt
-        if fmt == "zip":
-            # Verified bytes in a file of our own: mapped, not read into memory.
-            return _torch_load(out, obj, map_location, mmap=True)
-        # A legacy pickle, another codec or a tar archive: the general path.
-        return read_checkpoint(out, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
+            fmt = detect_format(_head(out)) if dec.decoded else dec.fmt
+            if fmt == "zip":
+                # Verified bytes in a file of our own: mapped, not read into memory.
+                return _torch_load(out, obj, map_location, mmap=True)
+            # A legacy pickle, another codec or a tar archive: the general path.
+            return read_checkpoint(out, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if owned:
             store.close()
+
+
+#: A restore is decoded into memory (a memfd) while its object takes at most this share
+#: of the memory available; larger ones go to a temporary file.
+MEMORY_SHARE = 0.25
+
+
+@contextlib.contextmanager
+def _scratch(path: Path, size: int) -> Iterator[tuple[Any, Path]]:
+    """(binary file, path to reopen it by) for a restore's decoded bytes.
+
+    An anonymous in-memory file (``memfd_create``) where the checkpoint fits easily in
+    the memory available: its pages become the tensors' storage when mapped, so it is
+    still one copy, and it never waits for a disk (a download's writes would otherwise
+    be throttled to the disk's speed once the kernel holds too many dirty pages).
+    Otherwise ``path``, a file in the restore's temporary folder, whose clean pages the
+    kernel can drop.
+    """
+    if hasattr(os, "memfd_create") and size < MEMORY_SHARE * _available():
+        fd = os.memfd_create("ckpt-restore", os.MFD_CLOEXEC)
+        with open(fd, "wb", buffering=0, closefd=True) as f:
+            yield f, Path(f"/proc/self/fd/{fd}")
+        return
+    with open(path, "wb", buffering=0) as f:
+        yield f, path
+
+
+def _available() -> int:
+    """Bytes of memory available (``MemAvailable``), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def load(

@@ -101,3 +101,24 @@ def test_zstd_checkpoint_is_held_once(tmp_path: Path, local_bucket: Path) -> Non
         grown = _rss_anon() - before
     assert total == total  # not NaN: the tensors were readable
     assert grown < size // 3, f"anonymous memory grew by {grown / MiB:.1f} MiB"
+
+
+def test_restore_too_large_for_memory_goes_through_a_file(
+    tmp_path: Path, local_bucket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond its share of the memory available, the decoded checkpoint is a temporary
+    file (mapped all the same), removed once loaded."""
+    import ckpt.loader
+
+    monkeypatch.setattr(ckpt.loader, "MEMORY_SHARE", 0.0)
+    obj = _state(2 * MiB, seed=4)
+    src = _save(obj, tmp_path / "ep4.pt.zst", "zstd")
+    with _store(local_bucket) as store:
+        store.upload_file(src, "run/rank_0/ep4.pt.zst")
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        got = ckpt.load(
+            "run/rank_0/ep4.pt.zst", object_store=store, progress=False, tmp_dir=str(tmp)
+        )
+        assert os.listdir(tmp) == []
+    assert_same_tensors(got, obj)
