@@ -37,8 +37,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check uploader ckpt harness tests bench examples
 	$(VENV)/bin/mypy uploader ckpt harness
 
+# Test modules run in parallel processes (each module whole, on one of them: module
+# fixtures such as a trainer run are made once); the suite mostly waits on servers and
+# trainers, so three processes keep two cores busy. TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 3
+
 unit: $(STAMP) $(NODE_STAMP) systemd-tools
-	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint unit
 

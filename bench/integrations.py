@@ -269,7 +269,7 @@ def _child(args: argparse.Namespace) -> None:
 def _one(framework: str, variant: str, cfg: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One run of ``framework`` in ``variant`` in a fresh process; its record."""
     run_dir = work / "run"
-    bucket = work / "bucket"
+    bucket = (cfg.bucket_root or work) / "bucket"
     for d in (run_dir, bucket):
         shutil.rmtree(d, ignore_errors=True)
     bucket.mkdir(parents=True)
@@ -357,11 +357,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "worker_cpu": statistics.median(cpu) if cpu else None,
         "steps": len(steps),
         "ckpt_bytes": runs[0]["run_dir_bytes"] / max(1, runs[0]["saves"]),
+        "saves": runs[0]["saves"],
     }
 
 
 def table(results: dict[str, dict[str, list[dict[str, Any]]]], cfg: argparse.Namespace) -> str:
     layers = _layers(cfg.state_mib, cfg.width)
+    where = (
+        "a LOCAL directory (`file://`) on the same disk as the run directory: the upload "
+        "competes with training for the same disk and CPU"
+        if cfg.bucket_dir is None
+        else f"a LOCAL directory (`file://`) under `{cfg.bucket_dir}`"
+        + (
+            " (memory: a stand-in for a remote store, whose writes cost this machine's disk "
+            "nothing; the worker still reads, hashes and copies every byte)"
+            if str(cfg.bucket_dir).startswith("/dev/shm")
+            else ""
+        )
+    )
     lines = [
         "## Framework callbacks: step time (`bench/integrations.py`)",
         "",
@@ -370,17 +383,18 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], cfg: argparse.Nam
         f"the size below), on CPU, torch on {cfg.threads} thread(s) of the machine's "
         f"{os.cpu_count()} cores; "
         f"{cfg.rounds} interleaved round(s) of each variant, one process a run. The bucket is "
-        "a LOCAL directory (`file://`) on the same disk as the run directory: the upload "
-        "competes with training for the same disk and CPU. Step time: one step's start to "
+        f"{where}. Step time: one step's start to "
         "the next one's, so the steps that save include the framework's own save; the first "
         "step is left out. Median and p95 over every step of every round; train: first step "
         "to the end of training; fit: `fit()`/`train()` wall time, with a callback including "
-        "the drain that waits for the last checkpoint's upload. Ratios are to `none`.",
+        "the drain that waits for the last checkpoint's upload. Ratios are to `none`. Cost "
+        "per checkpoint: the training time added, divided by the checkpoints saved; the "
+        "5% interval is the save interval at which that cost is 5% of training time.",
         "",
         "| framework | variant | ckpt (MiB) | worker nice | median step (s) | p95 step (s) "
         "| train (s) | fit (s) | median ratio | p95 ratio | train ratio | fit ratio "
-        "| worker CPU (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker CPU (s) | cost per checkpoint (s) | 5% interval (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
     for framework in FRAMEWORKS:
@@ -389,11 +403,15 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], cfg: argparse.Nam
             s = summarize(results[framework][variant])
             nice = "-" if variant == "none" else str(s["nice"])
             cpu = "-" if s["worker_cpu"] is None else f"{s['worker_cpu']:.1f}"
+            cost = (s["train"] - base["train"]) / max(1, s["saves"])
+            costs = "-" if variant == "none" else f"{cost:.2f}"
+            interval = "-" if variant == "none" else f"{max(0.0, cost) / (TARGET - 1):.0f}"
             lines.append(
                 f"| {_LABEL[framework]} | {variant} | {s['ckpt_bytes'] / MiB:.0f} | {nice} "
                 f"| {s['median']:.3f} | {s['p95']:.3f} | {s['train']:.1f} | {s['fit']:.1f} "
                 f"| {s['median'] / base['median']:.3f} | {s['p95'] / base['p95']:.3f} "
-                f"| {s['train'] / base['train']:.3f} | {s['fit'] / base['fit']:.3f} | {cpu} |"
+                f"| {s['train'] / base['train']:.3f} | {s['fit'] / base['fit']:.3f} | {cpu} "
+                f"| {costs} | {interval} |"
             )
             if variant != "none":
                 worst = max(s["median"] / base["median"], s["train"] / base["train"])
@@ -428,6 +446,8 @@ def _command(args: argparse.Namespace) -> str:
         value = getattr(args, f"given_{flag}")
         if value is not None:
             parts.append(f"--{flag.replace('_', '-')} {value}")
+    if args.bucket_dir is not None:
+        parts.append(f"--bucket-dir {args.bucket_dir}")
     return " ".join(parts)
 
 
@@ -443,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick: 1)")
     p.add_argument("--threads", type=int, help="torch threads in training (default 1)")
     p.add_argument("--dir", help="where runs and the bucket go (default: a temporary dir)")
+    p.add_argument(
+        "--bucket-dir",
+        type=Path,
+        help="where the bucket goes instead (e.g. /dev/shm: a stand-in for a remote store)",
+    )
     # one training run (the driver starts these)
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -465,10 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="bench-integrations-", dir=args.dir))
+    args.bucket_root = args.bucket_dir and Path(
+        tempfile.mkdtemp(prefix="bench-integrations-", dir=args.bucket_dir)
+    )
     try:
         results = run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.bucket_root:
+            shutil.rmtree(args.bucket_root, ignore_errors=True)
     text = table(results, args)
     print(text)
     log.info(

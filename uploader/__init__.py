@@ -14,6 +14,7 @@ from uploader.errors import (
     IntegrityError,
     ObjectNotFoundError,
     PermanentError,
+    TLSError,
     TransientError,
     UploaderError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ContainerNotFoundError",
     "ObjectNotFoundError",
     "IntegrityError",
+    "TLSError",
     "RunDirectoryUploader",
     "Sidecar",
     "WorkerError",

@@ -22,6 +22,7 @@ __all__ = [
     "ObjectNotFoundError",
     "IntegrityError",
     "FileChangedError",
+    "TLSError",
 ]
 
 
@@ -121,3 +122,9 @@ class IntegrityError(UploaderError):
 class FileChangedError(IntegrityError):
     """A local file changed while it was uploaded: nothing was committed; the new version
     is to be uploaded once complete."""
+
+
+class TLSError(ConfigError, PermanentError):
+    """The store's endpoint failed the TLS check (an untrusted, expired or misnamed
+    certificate, or no TLS at all). Nothing was sent; never retried. Trust a private CA
+    with the ``ca_bundle`` option."""

@@ -113,13 +113,15 @@ def bucket_report(uri: str, worker_pid: int | None = None) -> dict[str, Any]:
 
 
 def remove_local_bucket(uri: str) -> None:
-    """Delete the directory a ``file://`` bucket URI names (a permanent store error)."""
-    import shutil
+    """Take away the directory a ``file://`` bucket URI names (a permanent store error).
 
+    It is renamed aside, in one step, rather than deleted: a delete of a tree the worker
+    is writing into races with it and fails in training with the harness's own OSError.
+    To the uploader the bucket is gone either way."""
     from uploader import parse_uri
 
     hp = parse_uri(uri).hparams
     if hp.provider != "local":
         raise SystemExit(f"--remove-bucket needs a file:// URI, not {uri}")
     log.warning("removing the bucket %s", hp.container)
-    shutil.rmtree(hp.container)
+    os.rename(hp.container, f"{hp.container.rstrip('/')}.removed")

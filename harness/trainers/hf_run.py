@@ -1,7 +1,8 @@
 """A tiny Hugging Face ``Trainer`` run writing ``checkpoint-N/`` directories as transformers does.
 
 ``python -m harness.trainers.hf_run RUN_DIR --save-steps 8 --max-steps 16 [--resume DIR]
-[--kill-mid-save STEP] [--save-strategy steps|no] [--upload-to URI [--resume-from-bucket DEST]]``
+[--kill-mid-save STEP] [--save-strategy steps|no] [--upload-to URI [--resume-from-bucket DEST]]
+[--remove-bucket-at-step S] [--step-sleep SECONDS]``
 
 A one-layer BERT classifier (hidden size 16) built from its config, so nothing is
 downloaded, trained on seeded random token ids (32 samples, batch 4: 8 steps an epoch).
@@ -14,6 +15,9 @@ Each save writes ``RUN_DIR/checkpoint-N/`` with ``config.json``, ``model.safeten
 scheduler and RNG state are written and just before ``trainer_state.json`` would be, the
 process SIGKILLs itself (``TrainerState.save_to_json`` is wrapped, the call that
 ``Trainer._save_checkpoint`` makes last), leaving a checkpoint directory without its marker.
+
+``--remove-bucket-at-step S`` takes the ``file://`` bucket's directory away when step S
+begins (a permanent store error); ``--step-sleep`` sleeps after each step.
 
 ``--upload-to URI`` adds :class:`uploader.integrations.transformers.UploaderCallback` (no
 progress bar); ``--resume-from-bucket DEST`` first calls ``uploader.fetch_latest(URI, DEST)``
@@ -31,10 +35,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from harness.trainers.common import bucket_report, emit, go_offline, kill_self, state_digest
+from harness.trainers.common import (
+    bucket_report,
+    emit,
+    go_offline,
+    kill_self,
+    remove_local_bucket,
+    state_digest,
+)
 
 __all__ = ["main", "SAMPLES", "BATCH"]
 
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-strategy", choices=("steps", "no"), default="steps")
     p.add_argument("--upload-to", metavar="URI", help="add the uploader's HF Trainer callback")
     p.add_argument("--resume-from-bucket", type=Path, metavar="DEST")
+    p.add_argument("--remove-bucket-at-step", type=int, metavar="S")
+    p.add_argument("--step-sleep", type=float, default=0.0, metavar="SECONDS")
     args = p.parse_args(argv)
     if args.resume_from_bucket and not args.upload_to:
         p.error("--resume-from-bucket needs --upload-to")
@@ -114,7 +128,18 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             emit(event="save", step=state.global_step, dir=os.fspath(path))
 
-    callbacks: list[Any] = [SaveReport()]
+    cli = args
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == cli.remove_bucket_at_step:
+                remove_local_bucket(cli.upload_to)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cli.step_sleep:
+                time.sleep(cli.step_sleep)
+
+    callbacks: list[Any] = [SaveReport(), Probe()]
     uploader_cb = None
     if args.upload_to:
         from uploader.integrations.transformers import UploaderCallback

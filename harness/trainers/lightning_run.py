@@ -3,7 +3,7 @@
 ``python -m harness.trainers.lightning_run RUN_DIR --epochs 3 [--max-epochs N]
 [--save-last link|copy|none] [--resume CKPT] [--devices N] [--upload-to URI
 [--resume-from-bucket DEST] [--no-checkpointing] [--remove-bucket-at-epoch E]
-[--step-sleep S]]``
+[--step-sleep S] [--kill-at-epoch E]]``
 
 A small regression model on seeded random tensors (64 samples, batch 8: 8 steps an
 epoch), Adam with a cosine schedule over ``--epochs``. ``ModelCheckpoint(dirpath=RUN_DIR,
@@ -19,8 +19,9 @@ progress bar). ``--resume-from-bucket DEST`` (one device) first calls
 ``uploader.fetch_latest(URI, DEST)`` and continues from what it returns (a fresh start
 when it returns None).
 ``--no-checkpointing`` passes ``enable_checkpointing=False`` and no ``ModelCheckpoint``;
-``--remove-bucket-at-epoch E`` deletes the ``file://`` bucket's directory when epoch E
-starts; ``--step-sleep S`` sleeps S seconds after each training step.
+``--remove-bucket-at-epoch E`` takes the ``file://`` bucket's directory away when epoch E
+starts; ``--kill-at-epoch E`` SIGKILLs the process when epoch E starts (after the
+checkpoints of the epochs before it are saved); ``--step-sleep S`` sleeps S seconds after each training step.
 
 Prints JSON lines (rank 0 only, except ``worker`` and ``error``): ``{"event": "worker",
 "rank", "pid"}`` (each rank, at fit start: its worker's pid or None), ``{"event":
@@ -41,6 +42,7 @@ from harness.trainers.common import (
     bucket_report,
     emit,
     go_offline,
+    kill_self,
     remove_local_bucket,
     state_digest,
 )
@@ -103,6 +105,8 @@ def _probe(uploader_cb: Any, args: argparse.Namespace) -> Any:
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             if trainer.current_epoch == args.remove_bucket_at_epoch and trainer.global_rank == 0:
                 remove_local_bucket(args.upload_to)
+            if trainer.current_epoch == args.kill_at_epoch:
+                kill_self(f"--kill-at-epoch {args.kill_at_epoch}")
 
         def on_train_batch_end(self, *a: Any) -> None:
             if args.step_sleep:
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--remove-bucket-at-epoch", type=int, metavar="E")
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--kill-at-epoch", type=int, metavar="E")
     args = p.parse_args(argv)
     if (args.resume_from_bucket or args.remove_bucket_at_epoch is not None) and not args.upload_to:
         p.error("--resume-from-bucket and --remove-bucket-at-epoch need --upload-to")

@@ -9,6 +9,7 @@ a wrong secret, drives the failure paths.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import secrets
@@ -210,6 +211,79 @@ def test_secret_never_in_exceptions_or_worker_argv(
         assert shown and wrong not in shown and wrong not in _all_text(tmp_path)
     finally:
         del os.environ["CKPT_SEC_TEST_SECRET"]
+
+
+def test_worker_keeps_the_secret_to_itself(
+    rclone_s3: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A real worker, verbose, uploading: the secret (the marker) is in its environment
+    only. Not in its argv, not in the environment of any process it starts (it starts
+    none; any that appeared is checked), not in its status file, journal or log; and the
+    worker is non-dumpable (no core dump; /proc/<pid>/environ private to root)."""
+    import psutil
+
+    from uploader.launch.worker import UploadWorker
+
+    marker = rclone_s3.secret.encode()
+    run, state = tmp_path / "run", tmp_path / "state"
+    write_checkpoint_file(run / "checkpoints" / "ep1.pt", 6 << 20, 1)
+    worker = UploadWorker(
+        run,
+        hparams=rclone_s3.hparams(bucket),
+        prefix="w",
+        state_dir=state,
+        parent_pid=None,
+        log_to="file",
+        verbosity=1,
+        drain_timeout=60,
+    )
+    worker.start()
+    children: set[int] = set()
+    try:
+        assert worker.pid is not None
+        proc = psutil.Process(worker.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the checkpoint is verified
+            assert marker not in Path(f"/proc/{worker.pid}/cmdline").read_bytes()
+            for child in proc.children(recursive=True):
+                children.add(child.pid)
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    assert marker not in Path(f"/proc/{child.pid}/environ").read_bytes()
+            st = worker.status(fresh=True)
+            if st is not None and st.done >= 1:
+                break
+            time.sleep(0.05)
+        if os.getuid() != 0:  # root reads every process's environment
+            with pytest.raises(PermissionError):
+                Path(f"/proc/{worker.pid}/environ").read_bytes()
+        worker.drain(timeout=60, progress=False)
+    finally:
+        worker.kill()
+    log_text = (state / ".ckpt-uploader.log").read_text()
+    assert "process marked non-dumpable (no core dumps, /proc/<pid> private): True" in log_text
+    assert "verified path=checkpoints/ep1.pt" in log_text  # verbose: every step was logged
+    assert not children  # the worker starts no processes
+    assert sorted(p.name for p in state.iterdir())  # status, journal (and -wal), log
+    assert rclone_s3.secret not in _all_text(tmp_path)
+
+
+def test_non_dumpable_is_set_and_kept_across_fork(tmp_path: Path) -> None:
+    """``make_private`` in a fresh interpreter (not this one: it would stay private)."""
+    code = (
+        "import os, sys\n"
+        "from uploader.daemon.privacy import make_private, is_dumpable\n"
+        "before = is_dumpable()\n"
+        "assert make_private()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if is_dumpable() is False else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(before, is_dumpable(), os.waitstatus_to_exitcode(status))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
+    assert p.stdout.split() == ["True", "False", "0"], p.stderr
 
 
 # -- reading and writing only where it belongs --------------------------------------------------------

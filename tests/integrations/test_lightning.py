@@ -22,7 +22,8 @@ import pytest
 from harness.reliability import wait_gone
 from harness.reliability.common import journal_rows
 from harness.trainers import files_digest, last, records, run_trainer, succeeded
-from uploader import ConfigError
+from uploader import ConfigError, parse_uri
+from uploader.bucket.pointer import read_pointer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -142,6 +143,35 @@ def test_permanent_store_error_raises_in_training(tmp_path: Path) -> None:
     assert "end" not in {r.get("event") for r in records(run)}
 
 
+def test_after_sigkill_of_training_the_worker_uploads_what_is_complete_and_exits(
+    tmp_path: Path,
+) -> None:
+    """Training is SIGKILLed as epoch 2 starts: the worker, left alone, uploads the two
+    epochs' checkpoints saved before the kill, commits the newest, and exits by itself."""
+    bucket = tmp_path / "bucket"
+    run_dir = tmp_path / "run"
+    run = run_trainer(
+        "lightning_run",
+        run_dir,
+        "--epochs",
+        EPOCHS,
+        "--kill-at-epoch",
+        "2",
+        "--upload-to",
+        _bucket(bucket),
+    )
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert wait_gone(last(run, "worker")["pid"], 60), "the worker outlived training by 60 s"
+    saved = _checkpoints(run_dir)
+    assert set(saved) == {"epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt", "last.ckpt"}
+    for name, digest in saved.items():
+        assert files_digest(bucket / "rank_0")[name] == digest, name
+    with parse_uri(bucket.as_uri()).hparams.initialize_object() as store:
+        pointer = read_pointer(store, "", 0)
+    assert pointer is not None  # latest: epoch 1's checkpoint (last.ckpt is its copy)
+    assert pointer.latest.digest == f"sha256:{saved['epoch=1-step=16.ckpt']}", pointer
+
+
 def test_two_ddp_ranks_upload_each_file_once(tmp_path: Path) -> None:
     """DDP on CPU, 2 gloo processes sharing one checkpoint directory: one worker (on
     local rank 0, as node rank 0) uploads each file exactly once."""
@@ -239,7 +269,7 @@ def test_with_both_packages_installed_it_is_a_callback_of_both(
     fake.Callback = Callback  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
     monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
-    cls = integration._build()
+    cls = integration.__getattr__.build()
     cb = cls("file:///tmp/some-bucket")
     assert isinstance(cb, Callback) and isinstance(cb, pl.Callback)
     assert type(cb).on_fit_start is integration._LightningUploader.on_fit_start

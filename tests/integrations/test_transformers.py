@@ -20,7 +20,7 @@ import pytest
 
 from harness.reliability import wait_gone
 from harness.servers.s3 import S3Server
-from harness.trainers import HF_FILES, files_digest, last, run_trainer, succeeded
+from harness.trainers import HF_FILES, files_digest, last, records, run_trainer, succeeded
 from uploader import ConfigError, parse_uri
 from uploader.bucket.pointer import read_pointer
 
@@ -165,6 +165,35 @@ def _train(hf: Any, run_dir: Path, callback: Any, **args_kw: Any) -> Any:
     finally:
         assert trainer.state.global_step == 0  # failed before the first step
     return trainer
+
+
+def test_permanent_store_error_raises_in_training(tmp_path: Path) -> None:
+    """The bucket's directory is taken away when step 9 begins (after the first save):
+    the next upload fails for good, and a later step raises WorkerError out of train()."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    steps = 40
+    run = run_trainer(
+        "hf_run",
+        tmp_path / "run",
+        "--save-steps",
+        "8",
+        "--max-steps",
+        steps,
+        "--upload-to",
+        bucket.as_uri(),
+        "--remove-bucket-at-step",
+        "9",
+        "--step-sleep",
+        "0.1",
+    )
+    assert run.returncode != 0
+    error = last(run, "error")
+    assert error["type"] == "WorkerError", error
+    assert "bucket" in error["message"] or "container" in error["message"]
+    assert error["global_step"] < steps, error  # raised while training ran
+    assert "WorkerError" in run.stderr
+    assert "end" not in {r.get("event") for r in records(run)}
 
 
 def test_callback_is_a_trainer_callback(hf: Any) -> None:

@@ -8,6 +8,9 @@
   each checked against the size and sha256 the manifest records before it is
   renamed into place. The manifest's paths were checked when the pointer was read
   (relative, no ``..``), and each target is checked again to lie inside ``dest``.
+  A manifest whose paths would land on one file (names equal after Unicode
+  normalisation and case folding, as on macOS and Windows file systems, or a file
+  that is also another's folder) is refused before anything is downloaded.
 
 :func:`find_checkpoint` resolves a name under a prefix (``exp/rank_0/checkpoint-16``,
 or an alias such as ``exp/rank_0/last.ckpt``) through its rank's pointer.
@@ -22,11 +25,12 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uploader.bucket.pointer import PointerEntry, read_pointer
+from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,6 +68,8 @@ def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
     except UploaderError:
         return None
     entry = pointer.entry(m.group(3)) if pointer is not None else None
+    if entry is not None:
+        check_location(entry, m.group(1) or "", int(m.group(2)))
     if entry is not None and not entry.is_directory and entry.name != m.group(3):
         entry = replace(entry, name=m.group(3))  # an alias lands under its own name
     return entry
@@ -98,6 +104,7 @@ def fetch_entry(
         )
     root = base.absolute()
     top = root / entry.name
+    _refuse_collisions(entry)
     for f, obj in entry.objects():
         target = (root / f.path).absolute()
         if os.path.commonpath([str(root), os.path.normpath(target)]) != str(root):
@@ -116,3 +123,36 @@ def fetch_entry(
             require_digest=True,
         )
     return top
+
+
+def _folded(path: str) -> str:
+    """``path`` as a case-insensitive, normalising file system compares it."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
+
+
+def _refuse_collisions(entry: PointerEntry) -> None:
+    """IntegrityError when two manifest paths of ``entry`` would be one file on disk: equal
+    once folded (``Model.bin`` / ``model.bin``; ``é`` composed or not), or a file that is
+    also the folder of another. Restoring it would silently keep only one of them."""
+    seen: dict[str, str] = {}
+    for f in entry.manifest:
+        key = _folded(f.path)
+        other = seen.get(key)
+        if other is not None:
+            raise IntegrityError(
+                f"checkpoint {entry.name!r} names {other!r} and {f.path!r}, one file on "
+                "case-insensitive or Unicode-normalising file systems; nothing was "
+                "downloaded: give them distinct names at the source and save it again"
+            )
+        seen[key] = f.path
+    for key, path in seen.items():
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            folder = seen.get("/".join(parts[:i]))
+            if folder is not None:
+                raise IntegrityError(
+                    f"checkpoint {entry.name!r} names {folder!r} as a file and as the folder "
+                    f"of {path!r}; nothing was downloaded: the pointer is damaged or was not "
+                    "written by ckpt-uploader (run 'ckpt-uploader push' on the run directory "
+                    "to write it again)"
+                )

@@ -24,6 +24,14 @@ upload of an older checkpoint joins the history but never moves ``latest`` back.
 Pointers of format 1 (one file per entry, no manifest, no aliases) still resolve: an
 entry without ``files`` is a single-file checkpoint.
 
+Everything read back from the bucket is checked before it is trusted: a pointer is read
+with a size bound (:data:`MAX_POINTER_BYTES`); every name and manifest path must be a
+plain relative path (no ``..``, ``.``, empty part, leading ``/``, backslash or NUL; at
+most :data:`MAX_NAME_BYTES` a part and :data:`MAX_PATH_BYTES` in all); a directory's
+manifest lies inside the checkpoint and a file's names only the file; and
+:func:`resolve_latest` takes an entry only if its objects are where its rank's pointer
+is (``{prefix}/rank_N/{name}``).
+
 One daemon writes one rank's pointer, so a read-modify-write is race-free;
 the PUT of the pointer is atomic on every store.
 """
@@ -63,6 +71,9 @@ __all__ = [
     "list_ranks",
     "POINTER_FILE",
     "HISTORY_LIMIT",
+    "MAX_POINTER_BYTES",
+    "MAX_NAME_BYTES",
+    "check_location",
 ]
 
 FORMAT = "ckpt-uploader/pointer/2"
@@ -72,6 +83,11 @@ FORMATS = ("ckpt-uploader/pointer/1", FORMAT)
 FILE_RULE = "file"
 POINTER_FILE = "latest.json"
 HISTORY_LIMIT = 64
+#: The most bytes read of a pointer: 64 entries of manifests of thousands of files fit.
+MAX_POINTER_BYTES = 64 << 20
+#: The longest part of a name (the file systems' NAME_MAX), and the longest name, in bytes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 _RANK = re.compile(r"(?:^|/)rank_(\d+)/" + re.escape(POINTER_FILE) + "$")
 
 
@@ -86,6 +102,12 @@ def _safe_path(path: str, where: str) -> str:
         or any(p in ("", ".", "..") for p in parts)
     ):
         raise ValueError(f"{where} path {path!r} is not a plain relative path")
+    longest = max(len(p.encode("utf-8", "surrogatepass")) for p in parts)
+    if longest > MAX_NAME_BYTES or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(
+            f"{where} path {path[:60]!r}... is too long (a part of {longest} bytes; at most "
+            f"{MAX_NAME_BYTES} a part and {MAX_PATH_BYTES} in all)"
+        )
     return path
 
 
@@ -173,10 +195,10 @@ class PointerEntry:
         name = _safe_path(str(d["name"]), "checkpoint")
         rule = str(d.get("rule") or FILE_RULE)
         files = tuple(ManifestFile.from_dict(f) for f in d.get("files") or ())
-        if rule != FILE_RULE:
-            for f in files:
-                if not f.path.startswith(name + "/"):
-                    raise ValueError(f"manifest path {f.path!r} is not inside {name!r}")
+        for f in files:
+            inside = f.path.startswith(name + "/") if rule != FILE_RULE else f.path == name
+            if not inside:
+                raise ValueError(f"manifest path {f.path!r} is not inside checkpoint {name!r}")
         return cls(
             name,
             str(d["object"]),
@@ -254,7 +276,7 @@ def pointer_name(prefix: str, rank: int) -> str:
 def read_pointer(store: ObjectStore, prefix: str, rank: int) -> Pointer | None:
     name = pointer_name(prefix, rank)
     try:
-        data = store.get_bytes(name)
+        data = store.get_bytes(name, max_size=MAX_POINTER_BYTES)
     except ObjectNotFoundError:
         return None
     return Pointer.from_json(data, name)
@@ -377,7 +399,22 @@ def resolve_latest(
         )
     first = min(by_rank)
     best = max(common, key=lambda n: by_rank[first][n].order)
-    return {r: m[best] for r, m in by_rank.items()}
+    return {r: check_location(m[best], prefix, r) for r, m in by_rank.items()}
+
+
+def check_location(entry: PointerEntry, prefix: str, rank: int) -> PointerEntry:
+    """``entry`` when its objects are where rank ``rank``'s pointer under ``prefix`` is
+    (``{prefix}/rank_N/{name}``, where the daemon puts them); IntegrityError otherwise,
+    so that a pointer cannot send a restore to objects of another run."""
+    expected = join_key(prefix, f"rank_{rank}/{entry.name}")
+    if entry.object != expected:
+        raise IntegrityError(
+            f"the pointer of rank {rank} under {prefix or '(root)'!r} names checkpoint "
+            f"{entry.name!r} at {entry.object!r}, outside its place {expected!r}; it was "
+            "altered, or copied from another prefix: restore from the prefix it was "
+            "written under, or run 'ckpt-uploader push' again to rewrite it"
+        )
+    return entry
 
 
 def latest_prefix(name: str) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uploader.bucket.pointer import POINTER_FILE, Pointer
+from uploader.bucket.pointer import MAX_POINTER_BYTES, POINTER_FILE, Pointer
 from uploader.config.hparams import listing_prefix
 from uploader.errors import UploaderError
 
@@ -53,7 +53,7 @@ def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> li
     manifest file's size or digest differs from the object's. An older entry whose
     objects are gone (removed by retention) is not a failure."""
     try:
-        pointer = Pointer.from_json(store.get_bytes(name), name)
+        pointer = Pointer.from_json(store.get_bytes(name, max_size=MAX_POINTER_BYTES), name)
     except UploaderError as exc:
         return [f"{name}: {exc}"]
     failures: list[str] = []

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from uploader.bucket.pointer import Pointer, list_ranks, read_pointer
+from uploader.bucket.pointer import MAX_POINTER_BYTES, Pointer, list_ranks, read_pointer
 from uploader.bucket.verify import is_pointer
 from uploader.cli.options import (
     EXIT_CODES,
@@ -113,7 +113,9 @@ def _list_files(store: ObjectStore, prefix: str, as_json: bool) -> None:
         latest = None
         if is_pointer(info.name):
             try:
-                latest = Pointer.from_json(store.get_bytes(info.name), info.name).latest.name
+                latest = Pointer.from_json(
+                    store.get_bytes(info.name, max_size=MAX_POINTER_BYTES), info.name
+                ).latest.name
             except UploaderError:
                 latest = "(unreadable)"
         if as_json:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from uploader.config.files import STORE_FIELDS, parse_extra_kwargs, store_location
+from uploader.config.files import STORE_FIELDS, TLS_KEYS, parse_extra_kwargs, store_location
 from uploader.config.hparams import StoreLocation
 from uploader.config.options import WATCH_KEYS, WatchOptions
 from uploader.daemon.layouts import CHECKPOINT_PATTERNS, TEMPORARY_PATTERNS
@@ -106,6 +106,20 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
         "--extra-init-kwargs",
         metavar="JSON",
         help="further driver arguments as a JSON object, e.g. '{\"secure\": false}' (default: none)",
+    )
+    g.add_argument(
+        "--ca-bundle",
+        metavar="PEM",
+        help="PEM file of the CA certificates that the endpoint's certificate is checked "
+        "against, for a private CA (default: $AWS_CA_BUNDLE, $SSL_CERT_FILE or "
+        "$REQUESTS_CA_BUNDLE, else the system's trust store)",
+    )
+    g.add_argument(
+        "--insecure-skip-tls-verify",
+        action="store_true",
+        default=None,
+        help="do NOT check the endpoint's TLS certificate (anyone on the path can read and "
+        "change the data); a warning says so at start (default: off: always checked)",
     )
     g.add_argument(
         "--prefix",
@@ -300,7 +314,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 # -- reading the flags back -----------------------------------------------------------------
 def store_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The ObjectStoreHparams fields given as flags (None where absent)."""
-    flags = {key: getattr(args, key, None) for key in STORE_FIELDS}
+    flags = {key: getattr(args, key, None) for key in (*STORE_FIELDS, *TLS_KEYS)}
     flags["extra_init_kwargs"] = parse_extra_kwargs(flags["extra_init_kwargs"])
     return flags
 

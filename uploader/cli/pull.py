@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from uploader.bucket.fetch import fetch_entry, find_checkpoint, is_dir_dest
-from uploader.bucket.pointer import PointerEntry, select_latest
+from uploader.bucket.pointer import MAX_NAME_BYTES, PointerEntry, select_latest
 from uploader.cli.options import (
     EXIT_CODES,
     Formatter,
@@ -116,6 +116,8 @@ def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool) ->
         rel = info.name[len(base) :]
         try:
             check_object_name(rel)
+            if any(len(part.encode()) > MAX_NAME_BYTES for part in rel.split("/")):
+                raise ConfigError(f"a part of {rel!r} is longer than a file name may be")
         except ConfigError:
             # Another tool wrote it: it would land outside DEST. Skip it, say so.
             unsafe.append(info.name)
@@ -126,7 +128,7 @@ def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool) ->
     if unsafe:
         log.error(
             "not downloaded: %d object(s) whose names would land outside %s "
-            "(absolute, '..', '.' or empty segments): %s; rename them in the store "
+            "(absolute, '..', '.', empty or over-long segments): %s; rename them in the store "
             "to fetch them",
             len(unsafe),
             dest,

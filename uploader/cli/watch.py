@@ -36,6 +36,7 @@ from uploader.daemon.layouts import (
     FileFilter,
     parse_dir_rule,
 )
+from uploader.daemon.privacy import make_private
 from uploader.daemon.progress import stderr_is_terminal
 from uploader.daemon.signals import capture_early_signals
 from uploader.daemon.status import STATUS_FILE, StatusReport
@@ -136,6 +137,7 @@ def _early_status(path: str | None, state: str, error: str | None = None) -> Non
 
 def _run(args: argparse.Namespace, push: bool) -> int:
     capture_early_signals()  # from here on, SIGTERM drains instead of killing
+    make_private()  # before any credential is read: no core dumps, /proc/<pid> private
     _early_status(args.status_file, "starting")
     try:
         return _run_engine(args, push)

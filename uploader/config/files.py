@@ -19,6 +19,7 @@ A config file::
     # port = 9000
     # region = "us-east-1"
     # extra_init_kwargs = { secure = false }
+    # ca_bundle = "/etc/ssl/private-ca.pem"   # the CAs a private endpoint's certificate is checked against
     # prefix = "exp1"
 
     [watch]
@@ -41,9 +42,11 @@ from typing import Any
 
 from uploader.config.hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
 from uploader.errors import ConfigError
+from uploader.transfer.tls import CA_BUNDLE_OPTION, INSECURE_OPTION
 
 __all__ = [
     "STORE_FIELDS",
+    "TLS_KEYS",
     "load_config_file",
     "store_location",
     "parse_bytes",
@@ -60,6 +63,8 @@ STORE_FIELDS = (
     "region",
     "extra_init_kwargs",
 )
+#: [store] keys (and flags) that go into extra_init_kwargs under the same name.
+TLS_KEYS = (CA_BUNDLE_OPTION, INSECURE_OPTION)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.I)
 
 
@@ -99,7 +104,7 @@ def load_config_file(path: str | None) -> dict[str, dict[str, Any]]:
                 f"config file {p}: [store] {secret} is not accepted; credentials come only "
                 "from environment variables named by key_environ / secret_environ"
             )
-    known = set(STORE_FIELDS) | {"uri", "prefix"}
+    known = set(STORE_FIELDS) | {"uri", "prefix", *TLS_KEYS}
     bad = set(store) - known
     if bad:
         raise ConfigError(
@@ -133,7 +138,8 @@ def store_location(
 
     ``flags`` holds the STORE_FIELDS given on the command line (None when absent).
     """
-    file_store = dict(file_store or {})
+    file_store = _tls_into_extra(dict(file_store or {}))
+    flags = _tls_into_extra(dict(flags))
     uri = uri or file_store.pop("uri", None)
     file_prefix = file_store.pop("prefix", None)
     merged: dict[str, Any] = {k: v for k, v in file_store.items() if v is not None}
@@ -159,6 +165,25 @@ def store_location(
     if ".." in final_prefix.split("/"):
         raise ConfigError(f"prefix {final_prefix!r} contains '..'; use a plain path")
     return StoreLocation(loc.hparams, final_prefix.strip("/"))
+
+
+def _tls_into_extra(store: dict[str, Any]) -> dict[str, Any]:
+    """``store`` with its TLS keys (``ca_bundle = ...``) moved into ``extra_init_kwargs``,
+    where the hparams carry them; a value given there too must agree."""
+    moved = {k: store.pop(k) for k in TLS_KEYS if store.get(k) is not None}
+    for k in TLS_KEYS:
+        store.pop(k, None)
+    if not moved:
+        return store
+    extra = dict(store.get("extra_init_kwargs") or {})
+    for k, v in moved.items():
+        if k in extra and extra[k] != v:
+            raise ConfigError(
+                f"{k} is given twice, as {v!r} and in extra_init_kwargs as {extra[k]!r}; keep one"
+            )
+        extra[k] = v
+    store["extra_init_kwargs"] = extra
+    return store
 
 
 def parse_bytes(text: str | int | float | None, what: str = "--bwlimit") -> int:

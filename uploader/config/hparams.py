@@ -12,6 +12,8 @@ A URI is a second way in, mapping onto the same fields::
 
     s3://bucket/prefix                      AWS S3 (?region=, else the provider's default)
     s3://bucket/prefix?endpoint=http://127.0.0.1:9000   an S3-compatible server
+    s3://bucket/prefix?endpoint=https://minio.lan:9000&ca_bundle=/etc/ssl/lan-ca.pem
+                                            ... behind a private CA
     azure://container/prefix                Azure Blob Storage (?endpoint= for Azurite)
     gs://bucket/prefix                      Google Cloud Storage
     file:///abs/dir?prefix=p                a local directory as the bucket (libcloud LOCAL)
@@ -43,6 +45,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from uploader.errors import ConfigError
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.store import ObjectStore
+from uploader.transfer.tls import CA_BUNDLE_OPTION, INSECURE_OPTION
 
 __all__ = [
     "ObjectStoreHparams",
@@ -159,8 +162,10 @@ class ObjectStoreHparams:
     host / port: an endpoint override, e.g. an S3-compatible server. Plain HTTP is
         used on loopback, or when ``extra_init_kwargs={"secure": False}`` asks for it.
     region: the region, where the provider has them.
-    extra_init_kwargs: further keyword arguments: ``secure``, ``timeout`` (seconds per
-        request), Azure's ``content_md5``, and any the libcloud driver takes.
+    extra_init_kwargs: further keyword arguments: ``secure``, ``ca_bundle`` (a PEM file
+        of the CAs to trust), ``insecure_skip_tls_verify`` (no certificate checks; warned
+        about), ``timeout`` (seconds per request), Azure's ``content_md5``, and any the
+        libcloud driver takes.
     """
 
     provider: str
@@ -220,6 +225,7 @@ class ObjectStoreHparams:
             raise ConfigError(
                 "extra_init_kwargs must be a mapping (a JSON object on the command line)"
             )
+        self._validate_tls()
         for bad in ("key", "secret"):
             # For 'local' the key is the base directory (libcloud's LOCAL), not a secret.
             if bad in self.extra_init_kwargs and not (bad == "key" and family == "local"):
@@ -228,6 +234,26 @@ class ObjectStoreHparams:
                     "only from the environment variables named by key_environ "
                     "and secret_environ"
                 )
+
+    def _validate_tls(self) -> None:
+        """``ca_bundle`` is a path; ``insecure_skip_tls_verify`` a real boolean (so that a
+        string such as "false" never turns verification off)."""
+        bundle = self.extra_init_kwargs.get(CA_BUNDLE_OPTION)
+        if bundle is not None and (not isinstance(bundle, str) or not bundle.strip()):
+            raise ConfigError(
+                f"{CA_BUNDLE_OPTION} must be the path of a PEM file of CA certificates, "
+                f"e.g. /etc/ssl/private-ca.pem, not {bundle!r}"
+            )
+        insecure = self.extra_init_kwargs.get(INSECURE_OPTION, False)
+        if not isinstance(insecure, bool):
+            raise ConfigError(
+                f"{INSECURE_OPTION} must be true or false (a JSON/TOML boolean), not {insecure!r}"
+            )
+        if insecure and bundle is not None:
+            raise ConfigError(
+                f"{CA_BUNDLE_OPTION} and {INSECURE_OPTION} contradict each other; keep "
+                f"{CA_BUNDLE_OPTION} (certificates checked against it)"
+            )
 
     def _validate_local(self) -> None:
         """An absolute container, or a base directory (the key) and a folder inside it."""
@@ -310,15 +336,21 @@ class ObjectStoreHparams:
 
     @property
     def secure(self) -> bool:
-        """TLS unless asked otherwise by name, or the endpoint is on loopback."""
+        """TLS unless asked otherwise by name, or the endpoint is on loopback (and no TLS
+        option, ``ca_bundle`` or ``insecure_skip_tls_verify``, says TLS is meant)."""
         if "secure" in self.extra_init_kwargs:
             return bool(self.extra_init_kwargs["secure"])
+        if self.extra_init_kwargs.get(CA_BUNDLE_OPTION) or self.extra_init_kwargs.get(
+            INSECURE_OPTION
+        ):
+            return True
         return not is_loopback(self.host)
 
     # -- resolution -----------------------------------------------------------------------
     def store_settings(self) -> StoreSettings:
         """The resolved settings a backend takes (family, TLS, extra arguments)."""
-        extra = {k: v for k, v in self.extra_init_kwargs.items() if k != "secure"}
+        tls_keys = ("secure", CA_BUNDLE_OPTION, INSECURE_OPTION)
+        extra = {k: v for k, v in self.extra_init_kwargs.items() if k not in tls_keys}
         container, key_environ = self.container, self.key_environ
         if self.family == "local":
             # The key is the base directory, consumed here: the backend takes the root,
@@ -336,6 +368,8 @@ class ObjectStoreHparams:
             region=self.region,
             secure=self.secure,
             extra=extra,
+            ca_bundle=self.extra_init_kwargs.get(CA_BUNDLE_OPTION),
+            insecure_skip_tls_verify=bool(self.extra_init_kwargs.get(INSECURE_OPTION, False)),
         )
 
     def credentials(self) -> tuple[str | None, str | None]:
@@ -384,7 +418,7 @@ def listing_prefix(prefix: str) -> str:
 
 
 def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
-    """Parse ``scheme://container/prefix[?endpoint=..&region=..&key_environ=..]``.
+    """Parse ``scheme://container/prefix[?endpoint=..&region=..&key_environ=..&ca_bundle=..]``.
 
     ``overrides`` (any hparams field not None) refine what the URI says.
     """
@@ -453,13 +487,15 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
             extra["secure"] = False
         elif ep.scheme == "https":
             extra["secure"] = True
+    if CA_BUNDLE_OPTION in query:
+        extra[CA_BUNDLE_OPTION] = query.pop(CA_BUNDLE_OPTION)
     for name in ("region", "key_environ", "secret_environ"):
         if name in query:
             kw[name] = query.pop(name) or None
     if query:
         raise ConfigError(
             f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; "
-            "accepted: endpoint, region, key_environ, secret_environ, prefix (file://)"
+            "accepted: endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://)"
         )
     if provider == "s3":
         kw.setdefault("key_environ", "AWS_ACCESS_KEY_ID")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from uploader.launch.options import WorkerOptions
 
-__all__ = ["WorkerSlot", "SlotCallback"]
+__all__ = ["WorkerSlot", "SlotCallback", "lazy_callback"]
 
 log = logging.getLogger("uploader.integrations")
 
@@ -172,3 +173,27 @@ class SlotCallback:
     def status(self) -> StatusReport | None:
         """The worker's latest status (counts, bytes, last error), if it runs here."""
         return self.slot.worker.status() if self.slot.worker is not None else None
+
+
+class lazy_callback:  # noqa: N801 (a module __getattr__, named as the function it stands for)
+    """A module ``__getattr__`` that builds ``UploaderCallback`` on first lookup.
+
+    The class is ``mixin`` plus the framework's callback ``bases()`` (imported only
+    then), so importing the integration module never imports its framework."""
+
+    def __init__(
+        self, module: str, mixin: type, bases: Callable[[], tuple[type, ...]], doc: str
+    ) -> None:
+        self.module, self.mixin, self.bases, self.doc = module, mixin, bases, doc
+
+    def build(self) -> type:
+        """A new ``UploaderCallback`` class from the bases installed now."""
+        names = {"__module__": self.module, "__qualname__": "UploaderCallback"}
+        return type("UploaderCallback", (self.mixin, *self.bases()), {**names, "__doc__": self.doc})
+
+    def __call__(self, name: str) -> Any:
+        if name != "UploaderCallback":
+            raise AttributeError(f"module {self.module!r} has no attribute {name!r}")
+        cls = self.build()
+        setattr(sys.modules[self.module], name, cls)  # built once
+        return cls

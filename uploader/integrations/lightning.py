@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uploader.errors import ConfigError
-from uploader.integrations.base import SlotCallback
+from uploader.integrations.base import SlotCallback, lazy_callback
 
 if TYPE_CHECKING:
     pass
@@ -152,22 +152,9 @@ _DOC = (
 )
 
 
-def _build() -> type:
-    return type(
-        "UploaderCallback",
-        (_LightningUploader, *callback_bases()),
-        {"__module__": __name__, "__qualname__": "UploaderCallback", "__doc__": _DOC},
-    )
-
-
 if TYPE_CHECKING:
     # For type checkers; at run time the module's __getattr__ builds the class.
     UploaderCallback = _LightningUploader
 
 
-def __getattr__(name: str) -> Any:
-    if name == "UploaderCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_callback(__name__, _LightningUploader, callback_bases, _DOC)

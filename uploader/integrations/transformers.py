@@ -40,7 +40,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from uploader.errors import ConfigError
-from uploader.integrations.base import SlotCallback
+from uploader.integrations.base import SlotCallback, lazy_callback
 
 if TYPE_CHECKING:
     pass
@@ -116,14 +116,10 @@ _DOC = (
 )
 
 
-def _build() -> type:
+def _bases() -> tuple[type, ...]:
     from transformers import TrainerCallback
 
-    return type(
-        "UploaderCallback",
-        (_TransformersUploader, TrainerCallback),
-        {"__module__": __name__, "__qualname__": "UploaderCallback", "__doc__": _DOC},
-    )
+    return (TrainerCallback,)
 
 
 if TYPE_CHECKING:
@@ -131,9 +127,4 @@ if TYPE_CHECKING:
     UploaderCallback = _TransformersUploader
 
 
-def __getattr__(name: str) -> Any:
-    if name == "UploaderCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_callback(__name__, _TransformersUploader, _bases, _DOC)

@@ -6,6 +6,10 @@
 keyword arguments without ``secure``). Backends and the store take only this
 object, so nothing under ``uploader.transfer`` imports ``uploader.config``.
 
+TLS trust (``ca_bundle``, ``insecure_skip_tls_verify``) is carried as given;
+:meth:`StoreSettings.trust` resolves it with :mod:`uploader.transfer.tls` when a
+backend is built (the environment's CA variables are read then).
+
 Credentials are carried as the NAMES of the environment variables that hold
 them. :meth:`StoreSettings.credentials` reads the values when a backend is
 built and registers them with :func:`uploader.redact.register_secret`, so they
@@ -28,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from uploader.errors import ConfigError
 from uploader.redact import register_secret
+from uploader.transfer.tls import TLSTrust, resolve_trust
 
 __all__ = ["FAMILIES", "SettingsSource", "StoreSettings", "resolve_settings"]
 
@@ -47,6 +52,8 @@ class StoreSettings:
         access key and the secret (never the values).
     host / port / region: an endpoint override and the region, where given.
     secure: whether TLS is used.
+    ca_bundle: a PEM file of the CAs to trust (None: the environment's, else the default).
+    insecure_skip_tls_verify: no certificate verification (asked for by this name only).
     extra: further keyword arguments: the backend's own (``timeout``,
         ``content_md5``) and the libcloud driver's (``project`` ...). Read-only.
     """
@@ -61,6 +68,8 @@ class StoreSettings:
     region: str | None = None
     secure: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    ca_bundle: str | None = None
+    insecure_skip_tls_verify: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -68,6 +77,12 @@ class StoreSettings:
                 f"unknown backend family {self.family!r}; use one of {', '.join(sorted(FAMILIES))}"
             )
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    def trust(self, endpoint: str) -> TLSTrust:
+        """What ``endpoint``'s certificate is checked against (see :mod:`uploader.transfer.tls`);
+        a missing bundle is a ConfigError. The insecure warning is given only under TLS."""
+        insecure = self.insecure_skip_tls_verify and self.secure
+        return resolve_trust(self.ca_bundle, insecure, endpoint)
 
     def credentials(self) -> tuple[str | None, str | None]:
         """Read the key and secret from the named environment variables.

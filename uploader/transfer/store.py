@@ -81,6 +81,10 @@ class ObjectStat:
     mtime: float | None = None
 
 
+#: The most bytes read of a digest record (one line of JSON; anything larger is not one).
+DIGEST_RECORD_MAX = 64 << 10
+
+
 def make_backend(settings: StoreSettings) -> Backend:
     """The adapter for the settings' family (its module imported only when used)."""
     family = settings.family
@@ -262,7 +266,7 @@ class ObjectStore:
         if digest is None:
             try:
                 digest, recorded_size = parse_digest_record(
-                    self.get_bytes(object_name + DIGEST_SUFFIX)
+                    self.get_bytes(object_name + DIGEST_SUFFIX, max_size=DIGEST_RECORD_MAX)
                 )
                 if recorded_size != info.size:
                     # Keep the recorded digest: a truncated or replaced object must
@@ -325,13 +329,24 @@ class ObjectStore:
         )
         return digest
 
-    def get_bytes(self, object_name: str) -> bytes:
-        """The whole object in memory (small objects: pointers, digest records); unverified."""
+    def get_bytes(self, object_name: str, max_size: int | None = None) -> bytes:
+        """The whole object in memory (small objects: pointers, digest records); unverified.
+
+        ``max_size`` bounds what is read: a larger object raises IntegrityError after
+        ``max_size + 1`` bytes, so a huge object planted in the bucket cannot exhaust memory.
+        """
         object_name = check_object_name(object_name)
-        return self._call(
-            lambda: b"".join(self.backend.read_range(object_name, 0, None)),
+        length = None if max_size is None else max_size + 1
+        data: bytes = self._call(
+            lambda: b"".join(self.backend.read_range(object_name, 0, length)),
             f"download {object_name}",
         )
+        if max_size is not None and len(data) > max_size:
+            raise IntegrityError(
+                f"{object_name} is larger than the {max_size} bytes allowed for it; it was "
+                "not written by ckpt-uploader or is damaged: remove or replace it"
+            )
+        return data
 
     def abort_stale_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
         """Abort unfinished multipart uploads under ``prefix`` started ``older_than`` seconds ago."""

@@ -56,6 +56,7 @@ from uploader.transfer.backends.http import (
 )
 from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
 from uploader.transfer.settings import StoreSettings
+from uploader.transfer.tls import tls_failure
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 
@@ -105,8 +106,6 @@ class AzureBackend(LibcloudHTTPBackend):
     range_header = "x-ms-range"
 
     def __init__(self, settings: StoreSettings) -> None:
-        from libcloud.storage.drivers.azure_blobs import AzureBlobsStorageDriver
-
         account, key = settings.credentials()
         if not account or not key:
             raise ConfigError(
@@ -140,6 +139,10 @@ class AzureBackend(LibcloudHTTPBackend):
             "timeout": self._timeout,
             **extra,
         }
+        # Imported once the TLS trust is resolved: libcloud refuses a missing
+        # $SSL_CERT_FILE with a bare error of its own.
+        from libcloud.storage.drivers.azure_blobs import AzureBlobsStorageDriver
+
         self._driver_cls = AzureBlobsStorageDriver
         self._uploads: dict[str, dict[str, str]] = {}
 
@@ -365,6 +368,9 @@ def _map_libcloud(what: str, exc: Exception, backend: AzureBackend) -> Exception
     """Map an exception raised inside libcloud's driver code."""
     from libcloud.common.types import InvalidCredsError, LibcloudError
 
+    failed = tls_failure(exc, backend._endpoint(), backend._trust)
+    if failed is not None:
+        return failed
     text = redact(str(exc))[:300]
     if isinstance(exc, InvalidCredsError):
         return AuthError(

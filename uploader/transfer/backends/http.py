@@ -7,9 +7,10 @@
 * :class:`LibcloudHTTPBackend` is the plumbing of the backends whose requests
   are built by the adapter but signed and sent by a libcloud connection (Azure,
   Google Cloud Storage): one driver per thread, because a libcloud connection
-  holds the state of the request in flight; a timeout on every request;
-  transport errors mapped to :mod:`uploader.errors`; and ranged downloads that
-  also cope with a server that ignores the range.
+  holds the state of the request in flight; a timeout on every request; the TLS
+  trust of :mod:`uploader.transfer.tls` on every connection; transport errors mapped
+  to :mod:`uploader.errors` (a failed certificate check to ``TLSError``); and ranged
+  downloads that also cope with a server that ignores the range.
 
 Example::
 
@@ -36,6 +37,7 @@ from uploader.redact import redact
 from uploader.transfer.backends.base import Backend
 from uploader.transfer.retry import is_transient
 from uploader.transfer.settings import StoreSettings
+from uploader.transfer.tls import tls_failure
 
 #: Seconds a request of a libcloud-driven backend may take (``extra_init_kwargs["timeout"]``).
 DEFAULT_TIMEOUT = 120.0
@@ -140,6 +142,7 @@ class LibcloudHTTPBackend(Backend):
         self._local = threading.local()
         self._drivers: list[Any] = []
         self._lock = threading.Lock()
+        self._trust = settings.trust(self._endpoint())
         return extra
 
     @abstractmethod
@@ -162,6 +165,10 @@ class LibcloudHTTPBackend(Backend):
             drv.connection.connect()
             http: Any = drv.connection.connection
             install_request_timeout(http.session, self._timeout)
+            verify = self._trust.requests_verify()
+            if verify is not None:  # else libcloud's default trust store
+                http.verify = verify is not False
+                http.ca_cert = verify or None
             self._local.driver = drv
             with self._lock:
                 self._drivers.append(drv)
@@ -175,6 +182,9 @@ class LibcloudHTTPBackend(Backend):
         """An uploader error for an exception raised while sending a request."""
         if isinstance(exc, UploaderError):
             return exc
+        failed = tls_failure(exc, self._endpoint(), self._trust)
+        if failed is not None:
+            return failed
         text = f"{what}: {type(exc).__name__}: {redact(str(exc))[:300]}"
         if is_transient(exc):
             return TransientError(f"{text}; check that {self._endpoint()} is reachable")

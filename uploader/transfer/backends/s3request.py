@@ -9,6 +9,8 @@
   which every S3-compatible server accepts. Plain HTTP is used when
   ``settings.secure`` is false (loopback, or ``extra_init_kwargs={"secure": False}``).
   ``extra_init_kwargs["timeout"]`` sets the socket timeout in seconds (default 60).
+  Certificates are checked against the trust :mod:`uploader.transfer.tls` resolves
+  (``ca_bundle``, ``AWS_CA_BUNDLE`` ...); a failed check is a ``TLSError``.
 * Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash
   the caller passes in; only bodies sent without one (small XML requests) are
   hashed here.
@@ -53,6 +55,7 @@ from uploader.transfer.backends.sigv4 import (
 )
 from uploader.transfer.retry import TRANSIENT_HTTP
 from uploader.transfer.settings import StoreSettings
+from uploader.transfer.tls import tls_failure
 
 __all__ = ["S3Error", "S3RequestBackend", "S3TransientError", "TRANSIENT_CODES", "parse_xml"]
 
@@ -145,6 +148,10 @@ class S3RequestBackend(Backend):
         self.settings = settings
         self.bucket = settings.container
         self.secure = settings.secure
+        port = f":{settings.port}" if settings.port else ""
+        where = f"{'https' if self.secure else 'http'}://{settings.host or settings.provider}{port}"
+        # Before libcloud is imported: it refuses a missing $SSL_CERT_FILE with a bare error.
+        self._trust = settings.trust(where)
         self.timeout = float(settings.extra.get("timeout", 60))
         self.host, self.port, region = self._endpoint(settings, key, secret)
         self.region = settings.region or region or "us-east-1"
@@ -161,6 +168,7 @@ class S3RequestBackend(Backend):
         self._where = (
             f"bucket {self.bucket!r} at {'https' if self.secure else 'http'}://{self.host_header}"
         )
+        self._ssl = self._trust.context() if self.secure else None
 
     # -- endpoint through libcloud --------------------------------------------------------
     def _endpoint(
@@ -225,7 +233,9 @@ class S3RequestBackend(Backend):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self.secure:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=self._ssl
+                )
             else:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._local.conn = conn
@@ -302,8 +312,11 @@ class S3RequestBackend(Backend):
                     raise
                 self.resent = next(self._resend_counter)
                 log.debug("%s %s: kept-alive connection was closed; sent again", method, path)
-            except BaseException:
+            except BaseException as exc:
                 self._drop_conn()
+                failed = tls_failure(exc, self._where, self._trust) if self.secure else None
+                if failed is not None:
+                    raise failed from None
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -1,0 +1,196 @@
+"""Bad input from the bucket: pointers and manifests that someone with write access to the
+bucket crafted (or that were damaged), restored by ``pull .../latest`` and ``fetch_latest``.
+
+Each case writes real objects and a pointer into a real store (a directory, through the
+libcloud LOCAL driver), then restores through the library and through the command line
+(``uploader.cli.main.main``, in this process: the same code as the console script, with
+its exit code and log). Every case must be refused with a message that says what is wrong
+and what to do, with a non-zero exit, and nothing may be written anywhere: not outside
+the destination, and not inside it either (a refused checkpoint is not half restored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uploader import IntegrityError, ObjectStore, ObjectStoreHparams, fetch_latest
+from uploader.bucket import pointer
+from uploader.cli.main import main
+from uploader.errors import ExitCode
+
+#: The pointer size bound in these tests (the real one, 64 MiB, works the same; a smaller
+#: one keeps the oversized case fast).
+BOUND = 1 << 20
+PREFIX = "run"
+POINTER = f"{PREFIX}/rank_0/latest.json"
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _entry(name: str, files: dict[str, bytes], **over: Any) -> dict[str, Any]:
+    """A directory checkpoint entry as the daemon writes it (before ``over``)."""
+    manifest = [{"path": p, "size": len(d), "digest": _sha(d)} for p, d in sorted(files.items())]
+    entry = {
+        "name": name,
+        "object": f"{PREFIX}/rank_0/{name}",
+        "size": sum(len(d) for d in files.values()),
+        "digest": "sha256:" + "0" * 64,
+        "mtime_ns": 1,
+        "committed_at": 1.0,
+        "rule": "hf",
+        "files": manifest,
+    }
+    entry.update(over)
+    return entry
+
+
+def _pointer(entry: dict[str, Any]) -> bytes:
+    body = {"format": "ckpt-uploader/pointer/2", "rank": 0, "latest": entry, "history": [entry]}
+    return json.dumps(body).encode()
+
+
+@dataclass(frozen=True)
+class Bad:
+    """What the bucket holds: objects (name -> bytes) and the pointer's bytes."""
+
+    objects: dict[str, bytes]
+    pointer: bytes
+
+
+def _checkpoint(files: dict[str, bytes], name: str = "ckpt", **over: Any) -> Bad:
+    """A checkpoint whose files are stored where its entry says, under a pointer."""
+    entry = _entry(name, files, **over)
+    objects = {f"{entry['object']}/{p[len(name) + 1 :]}": d for p, d in files.items()}
+    return Bad(objects, _pointer(entry))
+
+
+def _truncated() -> Bad:
+    good = _checkpoint({"ckpt/a.bin": b"a" * 100})
+    return Bad(good.objects, good.pointer[: len(good.pointer) // 2])
+
+
+def _oversized() -> Bad:
+    good = _checkpoint({"ckpt/a.bin": b"a" * 100})
+    # Valid JSON, but padded past the bound: it must not even be parsed.
+    return Bad(good.objects, good.pointer + b" " * (BOUND + 1 - len(good.pointer)))
+
+
+def _outside_object() -> Bad:
+    files = {"ckpt/a.bin": b"a" * 100}
+    entry = _entry("ckpt", files, object="other-run/rank_0/ckpt")
+    return Bad({"other-run/rank_0/ckpt/a.bin": files["ckpt/a.bin"]}, _pointer(entry))
+
+
+def _raw_name(name: str) -> Bad:
+    """A checkpoint whose name (and so manifest paths) is ``name``, planted as it is."""
+    entry = _entry("ckpt", {"ckpt/a.bin": b"a"})
+    entry["name"] = name
+    entry["files"][0]["path"] = f"{name}/a.bin"
+    return Bad({}, _pointer(entry))
+
+
+def _raw_path(path: str) -> Bad:
+    entry = _entry("ckpt", {"ckpt/a.bin": b"a"})
+    entry["files"][0]["path"] = path
+    return Bad({}, _pointer(entry))
+
+
+def _file_rule_naming_others() -> Bad:
+    data = b"x" * 10
+    entry = _entry("ep1.pt", {}, rule="file", size=10, digest=_sha(data))
+    entry["object"] = f"{PREFIX}/rank_0/ep1.pt"
+    entry["files"] = [{"path": "../../escape.pt", "size": 10, "digest": _sha(data)}]
+    return Bad({f"{PREFIX}/rank_0/ep1.pt": data}, _pointer(entry))
+
+
+CASES: dict[str, tuple[Callable[[], Bad], str]] = {
+    "dotdot in a manifest path": (
+        lambda: _raw_path("ckpt/../../../escape.txt"),
+        "not a plain relative path",
+    ),
+    "absolute checkpoint name": (lambda: _raw_name("/tmp/escape"), "not a plain relative path"),
+    "NUL in a manifest path": (lambda: _raw_path("ckpt/a\x00.bin"), "not a plain relative path"),
+    "very long name": (lambda: _raw_path("ckpt/" + "x" * 300), "too long"),
+    "very long path": (lambda: _raw_path("ckpt/" + "/".join(["y" * 200] * 6)), "too long"),
+    "names equal after case folding": (
+        lambda: _checkpoint({"ckpt/Model.bin": b"A" * 10, "ckpt/model.bin": b"B" * 10}),
+        "one file on case-insensitive",
+    ),
+    "names equal after Unicode normalisation": (
+        lambda: _checkpoint({"ckpt/caf\u00e9.bin": b"A" * 10, "ckpt/cafe\u0301.bin": b"B" * 10}),
+        "Unicode-normalising",
+    ),
+    "a file that is also a folder": (
+        lambda: Bad({}, _pointer(_entry("ckpt", {"ckpt/a": b"A" * 10, "ckpt/a/b": b"B" * 10}))),
+        "as a file and as the folder",
+    ),
+    "manifest file outside its checkpoint": (
+        lambda: _raw_path("other/a.bin"),
+        "not inside checkpoint",
+    ),
+    "single file naming another file": (_file_rule_naming_others, "not a plain relative path"),
+    "objects outside the checkpoint's place": (_outside_object, "outside its place"),
+    "truncated pointer": (_truncated, "unreadable"),
+    "pointer larger than the bound": (_oversized, "larger than the"),
+}
+
+
+def _plant(store: ObjectStore, bad: Bad) -> None:
+    for name, data in bad.objects.items():
+        store.put_bytes(name, data)
+    store.put_bytes(POINTER, bad.pointer)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_restore_refuses_a_crafted_pointer(
+    case: str,
+    tmp_path: Path,
+    local_hparams: ObjectStoreHparams,
+    local_store: ObjectStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert pointer.MAX_POINTER_BYTES > BOUND
+    monkeypatch.setattr(pointer, "MAX_POINTER_BYTES", BOUND)
+    make, reason = CASES[case]
+    _plant(local_store, make())
+    dest = tmp_path / "restore"
+    dest.mkdir()
+    (dest / "kept.txt").write_text("an earlier restore")
+    before = _tree(tmp_path)
+    uri = f"file://{local_hparams.container}?prefix={PREFIX}"
+
+    with pytest.raises(IntegrityError, match=re.escape(reason)):
+        fetch_latest(uri, dest)
+    code = main(["pull", f"file://{local_hparams.container}?prefix={PREFIX}/latest", f"{dest}/"])
+    err = capsys.readouterr().err
+
+    assert code != ExitCode.OK
+    assert reason in err and "Traceback" not in err
+    assert _tree(tmp_path) == before  # nothing written, inside dest or out, nothing lost
+
+
+def test_a_sound_pointer_restores(
+    tmp_path: Path, local_hparams: ObjectStoreHparams, local_store: ObjectStore
+) -> None:
+    """The control: the same construction, unaltered, restores (so each refusal above is
+    for its own reason)."""
+    files = {"ckpt/Model.bin": b"A" * 10, "ckpt/sub/caf\u00e9.bin": b"B" * 10}
+    _plant(local_store, _checkpoint(files))
+    got = fetch_latest(f"file://{local_hparams.container}?prefix={PREFIX}", tmp_path / "dest")
+    assert got == tmp_path / "dest" / "ckpt"
+    assert _tree(got) == {"Model.bin": b"A" * 10, "sub/caf\u00e9.bin": b"B" * 10}
