@@ -1,18 +1,28 @@
-"""Fetching one object to a local file: parallel ranged reads, verified, then renamed.
+"""Fetching one object: parallel ranged reads, verified; to a file, or in order to a consumer.
 
-The object is written into a temporary file beside the destination
-(``.<name>.<random>.part``, created exclusively, mode 0600), sized up front and
-filled by ranged reads that run in parallel on the store's
-:class:`uploader.transfer.parts.PartPool` threads, each writing its range at
-its own offset. Each range is hashed as it arrives (see
-:mod:`uploader.transfer.digest` for how that yields the file digest). The file
-is fsynced, its size and digest compared with the recorded ones, and only then
-renamed into place and its folder fsynced; on any failure the temporary file
-is removed, so the destination holds either the verified object or what it
-held before.
+To a file (:meth:`Downloader.download`): the object is written into a temporary
+file beside the destination (``.<name>.<random>.part``, created exclusively,
+mode 0600), sized up front and filled by ranged reads that run in parallel on
+the store's :class:`uploader.transfer.parts.PartPool` threads. A range is one
+request (8-64 MiB by the object's size, or the store's ``download_part_size``);
+it is received in pieces into one of the pool's reusable 4 MiB buffers (the
+backend's ``read_range_into``: on S3 straight from the socket), each piece
+hashed and written at its offset (``pwrite``). Where the digest names the
+upload's parts, a range holds whole parts and each is hashed on its own (see
+:mod:`uploader.transfer.digest` for how that yields the file digest); hashlib
+lets go of the interpreter lock, so threads hash while others receive. The
+file is fsynced, its size and digest compared with the recorded ones, and only
+then renamed into place and its folder fsynced; on any failure the temporary
+file is removed, so the destination holds either the verified object or what
+it held before.
 
-A failed range is retried on its own (the store's ``call``), its progress
-taken back first.
+In order (:meth:`Downloader.stream`): the same parallel ranges, each received
+whole into a buffer of its own (at most ``concurrency + 2`` at once), handed to
+a consumer in order as they complete, and the digest checked at the end; the
+consumer (``ckpt.load``'s decompressor) works while later ranges arrive.
+
+A failed range is retried on its own (the store's ``call``); progress counts a
+range once it is complete.
 
 Example::
 
