@@ -451,6 +451,15 @@ def report_resume(res: Results, runs: int) -> str:
     return "\n".join(lines)
 
 
+def _load_note(loads: list[float]) -> str:
+    """The machine's load while the table was measured: on a shared 2-core machine, a
+    load far above 2 means every client got a fraction of a core, whatever it needs."""
+    return (
+        f"\n\nLoad average (1 min) on this {os.cpu_count()}-core machine at the start and the "
+        f"end of these runs: {loads[0]:.1f} and {loads[-1]:.1f}."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in and args_in[0] in ("--child-download", "--child-resume"):
@@ -478,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = {"s5cmd": find_binary("s5cmd"), "rclone": find_binary("rclone")}
     texts: dict[str, str] = {}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-restore-") as tmp:
         base = Path(tmp)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
@@ -495,11 +505,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             if args.part in ("a", "all"):
+                loads.append(os.getloadavg()[0])
                 res = run_downloads(size, runs, pick(DOWNLOAD_CLIENTS), base, server, env, tools)
-                texts["restore-download"] = report_downloads(res, runs)
+                loads.append(os.getloadavg()[0])
+                texts["restore-download"] = report_downloads(res, runs) + _load_note(loads)
             if args.part in ("b", "all"):
+                loads[:] = [os.getloadavg()[0]]
                 res = run_resume(size, runs, pick(RESUME_CLIENTS), base, server, env)
-                texts["restore-resume"] = report_resume(res, runs)
+                loads.append(os.getloadavg()[0])
+                texts["restore-resume"] = report_resume(res, runs) + _load_note(loads)
         finally:
             server.close()
     command = "python -m bench.restore" + "".join(
