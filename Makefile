@@ -50,6 +50,8 @@ test: lint unit
 bench: $(STAMP)
 	$(PY) -m bench.transfer
 	$(PY) -m bench.restore
+	$(PY) -m bench.latest
+	$(PY) -m bench.concurrent_restore
 	$(PY) -m bench.stall
 	$(PY) -m bench.daemon
 	$(PY) -m bench.integrations

@@ -71,6 +71,26 @@ CASES: dict[str, tuple[Callable[..., R.Result], dict[str, Any], dict[str, Any]]]
         {"fs_mib": 8, "width": 384},
     ),
     "corrupt": (R.scenario_corrupt_object, {}, {"width": 600}),
+    "two_writers_moto": (
+        R.scenario_two_writers,
+        {"store": "moto", "rounds": 200},
+        {"store": "moto", "rounds": 30},
+    ),
+    "two_writers_azurite": (
+        R.scenario_two_writers,
+        {"store": "azurite", "rounds": 200},
+        {"store": "azurite", "rounds": 30},
+    ),
+    "two_writers_local": (
+        R.scenario_two_writers,
+        {"store": "local", "rounds": 200},
+        {"store": "local", "rounds": 30},
+    ),
+    "two_writers_unfenced": (
+        R.scenario_two_writers,
+        {"store": "moto", "rounds": 200, "unfenced": True},
+        {"store": "moto", "rounds": 30, "unfenced": True},
+    ),
     "load": (
         R.scenario_load,
         {"ranks": 8, "files_per_rank": 50, "size": 4 * MiB},
@@ -97,7 +117,9 @@ Every row below is a fault or load case run against real processes on
 loopback: `rclone serve s3` as the object store, the `ckpt-uploader` daemon and
 upload workers as separate processes, real training processes, real signals,
 a real size-limited filesystem, and a fault-injecting TCP proxy
-(`harness/faultproxy.py`) between uploader and server. `make test` runs a
+(`harness/faultproxy.py`) between uploader and server; the two-writer
+cases (8) use moto, Azurite and a local directory, which honour conditional
+writes. `make test` runs a
 shortened form of every case (`tests/scenarios/`);
 `make reliability` runs the full forms below with the same scenario code
 (`harness/reliability/`) and rewrites this file.
@@ -120,6 +142,11 @@ def _row(name: str, r: R.Result) -> str:
     cycles = f.get("cycles", f.get("runs", f.get("ranks", "")))
     others = ", ".join(f"{k}={v}" for k, v in f.items() if k not in _MAIN and k != "ranks")
     ok = all(f.get(k, v) == v for k, v in _PASS.items())
+    if "fenced" in f:
+        if f["fenced"]:
+            ok = ok and f["backwards"] == 0 and f["latest_is_newest"] == 1
+        else:  # the control without fencing: the check must see what fencing prevents
+            ok = f["lost"] > 0 or f["backwards"] > 0
     # Case-specific conditions of the contract.
     if "damaged" in f:
         ok = ok and f["refused_by_loader"] == f["damaged"] and f["verify_exit"] == 1

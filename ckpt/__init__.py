@@ -19,6 +19,7 @@ from typing import Any
 
 from .callbacks import Callback
 from .codecs import CODECS, EXTENSIONS, normalize_codec
+from .distributed import share_from_rank_zero
 from .errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -40,6 +41,7 @@ __all__ = [
     "load",
     "save",
     "read_checkpoint",
+    "share_from_rank_zero",
     "Interval",
     "parse_interval",
     "CODECS",

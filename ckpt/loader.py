@@ -22,6 +22,11 @@ otherwise a temporary file, whose pages the kernel may drop and read again. The 
 byte (and zstd's own checksum) already vouch for it. :func:`local_copy` instead
 downloads the file as it is (``chunk_size`` pieces, a progress bar).
 
+``latest`` is resolved from every rank's commit pointer. When a torch.distributed
+process group of several ranks is initialised, rank 0 reads the pointers and
+broadcasts the answer (:mod:`ckpt.distributed`): every rank must then load
+``latest`` together (``distributed=False`` lets each process resolve it alone).
+
 Example::
 
     model.load_state_dict(ckpt.load("runs/.../ep3.pt.zst")["state"]["model"])
@@ -39,13 +44,14 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .codecs import StreamDecoder, decompress_file, detect_format, extract_tar_member
+from .distributed import default_share
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["load", "read_checkpoint", "local_copy", "resolve_remote", "DEFAULT_CHUNK_SIZE"]
@@ -121,6 +127,7 @@ def read_checkpoint(
     map_location: Any = "cpu",
     verify: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Any:
     """Load a local checkpoint file (any codec, or a tar archive) with weights_only=True."""
     src = Path(path)
@@ -166,16 +173,22 @@ def _store(obj: Any) -> tuple[Any, bool]:
 
 
 def resolve_remote(
-    store: Any, name: str, prefix: str | None, rank: int, world_size: int | None
+    store: Any,
+    name: str,
+    prefix: str | None,
+    rank: int,
+    world_size: int | None,
+    share: Callable[[Callable[[], Any]], Any] | None = None,
 ) -> tuple[str, str | None, int | None]:
-    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``."""
+    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``;
+    ``share`` resolves ``latest`` once for the whole job (see :mod:`ckpt.distributed`)."""
     from uploader.bucket import pointer
     from uploader.errors import UploaderError
 
     name = name.strip("/")
     if pointer.latest_prefix(name) is not None and prefix is not None:
         name = "/".join(p for p in (prefix.strip("/"), name) if p)
-    latest = pointer.select_latest(store, name, world_size, rank)
+    latest = pointer.select_latest(store, name, world_size, rank, share)
     if latest is not None:
         if rank not in latest.chosen:
             raise CheckpointError(
@@ -239,8 +252,10 @@ def local_copy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Iterator[Path]:
-    """Yield a local, verified path for a checkpoint; downloads are removed afterwards."""
+    """Yield a local, verified path for a checkpoint; downloads are removed afterwards.
+    ``distributed``: see :func:`load`."""
     remote = _remote(path_or_uri, object_store, rank)
     if remote is None:
         yield Path(str(path_or_uri).replace("{rank}", str(rank)))
@@ -249,7 +264,8 @@ def local_copy(
     store, owned = _store(where)
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
-        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size)
+        share = default_share() if distributed else None
+        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
         dest = work / Path(obj).name
         store.download_file(
             obj,
@@ -278,12 +294,14 @@ def _load_remote(
     progress: bool,
     verify: bool,
     tmp_dir: str | None,
+    distributed: bool,
 ) -> Any:
     """Stream, verify, decompress and load a checkpoint from a bucket (module docstring)."""
     store, owned = _store(where)
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
-        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size)
+        share = default_share() if distributed else None
+        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
         known = size if size is not None else store.stat(obj).size
         with _scratch(work / Path(obj).name, known) as (f, out):
             dec = StreamDecoder(f)
@@ -357,6 +375,7 @@ def load(
     progress: bool = True,
     verify: bool = True,
     tmp_dir: str | None = None,
+    distributed: bool = True,
 ) -> Any:
     """Load a checkpoint: what ``torch.load`` returns, for any codec and location.
 
@@ -373,6 +392,10 @@ def load(
         progress: a progress bar for a download.
         verify: check the zip CRCs of a local torch file before loading (a download is
             checked by its sha256 instead).
+        distributed: when a torch.distributed process group of several ranks is
+            initialised, ``latest`` is resolved by rank 0 and broadcast, so every
+            rank must load it together; False: this process resolves it alone
+            (one pointer read per rank).
     """
     remote = _remote(str(path_or_uri), object_store, rank)
     if remote is None:
@@ -389,4 +412,5 @@ def load(
         progress=progress,
         verify=verify,
         tmp_dir=tmp_dir,
+        distributed=distributed,
     )

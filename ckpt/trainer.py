@@ -44,6 +44,7 @@ from .data import (
     skip_batches,
     to_device,
 )
+from .distributed import broadcast as _broadcast
 from .interval import Interval, parse_interval
 from .loader import DEFAULT_CHUNK_SIZE, load
 from .resume import restore
@@ -398,13 +399,6 @@ class Trainer:
         self.timer.batch += 1
         self.timer.batch_in_epoch += 1
         self.timer.sample += batch_size(batch)
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _checkpoint_folder(

@@ -23,6 +23,7 @@ __all__ = [
     "IntegrityError",
     "FileChangedError",
     "TLSError",
+    "PreconditionFailedError",
 ]
 
 
@@ -128,3 +129,9 @@ class TLSError(ConfigError, PermanentError):
     """The store's endpoint failed the TLS check (an untrusted, expired or misnamed
     certificate, or no TLS at all). Nothing was sent; never retried. Trust a private CA
     with the ``ca_bundle`` option."""
+
+
+class PreconditionFailedError(UploaderError):
+    """A conditional write found the object changed (or present) since it was read:
+    another writer got there first. Read it again, merge, and write again; retrying
+    the same write cannot succeed."""

@@ -8,7 +8,8 @@ functions with small counts and assert on the figures.
 
 Modules: ``common`` (results, audits, the daemon process, checkpoint writers),
 ``proxy`` (store outage, faulty network), ``process`` (kill -9, SIGKILLed training,
-slow writer), ``disk`` (full disk, corrupted object), ``load`` (many ranks).
+slow writer), ``disk`` (full disk, corrupted object), ``load`` (many ranks), ``fencing``
+(two uploaders committing one rank's pointer).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from harness.reliability.disk import (
     scenario_disk_full_late_start,
     small_filesystem,
 )
+from harness.reliability.fencing import scenario_two_writers, two_writers
 from harness.reliability.load import scenario_load
 from harness.reliability.process import (
     scenario_kill9,
@@ -62,8 +64,10 @@ __all__ = [
     "scenario_server_down",
     "scenario_slow_writer",
     "scenario_trainer_sigkill",
+    "scenario_two_writers",
     "sha256_file",
     "small_filesystem",
+    "two_writers",
     "wait_gone",
     "write_checkpoint_file",
 ]

@@ -7,11 +7,15 @@ through its JSON API (``POST /storage/v1/b``).
 
 The uploader's GCS backend speaks the XML API (HMAC-signed, path style). The emulator
 serves most of it: object GET (with ranges), HEAD (with ``x-goog-meta-*``), DELETE and
-bucket listing. Three things it lacks, so :class:`XmlApiShim`, a small loopback proxy
+bucket listing. Four things it lacks, so :class:`XmlApiShim`, a small loopback proxy
 in front of it, translates them and nothing else:
 
 * object PUT: the emulator takes a path-style PUT only as a signed-URL upload, so the
-  shim adds the signed-URL marker (``X-Goog-Algorithm``) to the query;
+  shim adds the signed-URL marker (``X-Goog-Algorithm``) to the query, and copies the
+  new object's generation from the JSON reply into ``x-goog-generation``, as GCS sends it;
+* a conditional object PUT (``x-goog-if-generation-match``): the signed-URL upload
+  ignores the condition, so the shim sends such a PUT as a JSON-API multipart upload
+  with ``ifGenerationMatch``, where the emulator checks it itself (412 when it fails);
 * bucket HEAD and PUT (existence check, creation): answered from the JSON API
   (``GET /storage/v1/b/NAME``, ``POST /storage/v1/b``);
 * the listing's XML carries no namespace and no ``IsTruncated`` (it is one page); the
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from harness.servers.net import free_port, spawn, stop_group, wait_ready
 from uploader import ObjectStoreHparams
@@ -169,6 +173,12 @@ class _ShimHandler(BaseHTTPRequestHandler):
             )
             return self._reply(status, hdrs, data)
         path = self.path
+        if (
+            is_object
+            and self.command == "PUT"
+            and "x-goog-if-generation-match" in {k.lower() for k in headers}
+        ):
+            return self._conditional_put(bucket, unquote(segs[1]), body or b"", headers)
         if is_object and self.command == "PUT":
             marker = "X-Goog-Algorithm=GOOG1"
             path = f"{parts.path}?{parts.query}&{marker}" if parts.query else f"{path}?{marker}"
@@ -178,7 +188,43 @@ class _ShimHandler(BaseHTTPRequestHandler):
             if b"<IsTruncated>" not in data:  # the emulator answers every listing in one page
                 head += "<IsTruncated>false</IsTruncated>"
             data = data.replace(b"<ListBucketResult>", head.encode())
+        if is_object and self.command == "PUT":
+            hdrs = _with_generation(status, hdrs, data)
         self._reply(status, hdrs, data)
+
+    def _conditional_put(
+        self, bucket: str, name: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        low = {k.lower(): v for k, v in headers.items()}
+        doc = {
+            "name": name,
+            "contentType": low.get("content-type", "application/octet-stream"),
+            "metadata": {
+                k[len("x-goog-meta-") :]: v for k, v in low.items() if k.startswith("x-goog-meta-")
+            },
+        }
+        boundary = "ckpt-uploader-shim-boundary"
+        payload = b"".join(
+            [
+                f"--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode(),
+                json.dumps(doc).encode(),
+                f"\r\n--{boundary}\r\nContent-Type: {doc['contentType']}\r\n\r\n".encode(),
+                body,
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
+        generation = low["x-goog-if-generation-match"]
+        status, hdrs, data = self._upstream(
+            "POST",
+            f"/upload/storage/v1/b/{quote(bucket)}/o?uploadType=multipart"
+            f"&ifGenerationMatch={quote(generation)}",
+            payload,
+            {"Content-Type": f"multipart/related; boundary={boundary}"},
+        )
+        if status == 412:
+            xml = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>PreconditionFailed</Code></Error>"
+            return self._reply(412, [("Content-Type", "application/xml")], xml)
+        self._reply(status, _with_generation(status, hdrs, data), data)
 
     do_GET = do_HEAD = do_PUT = do_DELETE = do_POST = _handle
 
@@ -284,6 +330,19 @@ class FakeGCS:
             else:
                 os.environ[k] = v
         self._saved_env.clear()
+
+
+def _with_generation(
+    status: int, headers: list[tuple[str, str]], body: bytes
+) -> list[tuple[str, str]]:
+    """``headers`` plus ``x-goog-generation`` from an upload's JSON reply."""
+    if status != 200:
+        return headers
+    try:
+        generation = json.loads(body).get("generation")
+    except (ValueError, AttributeError):
+        return headers
+    return [*headers, ("x-goog-generation", str(generation))] if generation else headers
 
 
 def _healthy(host: str, port: int) -> bool:

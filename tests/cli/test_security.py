@@ -268,10 +268,15 @@ def test_worker_keeps_the_secret_to_itself(
 
 
 def test_non_dumpable_is_set_and_kept_across_fork(tmp_path: Path) -> None:
-    """``make_private`` in a fresh interpreter (not this one: it would stay private)."""
+    """``make_private`` in a fresh interpreter (not this one: it would stay private),
+    without starting any process (a child would inherit the worker's environment)."""
     code = (
-        "import os, sys\n"
+        "import os, subprocess, sys\n"
         "from uploader.daemon.privacy import make_private, is_dumpable\n"
+        "def refuse(*a, **k):\n"  # a child would inherit the worker's credentials
+        "    raise AssertionError(f'make_private started a process: {a}')\n"
+        "subprocess.Popen.__init__ = refuse\n"
+        "os.popen = os.posix_spawn = refuse\n"
         "before = is_dumpable()\n"
         "assert make_private()\n"
         "pid = os.fork()\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.data import write_random
+from harness.ranks import OnceShare, commit_world
 from uploader import ConfigError, IntegrityError, ObjectStoreHparams, fetch_latest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,3 +85,23 @@ def test_ranks_and_bad_input(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError):
         fetch_latest(uri, tmp_path / "bad", rank=1)
     assert not (tmp_path / "bad" / "ep1.pt").exists()
+
+
+def test_ranks_sharing_one_resolution(tmp_path: Path) -> None:
+    """``share`` resolves once for every rank (OnceShare stands in for the torch.distributed
+    broadcast, tested with real gloo ranks in tests/ckpt/test_distributed.py)."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    uri = f"file://{bucket}?prefix=exp"
+    first = OnceShare()
+    got = [fetch_latest(uri, tmp_path / f"r{r}", rank=r, share=first) for r in range(3)]
+    assert got == [None] * 3 and first.calls == 3
+    hp = ObjectStoreHparams(provider="local", container=str(bucket))
+    with hp.initialize_object() as store:
+        commit_world(store, "exp", 3, ["ep1.pt", "ep2.pt"], data=b"weights" * 100)
+    share = OnceShare()
+    for r in range(3):
+        path = fetch_latest(uri, tmp_path / f"s{r}", rank=r, share=share)
+        assert path == tmp_path / f"s{r}" / "ep2.pt"
+        assert path.read_bytes() == b"weights" * 100
+    assert share.calls == 3

@@ -32,22 +32,42 @@ manifest lies inside the checkpoint and a file's names only the file; and
 :func:`resolve_latest` takes an entry only if its objects are where its rank's pointer
 is (``{prefix}/rank_N/{name}``).
 
-One daemon writes one rank's pointer, so a read-modify-write is race-free;
-the PUT of the pointer is atomic on every store.
+Resolving ``latest`` reads one pointer per rank (W GETs). When W ranks restore at
+once, each resolving it alone would make W x W GETs; :func:`select_latest` takes a
+``share`` function instead (:data:`Share`) that resolves once and hands the result
+to every rank (``ckpt.share_from_rank_zero`` does it with a torch.distributed
+broadcast), so a restart costs O(W) requests in total.
+
+Writes are compare-and-swap where the store honours conditions
+(:func:`fencing`): :func:`update_pointer` writes the merged pointer only while the
+object still has the version it was merged from (S3/Azure ETag, GCS generation,
+LOCAL under an exclusive lock); when another writer got there first (a second
+uploader on the same rank, e.g. a rescheduled job while the old one drains) it
+reads again, merges again and retries, a bounded number of times with jitter. So
+``latest`` never moves back and no committed entry is lost, across processes.
+Where the store ignores conditions, the write is a plain PUT (atomic on every
+store) and those guarantees hold within one process only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from uploader.config.hparams import join_key, listing_prefix
-from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
+from uploader.errors import (
+    IntegrityError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    UploaderError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
@@ -64,8 +84,14 @@ __all__ = [
     "alias",
     "beyond",
     "write_pointer",
+    "read_pointer_versioned",
+    "update_pointer",
+    "PointerUpdate",
+    "fencing",
+    "CONFLICT_ATTEMPTS",
     "resolve_latest",
     "LatestSelection",
+    "Share",
     "latest_prefix",
     "select_latest",
     "list_ranks",
@@ -88,6 +114,10 @@ MAX_POINTER_BYTES = 64 << 20
 #: The longest part of a name (the file systems' NAME_MAX), and the longest name, in bytes.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
+_T = TypeVar("_T")
+#: Runs the function it is given on one process of a job and returns that result (or
+#: raises that error) on every process that calls it: how ranks resolve ``latest`` once.
+Share = Callable[[Callable[[], _T]], _T]
 _RANK = re.compile(r"(?:^|/)rank_(\d+)/" + re.escape(POINTER_FILE) + "$")
 
 
@@ -326,13 +356,101 @@ def beyond(pointer: Pointer, keep: int) -> list[PointerEntry]:
     return [e for e in pointer.history[keep:] if e.name != pointer.latest.name]
 
 
+_POINTER_META = {"content-type": "application/json"}
+
+
 def write_pointer(store: ObjectStore, prefix: str, pointer: Pointer) -> None:
-    """PUT ``pointer`` as its rank's ``latest.json`` (atomic on every store)."""
-    store.put_bytes(
-        pointer_name(prefix, pointer.rank),
-        pointer.to_json(),
-        {"content-type": "application/json"},
+    """PUT ``pointer`` as its rank's ``latest.json`` (atomic on every store; not
+    fenced: see :func:`update_pointer`)."""
+    store.put_bytes(pointer_name(prefix, pointer.rank), pointer.to_json(), _POINTER_META)
+
+
+#: Conditional writes tried per update (each after a fresh read and merge).
+CONFLICT_ATTEMPTS = 16
+#: Most seconds of jitter before retry number n: min(CONFLICT_PAUSE_CAP, base * 2**n).
+CONFLICT_PAUSE_BASE = 0.005
+CONFLICT_PAUSE_CAP = 0.25
+
+
+def read_pointer_versioned(
+    store: ObjectStore, prefix: str, rank: int
+) -> tuple[Pointer | None, str | None]:
+    """The rank's pointer (None when absent) and the version to write it back with."""
+    name = pointer_name(prefix, rank)
+    try:
+        data, version = store.get_versioned(name, max_size=MAX_POINTER_BYTES)
+    except ObjectNotFoundError:
+        return None, None
+    return Pointer.from_json(data, name), version
+
+
+@dataclass(frozen=True)
+class PointerUpdate:
+    """What :func:`update_pointer` left in the store: the pointer (None: none yet), its
+    version (None: unknown, read before the next update), whether this update wrote
+    it, and how many writes lost to another writer first."""
+
+    pointer: Pointer | None
+    version: str | None
+    written: bool
+    conflicts: int
+
+
+def update_pointer(
+    store: ObjectStore,
+    prefix: str,
+    rank: int,
+    change: Callable[[Pointer | None], Pointer | None],
+    known: tuple[Pointer | None, str | None] | None = None,
+    attempts: int = CONFLICT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PointerUpdate:
+    """Compare-and-swap the rank's pointer to ``change(current)``.
+
+    ``change`` must be a pure merge (e.g. by :func:`merge`): it is called again with
+    the pointer another writer left whenever the conditional write loses. ``known`` is
+    a (pointer, version) this process wrote or read last, tried before reading (a
+    read is saved when no one else wrote since). Nothing is written when ``change``
+    returns None or the current pointer. Raises PreconditionFailedError after
+    ``attempts`` lost writes. Only for stores where :func:`fencing` says yes.
+    """
+    name = pointer_name(prefix, rank)
+    conflicts = 0
+    for attempt in range(1, attempts + 1):
+        if known is not None and known[1] is not None:
+            current, version = known
+        else:
+            current, version = read_pointer_versioned(store, prefix, rank)
+        known = None
+        new = change(current)
+        if new is None or new == current:
+            return PointerUpdate(current, version, False, conflicts)
+        if current is not None and version is None:
+            raise UploaderError(
+                f"commit pointer {name}: the store reported no version for it, so it "
+                "cannot be replaced conditionally; the commit is retried"
+            )
+        try:
+            version = store.put_if(
+                name, new.to_json(), version if current is not None else None, _POINTER_META
+            )
+            return PointerUpdate(new, version, True, conflicts)
+        except PreconditionFailedError:
+            conflicts += 1
+            if attempt < attempts:
+                sleep(random.uniform(0, min(CONFLICT_PAUSE_CAP, CONFLICT_PAUSE_BASE * 2**attempt)))
+    raise PreconditionFailedError(
+        f"commit pointer {name}: {attempts} conditional writes in a row lost to other "
+        "writers; more than one uploader is committing this rank. Stop the extra one; "
+        "the commit is retried"
     )
+
+
+def fencing(store: ObjectStore, prefix: str) -> tuple[bool, str]:
+    """Whether pointer writes under ``prefix`` can be compare-and-swap, and why not
+    (tested once per store with a scratch object, see ``ObjectStore.conditions_honoured``)."""
+    probe = join_key(prefix, f".ckpt-uploader-probe-{uuid.uuid4().hex[:12]}")
+    return store.conditions_honoured(probe)
 
 
 def commit(
@@ -343,10 +461,17 @@ def commit(
     current: Pointer | None = None,
     history_limit: int = HISTORY_LIMIT,
 ) -> Pointer:
-    """Record ``entry`` (every file already verified in the store) by :func:`merge`'s rule.
+    """Record ``entry`` (every file already verified in the store) by :func:`merge`'s rule,
+    compare-and-swap where the store allows (:func:`fencing`).
 
     ``current`` is the pointer as last written by this process; when None it is read.
     """
+    if fencing(store, prefix)[0]:
+        update = update_pointer(
+            store, prefix, rank, lambda cur: merge(cur, rank, entry, history_limit)
+        )
+        assert update.pointer is not None
+        return update.pointer
     if current is None:
         current = read_pointer(store, prefix, rank)
     pointer = merge(current, rank, entry, history_limit)
@@ -367,14 +492,23 @@ def list_ranks(store: ObjectStore, prefix: str) -> list[int]:
 
 
 def resolve_latest(
-    store: ObjectStore, prefix: str, world_size: int | None = None
+    store: ObjectStore,
+    prefix: str,
+    world_size: int | None = None,
+    *,
+    listed: Iterable[int] | None = None,
 ) -> dict[int, PointerEntry]:
     """The newest checkpoint every rank has committed, as rank -> entry.
 
     ``world_size`` says how many ranks must agree; by default, every rank that has
-    a pointer. Raises ObjectNotFoundError (with what to do) when nothing qualifies.
+    a pointer (``listed``, when the caller has just listed them; else listed here).
+    Raises ObjectNotFoundError (with what to do) when nothing qualifies.
     """
-    ranks: Iterable[int] = range(world_size) if world_size else list_ranks(store, prefix)
+    ranks: Iterable[int]
+    if world_size:
+        ranks = range(world_size)
+    else:
+        ranks = list_ranks(store, prefix) if listed is None else listed
     pointers: dict[int, Pointer] = {}
     for r in ranks:
         p = read_pointer(store, prefix, r)
@@ -450,12 +584,25 @@ class LatestSelection:
 
 
 def select_latest(
-    store: ObjectStore, name: str, world_size: int | None = None, rank: int | None = None
+    store: ObjectStore,
+    name: str,
+    world_size: int | None = None,
+    rank: int | None = None,
+    share: Share[dict[int, PointerEntry]] | None = None,
 ) -> LatestSelection | None:
     """Resolve ``name`` when it asks for ``latest`` (see :func:`latest_prefix`); None
     when it names something else. ``world_size`` and the errors are those of
-    :func:`resolve_latest`; ``rank`` picks one rank's entry (see ``chosen``)."""
+    :func:`resolve_latest`; ``rank`` picks one rank's entry (see ``chosen``).
+
+    With ``share``, every rank of a job calls this together and the pointers are read
+    once, by the process ``share`` picks: W ranks make W GETs in all, not W x W, and
+    they all get the same answer even while uploads still commit.
+    """
     prefix = latest_prefix(name)
     if prefix is None:
         return None
-    return LatestSelection(prefix, resolve_latest(store, prefix, world_size), rank)
+
+    def resolve() -> dict[int, PointerEntry]:
+        return resolve_latest(store, prefix, world_size)
+
+    return LatestSelection(prefix, share(resolve) if share else resolve(), rank)

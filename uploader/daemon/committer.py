@@ -22,6 +22,15 @@ touches ``latest``:
 Aliases (a symlink such as Lightning's ``last.ckpt``) join the pointer once their
 target is committed.
 
+Fencing: where the store honours conditional writes (probed once, at start-up, by
+:meth:`Committer.prepare`), every pointer write is compare-and-swap on the version
+this process last wrote or read (:func:`uploader.bucket.pointer.update_pointer`);
+when another uploader wrote the rank's pointer in between, the batch is merged into
+what it wrote and written again. ``conflicts`` counts those lost writes. Where the
+store ignores conditions, the pointer is written as before (a plain PUT of the
+pointer this process merged), which is safe only with one uploader per rank; the
+start-up log says which.
+
 Example::
 
     committer = Committer(store, "exp1", attempts=5, pause=opts.pause, journal=j, call=call)
@@ -32,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,8 +54,10 @@ from uploader.bucket.pointer import (
     Pointer,
     PointerEntry,
     alias,
+    fencing,
     merge,
     read_pointer,
+    update_pointer,
     write_pointer,
 )
 from uploader.bucket.retention import delete_checkpoints, prune
@@ -122,7 +134,14 @@ class Committer:
         self.failures = 0
         #: Checkpoints committed by this process.
         self.committed = 0
+        #: Pointer writes lost to another writer (then merged and written again).
+        self.conflicts = 0
+        #: Whether pointer writes are compare-and-swap (None: not known yet).
+        self.fenced: bool | None = None
+        self._fence_lock = threading.Lock()
         self._pointers: dict[int, Pointer | None] = {}
+        #: The store's version of each rank's pointer as this process last saw it.
+        self._versions: dict[int, str | None] = {}
         self._queued: dict[int, _Queue] = {}
         #: Aliases whose target is not committed yet, per rank.
         self._waiting: dict[int, dict[str, str | None]] = {}
@@ -135,6 +154,10 @@ class Committer:
     def busy(self) -> bool:
         """A pointer write is queued or in flight."""
         return bool(self._writing)
+
+    def pointer(self, rank: int) -> Pointer | None:
+        """The rank's pointer as this process last wrote or read it (None: not yet)."""
+        return self._pointers.get(rank)
 
     def submit(self, rank: int, entry: PointerEntry, paths: list[str]) -> None:
         """Queue the complete checkpoint ``entry`` (every file verified); ``paths`` are its
@@ -164,16 +187,71 @@ class Committer:
         finally:
             self._writing.discard(rank)
 
+    def prepare(self) -> bool:
+        """Find out (once) whether the store fences pointer writes, and log it; blocking.
+        Transient failures propagate (asked again at the next commit)."""
+        with self._fence_lock:
+            if self.fenced is None:
+                fenced, why = fencing(self.store, self.prefix)
+                if fenced:
+                    log.info("pointer commits are compare-and-swap (%s)", why)
+                else:
+                    log.warning(
+                        "pointer commits are NOT fenced: %s; run one uploader per rank "
+                        "(a second writer could move a pointer back)",
+                        why,
+                    )
+                self.fenced = fenced
+            return self.fenced
+
     def _apply(
         self, rank: int, batch: _Queue, waiting: dict[str, str | None]
     ) -> tuple[Pointer | None, list[PointerEntry], dict[str, str | None]]:
-        """The pointer after ``batch`` (read when not known), the checkpoints retention
-        removes from it, and the aliases still waiting for their target."""
+        """The pointer after ``batch`` is written, the checkpoints retention removed from
+        it, and the aliases still waiting for their target."""
+        if self.fenced is None:
+            self.prepare()
+        if self.fenced:
+            return self._apply_fenced(rank, batch, waiting)
         if rank in self._pointers:
             cur = self._pointers[rank]
         else:
             cur = read_pointer(self.store, self.prefix, rank)
-        before = cur
+        new, doomed, still = self._change(rank, cur, batch, waiting)
+        if new is not None and new != cur:
+            write_pointer(self.store, self.prefix, new)
+        return new, doomed, still
+
+    def _apply_fenced(
+        self, rank: int, batch: _Queue, waiting: dict[str, str | None]
+    ) -> tuple[Pointer | None, list[PointerEntry], dict[str, str | None]]:
+        last: list[tuple[Pointer | None, list[PointerEntry], dict[str, str | None]]] = []
+
+        def change(cur: Pointer | None) -> Pointer | None:
+            last.append(self._change(rank, cur, batch, waiting))
+            return last[-1][0]
+
+        known = (self._pointers.get(rank), self._versions.get(rank))
+        try:
+            update = update_pointer(self.store, self.prefix, rank, change, known)
+        except Exception:
+            self._versions.pop(rank, None)  # read afresh next time
+            raise
+        self.conflicts += update.conflicts
+        if update.conflicts:
+            log.info(
+                "pointer of rank %d: %d write(s) lost to another writer, merged",
+                rank,
+                update.conflicts,
+            )
+        self._versions[rank] = update.version
+        return update.pointer, last[-1][1], last[-1][2]
+
+    def _change(
+        self, rank: int, cur: Pointer | None, batch: _Queue, waiting: dict[str, str | None]
+    ) -> tuple[Pointer | None, list[PointerEntry], dict[str, str | None]]:
+        """``cur`` with ``batch`` merged in (not written), the checkpoints retention
+        removes from it, and the aliases still waiting for their target."""
         for entry, _ in batch.entries:
             cur = merge(cur, rank, entry, self.history_limit)
         still: dict[str, str | None] = {}
@@ -185,8 +263,6 @@ class Committer:
         doomed: list[PointerEntry] = []
         if cur is not None and self.keep_remote is not None:
             cur, doomed = prune(cur, self.keep_remote)
-        if cur is not None and cur != before:
-            write_pointer(self.store, self.prefix, cur)
         return cur, doomed, still
 
     async def _write(self, rank: int, batch: _Queue) -> None:

@@ -63,6 +63,7 @@ from uploader.daemon.signals import signal_task
 from uploader.daemon.status import LEFT_OUT_SHOWN, StatusReport, log_summary
 from uploader.daemon.uploads import Uploads
 from uploader.errors import ExitCode
+from uploader.redact import redact
 from uploader.transfer.bandwidth import TokenBucket
 from uploader.transfer.retry import backoff
 from uploader.transfer.store import ObjectStore
@@ -247,6 +248,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 await tg.start(signal_task, lambda: self._request_stop("signal"), self._last_words)
                 await self._recover()
+                await self._fence()  # before any upload: the probe's scratch object is alone
                 done = anyio.Event()
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
@@ -284,6 +286,17 @@ class Engine:
             async with send:  # closed once the intake is over: the upload loops then end
                 await self.intake.run(self._resume, task_status=task_status)
         done.set()
+
+    async def _fence(self) -> None:
+        """Find out at start-up whether pointer commits are fenced (the committer logs it)."""
+        try:
+            await anyio.to_thread.run_sync(self.committer.prepare, abandon_on_cancel=True)
+        except Exception as exc:
+            log.warning(
+                "could not find out whether the store fences pointer commits (%s); "
+                "asking again at the first commit",
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
 
     # -- recovery -----------------------------------------------------------------------
     async def _recover(self) -> None:

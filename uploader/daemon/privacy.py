@@ -18,7 +18,6 @@ Elsewhere than Linux it does nothing and says so at debug level.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -34,7 +33,10 @@ def _prctl(option: int, arg: int = 0) -> int | None:
     """``prctl(option, arg)``; None where there is no prctl (not Linux)."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The symbols already loaded into this process (libc's among them). Not
+    # ctypes.util.find_library: it runs ldconfig, a child process that would inherit
+    # this process's environment, credentials included.
+    libc = ctypes.CDLL(None, use_errno=True)
     result = int(libc.prctl(option, arg, 0, 0, 0))
     if result < 0:
         log.debug("prctl(%d) failed: errno %d", option, ctypes.get_errno())

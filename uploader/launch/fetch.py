@@ -13,6 +13,13 @@ its local path: the file, or the directory of a directory checkpoint (a Hugging 
 
 It takes the same URIs and :class:`ObjectStoreHparams` as the callbacks and the
 command line (``ckpt-uploader pull URI/latest DEST/`` does the same).
+
+When every rank of a job calls it at once, pass ``share`` (see
+:data:`uploader.bucket.pointer.Share`): the pointers are then read by one process
+and the answer handed to the others, W requests in all instead of W per rank::
+
+    import ckpt
+    path = fetch_latest(uri, "restore/", rank=rank, share=ckpt.share_from_rank_zero)
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 from pathlib import Path
 
 from uploader.bucket.fetch import fetch_entry
-from uploader.bucket.pointer import list_ranks, resolve_latest
+from uploader.bucket.pointer import PointerEntry, Share, list_ranks, resolve_latest
 from uploader.config.hparams import ObjectStoreHparams
 from uploader.errors import ConfigError
 from uploader.launch.options import store_location
@@ -40,6 +47,7 @@ def fetch_latest(
     prefix: str | None = None,
     world_size: int | None = None,
     progress: bool = False,
+    share: Share[dict[int, PointerEntry] | None] | None = None,
 ) -> Path | None:
     """Download the newest committed checkpoint into the directory ``dest``.
 
@@ -52,6 +60,9 @@ def fetch_latest(
         world_size: ranks that must have committed ``latest`` (default: every rank
             with a pointer).
         progress: draw a progress bar per file.
+        share: when every rank calls this together, resolves ``latest`` on one of them
+            and hands the result to all (e.g. ``ckpt.share_from_rank_zero``, a
+            torch.distributed broadcast); default: each call reads every pointer.
 
     Returns:
         The local path of the checkpoint (file or directory), or None when nothing has
@@ -65,10 +76,18 @@ def fetch_latest(
         raise ConfigError(f"rank {rank} must be 0 or more")
     base = Path(dest)
     with hparams.initialize_object() as store:
-        if not list_ranks(store, where):
+
+        def resolve() -> dict[int, PointerEntry] | None:
+            ranks = list_ranks(store, where)
+            if not ranks:
+                return None
+            return resolve_latest(store, where, world_size, listed=ranks)
+
+        found = share(resolve) if share else resolve()
+        if found is None:
             log.info("nothing committed under %r yet: starting fresh", where or "(root)")
             return None
-        entries = resolve_latest(store, where, world_size)
+        entries = found
         if rank is not None:
             if rank not in entries:
                 raise ConfigError(

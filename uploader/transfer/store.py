@@ -12,7 +12,9 @@ into a temporary file, renamed once size and digest match; or, for a caller
 that consumes the bytes as they arrive, an ordered stream checked at its end). Here live the
 checks around them: object names, the part size, a file that changes while it
 is read, the size the store holds afterwards, and the recorded digest
-(:mod:`uploader.transfer.digest`).
+(:mod:`uploader.transfer.digest`). Small objects can also be written
+compare-and-swap (``get_versioned`` / ``put_if``) where the store honours
+conditions, which ``conditions_honoured`` tests once with a scratch object.
 
 Example::
 
@@ -36,7 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uploader.errors import ConfigError, FileChangedError, IntegrityError, ObjectNotFoundError
+from uploader.errors import (
+    ConfigError,
+    FileChangedError,
+    IntegrityError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    TransientError,
+    UploaderError,
+)
 from uploader.transfer.backends.base import Backend, ObjectInfo
 from uploader.transfer.digest import DIGEST_META, DIGEST_SUFFIX, Digest, parse_digest_record
 from uploader.transfer.download import Downloader
@@ -170,6 +180,7 @@ class ObjectStore:
         if download_part_size is not None and download_part_size < 1:
             raise ConfigError(f"download part size {download_part_size} must be positive")
         self._downloader = Downloader(self.backend, self._pool, self._call, download_part_size)
+        self._conditions: tuple[bool, str] | None = None
         if check:
             self.retry.call(
                 lambda: self.backend.check_container(create_container),
@@ -347,6 +358,96 @@ class ObjectStore:
                 "not written by ckpt-uploader or is damaged: remove or replace it"
             )
         return data
+
+    # -- compare-and-swap of small objects ------------------------------------------------
+    def get_versioned(
+        self, object_name: str, max_size: int | None = None
+    ) -> tuple[bytes, str | None]:
+        """The whole (small) object and its version, for :meth:`put_if`; unverified.
+        ``max_size`` bounds what is read, as for :meth:`get_bytes`."""
+        object_name = check_object_name(object_name)
+        limit = None if max_size is None else max_size + 1
+        data, version = self._call(
+            lambda: self.backend.get_versioned(object_name, limit), f"download {object_name}"
+        )
+        if max_size is not None and len(data) > max_size:
+            raise IntegrityError(
+                f"{object_name} is larger than the {max_size} bytes allowed for it; it was "
+                "not written by ckpt-uploader or is damaged: remove or replace it"
+            )
+        return data, version
+
+    def put_if(
+        self,
+        object_name: str,
+        data: bytes,
+        expected: str | None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """Store ``data`` only while the object still has the version ``expected`` (as
+        :meth:`get_versioned` returned it; None: only while it does not exist); return
+        the new version. Raises PreconditionFailedError when another writer changed it
+        first (read again and merge). Only meaningful where :meth:`conditions_honoured`.
+
+        A transient failure is retried; if the first attempt landed after all, the retry
+        fails its condition, and the caller's re-read finds its own write.
+        """
+        object_name = check_object_name(object_name)
+        sha = hashlib.sha256(data).digest()
+        meta = {k.lower(): str(v) for k, v in (metadata or {}).items()}
+        if self.backend.keeps_metadata:
+            meta[DIGEST_META] = str(Digest("sha256", sha.hex()))
+        return self._call(  # type: ignore[no-any-return]
+            lambda: self.backend.put_if(object_name, bytes(data), meta, sha, expected),
+            f"upload {object_name}",
+        )
+
+    def conditions_honoured(self, probe_name: str) -> tuple[bool, str]:
+        """Whether conditional writes work here, and why not; tested once per store.
+
+        A scratch object ``probe_name`` is created only-if-absent, then written again
+        only-if-absent and only-if-version-"1" (both must be refused), then replaced
+        with its real version (must succeed), then deleted. Stores that ignore the
+        conditions (rclone serve s3) accept the second and third writes. A backend that
+        enforces them itself (LOCAL) is not asked.
+        """
+        if self._conditions is not None:
+            return self._conditions
+        self._conditions = self._probe_conditions(check_object_name(probe_name))
+        return self._conditions
+
+    def _probe_conditions(self, name: str) -> tuple[bool, str]:
+        if not self.backend.conditional:
+            return False, f"the {self.settings.provider} backend has no conditional writes"
+        if self.backend.enforces_conditions:
+            return True, "the backend enforces the conditions itself"
+        try:
+            self.put_if(name, b"1", None)
+            for expected, what in ((None, "If-None-Match: *"), ("1", "a version mismatch")):
+                try:
+                    self.put_if(name, b"2", expected)
+                except PreconditionFailedError:
+                    continue
+                return False, f"the store ignores conditional writes (it accepted {what})"
+            read = self.get_versioned(name)[1]
+            if read is None:
+                return False, "the store reports no object version"
+            try:
+                self.put_if(name, b"3", read)
+            except PreconditionFailedError:
+                return False, "the store refused a write carrying the object's own version"
+            return True, "conditional writes honoured"
+        except PreconditionFailedError:
+            return False, "the store refused to create a new scratch object conditionally"
+        except TransientError:
+            raise  # not an answer: ask again later
+        except UploaderError as exc:
+            return False, f"a conditional write failed ({type(exc).__name__}: {exc})"
+        finally:
+            try:
+                self.delete(name)
+            except UploaderError as exc:
+                log.warning("could not delete the scratch object %s: %s", name, exc)
 
     def abort_stale_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
         """Abort unfinished multipart uploads under ``prefix`` started ``older_than`` seconds ago."""

@@ -30,6 +30,7 @@ from uploader import (
     ObjectNotFoundError,
     ObjectStore,
 )
+from uploader.errors import PreconditionFailedError
 from uploader.transfer.digest import Digest
 
 MiB = 1 << 20
@@ -418,3 +419,44 @@ def test_abort_stale_uploads(target: Target, store: ObjectStore) -> None:
     assert [n for n, _, _ in be.list_uploads("")] == ["elsewhere/x.pt"]
     be.abort("elsewhere/x.pt", other)
     be.abort("elsewhere/x.pt", other)  # aborting twice is harmless
+
+
+# -- compare-and-swap (commit pointers) ---------------------------------------------------------
+
+#: Which servers honour conditional writes. rclone serve s3 (1.75) ignores If-None-Match
+#: and If-Match; the probe must find that out rather than trust it.
+HONOURS_CONDITIONS = {
+    "rclone": False,
+    "moto": True,
+    "azurite": True,
+    "local": True,
+    "fake_gcs": True,
+}
+
+
+def test_conditional_writes(target: Target, store: ObjectStore) -> None:
+    honoured, why = store.conditions_honoured("run/.ckpt-uploader-probe")
+    assert honoured is HONOURS_CONDITIONS[target.kind], why
+    assert store.list("") == []  # the scratch object is gone
+    if not honoured:
+        assert "ignores conditional writes" in why
+        return
+    first = store.put_if("run/p.json", b"one", None)
+    with pytest.raises(PreconditionFailedError):
+        store.put_if("run/p.json", b"two", None)  # create-only: it exists now
+    data, version = store.get_versioned("run/p.json")
+    assert data == b"one" and version is not None and version == (first or version)
+    second = store.put_if("run/p.json", b"two", version)
+    with pytest.raises(PreconditionFailedError):
+        store.put_if("run/p.json", b"three", version)  # a stale version loses
+    data, latest = store.get_versioned("run/p.json")
+    assert data == b"two" and latest != version and latest == (second or latest)
+    # A conditional write is an ordinary object: digest recorded where metadata is kept.
+    want = Digest("sha256", hashlib.sha256(b"two").hexdigest())
+    assert store.stat("run/p.json").digest == (want if store.backend.keeps_metadata else None)
+    with pytest.raises(ObjectNotFoundError):
+        store.get_versioned("run/absent.json")
+    # Read with a bound, as pointers are: a larger object is refused, not read whole.
+    assert store.get_versioned("run/p.json", max_size=3) == (b"two", latest)
+    with pytest.raises(IntegrityError, match="larger than the 2 bytes"):
+        store.get_versioned("run/p.json", max_size=2)

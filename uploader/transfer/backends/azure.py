@@ -16,6 +16,10 @@ that second pass is not wanted (TLS already protects the bytes in transit),
 digest is kept as the ``ckptdigest`` metadata or digest record as usual, and checked
 after every download.
 
+Conditional writes (commit pointers): a Put Blob with ``If-None-Match: *`` creates,
+with ``If-Match: <ETag>`` replaces; 412 ``ConditionNotMet`` and 409
+``BlobAlreadyExists`` raise PreconditionFailedError. Azure and Azurite honour both.
+
 Unfinished uploads leave uncommitted blocks, which Azure discards by itself
 (after a week, or at the next commit of that blob), so ``abort`` sends nothing.
 
@@ -43,6 +47,7 @@ from uploader.errors import (
     ContainerNotFoundError,
     ObjectNotFoundError,
     PermanentError,
+    PreconditionFailedError,
     TransientError,
     UploaderError,
 )
@@ -53,6 +58,7 @@ from uploader.transfer.backends.http import (
     http_time,
     install_request_timeout,
     metadata_from_headers,
+    read_bounded,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
 from uploader.transfer.settings import StoreSettings
@@ -104,6 +110,7 @@ class AzureBackend(LibcloudHTTPBackend):
     max_parts = 50_000
     min_part_size = 1 * _MiB
     range_header = "x-ms-range"
+    conditional = True
 
     def __init__(self, settings: StoreSettings) -> None:
         account, key = settings.credentials()
@@ -247,7 +254,14 @@ class AzureBackend(LibcloudHTTPBackend):
 
     # -- small objects -----------------------------------------------------------------
     def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+        self._put_blob(name, data, metadata, {})
+
+    def _put_blob(
+        self, name: str, data: bytes, metadata: Mapping[str, str], conditions: dict[str, str]
+    ) -> Any:
+        """One Put Blob; return the response (closed), raise the mapped error unless 201."""
         headers = self._headers_for(metadata)
+        headers.update(conditions)
         headers["x-ms-blob-type"] = "BlockBlob"
         if data:
             # An empty body is signed with an empty Content-Length, so send none.
@@ -258,8 +272,40 @@ class AzureBackend(LibcloudHTTPBackend):
         what = f"upload {name}"
         resp = self._request(what, self._path(name), "PUT", None, headers, data or None)
         if resp.status_code != 201:
+            code = resp.headers.get("x-ms-error-code", "")
+            if conditions and code in ("ConditionNotMet", "BlobAlreadyExists"):
+                resp.close()
+                raise PreconditionFailedError(
+                    f"{what}: another writer changed it since it was read ({code}); "
+                    "read it again and merge"
+                )
             raise self._fail(what, resp, name)
         resp.close()
+        return resp
+
+    # -- conditional writes ------------------------------------------------------------
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", stream=True)
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        try:
+            return read_bounded(resp, limit), resp.headers.get("etag")
+        finally:
+            resp.close()
+
+    def put_if(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes,
+        expected: str | None,
+    ) -> str | None:
+        cond = {"If-None-Match": "*"} if expected is None else {"If-Match": expected}
+        resp = self._put_blob(name, data, metadata, cond)
+        etag: str | None = resp.headers.get("etag")
+        return etag
 
     # -- multipart (block blobs) -------------------------------------------------------------
     def begin(self, name: str, metadata: Mapping[str, str]) -> str:

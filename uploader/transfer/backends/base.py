@@ -11,6 +11,15 @@ and GCS also signs and sends the requests. A backend is built from a
 Multipart protocol (S3 multipart, Azure block blobs): ``begin`` -> ``put_part``
 (any order, in parallel) -> ``complete``; ``abort`` on failure. Backends
 without one set ``multipart = False`` and implement ``put_stream``.
+
+Conditional writes (compare-and-swap of a small object, for commit pointers):
+``get_versioned`` returns an object with its version (S3 and Azure: the ETag; GCS:
+the generation; LOCAL: the sha256 of its bytes), and ``put_if`` writes only while
+the object still has that version (``None``: only while it does not exist),
+raising :class:`uploader.errors.PreconditionFailedError` otherwise. Backends that
+implement them set ``conditional = True``; a server may still ignore the
+conditions (rclone serve s3 does), which
+:meth:`uploader.transfer.store.ObjectStore.conditions_honoured` finds out.
 """
 
 from __future__ import annotations
@@ -50,6 +59,10 @@ class Backend(ABC):
     min_part_size: int = 5 << 20
     #: Whether object metadata survives a round trip (LOCAL keeps none).
     keeps_metadata: bool = True
+    #: Whether get_versioned/put_if are implemented (the server may still ignore them).
+    conditional: bool = False
+    #: Whether this adapter enforces the conditions itself (no server to ask: LOCAL).
+    enforces_conditions: bool = False
 
     # -- container ---------------------------------------------------------------------
     @abstractmethod
@@ -91,6 +104,29 @@ class Backend(ABC):
     def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         """Unfinished multipart uploads as (name, upload_id, started_unix_time)."""
         return []
+
+    # -- conditional writes ----------------------------------------------------------
+    def get_versioned(
+        self, name: str, limit: int | None = None
+    ) -> tuple[bytes, str | None]:  # pragma: no cover
+        """The whole (small) object and its version; ObjectNotFoundError when absent.
+        With ``limit``, at most that many bytes are read (the caller checks for more).
+        The version is None when the store sent none (a later ``put_if`` then cannot
+        name it: read again)."""
+        raise NotImplementedError
+
+    def put_if(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes,
+        expected: str | None,
+    ) -> str | None:  # pragma: no cover
+        """Store ``data`` only if the object's version is ``expected`` (None: only if
+        there is no such object); return the new version (None when the store sent
+        none). Raise PreconditionFailedError when the condition does not hold."""
+        raise NotImplementedError
 
     # -- reading -----------------------------------------------------------------------
     @abstractmethod

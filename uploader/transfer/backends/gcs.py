@@ -9,6 +9,10 @@ are not used, so an object is written by one request of any size up to 5 TiB.
 Small objects carry their MD5 in ``x-goog-hash`` (GCS checks it); streamed ones rely on TLS
 in transit and on the store's digest, checked after every download.
 
+Conditional writes (commit pointers): a PUT with ``x-goog-if-generation-match``
+(``0``: only if absent) writes only while the object has that generation; 412
+raises PreconditionFailedError. The version is the ``x-goog-generation`` header.
+
 Credentials: ``key_environ`` names the variable with the service account email
 (or an HMAC access id starting with ``GOOG``), ``secret_environ`` the one with
 the key file path (or the HMAC secret). ``extra_init_kwargs`` may hold
@@ -38,6 +42,7 @@ from uploader.errors import (
     ContainerNotFoundError,
     ObjectNotFoundError,
     PermanentError,
+    PreconditionFailedError,
     TransientError,
     UploaderError,
 )
@@ -48,6 +53,7 @@ from uploader.transfer.backends.http import (
     http_time,
     iso_time,
     metadata_from_headers,
+    read_bounded,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP
 from uploader.transfer.settings import StoreSettings
@@ -105,6 +111,7 @@ class GCSBackend(LibcloudHTTPBackend):
     max_part_size = 5 << 30
     max_parts = 10_000
     min_part_size = 64 << 10
+    conditional = True
 
     def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.google_storage import GoogleStorageDriver
@@ -167,6 +174,8 @@ class GCSBackend(LibcloudHTTPBackend):
                 return self._auth_error(what)
             if status == 404:
                 return ObjectNotFoundError(f"{what}: not found in bucket {self.container!r}")
+            if status == 412:  # only conditional writes carry a precondition
+                return _precondition_failed(what)
             if status in TRANSIENT_HTTP:
                 return TransientError(f"{what}: {text}")
             return PermanentError(f"{what}: {text}")
@@ -239,7 +248,14 @@ class GCSBackend(LibcloudHTTPBackend):
 
     # -- uploads -----------------------------------------------------------------------
     def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+        self._put(name, data, metadata, {})
+
+    def _put(
+        self, name: str, data: bytes, metadata: Mapping[str, str], conditions: dict[str, str]
+    ) -> Any:
+        """One PUT of ``data``; return the response (closed), raise the mapped error."""
         headers, content_type = self._headers_for(metadata)
+        headers.update(conditions)
         headers["Content-Type"] = content_type or "application/octet-stream"
         # x-goog-hash rather than Content-MD5: libcloud lower-cases Content-MD5 when it
         # signs with HMAC keys, which breaks the signature.
@@ -248,8 +264,36 @@ class GCSBackend(LibcloudHTTPBackend):
         what = f"upload {name}"
         resp = self._request(what, self._path(name), "PUT", None, headers, data)
         if resp.status_code not in (200, 201):
+            if conditions and resp.status_code == 412:
+                resp.close()
+                raise _precondition_failed(what)
             raise self._fail(what, resp, name)
         resp.close()
+        return resp
+
+    # -- conditional writes ------------------------------------------------------------
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", stream=True)
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        try:
+            return read_bounded(resp, limit), resp.headers.get("x-goog-generation")
+        finally:
+            resp.close()
+
+    def put_if(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes,
+        expected: str | None,
+    ) -> str | None:
+        cond = {"x-goog-if-generation-match": expected or "0"}
+        resp = self._put(name, data, metadata, cond)
+        generation: str | None = resp.headers.get("x-goog-generation")
+        return generation
 
     def put_stream(
         self, name: str, chunks: Iterable[bytes], metadata: Mapping[str, str], size: int
@@ -323,3 +367,10 @@ class GCSBackend(LibcloudHTTPBackend):
                 raise err
             return False
         raise self._fail(what, resp, name)
+
+
+def _precondition_failed(what: str) -> PreconditionFailedError:
+    return PreconditionFailedError(
+        f"{what}: another writer changed it since it was read (generation mismatch); "
+        "read it again and merge"
+    )

@@ -50,6 +50,7 @@ __all__ = [
     "iso_time",
     "metadata_from_headers",
     "range_value",
+    "read_bounded",
 ]
 
 
@@ -87,6 +88,19 @@ def iso_time(text: str | None) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except (TypeError, ValueError):
         return None
+
+
+def read_bounded(resp: Any, limit: int | None, chunk_size: int = 1 << 16) -> bytes:
+    """The body of a streamed ``requests.Response``, at most ``limit`` bytes (all of it
+    when None); the caller closes the response."""
+    if limit is None:
+        return bytes(resp.content)
+    out = bytearray()
+    for chunk in resp.iter_content(chunk_size):
+        out += chunk[: limit - len(out)]
+        if len(out) >= limit:
+            break
+    return bytes(out)
 
 
 def install_request_timeout(session: Any, timeout: float) -> None:

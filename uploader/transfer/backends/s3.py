@@ -21,6 +21,10 @@ its downloads read whole objects into memory.
   range with 200 and ``Content-Range``, or with the whole object, are handled.
 * Listings page through ListObjectsV2 (``list_page_size`` keys a page) and
   ListMultipartUploads.
+* Conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace;
+  412 ``PreconditionFailed`` and 409 ``ConditionalRequestConflict`` (a concurrent
+  conditional write) raise PreconditionFailedError. AWS S3 and moto honour both;
+  rclone serve s3 ignores them (see ``ObjectStore.conditions_honoured``).
 
 Endpoint, TLS, timeout and error mapping: see :mod:`uploader.transfer.backends.s3request`.
 
@@ -38,7 +42,12 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 
-from uploader.errors import ConfigError, ContainerNotFoundError, ObjectNotFoundError
+from uploader.errors import (
+    ConfigError,
+    ContainerNotFoundError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+)
 from uploader.transfer.backends.base import ObjectInfo, PartToken
 from uploader.transfer.backends.http import http_time, iso_time, metadata_from_headers, range_value
 from uploader.transfer.backends.s3request import (
@@ -73,6 +82,7 @@ class S3Backend(S3RequestBackend):
     max_part_size = 5 << 30
     min_part_size = 5 << 20
     keeps_metadata = True
+    conditional = True
 
     def __init__(self, settings: StoreSettings, *, list_page_size: int = 1000) -> None:
         if not 1 <= list_page_size <= 1000:
@@ -109,6 +119,54 @@ class S3Backend(S3RequestBackend):
         self._request(
             "PUT", name, f"upload {name}", headers=headers, body=data, payload_sha256=sha256.hex()
         )
+
+    # -- conditional writes ---------------------------------------------------------------
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        resp = self._send("GET", name)
+        try:
+            if resp.status != 200:
+                raise self._error(resp.status, resp.read(), f"download {name}")
+            return (resp.read() if limit is None else resp.read(limit)), resp.getheader("ETag")
+        finally:
+            if not resp.isclosed() or resp.will_close:  # not read to its end: not reusable
+                self._drop_conn()
+
+    def put_if(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes,
+        expected: str | None,
+    ) -> str | None:
+        headers = self._meta_headers(metadata)
+        headers["content-type"] = "application/octet-stream"
+        if expected is None:
+            headers["if-none-match"] = "*"
+        else:
+            headers["if-match"] = expected
+        what = f"upload {name}"
+        try:
+            resp, _ = self._request(
+                "PUT", name, what, headers=headers, body=data, payload_sha256=sha256.hex()
+            )
+        except (S3Error, S3TransientError) as exc:
+            if exc.status == 412 or exc.code in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
+                raise PreconditionFailedError(
+                    f"{what}: another writer changed it since it was read "
+                    f"({exc.code or exc.status}); read it again and merge"
+                ) from None
+            if exc.status == 501 or exc.code == "NotImplemented":  # an answer, not a fault
+                raise S3Error(
+                    f"{what}: the store does not implement conditional writes ({exc.code})",
+                    exc.status,
+                    exc.code,
+                ) from None
+            raise
+        return resp.getheader("ETag")
 
     # -- multipart ------------------------------------------------------------------------
     def begin(self, name: str, metadata: Mapping[str, str]) -> str:
