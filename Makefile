@@ -49,6 +49,7 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) -m bench.transfer
+	$(PY) -m bench.restore
 	$(PY) -m bench.latest
 	$(PY) -m bench.concurrent_restore
 	$(PY) -m bench.stall

@@ -1,4 +1,5 @@
-"""Pieces the benchmarks share: the repository root and the environment for rclone's client."""
+"""Pieces the benchmarks share: the repository root, the environment for rclone's client,
+and warming an object before a timed download."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ from pathlib import Path
 from typing import Any
 
 ROOT = str(Path(__file__).resolve().parent.parent)
+
+MiB = 1 << 20
+
+
+def warm_object(server: Any, bucket: str, key: str) -> None:
+    """Warm one object the same way for every client, before any timed download.
+
+    On the first request for an object, ``rclone serve s3`` computes an MD5 over
+    all of it (its ETag), which costs about 2 s per GiB on this machine and would
+    be charged to whichever client came first. One HEAD makes the server compute
+    and cache it; one full read brings the object's file into the page cache. A
+    benchmark then measures the client, not the server's first touch.
+    """
+    from uploader.transfer.backends.s3 import S3Backend
+
+    backend = S3Backend(server.hparams(bucket).store_settings())
+    try:
+        backend.stat(key)
+        for _ in backend.read_range(key, 0, None, 8 * MiB):
+            pass
+    finally:
+        backend.close()
 
 
 def rclone_env(server: Any, base: Path) -> dict[str, str]:

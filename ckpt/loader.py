@@ -7,11 +7,20 @@ their first bytes and unpacked into a temporary folder that is removed
 afterwards; an uncompressed file's zip CRCs are checked before loading, so a
 damaged file gives a clear error instead of wrong weights.
 
-Remote checkpoints are downloaded through :class:`uploader.ObjectStore` in
-``chunk_size`` pieces with a progress bar, into a temporary file, and checked
-against the digest recorded at upload (the commit pointer entry naming the
-object when there is one, else the object's own record). A mismatch raises
-:class:`uploader.IntegrityError`; nothing is loaded.
+Remote checkpoints are checked against the digest recorded at upload (the
+commit pointer entry naming the object when there is one, else the object's own
+record); a mismatch raises :class:`uploader.IntegrityError` and nothing is
+loaded. :func:`load` pipelines the restore: parallel ranged reads arrive in
+order (:meth:`uploader.ObjectStore.download_stream`), are hashed, and a zstd
+checkpoint is decompressed as they arrive, into one temporary file; once the
+digest matches, ``torch.load(mmap=True)`` maps that file instead of reading it
+into memory, so the checkpoint is held once (as the tensors' storage) and the
+process's own memory stays at the stream's few ranges whatever the size. The
+file is an anonymous in-memory one (``memfd_create``) when the checkpoint takes
+at most a quarter of the memory available, so a restore never waits for a disk;
+otherwise a temporary file, whose pages the kernel may drop and read again. The zip CRC check is skipped for such a file: the sha256 of every
+byte (and zstd's own checksum) already vouch for it. :func:`local_copy` instead
+downloads the file as it is (``chunk_size`` pieces, a progress bar).
 
 ``latest`` is resolved from every rank's commit pointer. When a torch.distributed
 process group of several ranks is initialised, rank 0 reads the pointers and
@@ -41,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .codecs import decompress_file, detect_format, extract_tar_member
+from .codecs import StreamDecoder, decompress_file, detect_format, extract_tar_member
 from .distributed import default_share
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
@@ -125,19 +134,26 @@ def read_checkpoint(
     with _plain_torch_file(src, tmp_dir) as plain:
         if verify and detect_format(_head(plain)) == "zip":
             _check_zip(plain, src)
-        try:
-            return torch.load(plain, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(
-                f"refused to load {src}: it contains pickled objects other than tensors and "
-                f"plain data, which could run code ({str(exc).splitlines()[0][:300]}). "
-                "Only load it with weights_only=False if you fully trust its origin"
-            ) from None
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise CorruptCheckpointError(
-                f"{src} could not be read as a torch checkpoint ({str(exc).splitlines()[0][:300]}); "
-                "it is truncated or damaged: load an earlier checkpoint or fetch it again"
-            ) from None
+        return _torch_load(plain, src, map_location, mmap=False)
+
+
+def _torch_load(path: Path, shown: Any, map_location: Any, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)``, its errors said in the loader's terms. With
+    ``mmap``, tensors map the file (which must be ours: never a user's file that may
+    be rewritten in place)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refused to load {shown}: it contains pickled objects other than tensors and "
+            f"plain data, which could run code ({str(exc).splitlines()[0][:300]}). "
+            "Only load it with weights_only=False if you fully trust its origin"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CorruptCheckpointError(
+            f"{shown} could not be read as a torch checkpoint ({str(exc).splitlines()[0][:300]}); "
+            "it is truncated or damaged: load an earlier checkpoint or fetch it again"
+        ) from None
 
 
 # -- remote ------------------------------------------------------------------------------
@@ -201,6 +217,30 @@ def resolve_remote(
     return name, None, None
 
 
+def _remote(path_or_uri: str, object_store: Any, rank: int) -> tuple[str, Any] | None:
+    """(object name, store or hparams) when the checkpoint lies in a bucket; None for a
+    local path."""
+    name = str(path_or_uri).replace("{rank}", str(rank))
+    if object_store is None and "://" not in name:
+        if name == "latest" or name.endswith("/latest"):
+            raise CheckpointError(
+                f"{name!r} needs an object store: pass load_object_store (or a URI such as "
+                "s3://bucket/prefix/latest)"
+            )
+        return None
+    if object_store is None:
+        from uploader import parse_uri
+
+        loc = parse_uri(name)
+        object_store, name = loc.hparams, loc.prefix
+        if not name:
+            raise CheckpointError(
+                f"{path_or_uri!r} names a bucket but no object; add the checkpoint path or "
+                "'latest' after it"
+            )
+    return name, object_store
+
+
 @contextlib.contextmanager
 def local_copy(
     path_or_uri: str,
@@ -216,26 +256,12 @@ def local_copy(
 ) -> Iterator[Path]:
     """Yield a local, verified path for a checkpoint; downloads are removed afterwards.
     ``distributed``: see :func:`load`."""
-    name = str(path_or_uri).replace("{rank}", str(rank))
-    if object_store is None and "://" not in name:
-        if name == "latest" or name.endswith("/latest"):
-            raise CheckpointError(
-                f"{name!r} needs an object store: pass load_object_store (or a URI such as "
-                "s3://bucket/prefix/latest)"
-            )
-        yield Path(name)
+    remote = _remote(path_or_uri, object_store, rank)
+    if remote is None:
+        yield Path(str(path_or_uri).replace("{rank}", str(rank)))
         return
-    if object_store is None:
-        from uploader import parse_uri
-
-        loc = parse_uri(name)
-        object_store, name = loc.hparams, loc.prefix
-        if not name:
-            raise CheckpointError(
-                f"{path_or_uri!r} names a bucket but no object; add the checkpoint path or "
-                "'latest' after it"
-            )
-    store, owned = _store(object_store)
+    name, where = remote
+    store, owned = _store(where)
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
         share = default_share() if distributed else None
@@ -255,6 +281,86 @@ def local_copy(
         shutil.rmtree(work, ignore_errors=True)
         if owned:
             store.close()
+
+
+def _load_remote(
+    where: Any,
+    name: str,
+    *,
+    prefix: str | None,
+    rank: int,
+    world_size: int | None,
+    map_location: Any,
+    progress: bool,
+    verify: bool,
+    tmp_dir: str | None,
+    distributed: bool,
+) -> Any:
+    """Stream, verify, decompress and load a checkpoint from a bucket (module docstring)."""
+    store, owned = _store(where)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
+    try:
+        share = default_share() if distributed else None
+        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
+        known = size if size is not None else store.stat(obj).size
+        with _scratch(work / Path(obj).name, known) as (f, out):
+            dec = StreamDecoder(f)
+            store.download_stream(
+                obj,
+                dec.write,
+                progress=progress,
+                expected_digest=digest,
+                expected_size=size,
+                require_digest=True,
+            )
+            dec.close()
+            fmt = detect_format(_head(out)) if dec.decoded else dec.fmt
+            if fmt == "zip":
+                # Verified bytes in a file of our own: mapped, not read into memory.
+                return _torch_load(out, obj, map_location, mmap=True)
+            # A legacy pickle, another codec or a tar archive: the general path.
+            return read_checkpoint(out, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if owned:
+            store.close()
+
+
+#: A restore is decoded into memory (a memfd) while its object takes at most this share
+#: of the memory available; larger ones go to a temporary file.
+MEMORY_SHARE = 0.25
+
+
+@contextlib.contextmanager
+def _scratch(path: Path, size: int) -> Iterator[tuple[Any, Path]]:
+    """(binary file, path to reopen it by) for a restore's decoded bytes.
+
+    An anonymous in-memory file (``memfd_create``) where the checkpoint fits easily in
+    the memory available: its pages become the tensors' storage when mapped, so it is
+    still one copy, and it never waits for a disk (a download's writes would otherwise
+    be throttled to the disk's speed once the kernel holds too many dirty pages).
+    Otherwise ``path``, a file in the restore's temporary folder, whose clean pages the
+    kernel can drop.
+    """
+    if hasattr(os, "memfd_create") and size < MEMORY_SHARE * _available():
+        fd = os.memfd_create("ckpt-restore", os.MFD_CLOEXEC)
+        with open(fd, "wb", buffering=0, closefd=True) as f:
+            yield f, Path(f"/proc/self/fd/{fd}")
+        return
+    with open(path, "wb", buffering=0) as f:
+        yield f, path
+
+
+def _available() -> int:
+    """Bytes of memory available (``MemAvailable``), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def load(
@@ -281,22 +387,30 @@ def load(
         prefix: object name prefix for ``latest`` (or prepended to the name).
         rank / world_size: which rank's file; how many ranks must agree on ``latest``.
         map_location: as for ``torch.load``.
-        chunk_size / progress: download chunk size (1 MiB) and progress bar.
-        verify: check the zip CRCs of the torch file before loading.
+        chunk_size: unused by a load, which streams in the store's ranges (kept for
+            callers that pass it; :func:`local_copy` takes it).
+        progress: a progress bar for a download.
+        verify: check the zip CRCs of a local torch file before loading (a download is
+            checked by its sha256 instead).
         distributed: when a torch.distributed process group of several ranks is
             initialised, ``latest`` is resolved by rank 0 and broadcast, so every
             rank must load it together; False: this process resolves it alone
             (one pointer read per rank).
     """
-    with local_copy(
-        str(path_or_uri),
-        object_store=object_store,
+    remote = _remote(str(path_or_uri), object_store, rank)
+    if remote is None:
+        path = str(path_or_uri).replace("{rank}", str(rank))
+        return read_checkpoint(path, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
+    name, where = remote
+    return _load_remote(
+        where,
+        name,
         prefix=prefix,
         rank=rank,
         world_size=world_size,
-        chunk_size=chunk_size,
+        map_location=map_location,
         progress=progress,
+        verify=verify,
         tmp_dir=tmp_dir,
         distributed=distributed,
-    ) as path:
-        return read_checkpoint(path, map_location=map_location, verify=verify, tmp_dir=tmp_dir)
+    )

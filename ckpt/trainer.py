@@ -96,7 +96,8 @@ class Trainer:
         load_strict: with ``load_weights_only``, require the checkpoint's and the
             model's weight names to match exactly (shapes must always match; a full
             resume always requires matching names).
-        load_chunk_size: download chunk size in bytes (default 1 MiB = 1,048,576).
+        load_chunk_size: kept for compatibility; a load from a bucket streams in the
+            store's ranges and does not use it (default 1 MiB = 1,048,576).
         load_progress_bar: show a download progress bar.
         device: where to train (default CPU).
         run_timestamp: the ``runs/<timestamp>`` name (default: now, agreed across ranks).

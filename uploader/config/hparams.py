@@ -383,8 +383,8 @@ class ObjectStoreHparams:
     # -- construction -------------------------------------------------------------------
     def initialize_object(self, **options: Any) -> ObjectStore:
         """Resolve the settings and open the store. ``options`` go to
-        :class:`uploader.transfer.store.ObjectStore` (part_size, concurrency, retry,
-        create_container, check, backend)."""
+        :class:`uploader.transfer.store.ObjectStore` (part_size, concurrency,
+        download_part_size, retry, create_container, check, backend)."""
         return ObjectStore(self, **options)
 
     @classmethod

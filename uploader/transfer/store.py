@@ -8,7 +8,8 @@ part buffers shared by every transfer of the store) and the retries
 Uploads go through :mod:`uploader.transfer.upload` (one request, parallel
 multipart, or one stream; the digest in metadata or a digest record),
 downloads through :mod:`uploader.transfer.download` (parallel ranged reads
-into a temporary file, renamed once size and digest match). Here live the
+into a temporary file, renamed once size and digest match; or, for a caller
+that consumes the bytes as they arrive, an ordered stream checked at its end). Here live the
 checks around them: object names, the part size, a file that changes while it
 is read, the size the store holds afterwards, and the recorded digest
 (:mod:`uploader.transfer.digest`). Small objects can also be written
@@ -133,11 +134,15 @@ class ObjectStore:
     Args:
         hparams: which store: an ``ObjectStoreHparams`` (resolved through its
             ``store_settings()``) or :class:`StoreSettings`. Kept as ``hparams``.
-        part_size: bytes per part for multipart uploads and parallel downloads
+        part_size: bytes per part for multipart uploads
             (default 8 MiB; grown automatically so no object needs more than the
             provider's part limit, 10,000 on S3).
         concurrency: worker threads (and part buffers) for parallel parts, shared by
             all transfers of this store (see :mod:`uploader.transfer.parts`).
+        download_part_size: bytes per ranged read of a download (one request); default:
+            chosen by the object's size, 8-64 MiB, so every worker gets about two
+            ranges (rounded to whole upload parts where the digest names them). A
+            download's memory is ``concurrency`` buffers of 4 MiB whatever the range.
         retry: bounds for retrying transient failures.
         create_container: create the container when it does not exist.
         check: look the container up now, so a wrong name or bad credentials fail
@@ -151,6 +156,7 @@ class ObjectStore:
         *,
         part_size: int = DEFAULT_PART_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        download_part_size: int | None = None,
         retry: RetryPolicy | None = None,
         create_container: bool = False,
         check: bool = True,
@@ -172,7 +178,9 @@ class ObjectStore:
         self.retries = _Counter()
         self._pool = PartPool(concurrency)
         self._uploader = Uploader(self.backend, self._pool, self._call)
-        self._downloader = Downloader(self.backend, self._pool, self._call, part_size)
+        if download_part_size is not None and download_part_size < 1:
+            raise ConfigError(f"download part size {download_part_size} must be positive")
+        self._downloader = Downloader(self.backend, self._pool, self._call, download_part_size)
         self._conditions: tuple[bool, str] | None = None
         if check:
             self.retry.call(
@@ -484,6 +492,44 @@ class ObjectStore:
         """
         if chunk_size < 1:
             raise ConfigError(f"chunk_size {chunk_size} must be positive")
+        info, digest = self._expected(object_name, expected_digest, expected_size, require_digest)
+        target = Path(dest)
+        if target.is_dir():
+            target = target / Path(object_name).name
+        return self._downloader.download(info.name, info.size, digest, target, chunk_size, progress)
+
+    def download_stream(
+        self,
+        object_name: str,
+        sink: Callable[[memoryview], None],
+        progress: bool | ProgressFn = False,
+        expected_digest: Digest | str | None = None,
+        expected_size: int | None = None,
+        require_digest: bool = False,
+    ) -> ObjectStat:
+        """Pass the object's bytes to ``sink``, in order, as parallel ranged reads
+        deliver them; then check size and digest as :meth:`download_file` does.
+
+        Nothing is written to disk here: the caller decides where the bytes go (a
+        decompressor, say) while the rest is still arriving. Until this returns,
+        what ``sink`` made of the bytes is unverified: on IntegrityError (or any
+        error) the caller must discard it. ``sink`` runs in the calling thread and
+        must not keep the ``memoryview`` it is given. Memory: ``concurrency + 2``
+        ranges of at most 16 MiB.
+        """
+        info, digest = self._expected(object_name, expected_digest, expected_size, require_digest)
+        self._downloader.stream(info.name, info.size, digest, sink, progress)
+        return info
+
+    def _expected(
+        self,
+        object_name: str,
+        expected_digest: Digest | str | None,
+        expected_size: int | None,
+        require_digest: bool,
+    ) -> tuple[ObjectStat, Digest | None]:
+        """The object's listing and the digest a download must match (``expected_*``
+        first, then what the store records); the checks that need no byte of it."""
         info = self.stat(object_name)
         digest = (
             Digest.parse(expected_digest) if isinstance(expected_digest, str) else expected_digest
@@ -502,10 +548,7 @@ class ObjectStore:
                     "expected sha256"
                 )
             log.warning("%s has no recorded digest; checking its size only", object_name)
-        target = Path(dest)
-        if target.is_dir():
-            target = target / Path(object_name).name
-        return self._downloader.download(info.name, info.size, digest, target, chunk_size, progress)
+        return info, digest
 
 
 def check_object_name(name: str) -> str:

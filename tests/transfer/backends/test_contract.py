@@ -199,6 +199,41 @@ def test_ranged_reads(target: Target, store: ObjectStore, tmp_path: Path) -> Non
     assert b"".join(be.read_range("r/multi", len(big) - 3, None)) == big[-3:]
 
 
+def test_ranged_reads_into_a_buffer(target: Target, store: ObjectStore, tmp_path: Path) -> None:
+    """Pieces fill the caller's buffer from its start and wrap around once it is full; a
+    buffer as long as the range ends up holding all of it."""
+    src = write_random(tmp_path / "m.bin", 2 * target.part + 3)
+    big = src.read_bytes()
+    store.upload_file(src, "r/into")
+    be = store.backend
+    start, length = target.part - 5, target.part + 5
+    for room in (4099, 65536, length):
+        buf = memoryview(bytearray(room))
+        got = b"".join(bytes(p) for p in be.read_range_into("r/into", start, length, buf))
+        assert got == big[start : start + length], room
+    whole = memoryview(bytearray(length))
+    list(be.read_range_into("r/into", start, length, whole))
+    assert whole == big[start : start + length]
+    # Past the end: what there is.
+    tail = b"".join(bytes(p) for p in be.read_range_into("r/into", len(big) - 3, 10, buf))
+    assert tail == big[-3:]
+    with pytest.raises(ObjectNotFoundError):
+        list(be.read_range_into("r/missing", 0, 10, buf))
+
+
+@pytest.mark.parametrize("parts", ["P-1", "3P+7"])
+def test_stream_in_order(target: Target, tmp_path: Path, parts: str) -> None:
+    """``download_stream`` hands over every byte once, in order, from parallel ranges
+    (several per upload part where the digest allows it), and checks the digest."""
+    size = target.part - 1 if parts == "P-1" else 3 * target.part + 7
+    src = write_random(tmp_path / "s.bin", size, seed=size)
+    with target.store(concurrency=3, download_part_size=target.part // 2) as store:
+        store.upload_file(src, "s/obj")
+        got = bytearray()
+        info = store.download_stream("s/obj", got.extend, require_digest=True)
+    assert info.size == size and bytes(got) == src.read_bytes()
+
+
 # -- integrity ----------------------------------------------------------------------------
 
 
@@ -216,6 +251,30 @@ def test_corrupted_object_detected(
     with pytest.raises(IntegrityError, match="corrupt"):
         store.download_file("c/a.bin", out_dir / "a.bin", progress=False)
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_corrupted_object_detected_in_a_stream(target: Target, tmp_path: Path) -> None:
+    """A stream passes damaged bytes on before its digest is known: it ends with the
+    IntegrityError, and a sink that chokes on the damage does not hide it."""
+    size = 2 * target.part + 5
+    src = write_random(tmp_path / "a.bin", size)
+    with target.store(download_part_size=target.part) as store:
+        store.upload_file(src, "c/a.bin")
+        damaged = bytearray(src.read_bytes())
+        damaged[size // 2] ^= 0xFF
+        target.replace_bytes(store, "c/a.bin", bytes(damaged))
+        with pytest.raises(IntegrityError, match="corrupt"):
+            store.download_stream("c/a.bin", lambda view: None)
+
+        def choke(view: memoryview) -> None:
+            raise ValueError("undecodable")
+
+        with pytest.raises(IntegrityError, match="corrupt"):
+            store.download_stream("c/a.bin", choke)
+        # Intact bytes: the sink's own error is the one raised.
+        store.upload_file(src, "c/b.bin")
+        with pytest.raises(ValueError, match="undecodable"):
+            store.download_stream("c/b.bin", choke)
 
 
 def test_truncated_object_detected(target: Target, store: ObjectStore, tmp_path: Path) -> None:

@@ -177,6 +177,28 @@ class Backend(ABC):
         """Yield the bytes ``[start, start+length)`` (to the end when ``length`` is None),
         in chunks of about ``chunk_size``. Raise ObjectNotFoundError when absent."""
 
+    def read_range_into(
+        self, name: str, start: int, length: int, buf: memoryview
+    ) -> Iterator[memoryview]:
+        """Read the bytes ``[start, start+length)`` into ``buf``, piece by piece: each
+        yielded view is the slice of ``buf`` that holds the next bytes, valid until the
+        generator is resumed. Pieces fill ``buf`` from its start, one after another,
+        and start again from its start once it is full (so a ``buf`` of ``length``
+        bytes ends up holding the whole range). Ends early when the object is shorter.
+        Raise ObjectNotFoundError when absent.
+
+        This default copies what :meth:`read_range` yields; a backend that can receive
+        into a buffer (S3) overrides it to save that copy."""
+        pos = 0
+        for chunk in self.read_range(name, start, length, len(buf)):
+            data = memoryview(chunk)
+            while len(data):
+                n = min(len(buf) - pos, len(data))
+                buf[pos : pos + n] = data[:n]
+                data = data[n:]
+                yield buf[pos : pos + n]
+                pos = (pos + n) % len(buf)
+
     @abstractmethod
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Objects whose name starts with ``prefix``, in name order where the store allows."""

@@ -347,6 +347,37 @@ class S3Backend(S3RequestBackend):
             if not resp.isclosed() or resp.will_close:
                 self._drop_conn()
 
+    def read_range_into(
+        self, name: str, start: int, length: int, buf: memoryview
+    ) -> Iterator[memoryview]:
+        # Received straight into the caller's buffer (one readinto fills it): no copy
+        # beyond the kernel's, and one interpreter call per buffer, not per socket read.
+        if length <= 0:
+            yield from super().read_range_into(name, start, length, buf)
+            return
+        what = f"download {name}"
+        resp = self._send("GET", name, headers={"range": range_value(start, length) or ""})
+        try:
+            # rclone's server answers a range with 200 and Content-Range.
+            cr = resp.getheader("Content-Range") or ""
+            if resp.status in (200, 206) and cr.startswith(f"bytes {start}-"):
+                remaining, pos = length, 0
+                while remaining > 0:
+                    n = resp.readinto(buf[pos : pos + min(len(buf) - pos, remaining)])
+                    if not n:
+                        return
+                    yield buf[pos : pos + n]
+                    remaining -= n
+                    pos = (pos + n) % len(buf)
+                return
+            if resp.status not in (200, 206, 416):
+                raise self._error(resp.status, resp.read(), what)
+        finally:
+            if not resp.isclosed() or resp.will_close:
+                self._drop_conn()
+        # Any other answer (the whole object, another range): the general path copes.
+        yield from super().read_range_into(name, start, length, buf)
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         params = {"list-type": "2", "prefix": prefix, "max-keys": str(self.list_page_size)}
         for _ in range(10_000_000):
