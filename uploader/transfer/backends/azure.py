@@ -61,7 +61,6 @@ from uploader.transfer.backends.http import (
     http_time,
     install_request_timeout,
     metadata_from_headers,
-    read_bounded,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP, is_transient
 from uploader.transfer.settings import StoreSettings
@@ -288,16 +287,6 @@ class AzureBackend(LibcloudHTTPBackend):
         return resp
 
     # -- conditional writes ------------------------------------------------------------
-    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
-        what = f"download {name}"
-        resp = self._request(what, self._path(name), "GET", stream=True)
-        if resp.status_code != 200:
-            raise self._fail(what, resp, name)
-        try:
-            return read_bounded(resp, limit), resp.headers.get("etag")
-        finally:
-            resp.close()
-
     def put_if(
         self,
         name: str,

@@ -53,7 +53,6 @@ from uploader.transfer.backends.http import (
     http_time,
     iso_time,
     metadata_from_headers,
-    read_bounded,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP
 from uploader.transfer.settings import StoreSettings
@@ -106,6 +105,7 @@ class GCSBackend(LibcloudHTTPBackend):
 
     multipart = False
     keeps_metadata = True
+    version_header = "x-goog-generation"  # a pointer's version is its generation
     # One PUT per object (up to GCS's 5 TiB limit); "parts" here are only the
     # units the store hashes while streaming, so the usual limits apply to them.
     max_part_size = 5 << 30
@@ -272,16 +272,6 @@ class GCSBackend(LibcloudHTTPBackend):
         return resp
 
     # -- conditional writes ------------------------------------------------------------
-    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
-        what = f"download {name}"
-        resp = self._request(what, self._path(name), "GET", stream=True)
-        if resp.status_code != 200:
-            raise self._fail(what, resp, name)
-        try:
-            return read_bounded(resp, limit), resp.headers.get("x-goog-generation")
-        finally:
-            resp.close()
-
     def put_if(
         self,
         name: str,

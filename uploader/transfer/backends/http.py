@@ -231,6 +231,20 @@ class LibcloudHTTPBackend(Backend):
             raise self._map(what, exc) from None
         return conn.connection.response
 
+    #: the response header that carries an object's version (ETag, GCS generation)
+    version_header = "etag"
+
+    def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        """Object ``name`` (at most ``limit`` bytes read) and its version."""
+        what = f"download {name}"
+        resp = self._request(what, self._path(name), "GET", stream=True)
+        if resp.status_code != 200:
+            raise self._fail(what, resp, name)
+        try:
+            return read_bounded(resp, limit), resp.headers.get(self.version_header)
+        finally:
+            resp.close()
+
     def _head(self, what: str, name: str) -> Any:
         """The headers of object ``name``; raise the mapped error unless it exists."""
         resp = self._request(what, self._path(name), "HEAD")
