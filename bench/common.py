@@ -52,3 +52,8 @@ def rclone_env(server: Any, base: Path) -> dict[str, str]:
     )
     (base / "rclone.conf").touch()
     return env
+
+
+def ratio_text(a: float, b: float) -> str:
+    """``a / b`` as ``1.23x``; "n/a" where either is missing (0 or NaN)."""
+    return f"{a / b:.2f}x" if b and b == b and a == a else "n/a"

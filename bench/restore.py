@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, rclone_env, warm_object
+from bench.common import ROOT, ratio_text, rclone_env, warm_object
 
 __all__ = ["main", "DOWNLOAD_CLIENTS", "RESUME_CLIENTS"]
 
@@ -378,10 +378,6 @@ def run_resume(
     return res
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b and b == b and a == a else "n/a"
-
-
 def report_downloads(res: Results, runs: int) -> str:
     m = res.median
     lines = [
@@ -403,7 +399,7 @@ def report_downloads(res: Results, runs: int) -> str:
             continue
         lines.append(
             f"| {c} | {m(c, 'mibs'):.0f} | {m(c, 'cpu_gib'):.2f} | {m(c, 'rss'):.0f} "
-            f"| {_ratio(ours, m(c, 'mibs'))} |"
+            f"| {ratio_text(ours, m(c, 'mibs'))} |"
         )
     if "s5cmd" in res.samples:
         ratio = ours / m("s5cmd", "mibs")
@@ -438,7 +434,7 @@ def report_resume(res: Results, runs: int) -> str:
             continue
         lines.append(
             f"| {c} | {m(c, 'seconds'):.2f} | {m(c, 'cpu_gib') * res.size / GiB:.2f} "
-            f"| {m(c, 'rss'):.0f} | {_ratio(m(c, 'seconds'), ours)} |"
+            f"| {m(c, 'rss'):.0f} | {ratio_text(m(c, 'seconds'), ours)} |"
         )
     peers = [m(c, "seconds") for c in RESUME_CLIENTS[1:] if c in res.samples]
     if peers:

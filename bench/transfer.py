@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, rclone_env, warm_object
+from bench.common import ROOT, ratio_text, rclone_env, warm_object
 
 __all__ = ["main", "CLIENTS"]
 
@@ -310,10 +310,6 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
     return results
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b and b == b and a == a else "n/a"
-
-
 def report(res: Results, runs: int) -> str:
     m = res.median
     lines = [
@@ -348,9 +344,9 @@ def report(res: Results, runs: int) -> str:
         if (c, "up") not in res.samples or c.startswith("ours"):
             continue
         lines.append(
-            f"| {c} | {_ratio(up, m(c, 'up', 'mibs'))} | {_ratio(down, m(c, 'down', 'mibs'))} "
-            f"| {_ratio(m('ours', 'up', 'cpu_gib'), m(c, 'up', 'cpu_gib'))} "
-            f"| {_ratio(m('ours', 'down', 'cpu_gib'), m(c, 'down', 'cpu_gib'))} |"
+            f"| {c} | {ratio_text(up, m(c, 'up', 'mibs'))} | {ratio_text(down, m(c, 'down', 'mibs'))} "
+            f"| {ratio_text(m('ours', 'up', 'cpu_gib'), m(c, 'up', 'cpu_gib'))} "
+            f"| {ratio_text(m('ours', 'down', 'cpu_gib'), m(c, 'down', 'cpu_gib'))} |"
         )
     rss = max(m("ours", "up", "rss"), m("ours", "down", "rss"))
     targets = [
