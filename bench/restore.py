@@ -10,8 +10,10 @@ compute and cache its MD5, then one full read).
 
 (a) Downloads of a random file:
 
-* ours: ``ObjectStore.download_file`` (default options: parallel ranges, sha256
-  verified end to end, a temporary file fsynced and renamed into place)
+* ours: ``ObjectStore.download_file`` (default options: parallel ranges received
+  into the temporary file's mapped pages, sha256 verified end to end, renamed into
+  place; left in the page cache like every peer's file)
+* ours-fsync: the same with ``fsync=True`` (``pull --fsync``): on disk before the rename
 * pull: ``ckpt-uploader pull URI DEST`` (the whole process, start-up included)
 * s5cmd: ``s5cmd cp``; rclone: ``rclone copyto``; boto3: ``download_file``;
   obstore: ``get`` streamed into the file
@@ -64,7 +66,7 @@ log = logging.getLogger("bench.restore")
 MiB = 1 << 20
 GiB = 1 << 30
 BUCKET = "bench"
-DOWNLOAD_CLIENTS = ["ours", "pull", "s5cmd", "boto3", "rclone", "obstore"]
+DOWNLOAD_CLIENTS = ["ours", "ours-fsync", "pull", "s5cmd", "boto3", "rclone", "obstore"]
 RESUME_CLIENTS = ["ours", "s5cmd", "boto3", "obstore"]
 #: Tensors of the checkpoint in (b): its size split into this many float32 tensors.
 TENSORS = 16
@@ -95,9 +97,10 @@ def _hparams(endpoint: str) -> Any:
 def _download(client: str, key: str, path: str, endpoint: str) -> None:
     """Download ``key`` to ``path`` with a Python client (imports already done)."""
     access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
-    if client == "ours":
+    if client in ("ours", "ours-fsync"):
         with _hparams(endpoint).initialize_object() as store:
-            store.download_file(key, path, progress=False, require_digest=True)
+            fsync = client == "ours-fsync"
+            store.download_file(key, path, progress=False, require_digest=True, fsync=fsync)
     elif client == "boto3":
         import boto3
 
@@ -322,6 +325,7 @@ def run_downloads(
                 str(dst),
                 server.endpoint,
             ]
+            os.sync()  # earlier runs' dirty pages written back before the clock starts
             s = _measure(argv, dict(env, BENCH_ARGV=json.dumps(binary)))
             if dst.stat().st_size != size:
                 raise RuntimeError(f"{client} downloaded {dst.stat().st_size} bytes, not {size}")
@@ -386,9 +390,12 @@ def report_downloads(res: Results, runs: int) -> str:
         f"{res.size // MiB} MiB random file pushed by `ObjectStore.upload_file`, `rclone serve "
         f"s3` on 127.0.0.1, the object warmed before any timing (one HEAD, so the server "
         f"computes its MD5 first, and one full read); {runs} interleaved run(s) per client, "
-        "medians. `ours` verifies the sha256 end to end and writes through a temporary file, "
-        "fsync and rename; `pull` is the whole `ckpt-uploader pull` process, start-up included. "
-        "CPU is the client's (user + system) per GiB; RSS its peak resident set.",
+        "medians; `sync` before each run, so no client pays for another's writeback. `ours` "
+        "verifies the sha256 end to end, receives into a temporary file's mapped pages and "
+        "renames it into place, leaving it in the page cache as every peer does; `ours-fsync` "
+        "also flushes it to disk first (`pull --fsync`); `pull` is the whole `ckpt-uploader "
+        "pull` process, start-up included. CPU is the client's (user + system) per GiB; RSS "
+        "its peak resident set.",
         "",
         "| client | MiB/s | CPU s/GiB | peak RSS MiB | ours / client (speed) |",
         "|---|---:|---:|---:|---:|",

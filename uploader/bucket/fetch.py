@@ -10,7 +10,11 @@
   (relative, no ``..``), and each target is checked again to lie inside ``dest``.
   A manifest whose paths would land on one file (names equal after Unicode
   normalisation and case folding, as on macOS and Windows file systems, or a file
-  that is also another's folder) is refused before anything is downloaded.
+  that is also another's folder) is refused before anything is downloaded. Its
+  files are downloaded :data:`FILES_AT_ONCE` at a time (the ranges of large ones
+  share the store's threads), so a checkpoint of many small files is not fetched
+  one request after another; a failed file stops the ones not yet started, and
+  its error is raised once those running have ended.
 
 :func:`find_checkpoint` resolves a name under a prefix (``exp/rank_0/checkpoint-16``,
 or an alias such as ``exp/rank_0/last.ckpt``) through its rank's pointer.
@@ -25,13 +29,16 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import unicodedata
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
+from uploader.bucket.pointer import ManifestFile, PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
+from uploader.transfer.download import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
@@ -39,6 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["fetch_entry", "find_checkpoint", "is_dir_dest"]
 
 _RANK_NAME = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
+#: Files of a directory checkpoint downloaded at once.
+FILES_AT_ONCE = 8
 
 
 def is_dir_dest(dest: str | os.PathLike[str]) -> bool:
@@ -82,12 +91,14 @@ def fetch_entry(
     *,
     progress: bool = False,
     into: bool | None = None,
+    fsync: bool = False,
 ) -> Path:
     """Download the checkpoint ``entry`` (see the module docstring); return its local path:
     the file, or the checkpoint's directory.
 
     ``into`` says whether ``dest`` is a directory to put the checkpoint in (default:
-    :func:`is_dir_dest`; a directory checkpoint always goes inside ``dest``).
+    :func:`is_dir_dest`; a directory checkpoint always goes inside ``dest``). ``fsync``:
+    every file is on disk before it gets its name (see ``ObjectStore.download_file``).
     """
     if into is None:
         into = is_dir_dest(dest)
@@ -101,10 +112,12 @@ def fetch_entry(
             expected_digest=entry.digest,
             expected_size=entry.size,
             require_digest=True,
+            fsync=fsync,
         )
     root = base.absolute()
     top = root / entry.name
     _refuse_collisions(entry)
+    jobs = []
     for f, obj in entry.objects():
         target = (root / f.path).absolute()
         if os.path.commonpath([str(root), os.path.normpath(target)]) != str(root):
@@ -114,14 +127,37 @@ def fetch_entry(
             )
         if target.is_dir():
             raise ConfigError(f"{target} is a directory; cannot restore {f.path} there")
+        jobs.append((obj, target, f))
+    bar = progress_bar(progress, entry.size, entry.name)
+    lock = threading.Lock()
+
+    def count(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    def one(obj: str, target: Path, f: ManifestFile) -> None:
         store.download_file(
             obj,
             target,
-            progress=progress,
+            progress=count,
             expected_digest=f.digest,
             expected_size=f.size,
             require_digest=True,
+            fsync=fsync,
         )
+
+    try:
+        with ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(one, *job) for job in jobs]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in pending:
+                fut.cancel()
+        for fut in futures:  # the first failure in manifest order, once all have ended
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:
+                raise exc
+    finally:
+        bar.close()
     return top
 
 

@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.SIGINT
     except BrokenPipeError:
         return ExitCode.FAILED
+    except OSError as exc:  # a local file: permissions, a full disk, a missing folder
+        log.error("local file error: %s; check the path, its permissions and free space", exc)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,19 +2,31 @@
 
 To a file (:meth:`Downloader.download`): the object is written into a temporary
 file beside the destination (``.<name>.<random>.part``, created exclusively,
-mode 0600), sized up front and filled by ranged reads that run in parallel on
-the store's :class:`uploader.transfer.parts.PartPool` threads. A range is one
-request (8-64 MiB by the object's size, or the store's ``download_part_size``);
-it is received in pieces into one of the pool's reusable 4 MiB buffers (the
-backend's ``read_range_into``: on S3 straight from the socket), each piece
-hashed and written at its offset (``pwrite``). Where the digest names the
-upload's parts, a range holds whole parts and each is hashed on its own (see
-:mod:`uploader.transfer.digest` for how that yields the file digest); hashlib
-lets go of the interpreter lock, so threads hash while others receive. The
-file is fsynced, its size and digest compared with the recorded ones, and only
-then renamed into place and its folder fsynced; on any failure the temporary
-file is removed, so the destination holds either the verified object or what
-it held before.
+mode 0600), its disk space allocated up front (:func:`uploader.transfer.files.reserve`:
+a full disk is an error before a byte is received) and filled by ranged reads that
+run in parallel on the store's :class:`uploader.transfer.parts.PartPool` threads.
+A range is one request (8-64 MiB by the object's size, or the store's
+``download_part_size``). Where the space could be reserved, each range is received
+straight into the file's pages, mapped 16 MiB at a time (:class:`_MappedRange`):
+the kernel copies from the socket into the page cache and nothing else copies,
+and concurrent ranges do not queue on the file's lock as positional writes do.
+Elsewhere (a filesystem without fallocate or shared mappings) a range is received
+in pieces into one of the pool's reusable 4 MiB buffers and written at its offset
+(``pwrite``). Each piece is hashed as it arrives, while it is in the processor's
+cache; where the digest names the upload's parts, a range holds whole parts and
+each is hashed on its own (see :mod:`uploader.transfer.digest` for how that yields
+the file digest); hashlib lets go of the interpreter lock, so threads hash while
+others receive. The file's size and digest are compared with the recorded ones,
+and only then is it renamed into place; on any failure the temporary file is
+removed, so the destination holds either the verified object or what it held
+before, and no process dies with a partial file under the destination's name.
+
+Durability: with ``fsync`` the file is fsynced before the rename and its folder
+after it, so the restored file survives a power loss once the call returns, at
+the disk's write speed. Without it (the default, as for s5cmd, rclone and
+boto3), the verified file is left in the page cache for the kernel to write
+back: a power loss soon after the restore can tear it, while the bucket keeps
+the checkpoint.
 
 In order (:meth:`Downloader.stream`): the same parallel ranges, each received
 whole into a buffer of its own (at most ``concurrency + 2`` at once), handed to
@@ -27,13 +39,14 @@ range once it is complete.
 Example::
 
     downloader = Downloader(backend, pool, call, part_size=8 << 20)
-    downloader.download("run/ep1.pt", size, digest, Path("/tmp/ep1.pt"), 1 << 20, True)
+    downloader.download("run/ep1.pt", size, digest, Path("/tmp/ep1.pt"), 1 << 20, True, fsync=False)
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import threading
 import uuid
@@ -41,14 +54,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from uploader.errors import IntegrityError
-from uploader.transfer.backends.base import Backend
+from uploader.errors import IntegrityError, UploaderError
+from uploader.transfer.backends.base import Backend, Ring
 from uploader.transfer.digest import Digest, PartHasher
-from uploader.transfer.files import fsync_dir
+from uploader.transfer.files import fsync_dir, reserve
 from uploader.transfer.parts import PartPool
 from uploader.transfer.upload import Call, ProgressFn
 
-__all__ = ["Downloader"]
+__all__ = ["Downloader", "progress_bar"]
 
 MiB = 1 << 20
 #: Smallest piece a download range is received in (one buffer of the store's pool).
@@ -57,6 +70,8 @@ MIN_PIECE = 4 * MiB
 MIN_RANGE = 8 * MiB
 MAX_RANGE = 64 * MiB
 STREAM_RANGE = 16 * MiB
+#: Bytes of the destination file mapped at once by each range being received.
+MAP_WINDOW = 16 * MiB
 
 
 class Downloader:
@@ -94,19 +109,23 @@ class Downloader:
         target: Path,
         chunk_size: int,
         progress: bool | ProgressFn,
+        fsync: bool = False,
     ) -> Path:
         """Fetch object ``name`` (``size`` bytes) to file ``target``, checked against
-        ``digest`` when there is one; raise IntegrityError on a mismatch."""
+        ``digest`` when there is one; raise IntegrityError on a mismatch. ``fsync``:
+        the file is on disk, not only in the page cache, before it gets its name."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.part"
         # Read-write: a plain sha256 over several ranges is checked by reading the file back.
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        bar = _progress_bar(progress, size, target.name)
+        bar = progress_bar(progress, size, target.name)
         try:
-            if size:
+            mapped = _reserve(fd, size, target) and _can_map(fd)
+            if size and not mapped:
                 os.ftruncate(fd, size)
-            self._fetch(name, fd, size, digest, chunk_size, bar)
-            os.fsync(fd)
+            self._fetch(name, fd, size, digest, chunk_size, bar, mapped)
+            if fsync:
+                os.fsync(fd)
             os.close(fd)
             fd = -1
             if os.path.getsize(tmp) != size:
@@ -114,7 +133,8 @@ class Downloader:
                     f"{name}: downloaded {os.path.getsize(tmp)} bytes, expected {size}"
                 )
             os.replace(tmp, target)
-            fsync_dir(target.parent)
+            if fsync:
+                fsync_dir(target.parent)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -126,22 +146,38 @@ class Downloader:
         return target
 
     def _fetch(
-        self, name: str, fd: int, size: int, digest: Digest | None, chunk_size: int, bar: Any
+        self,
+        name: str,
+        fd: int,
+        size: int,
+        digest: Digest | None,
+        chunk_size: int,
+        bar: Any,
+        mapped: bool,
     ) -> None:
         plan = _Plan(size, digest, self.range_size(size))
         lock = threading.Lock()
         piece = max(chunk_size, MIN_PIECE)
 
-        def fetch_range(i: int, buf: memoryview) -> list[bytes]:
+        def fetch_range(i: int, buf: memoryview | None) -> list[bytes]:
             start, length = plan.range(i)
 
             def attempt() -> list[bytes]:
                 hashes = _RangeHasher(plan, start, length, hashed)
                 got = 0
-                for view in self.backend.read_range_into(name, start, length, buf):
-                    hashes.update(view)
-                    _pwrite_all(fd, view, start + got)
-                    got += len(view)
+                if buf is None:  # into the file's mapped pages
+                    into = _MappedRange(fd, size, start, length)
+                    try:
+                        for view in self.backend.read_range_into(name, start, length, into):
+                            hashes.update(view)
+                            got += len(view)
+                    finally:
+                        into.close()
+                else:
+                    for view in self.backend.read_range_into(name, start, length, Ring(buf)):
+                        hashes.update(view)
+                        _pwrite_all(fd, view, start + got)
+                        got += len(view)
                 if got != length:
                     raise _short(name, got, length, start)
                 return hashes.digests()
@@ -157,8 +193,11 @@ class Downloader:
         whole: list[bytes] = []
 
         def one(i: int) -> None:
-            with self.pool.buffer(piece) as raw:
-                digests = fetch_range(i, memoryview(raw)[:piece])
+            if mapped:
+                digests = fetch_range(i, None)
+            else:
+                with self.pool.buffer(piece) as raw:
+                    digests = fetch_range(i, memoryview(raw)[:piece])
             if hasher is not None:
                 first = plan.range(i)[0] // plan.hash_part
                 for k, d in enumerate(digests):
@@ -208,7 +247,7 @@ class Downloader:
         state: dict[str, Any] = {"next": 0, "error": None, "done": False}
         failed = threading.Event()
         hasher = PartHasher(size, plan.hash_part) if plan.parts_digest else None
-        bar = _progress_bar(progress, size, name.rsplit("/", 1)[-1])
+        bar = progress_bar(progress, size, name.rsplit("/", 1)[-1])
 
         def one(i: int) -> None:
             with cond:
@@ -354,6 +393,59 @@ class _RangeHasher:
         return self.done
 
 
+class _MappedRange:
+    """A :class:`uploader.transfer.backends.base.RangeTarget` over the destination
+    file's own pages: the range ``[start, start+length)`` of the ``size``-byte file
+    open as ``fd``, mapped :data:`MAP_WINDOW` bytes at a time (windows aligned to
+    their size, so ranges of other threads may share a window's pages, never its
+    bytes). A window is unmapped once neither this object nor a piece handed out
+    from it refers to it, so a download maps at most two windows per range."""
+
+    def __init__(self, fd: int, size: int, start: int, length: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.start = start
+        self.end = start + length
+        self._lo = self._hi = -1
+        self._view: memoryview | None = None
+
+    def window(self, offset: int, limit: int) -> memoryview:
+        pos = self.start + offset
+        if not self._lo <= pos < self._hi or self._view is None:
+            self._view = None  # the old window goes with the last piece cut from it
+            self._lo = pos - pos % MAP_WINDOW
+            self._hi = min(self._lo + MAP_WINDOW, self.size)
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            mm = mmap.mmap(self.fd, self._hi - self._lo, mmap.MAP_SHARED, prot, offset=self._lo)
+            self._view = memoryview(mm)
+        a = pos - self._lo
+        return self._view[a : a + min(limit, self._hi - pos, self.end - pos)]
+
+    def close(self) -> None:
+        self._view = None
+
+
+def _reserve(fd: int, size: int, target: Path) -> bool:
+    """Allocate the download's disk space (see :func:`uploader.transfer.files.reserve`);
+    a full disk is an UploaderError that says so before anything is received."""
+    try:
+        return reserve(fd, size)
+    except OSError as exc:
+        raise UploaderError(
+            f"cannot make room for {target.name} ({size} bytes) in {target.parent}: "
+            f"{exc.strerror}; free space there or download elsewhere"
+        ) from exc
+
+
+def _can_map(fd: int) -> bool:
+    """Whether the file's pages can be mapped for writing (not on every filesystem)."""
+    try:
+        mmap.mmap(fd, 1, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
@@ -364,7 +456,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 def _short(name: str, got: int, length: int, start: int) -> IntegrityError:
     return IntegrityError(
         f"{name}: read {got} of {length} bytes at offset {start}; "
-        "the object is shorter than its listing"
+        "the object is shorter than its listing or its recorded size"
     )
 
 
@@ -404,7 +496,7 @@ class _FnBar(_NullBar):
         self.fn(n)
 
 
-def _progress_bar(progress: bool | ProgressFn, total: int, desc: str) -> Any:
+def progress_bar(progress: bool | ProgressFn, total: int, desc: str) -> Any:
     """A tqdm bar when ``progress`` is True, the callable itself, or nothing."""
     if callable(progress):
         return _FnBar(progress)

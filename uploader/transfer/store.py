@@ -481,6 +481,7 @@ class ObjectStore:
         expected_digest: Digest | str | None = None,
         expected_size: int | None = None,
         require_digest: bool = False,
+        fsync: bool = False,
     ) -> Path:
         """Download to ``dest`` (a file path, or an existing directory), verified.
 
@@ -489,6 +490,11 @@ class ObjectStore:
         ``expected_*``). Large objects are fetched with parallel ranged reads.
         Raises IntegrityError on mismatch (the partial file is removed), and when
         ``require_digest`` is set but no digest is recorded anywhere.
+
+        ``fsync``: the file (and then its folder's entry) is flushed to disk before
+        this returns, so it survives a power loss; without it the verified file is
+        left in the page cache for the kernel to write back, as other download
+        tools do (see :mod:`uploader.transfer.download`).
         """
         if chunk_size < 1:
             raise ConfigError(f"chunk_size {chunk_size} must be positive")
@@ -496,7 +502,9 @@ class ObjectStore:
         target = Path(dest)
         if target.is_dir():
             target = target / Path(object_name).name
-        return self._downloader.download(info.name, info.size, digest, target, chunk_size, progress)
+        return self._downloader.download(
+            info.name, info.size, digest, target, chunk_size, progress, fsync
+        )
 
     def download_stream(
         self,
@@ -529,11 +537,20 @@ class ObjectStore:
         require_digest: bool,
     ) -> tuple[ObjectStat, Digest | None]:
         """The object's listing and the digest a download must match (``expected_*``
-        first, then what the store records); the checks that need no byte of it."""
-        info = self.stat(object_name)
-        digest = (
+        first, then what the store records); the checks that need no byte of it.
+
+        Given both the size and the digest (a manifest's), the store is not asked:
+        the download reads exactly that many bytes and checks them against the
+        digest, so a shorter object fails as surely as a stat would have said, and
+        a restore of many small files costs one request per file, not two or three.
+        """
+        expected = (
             Digest.parse(expected_digest) if isinstance(expected_digest, str) else expected_digest
-        ) or info.digest
+        )
+        if expected is not None and expected_size is not None:
+            return ObjectStat(check_object_name(object_name), expected_size, expected), expected
+        info = self.stat(object_name)
+        digest = expected or info.digest
         if expected_size is not None and expected_size != info.size:
             raise IntegrityError(
                 f"{object_name}: the store holds {info.size} bytes but "

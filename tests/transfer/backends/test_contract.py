@@ -221,6 +221,35 @@ def test_ranged_reads_into_a_buffer(target: Target, store: ObjectStore, tmp_path
         list(be.read_range_into("r/missing", 0, 10, buf))
 
 
+class _Windows:
+    """A RangeTarget that hands out windows of a few bytes each, at the offsets asked for."""
+
+    def __init__(self, length: int, width: int) -> None:
+        self.mem = memoryview(bytearray(length))
+        self.width = width
+        self.asked: list[tuple[int, int]] = []
+
+    def window(self, offset: int, limit: int) -> memoryview:
+        self.asked.append((offset, limit))
+        return self.mem[offset : offset + min(limit, self.width)]
+
+
+def test_ranged_reads_into_a_target(target: Target, store: ObjectStore, tmp_path: Path) -> None:
+    """A RangeTarget is asked for windows in order, each at the offset where the pieces
+    so far end, and each piece is the start of the window it was received into; what the
+    target holds at the end is the range."""
+    src = write_random(tmp_path / "t.bin", target.part + 11)
+    big = src.read_bytes()
+    store.upload_file(src, "r/target")
+    start, length = 7, target.part
+    into = _Windows(length, 65537)
+    pieces = [bytes(p) for p in store.backend.read_range_into("r/target", start, length, into)]
+    assert b"".join(pieces) == into.mem == big[start : start + length]
+    ends = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
+    assert [o for o, _ in into.asked] == ends
+    assert all(0 < len(p) <= 65537 for p in pieces)
+
+
 @pytest.mark.parametrize("parts", ["P-1", "3P+7"])
 def test_stream_in_order(target: Target, tmp_path: Path, parts: str) -> None:
     """``download_stream`` hands over every byte once, in order, from parallel ranges

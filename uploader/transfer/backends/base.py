@@ -32,9 +32,52 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Backend", "HeldPart", "ObjectInfo", "PartToken"]
+__all__ = [
+    "Backend",
+    "HeldPart",
+    "ObjectInfo",
+    "PartToken",
+    "RangeTarget",
+    "Ring",
+    "RECV_PIECE",
+    "range_target",
+]
+
+#: Most bytes one receive of a ranged read puts in memory before they are handed on:
+#: the consumer hashes each piece while it is still in the processor's cache.
+RECV_PIECE = 4 << 20
+
+
+@runtime_checkable
+class RangeTarget(Protocol):
+    """Where a ranged read (:meth:`Backend.read_range_into`) puts the bytes it receives."""
+
+    def window(self, offset: int, limit: int) -> memoryview:
+        """Writable memory for the range's bytes from ``offset`` (counted from the
+        range's start) on: at least one byte and at most ``limit``. A window stays
+        valid until the next call."""
+
+
+class Ring:
+    """A :class:`RangeTarget` over one buffer: the range's bytes fill it from its start
+    and start again from its start once it is full (so a buffer of the range's length
+    ends up holding the whole range)."""
+
+    def __init__(self, buf: memoryview | bytearray) -> None:
+        self.buf = memoryview(buf)
+        if not len(self.buf):
+            raise ValueError("a ranged read needs a buffer of at least one byte")
+
+    def window(self, offset: int, limit: int) -> memoryview:
+        pos = offset % len(self.buf)
+        return self.buf[pos : pos + min(limit, len(self.buf) - pos)]
+
+
+def range_target(into: RangeTarget | memoryview | bytearray) -> RangeTarget:
+    """``into`` as a :class:`RangeTarget` (a plain buffer becomes a :class:`Ring`)."""
+    return into if isinstance(into, RangeTarget) else Ring(into)
 
 
 @dataclass(frozen=True)
@@ -178,26 +221,28 @@ class Backend(ABC):
         in chunks of about ``chunk_size``. Raise ObjectNotFoundError when absent."""
 
     def read_range_into(
-        self, name: str, start: int, length: int, buf: memoryview
+        self, name: str, start: int, length: int, into: RangeTarget | memoryview | bytearray
     ) -> Iterator[memoryview]:
-        """Read the bytes ``[start, start+length)`` into ``buf``, piece by piece: each
-        yielded view is the slice of ``buf`` that holds the next bytes, valid until the
-        generator is resumed. Pieces fill ``buf`` from its start, one after another,
-        and start again from its start once it is full (so a ``buf`` of ``length``
-        bytes ends up holding the whole range). Ends early when the object is shorter.
-        Raise ObjectNotFoundError when absent.
+        """Read the bytes ``[start, start+length)`` into ``into``, piece by piece: each
+        yielded view is the window of ``into`` that holds the next bytes (at most
+        :data:`RECV_PIECE` of them), valid until the generator is resumed. A plain
+        buffer is used as a :class:`Ring`; a :class:`RangeTarget` says where each
+        piece goes (``Downloader`` receives into the destination file's mapped pages).
+        Ends early when the object is shorter. Raise ObjectNotFoundError when absent.
 
         This default copies what :meth:`read_range` yields; a backend that can receive
-        into a buffer (S3) overrides it to save that copy."""
+        into memory (S3) overrides it to save that copy."""
+        target = range_target(into)
         pos = 0
-        for chunk in self.read_range(name, start, length, len(buf)):
+        for chunk in self.read_range(name, start, length, RECV_PIECE):
             data = memoryview(chunk)
             while len(data):
-                n = min(len(buf) - pos, len(data))
-                buf[pos : pos + n] = data[:n]
+                window = target.window(pos, len(data))
+                n = len(window)
+                window[:] = data[:n]
                 data = data[n:]
-                yield buf[pos : pos + n]
-                pos = (pos + n) % len(buf)
+                pos += n
+                yield window
 
     @abstractmethod
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

@@ -50,7 +50,14 @@ from uploader.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
 )
-from uploader.transfer.backends.base import HeldPart, ObjectInfo, PartToken
+from uploader.transfer.backends.base import (
+    RECV_PIECE,
+    HeldPart,
+    ObjectInfo,
+    PartToken,
+    RangeTarget,
+    range_target,
+)
 from uploader.transfer.backends.http import http_time, iso_time, metadata_from_headers, range_value
 from uploader.transfer.backends.s3request import (
     TRANSIENT_CODES,
@@ -348,27 +355,28 @@ class S3Backend(S3RequestBackend):
                 self._drop_conn()
 
     def read_range_into(
-        self, name: str, start: int, length: int, buf: memoryview
+        self, name: str, start: int, length: int, into: RangeTarget | memoryview | bytearray
     ) -> Iterator[memoryview]:
-        # Received straight into the caller's buffer (one readinto fills it): no copy
-        # beyond the kernel's, and one interpreter call per buffer, not per socket read.
+        # Received straight into the target's memory (one readinto a piece): no copy
+        # beyond the kernel's, and one interpreter call per piece, not per socket read.
         if length <= 0:
-            yield from super().read_range_into(name, start, length, buf)
+            yield from super().read_range_into(name, start, length, into)
             return
+        target = range_target(into)
         what = f"download {name}"
         resp = self._send("GET", name, headers={"range": range_value(start, length) or ""})
         try:
             # rclone's server answers a range with 200 and Content-Range.
             cr = resp.getheader("Content-Range") or ""
             if resp.status in (200, 206) and cr.startswith(f"bytes {start}-"):
-                remaining, pos = length, 0
-                while remaining > 0:
-                    n = resp.readinto(buf[pos : pos + min(len(buf) - pos, remaining)])
+                pos = 0
+                while pos < length:
+                    window = target.window(pos, min(length - pos, RECV_PIECE))
+                    n = resp.readinto(window)
                     if not n:
                         return
-                    yield buf[pos : pos + n]
-                    remaining -= n
-                    pos = (pos + n) % len(buf)
+                    yield window[:n]
+                    pos += n
                 return
             if resp.status not in (200, 206, 416):
                 raise self._error(resp.status, resp.read(), what)
@@ -376,7 +384,7 @@ class S3Backend(S3RequestBackend):
             if not resp.isclosed() or resp.will_close:
                 self._drop_conn()
         # Any other answer (the whole object, another range): the general path copes.
-        yield from super().read_range_into(name, start, length, buf)
+        yield from super().read_range_into(name, start, length, target)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         params = {"list-type": "2", "prefix": prefix, "max-keys": str(self.list_page_size)}
