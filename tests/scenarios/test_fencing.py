@@ -30,6 +30,7 @@ from harness.servers.s3 import S3Server
 from tests.daemon.test_process import Daemon, atomic_write, run_cli
 from uploader import ObjectStoreHparams
 from uploader.bucket.pointer import CONFLICT_ATTEMPTS, PointerEntry, commit, read_pointer
+from uploader.cli.main import main
 from uploader.daemon.status import STATUS_FILE
 
 pytestmark = pytest.mark.timeout(240)
@@ -64,7 +65,7 @@ def test_two_writers_never_move_the_pointer_back_nor_lose_a_commit(
 
 
 def test_a_store_ignoring_conditions_falls_back_and_says_so_once(
-    rclone_s3: S3Server, tmp_path: Path
+    rclone_s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """rclone serve s3 accepts If-None-Match / If-Match and ignores them: the daemon finds
     that out at start-up, says so once, and commits with a plain PUT as before."""
@@ -79,7 +80,7 @@ def test_a_store_ignoring_conditions_falls_back_and_says_so_once(
     log = out.stdout + out.stderr
     assert log.count("pointer commits are NOT fenced") == 1, log
     assert "ignores conditional writes" in log and "one uploader per rank" in log
-    daemon, text = _status(run, tmp_path / "s")
+    daemon, text = _status(capsys, run, tmp_path / "s")
     assert daemon["fenced"] is False and "ignores conditional writes" in daemon["fencing"]
     assert daemon["conflicts"] == daemon["conflict_failures"] == 0
     assert "fenced: no (the store ignores conditional writes" in text, text
@@ -92,15 +93,19 @@ def test_a_store_ignoring_conditions_falls_back_and_says_so_once(
         store.close()
 
 
-def _status(run: Path, state: Path) -> tuple[dict[str, Any], str]:
-    """The daemon part of ``ckpt-uploader status --json``, and the text form."""
-    body = json.loads(run_cli("status", str(run), "--state-dir", str(state), "--json").stdout)
-    text = run_cli("status", str(run), "--state-dir", str(state)).stdout
-    return body["daemon"], text
+def _status(
+    capsys: pytest.CaptureFixture[str], run: Path, state: Path
+) -> tuple[dict[str, Any], str]:
+    """The daemon part of ``ckpt-uploader status --json``, and the text form (run in
+    this process: the daemon has exited, and its report is all that is read)."""
+    main(["status", str(run), "--state-dir", str(state), "--json"])
+    body = json.loads(capsys.readouterr().out)
+    main(["status", str(run), "--state-dir", str(state)])
+    return body["daemon"], capsys.readouterr().out
 
 
 def test_status_shows_fenced_commits_and_the_writes_that_lost_to_another_writer(
-    moto_serial_s3: S3Server, tmp_path: Path
+    moto_serial_s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A daemon on moto (which honours conditions) behind a proxy: another writer commits
     behind its back (one lost write, merged), then every conditional write is refused
@@ -140,7 +145,7 @@ def test_status_shows_fenced_commits_and_the_writes_that_lost_to_another_writer(
         rival.close()
     assert pointer is not None and pointer.latest.name == "ep2.pt"
     assert {e.name for e in pointer.history} == {"ep1.pt", "ep2.pt", "other.pt"}
-    daemon, text = _status(run, state)
+    daemon, text = _status(capsys, run, state)
     assert daemon["state"] == "failed" and daemon["committed"] == 2
     assert daemon["fenced"] is True and daemon["fencing"] == "conditional writes honoured"
     assert daemon["conflicts"] == 1 + CONFLICT_ATTEMPTS and daemon["conflict_failures"] == 1
@@ -149,7 +154,7 @@ def test_status_shows_fenced_commits_and_the_writes_that_lost_to_another_writer(
 
 
 def test_a_store_answering_501_to_conditional_writes_commits_unfenced(
-    moto_serial_s3: S3Server, tmp_path: Path
+    moto_serial_s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """501 NotImplemented to a conditional PUT means the store cannot do them: the probe
     says so (naming the 501), and the daemon commits with plain PUTs."""
@@ -167,7 +172,7 @@ def test_a_store_answering_501_to_conditional_writes_commits_unfenced(
     assert log.count("pointer commits are NOT fenced") == 1, log
     assert "HTTP 501 NotImplemented" in log, log
     assert answered == 1  # the probe's first write; the commit was a plain PUT
-    daemon, text = _status(run, tmp_path / "s")
+    daemon, text = _status(capsys, run, tmp_path / "s")
     assert daemon["fenced"] is False and "HTTP 501 NotImplemented" in daemon["fencing"]
     assert daemon["committed"] == 1 and daemon["conflicts"] == 0
     assert "fenced: no (a conditional write failed" in text, text
