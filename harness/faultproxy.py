@@ -13,6 +13,11 @@ decide a fault for every request, with a seeded RNG:
 * ``slowdown``: answer ``HTTP/1.1 503 Slow Down`` with an S3
   ``<Error><Code>SlowDown</Code>`` body without forwarding the request, and
   close the connection.
+* ``conditional``: answer every request that carries ``If-Match`` or
+  ``If-None-Match`` with one status (``conditional_status``: 412
+  ``PreconditionFailed``, a store where another writer always wins; 501
+  ``NotImplemented``, a store without conditional writes) and its S3 error body,
+  unforwarded, and close the connection; every other request passes through.
 
 Responses are relayed unchanged. Every request is recorded (``requests``), with the
 body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
@@ -42,18 +47,39 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["FaultPlan", "FaultProxy", "SLOWDOWN_BODY"]
+__all__ = ["FaultPlan", "FaultProxy", "S3_ERRORS", "SLOWDOWN_BODY"]
 
 log = logging.getLogger(__name__)
 
 _HEAD_LIMIT = 64 << 10
 _CHUNK = 64 << 10
 
-SLOWDOWN_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n'
-    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
-    b"<RequestId>faultproxy</RequestId></Error>"
-)
+#: The answers the proxy makes up: status -> (reason phrase, S3 error code, message).
+S3_ERRORS = {
+    412: (
+        "Precondition Failed",
+        "PreconditionFailed",
+        "At least one of the pre-conditions you specified did not hold",
+    ),
+    501: (
+        "Not Implemented",
+        "NotImplemented",
+        "A header you provided implies functionality that is not implemented",
+    ),
+    503: ("Slow Down", "SlowDown", "Please reduce your request rate."),
+}
+
+
+def _error_body(status: int) -> bytes:
+    _, code, message = S3_ERRORS[status]
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        "<RequestId>faultproxy</RequestId></Error>"
+    ).encode()
+
+
+SLOWDOWN_BODY = _error_body(503)
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,8 @@ class FaultPlan:
         a random number of body bytes in ``reset_after`` (clipped to the body).
     stall_rate: chance that a request pauses ``stall_seconds`` part-way through.
     slowdown_rate: chance that a request is answered ``503 SlowDown`` unforwarded.
+    conditional_status: answer every request carrying ``If-Match`` / ``If-None-Match``
+        with this status (one of :data:`S3_ERRORS`) unforwarded (None: forward them).
     max_faults: stop injecting after this many faults in total (None: no limit).
     methods: only requests with these methods are faulted (None: every method).
     """
@@ -75,8 +103,14 @@ class FaultPlan:
     slowdown_rate: float = 0.0
     max_faults: int | None = None
     methods: frozenset[str] | None = None
+    conditional_status: int | None = None
 
     def __post_init__(self) -> None:
+        if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
+            raise ValueError(
+                f"conditional_status must be one of {sorted(S3_ERRORS)}, "
+                f"got {self.conditional_status}"
+            )
         for name in ("reset_rate", "stall_rate", "slowdown_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -94,6 +128,7 @@ class _Stats:
     reset: int = 0
     stall: int = 0
     slowdown: int = 0
+    conditional: int = 0
     upstream_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -269,7 +304,7 @@ class FaultProxy:
         with self._lock:
             s = replace(self._stats, methods=dict(self._stats.methods))
         out = dict(s.__dict__)
-        out["faults"] = s.reset + s.stall + s.slowdown
+        out["faults"] = s.reset + s.stall + s.slowdown + s.conditional
         return out
 
     # -- internals ---------------------------------------------------------------------
@@ -339,6 +374,14 @@ class FaultProxy:
                 setattr(self._stats, kind, getattr(self._stats, kind) + 1)
             return kind, where
 
+    def _answer_conditional(self) -> int | None:
+        """The status to answer a conditional request with (None: forward it)."""
+        with self._lock:
+            status = self._plan.conditional_status
+            if status is not None:
+                self._stats.conditional += 1
+            return status
+
     def _connect_upstream(self) -> socket.socket | None:
         with self._lock:
             upstream = self._upstream
@@ -362,7 +405,7 @@ class FaultProxy:
                     head = reader.read_until(b"\r\n\r\n")
                 except _Closed:
                     return
-                method, body_len, chunked, expect = _parse_head(head)
+                method, body_len, chunked, expect, conditional = _parse_head(head)
                 target = unquote(head.split(b" ", 2)[1].decode("latin-1").split("?", 1)[0])
                 with self._lock:
                     self.requests.append((time.time(), method, target))
@@ -371,10 +414,11 @@ class FaultProxy:
                 self._path.value = (method, target)
                 has_body = chunked or body_len > 0
                 kind, where = self._decide(method, has_body)
-                if kind == "slowdown":
+                answer = self._answer_conditional() if conditional else None
+                if answer is not None or kind == "slowdown":
                     if not expect:
                         _drain_body(reader, body_len, chunked)
-                    _send_slowdown(client, method)
+                    _send_error(client, method, answer or 503)
                     return
                 if up is None:
                     up = self._connect_upstream()
@@ -487,12 +531,13 @@ class FaultProxy:
                 client.shutdown(socket.SHUT_WR)
 
 
-def _parse_head(head: bytes) -> tuple[str, int, bool, bool]:
-    """(method, content length, chunked, expects 100-continue) of a request head."""
+def _parse_head(head: bytes) -> tuple[str, int, bool, bool, bool]:
+    """(method, content length, chunked, expects 100-continue, carries If-Match or
+    If-None-Match) of a request head."""
     lines = head.decode("latin-1").split("\r\n")
     method = lines[0].split(" ", 1)[0].upper()
     length = 0
-    chunked = expect = False
+    chunked = expect = conditional = False
     for line in lines[1:]:
         if ":" not in line:
             continue
@@ -505,7 +550,9 @@ def _parse_head(head: bytes) -> tuple[str, int, bool, bool]:
             chunked = True
         elif k == "expect" and v.lower() == "100-continue":
             expect = True
-    return method, length, chunked, expect
+        elif k in ("if-match", "if-none-match"):
+            conditional = True
+    return method, length, chunked, expect, conditional
 
 
 def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:
@@ -524,15 +571,17 @@ def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:
         left -= len(reader.read_some(min(left, _CHUNK)))
 
 
-def _send_slowdown(client: socket.socket, method: str) -> None:
-    body = b"" if method == "HEAD" else SLOWDOWN_BODY
+def _send_error(client: socket.socket, method: str, status: int) -> None:
+    """Answer with ``status`` and its S3 error body (see :data:`S3_ERRORS`), then close."""
+    full = _error_body(status)
+    body = b"" if method == "HEAD" else full
     head = (
-        "HTTP/1.1 503 Slow Down\r\n"
+        f"HTTP/1.1 {status} {S3_ERRORS[status][0]}\r\n"
         "Content-Type: application/xml\r\n"
-        f"Content-Length: {len(SLOWDOWN_BODY)}\r\n"
+        f"Content-Length: {len(full)}\r\n"
         f"x-amz-request-id: {uuid.uuid4().hex[:16]}\r\n"
-        "Retry-After: 0\r\n"
-        "Connection: close\r\n\r\n"
+        + ("Retry-After: 0\r\n" if status == 503 else "")
+        + "Connection: close\r\n\r\n"
     ).encode()
     with contextlib.suppress(OSError):
         client.sendall(head + body)

@@ -44,8 +44,10 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
 class Daemon:
     """``ckpt-uploader watch`` in a subprocess, with its status file and log."""
 
-    def __init__(self, tmp: Path, run_dir: Path, *args: str, name: str = "d") -> None:
-        self.status_path = tmp / f"{name}-status.json"
+    def __init__(
+        self, tmp: Path, run_dir: Path, *args: str, name: str = "d", status: Path | None = None
+    ) -> None:
+        self.status_path = status or tmp / f"{name}-status.json"
         self.log_path = tmp / f"{name}.log"
         self.status_path.unlink(missing_ok=True)
         self._log = open(self.log_path, "w")

@@ -60,10 +60,14 @@ def echo() -> Iterator[ThreadingHTTPServer]:
         t.join(5)
 
 
-def _put(port: int, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+def _put(
+    port: int, body: bytes, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("PUT", "/obj", body=body, headers={"Content-Length": str(len(body))})
+        conn.request(
+            "PUT", "/obj", body=body, headers={"Content-Length": str(len(body)), **(headers or {})}
+        )
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -98,6 +102,22 @@ def test_slowdown_is_answered_without_forwarding(echo: ThreadingHTTPServer) -> N
         assert b"<Code>SlowDown</Code>" in text
         assert proxy.stats()["slowdown"] == 1
     assert _Echo.received == []
+
+
+@pytest.mark.parametrize(("status", "code"), [(501, "NotImplemented"), (412, "PreconditionFailed")])
+def test_conditional_writes_are_answered_and_the_rest_pass(
+    echo: ThreadingHTTPServer, status: int, code: str
+) -> None:
+    plan = FaultPlan(conditional_status=status)
+    with FaultProxy(echo.server_address[:2], plan) as proxy:  # type: ignore[arg-type]
+        for header in ({"If-None-Match": "*"}, {"if-match": '"abc"'}):
+            got, text = _put(proxy.port, b"cond", headers=header)
+            assert got == status and f"<Code>{code}</Code>".encode() in text
+        assert _put(proxy.port, b"plain")[0] == 200
+        assert proxy.stats()["conditional"] == 2 and proxy.stats()["faults"] == 2
+    assert _Echo.received == [b"plain"]
+    with pytest.raises(ValueError, match="conditional_status"):
+        FaultPlan(conditional_status=500)
 
 
 def test_reset_cuts_the_body_with_a_tcp_reset(echo: ThreadingHTTPServer) -> None:

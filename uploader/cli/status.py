@@ -2,8 +2,10 @@
 
 Reads the journal read-only, so it works while the uploader daemon runs, and the
 daemon's last status report (``STATE_DIR/.ckpt-uploader.status.json``) when there is
-one: its state, the checkpoints it committed, the checkpoints not committed and why,
-and the files in RUN_DIR it does not upload and why. Unfinished multipart uploads
+one: its state, the checkpoints it committed, whether its pointer commits are fenced
+(compare-and-swap) and why, how many of its pointer writes lost to another writer,
+the checkpoints not committed and why, and the files in RUN_DIR it does not upload
+and why. Unfinished multipart uploads
 the journal records are listed as resumable, with the bytes the store already holds
 (parts it confirmed): a restarted ``watch`` or ``push`` sends only the rest.
 """
@@ -34,8 +36,9 @@ def register(sub: Any) -> None:
         description="Counts (pending, uploading, done, failed), bytes, rate and the last "
         "error, from the journal of RUN_DIR (works while the daemon runs); resumable "
         "uploads and the bytes the store already holds of them; with the "
-        "daemon's last report: checkpoints committed, not committed (and why), and files "
-        "left out (and why).",
+        "daemon's last report: checkpoints committed, whether pointer commits are fenced "
+        "(and why) and how many lost to another writer, not committed (and why), and "
+        "files left out (and why).",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
@@ -88,6 +91,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "pid": report.pid,
             "state": report.state,
             "committed": report.committed,
+            "fenced": report.fenced,
+            "fencing": report.fencing,
+            "conflicts": report.conflicts,
+            "conflict_failures": report.conflict_failures,
             "incomplete": report.incomplete,
             "left_out": report.left_out,
             "left_out_count": report.left_out_count,
@@ -127,6 +134,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_report(report: StatusReport) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.updated_at))
     print(f"daemon {report.state} (pid {report.pid}, {when}): {report.committed} committed")
+    fenced = {True: "yes", False: "no", None: "not known yet"}[report.fenced]
+    why = f" ({redact(report.fencing)})" if report.fencing else ""
+    print(
+        f"fenced: {fenced}{why}  conflicts {report.conflicts}  "
+        f"conflict failures {report.conflict_failures}"
+    )
     for rel, why in sorted(report.incomplete.items()):
         print(f"not committed: {rel}: {why}")
     if report.left_out_count:

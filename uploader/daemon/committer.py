@@ -26,8 +26,9 @@ Fencing: where the store honours conditional writes (probed once, at start-up, b
 :meth:`Committer.prepare`), every pointer write is compare-and-swap on the version
 this process last wrote or read (:func:`uploader.bucket.pointer.update_pointer`);
 when another uploader wrote the rank's pointer in between, the batch is merged into
-what it wrote and written again. ``conflicts`` counts those lost writes. Where the
-store ignores conditions, the pointer is written as before (a plain PUT of the
+what it wrote and written again. ``conflicts`` counts those lost writes, and
+``conflict_failures`` the commits that lost every one of their writes in a row (then
+retried like any failed commit). Where the store ignores conditions, the pointer is written as before (a plain PUT of the
 pointer this process merged), which is safe only with one uploader per rank; the
 start-up log says which.
 
@@ -50,6 +51,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from uploader.bucket.pointer import (
+    CONFLICT_ATTEMPTS,
     HISTORY_LIMIT,
     Pointer,
     PointerEntry,
@@ -62,6 +64,7 @@ from uploader.bucket.pointer import (
 )
 from uploader.bucket.retention import delete_checkpoints, prune
 from uploader.daemon.journal import Journal
+from uploader.errors import PreconditionFailedError
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
 
@@ -136,8 +139,11 @@ class Committer:
         self.committed = 0
         #: Pointer writes lost to another writer (then merged and written again).
         self.conflicts = 0
-        #: Whether pointer writes are compare-and-swap (None: not known yet).
+        #: Pointer commits that lost every conditional write in a row (then retried).
+        self.conflict_failures = 0
+        #: Whether pointer writes are compare-and-swap (None: not known yet), and why.
         self.fenced: bool | None = None
+        self.fence_reason = ""
         self._fence_lock = threading.Lock()
         self._pointers: dict[int, Pointer | None] = {}
         #: The store's version of each rank's pointer as this process last saw it.
@@ -201,7 +207,7 @@ class Committer:
                         "(a second writer could move a pointer back)",
                         why,
                     )
-                self.fenced = fenced
+                self.fenced, self.fence_reason = fenced, why
             return self.fenced
 
     def _apply(
@@ -234,6 +240,11 @@ class Committer:
         known = (self._pointers.get(rank), self._versions.get(rank))
         try:
             update = update_pointer(self.store, self.prefix, rank, change, known)
+        except PreconditionFailedError:  # lost every write in a row
+            self._versions.pop(rank, None)
+            self.conflicts += CONFLICT_ATTEMPTS
+            self.conflict_failures += 1
+            raise
         except Exception:
             self._versions.pop(rank, None)  # read afresh next time
             raise

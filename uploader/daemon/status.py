@@ -6,7 +6,9 @@ The daemon rewrites its status file (``--status-file``, by default
     {"pid": 4242, "state": "running", "pending": 1, "uploading": 1, "done": 7,
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
      "last_error": null, "journal_saved": true, "intake_finished": true,
-     "committed": 2, "incomplete": {"checkpoint-24": "no trainer_state.json yet ..."},
+     "committed": 2, "fenced": true, "fencing": "conditional writes honoured",
+     "conflicts": 0, "conflict_failures": 0,
+     "incomplete": {"checkpoint-24": "no trainer_state.json yet ..."},
      "left_out": {"notes.txt.swp": "temporary name (*.swp)"}, "left_out_count": 1,
      "updated_at": 1764000000.0}
 
@@ -71,6 +73,14 @@ class StatusReport:
     intake_finished: bool = False
     #: checkpoints committed by this daemon
     committed: int = 0
+    #: whether this daemon's pointer commits are compare-and-swap (None: not known
+    #: yet), and why: the answer of the store's start-up probe
+    fenced: bool | None = None
+    fencing: str = ""
+    #: pointer writes that lost to another writer (then merged and written again),
+    #: and commits that lost every write in a row (then retried with backoff)
+    conflicts: int = 0
+    conflict_failures: int = 0
     #: checkpoints with files uploaded that are not committed, and why
     incomplete: dict[str, str] = dataclasses.field(default_factory=dict)
     #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
@@ -85,8 +95,9 @@ class StatusReport:
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
-        if body["last_error"]:
-            body["last_error"] = redact(str(body["last_error"]))
+        for key in ("last_error", "fencing"):
+            if body[key]:
+                body[key] = redact(str(body[key]))
         if not body["updated_at"]:
             body["updated_at"] = time.time()
         return body
@@ -103,6 +114,7 @@ class StatusReport:
 
         pid = d.get("pid")
         last = d.get("last_error")
+        fenced = d.get("fenced")
         return cls(
             pid=int(pid) if isinstance(pid, int) else None,
             state=str(d.get("state") or "starting"),
@@ -117,6 +129,10 @@ class StatusReport:
             journal_saved=d.get("journal_saved") is not False,
             intake_finished=d.get("intake_finished") is True,
             committed=num("committed"),
+            fenced=fenced if isinstance(fenced, bool) else None,
+            fencing=str(d.get("fencing") or ""),
+            conflicts=num("conflicts"),
+            conflict_failures=num("conflict_failures"),
             incomplete=_str_map(d.get("incomplete")),
             left_out=_str_map(d.get("left_out")),
             left_out_count=num("left_out_count"),

@@ -25,7 +25,8 @@ its downloads read whole objects into memory.
 * Conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace;
   412 ``PreconditionFailed`` and 409 ``ConditionalRequestConflict`` (a concurrent
   conditional write) raise PreconditionFailedError. AWS S3 and moto honour both;
-  rclone serve s3 ignores them (see ``ObjectStore.conditions_honoured``).
+  rclone serve s3 ignores them (see ``ObjectStore.conditions_honoured``). A 501
+  ``NotImplemented`` answer is permanent: the store cannot do conditional writes.
 
 Endpoint, TLS, timeout and error mapping: see :mod:`uploader.transfer.backends.s3request`.
 
@@ -170,8 +171,9 @@ class S3Backend(S3RequestBackend):
                     f"({exc.code or exc.status}); read it again and merge"
                 ) from None
             if exc.status == 501 or exc.code == "NotImplemented":  # an answer, not a fault
+                answer = f"HTTP {exc.status}" + (f" {exc.code}" if exc.code else "")
                 raise S3Error(
-                    f"{what}: the store does not implement conditional writes ({exc.code})",
+                    f"{what}: the store does not implement conditional writes ({answer})",
                     exc.status,
                     exc.code,
                 ) from None
