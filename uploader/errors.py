@@ -4,7 +4,8 @@ to do next.
 :class:`ExitCode` is the one owner of what each exit status means: the command line's
 ``--help`` text, the daemon's return value and the training side's error messages all
 read it. ``ConfigError`` maps to :attr:`ExitCode.CONFIG`, any other ``UploaderError``
-to :attr:`ExitCode.FAILED`.
+to :attr:`ExitCode.FAILED` (:meth:`ExitCode.of`), at start-up and while the daemon runs
+alike: a certificate the store presents that stops being trusted mid-run exits 2 too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class ExitCode(enum.IntEnum):
             return "unexpected exit"
 
     @classmethod
+    def of(cls, error: BaseException) -> ExitCode:
+        """The exit status ``error`` calls for: its ``exit_code`` when it is an
+        :class:`UploaderError` (CONFIG for a :class:`ConfigError`), FAILED for any other."""
+        if isinstance(error, UploaderError):
+            return error.exit_code
+        return cls.FAILED
+
+    @classmethod
     def help_text(cls) -> str:
         """The "exit codes:" block of every command's ``--help``."""
         rows = [f"  {int(c):<4} {_HELP.get(c, c.meaning)}" for c in cls]
@@ -77,7 +86,8 @@ _HELP = {
     ExitCode.OK: "everything accepted (or asked for) is uploaded and verified",
     ExitCode.FAILED: "some upload, download or verification failed, or is not verified",
     ExitCode.CONFIG: "configuration error: bad flag, URI or config file, missing environment\n"
-    "       variable, missing container, or another daemon holds the journal lock",
+    "       variable, missing container, another daemon holds the journal lock, or the\n"
+    "       store's TLS certificate is not trusted (at start or while running)",
     ExitCode.TIMEOUT: "drain timeout hit with work left (resumed from the journal next start)",
     ExitCode.SIGINT: "second SIGINT: immediate exit, journal intact",
     ExitCode.SIGTERM: "second SIGTERM: immediate exit, journal intact",

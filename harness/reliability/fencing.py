@@ -75,7 +75,13 @@ async def _commit_loop(
 
     failures: list[str] = []
     committer = Committer(
-        store, a.prefix, 5, lambda n: 0.05 * n, journal, call, report=failures.append
+        store,
+        a.prefix,
+        5,
+        lambda n: 0.05 * n,
+        journal,
+        call,
+        report=lambda msg, code: failures.append(msg),
     )
     # Keep every entry in the history, so "no committed entry lost" can be checked whole.
     committer.history_limit = 2 * a.rounds + 64

@@ -42,12 +42,44 @@ def daemons() -> Iterator[list[Daemon]]:
         d.kill()
 
 
-def start(
-    daemons: list[Daemon], tmp: Path, run: Path, uri: str, *args: str, name: str = "d"
+def new_run(tmp: Path, checkpoint: str = "") -> Path:
+    """The run directory ``tmp/rank_0`` (and its subdirectory ``checkpoint``), created."""
+    run = tmp / "rank_0"
+    (run / checkpoint).mkdir(parents=True)
+    return run
+
+
+def watch(
+    daemons: list[Daemon],
+    run: Path,
+    bucket: Path,
+    prefix: str,
+    *args: str,
+    name: str = "d",
+    ready: bool = True,
 ) -> Daemon:
-    d = Daemon(tmp, run, "--to", uri, *args, name=name)
+    """``ckpt-uploader watch RUN --to`` ``prefix`` of the local bucket, with ``args``; its
+    files beside RUN. ``ready``: returns once it runs (its start-up scan begun)."""
+    d = Daemon(run.parent, run, "--to", local_uri(bucket, prefix), *args, name=name)
     daemons.append(d)
+    if ready:
+        d.wait_running()
     return d
+
+
+def pull_latest(bucket: Path, prefix: str, dest: Path) -> dict[str, str]:
+    """``ckpt-uploader pull`` of the latest checkpoint under ``prefix`` into ``dest``;
+    what it wrote there (see :func:`tree`)."""
+    out = run_cli("pull", local_uri(bucket, f"{prefix}/latest"), f"{dest}/", "-q")
+    assert out.returncode == 0, out.stderr
+    return tree(dest)
+
+
+def drain(d: Daemon, code: int = 0, timeout: float = 30) -> str:
+    """SIGTERM ``d``, assert it drains with exit ``code``; its log."""
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout) == code, d.log()
+    return d.log()
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -94,12 +126,9 @@ def write_now(path: Path, data: bytes) -> str:
 def test_hf_dir_is_committed_only_once_every_file_is_verified(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-8")
     ck = run / "checkpoint-8"
-    ck.mkdir(parents=True)
-    uri = local_uri(local_bucket, "hf")
-    d = start(daemons, tmp_path, run, uri, *SETTLE)
-    d.wait_running()
+    d = watch(daemons, run, local_bucket, "hf", *SETTLE)
     shards = {"model.safetensors": 300_000, "optimizer.pt": 200_000, "rng_state.pth": 5_000}
     bodies = {n: os.urandom(size) for n, size in shards.items()}
     # Every shard exists (written in place, still open) before the marker is complete.
@@ -132,16 +161,13 @@ def test_hf_dir_is_committed_only_once_every_file_is_verified(
     assert manifest(latest) == on_disk(run, names)
     assert latest["size"] == sum((run / n).stat().st_size for n in names)
     assert [e["name"] for e in p["history"]] == ["checkpoint-8"]
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     assert stored(local_bucket, "hf/rank_0") == {
         **{n: sha256(run / n) for n in names},
         "latest.json": sha256(local_bucket / "hf/rank_0/latest.json"),
     }
-    dest = tmp_path / "restore"
-    out = run_cli("pull", local_uri(local_bucket, "hf/latest"), f"{dest}/", "-q")
-    assert out.returncode == 0, out.stderr
-    assert tree(dest) == {n: sha256(run / n) for n in names}
+    restored = pull_latest(local_bucket, "hf", tmp_path / "restore")
+    assert restored == {n: sha256(run / n) for n in names}
 
 
 def test_hf_marker_complete_before_the_other_files_exist_is_not_committed_alone(
@@ -150,20 +176,16 @@ def test_hf_marker_complete_before_the_other_files_exist_is_not_committed_alone(
     """A directory holding only its marker is not a checkpoint: the files written after
     it are waited for (files written after the marker *and* after that judgement cannot
     be: the rules trust the marker to be written last, as the trainers do)."""
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-9")
     ck = run / "checkpoint-9"
-    ck.mkdir(parents=True)
-    uri = local_uri(local_bucket, "mf")
-    d = start(daemons, tmp_path, run, uri, *SETTLE)
-    d.wait_running()
+    d = watch(daemons, run, local_bucket, "mf", *SETTLE)
     write_now(ck / "trainer_state.json", b"{}")
     d.wait_status(lambda s: s.get("done") == 1)
     time.sleep(0.5)
     partial = pointer_or_none(local_bucket, "mf")
     write_now(ck / "model.safetensors", os.urandom(1000))
     d.wait_status(lambda s: s.get("done") == 2 and s.get("committed", 0) >= 1)
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     assert partial is None, partial["latest"]["files"]
     whole = pointer_or_none(local_bucket, "mf")
     assert whole is not None
@@ -177,11 +199,8 @@ def test_hf_marker_complete_before_the_other_files_exist_is_not_committed_alone(
 def test_dcp_dir_committed_with_metadata_and_half_save_never_latest(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
-    uri = local_uri(local_bucket, "dcp")
-    d = start(daemons, tmp_path, run, uri, *SETTLE)
-    d.wait_running()
+    run = new_run(tmp_path)
+    d = watch(daemons, run, local_bucket, "dcp", *SETTLE)
     (run / "step_10").mkdir()
     atomic_write(run / "step_10" / "__0_0.distcp", 100_000, seed=1)
     atomic_write(run / "step_10" / "__1_0.distcp", 100_000, seed=2)
@@ -194,30 +213,24 @@ def test_dcp_dir_committed_with_metadata_and_half_save_never_latest(
     atomic_write(run / "step_20" / "__0_0.distcp", 100_000, seed=4)
     atomic_write(run / "step_20" / "__1_0.distcp", 100_000, seed=5)
     d.wait_status(lambda s: s.get("done") == 5)
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     p = pointer(local_bucket, "dcp")
     names = [f"step_10/{n}" for n in (".metadata", "__0_0.distcp", "__1_0.distcp")]
     assert (p["latest"]["name"], p["latest"]["rule"]) == ("step_10", "dcp")
     assert manifest(p["latest"]) == on_disk(run, names)
     assert [e["name"] for e in p["history"]] == ["step_10"]
     assert d.status()["committed"] == 1
-    dest = tmp_path / "restore"
-    out = run_cli("pull", local_uri(local_bucket, "dcp/latest"), f"{dest}/", "-q")
-    assert out.returncode == 0, out.stderr
-    assert tree(dest) == {n: sha256(run / n) for n in names}
+    restored = pull_latest(local_bucket, "dcp", tmp_path / "restore")
+    assert restored == {n: sha256(run / n) for n in names}
 
 
 # -- 3. a file of a directory checkpoint deleted before its upload ---------------------
 def test_dir_file_deleted_after_accept_makes_the_checkpoint_incomplete(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-5")
     ck = run / "checkpoint-5"
-    ck.mkdir(parents=True)
-    uri = local_uri(local_bucket, "inc")
-    d = start(daemons, tmp_path, run, uri, "--files", "1", "--bwlimit", "1M", *SETTLE)
-    d.wait_running()
+    d = watch(daemons, run, local_bucket, "inc", "--files", "1", "--bwlimit", "1M", *SETTLE)
     atomic_write(run / "big.pt", 3 << 20)  # about 3 s at 1 MiB/s: the shards queue behind
     wait_for(lambda: _journal_states(run).get("big.pt") == "uploading", 10, "big.pt uploading")
     atomic_write(ck / "model.safetensors", 1000, seed=1)
@@ -234,10 +247,9 @@ def test_dir_file_deleted_after_accept_makes_the_checkpoint_incomplete(
     st = d.status()
     assert "optimizer.pt" in st["incomplete"]["checkpoint-5"]
     assert st["failed"] == 1 and st["committed"] == 1  # big.pt
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 1, d.log()
+    log = drain(d, 1)
     assert committed_names(local_bucket, "inc") == {"big.pt"}
-    assert "checkpoint checkpoint-5 was not committed" in d.log()
+    assert "checkpoint checkpoint-5 was not committed" in log
     assert "checkpoint-5" in d.status()["incomplete"]
 
 
@@ -246,19 +258,15 @@ def test_dir_file_deleted_while_settling_is_not_in_the_manifest(
 ) -> None:
     """A file deleted before it was ever accepted is not part of the checkpoint: the
     daemon never knew it. What is committed is then exactly what is on disk."""
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-6")
     ck = run / "checkpoint-6"
-    ck.mkdir(parents=True)
-    uri = local_uri(local_bucket, "del")
-    d = start(daemons, tmp_path, run, uri, "--settle", "1.0")
-    d.wait_running()
+    d = watch(daemons, run, local_bucket, "del", "--settle", "1.0")
     write_now(ck / "model.safetensors", os.urandom(1000))
     write_now(ck / "optimizer.pt", os.urandom(1000))
     write_now(ck / "trainer_state.json", b"{}")
     (ck / "optimizer.pt").unlink()  # well within --settle
     d.wait_status(lambda s: s.get("committed") == 1)
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     names = ["checkpoint-6/model.safetensors", "checkpoint-6/trainer_state.json"]
     p = pointer(local_bucket, "del")
     assert manifest(p["latest"]) == on_disk(run, names)
@@ -272,12 +280,9 @@ def test_dir_file_deleted_while_settling_after_the_rest_is_verified_still_commit
     written; that file is then deleted before it settles. Nothing else is verified
     afterwards, yet the checkpoint (as on disk) is committed without waiting for a
     restart."""
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-7")
     ck = run / "checkpoint-7"
-    ck.mkdir(parents=True)
-    uri = local_uri(local_bucket, "del2")
-    d = start(daemons, tmp_path, run, uri, *SETTLE)
-    d.wait_running()
+    d = watch(daemons, run, local_bucket, "del2", *SETTLE)
     with open(ck / "scratch.bin", "wb") as f:
         f.write(b"partial")
         f.flush()
@@ -286,8 +291,7 @@ def test_dir_file_deleted_while_settling_after_the_rest_is_verified_still_commit
         d.wait_status(lambda s: s.get("done") == 2)
         (ck / "scratch.bin").unlink()
     d.wait_status(lambda s: s.get("committed") == 1, timeout=10)
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     names = ["checkpoint-7/model.safetensors", "checkpoint-7/trainer_state.json"]
     assert manifest(pointer(local_bucket, "del2")["latest"]) == on_disk(run, names)
 
@@ -296,21 +300,22 @@ def test_dir_file_deleted_while_settling_after_the_rest_is_verified_still_commit
 def test_kill9_between_files_of_a_dir_commits_it_once_after_restart(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
+    run = new_run(tmp_path, "checkpoint-12")
     ck = run / "checkpoint-12"
-    ck.mkdir(parents=True)
     for i, n in enumerate(("model-00001.safetensors", "model-00002.safetensors", "optimizer.pt")):
         atomic_write(ck / n, 3 << 19, seed=i)  # 1.5 MiB each
     atomic_write(ck / "trainer_state.json", 200, seed=9)
     names = sorted(f"checkpoint-12/{p.name}" for p in ck.iterdir())
-    uri = local_uri(local_bucket, "k9")
-    slow = start(daemons, tmp_path, run, uri, "--files", "1", "--bwlimit", "1M", *SETTLE)
+    slow_args = ("--files", "1", "--bwlimit", "1M", *SETTLE)
+    slow = watch(daemons, run, local_bucket, "k9", *slow_args, ready=False)
     slow.wait_status(lambda s: 1 <= s.get("done", 0) < 4)
     slow.proc.kill()  # SIGKILL: no drain
     slow.wait()
     assert "committed rank=" not in slow.log()
     assert pointer_or_none(local_bucket, "k9") is None
-    again = start(daemons, tmp_path, run, uri, "--exit-when-idle", *SETTLE, name="d2")
+    again = watch(
+        daemons, run, local_bucket, "k9", "--exit-when-idle", *SETTLE, name="d2", ready=False
+    )
     assert again.wait() == 0, again.log()
     p = pointer(local_bucket, "k9")
     assert (p["latest"]["name"], p["latest"]["rule"]) == ("checkpoint-12", "hf")
@@ -326,8 +331,7 @@ def test_kill9_between_files_of_a_dir_commits_it_once_after_restart(
 def test_symlinks_alias_inside_and_left_out_outside_or_looping(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
+    run = new_run(tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.ckpt").write_bytes(b"never uploaded")
@@ -336,15 +340,13 @@ def test_symlinks_alias_inside_and_left_out_outside_or_looping(
     os.symlink(outside / "secret.ckpt", run / "escape.ckpt")
     os.symlink("b", run / "a")
     os.symlink("a", run / "b")
-    uri = local_uri(local_bucket, "ln")
-    d = start(daemons, tmp_path, run, uri, *SETTLE)
+    d = watch(daemons, run, local_bucket, "ln", *SETTLE, ready=False)
     wait_for(lambda: (pointer_or_none(local_bucket, "ln") or {}).get("aliases"), 15, "the alias")
     d.wait_status(lambda s: s.get("committed") == 1 and len(s.get("left_out", {})) == 3)
     left = d.status()["left_out"]
     assert set(left) == {"escape.ckpt", "a", "b"}
     assert all("symlink" in why for why in left.values()), left
-    d.signal(signal.SIGTERM)
-    assert d.wait(15) == 0, d.log()
+    drain(d, timeout=15)
     p = pointer(local_bucket, "ln")
     assert p["aliases"] == {"last.ckpt": "epoch=2-step=24.ckpt"}
     assert p["latest"]["name"] == "epoch=2-step=24.ckpt"
@@ -368,14 +370,12 @@ def test_symlinks_alias_inside_and_left_out_outside_or_looping(
 def test_left_out_files_show_in_status_and_summary_and_the_rest_is_uploaded(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
+    run = new_run(tmp_path)
     for name in ("x.tmp", "notes.txt.swp", "debug.log", "config.yaml", ".hidden_file"):
         (run / name).write_text(f"body of {name}")
     (run / "sub").mkdir()
     (run / "sub" / "metrics.csv").write_text("step,loss\n1,0.5\n")
-    uri = local_uri(local_bucket, "lo")
-    d = start(daemons, tmp_path, run, uri, "--exclude", "*.log", *SETTLE)
+    d = watch(daemons, run, local_bucket, "lo", "--exclude", "*.log", *SETTLE, ready=False)
     d.wait_status(lambda s: s.get("done") == 3 and s.get("left_out_count") == 3)
     st = d.status()
     assert st["left_out"] == {
@@ -383,9 +383,7 @@ def test_left_out_files_show_in_status_and_summary_and_the_rest_is_uploaded(
         "notes.txt.swp": "temporary name (*.swp)",
         "debug.log": "excluded by --exclude *.log",
     }
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
-    log = d.log()
+    log = drain(d)
     assert "left out 3 file(s)" in log
     for piece in ("x.tmp (temporary name", "notes.txt.swp (temporary", "debug.log (excluded"):
         assert piece in log
@@ -398,11 +396,8 @@ def test_left_out_files_show_in_status_and_summary_and_the_rest_is_uploaded(
 def test_growing_log_is_uploaded_throttled_and_final_after_sigterm(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
-    uri = local_uri(local_bucket, "art")
-    d = start(daemons, tmp_path, run, uri, "--artifact-interval", "2", *SETTLE)
-    d.wait_running()
+    run = new_run(tmp_path)
+    d = watch(daemons, run, local_bucket, "art", "--artifact-interval", "2", *SETTLE)
     obj = local_bucket / "art" / "rank_0" / "train.log"
     interval, least, most = 2.0, 6.0, 30.0  # written for 6 s, longer if the machine is slow
     with open(run / "train.log", "a") as log:  # held open, as a logger does
@@ -423,8 +418,7 @@ def test_growing_log_is_uploaded_throttled_and_final_after_sigterm(
         assert 2 <= count <= elapsed / interval + 2, d.log()
         log.write("the last line\n")
         log.flush()
-        d.signal(signal.SIGTERM)
-        assert d.wait() == 0, d.log()
+        drain(d)
     assert obj.read_bytes() == (run / "train.log").read_bytes()
     assert obj.read_bytes().endswith(b"the last line\n")
     st = d.status()
@@ -437,12 +431,10 @@ def test_growing_log_is_uploaded_throttled_and_final_after_sigterm(
 def test_retention_keeps_the_newest_dir_checkpoint_locally_and_remotely(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
+    run = new_run(tmp_path)
     (run / "config.yaml").write_text("lr: 0.1\n")
-    uri = local_uri(local_bucket, "ret")
-    d = start(daemons, tmp_path, run, uri, "--keep-local", "1", "--keep-remote", "1", *SETTLE)
-    d.wait_running()
+    keep = ("--keep-local", "1", "--keep-remote", "1")
+    d = watch(daemons, run, local_bucket, "ret", *keep, *SETTLE)
     for step in (1, 2, 3):
         ck = run / f"checkpoint-{step}"
         ck.mkdir()
@@ -451,8 +443,7 @@ def test_retention_keeps_the_newest_dir_checkpoint_locally_and_remotely(
         atomic_write(ck / "trainer_state.json", 100, seed=20 + step)
         d.wait_status(lambda s, k=step: s.get("committed") == k)
     wait_for(lambda: not (run / "checkpoint-2").exists(), 10, "local retention of checkpoint-2")
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
         "checkpoint-3",
         "config.yaml",
@@ -495,8 +486,7 @@ def test_format1_pointer_resolves_and_is_upgraded_by_a_new_commit(
     assert [(r["name"], r["rule"], r["files"], r["latest"]) for r in rows] == [
         ("ep1.pt", "file", 1, True)
     ]
-    run = tmp_path / "rank_0"
-    run.mkdir()
+    run = new_run(tmp_path)
     atomic_write(run / "ep2.pt", 3000, seed=2)
     out = run_cli("push", str(run), "--to", local_uri(local_bucket, "old"), "--settle", "0.1")
     assert out.returncode == 0, out.stderr
@@ -509,8 +499,7 @@ def test_format1_pointer_resolves_and_is_upgraded_by_a_new_commit(
 
 # -- 10. bad input ----------------------------------------------------------------------
 def test_checkpoint_dir_without_marker_exits_2(tmp_path: Path, local_bucket: Path) -> None:
-    run = tmp_path / "rank_0"
-    run.mkdir()
+    run = new_run(tmp_path)
     out = run_cli(
         "watch", str(run), "--to", local_uri(local_bucket, "b"), "--checkpoint-dir", "step_*"
     )
@@ -560,11 +549,8 @@ def test_pull_refuses_a_manifest_path_with_dotdot(
 def test_user_checkpoint_dir_rule_commits_once_marker_exists(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
-    run = tmp_path / "rank_0"
-    (run / "ckpt_1").mkdir(parents=True)
-    uri = local_uri(local_bucket, "usr")
-    d = start(daemons, tmp_path, run, uri, "--checkpoint-dir", "ckpt_*=DONE", *SETTLE)
-    d.wait_running()
+    run = new_run(tmp_path, "ckpt_1")
+    d = watch(daemons, run, local_bucket, "usr", "--checkpoint-dir", "ckpt_*=DONE", *SETTLE)
     atomic_write(run / "ckpt_1" / "weights.bin", 30_000, seed=1)
     atomic_write(run / "ckpt_1" / "extra.json", 300, seed=2)
     d.wait_status(lambda s: s.get("done") == 2)
@@ -572,8 +558,7 @@ def test_user_checkpoint_dir_rule_commits_once_marker_exists(
     assert pointer_or_none(local_bucket, "usr") is None
     (run / "ckpt_1" / "DONE").write_text("")
     d.wait_status(lambda s: s.get("committed") == 1)
-    d.signal(signal.SIGTERM)
-    assert d.wait() == 0, d.log()
+    drain(d)
     p = pointer(local_bucket, "usr")
     names = [f"ckpt_1/{n}" for n in ("DONE", "extra.json", "weights.bin")]
     assert (p["latest"]["name"], p["latest"]["rule"]) == ("ckpt_1", "dir:ckpt_*")

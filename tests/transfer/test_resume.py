@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from harness.data import file_digest, write_random
 from tests.fixtures.stores import Target
+from uploader import ObjectStore
 from uploader.daemon.journal import Journal
-from uploader.transfer.resume import Resume
+from uploader.transfer.resume import Resume, Session
+from uploader.transfer.store import UploadResult
 
 MiB = 1 << 20
 RESUMABLE = ["rclone", "moto", "azurite", "local"]
@@ -27,7 +32,7 @@ class Interrupted(Exception):
     """Raised to cut an upload short."""
 
 
-def _cut_after(parts: int, part_size: int) -> tuple[list[int], object]:
+def _cut_after(parts: int) -> Callable[[int], None]:
     sent: list[int] = []
 
     def progress(n: int) -> None:
@@ -35,153 +40,149 @@ def _cut_after(parts: int, part_size: int) -> tuple[list[int], object]:
         if len(sent) >= parts:
             raise Interrupted(f"cut after {len(sent)} parts")
 
-    return sent, progress
+    return progress
 
 
-def _interrupted(store, src: Path, name: str, resume: Resume, parts: int) -> None:  # type: ignore[no-untyped-def]
-    _, progress = _cut_after(parts, store.part_size)
-    with pytest.raises(Interrupted):
-        store.upload_file(src, name, progress=progress, resume=resume)
+@dataclass
+class Cut:
+    """An upload of ``src`` to ``name`` cut short after some parts; its session is
+    recorded in ``journal``."""
+
+    store: ObjectStore
+    journal: Journal
+    src: Path
+    name: str
+    back: Path
+
+    @property
+    def part(self) -> int:
+        return self.store.part_size
+
+    def session(self) -> Session | None:
+        return self.journal.sessions.session(self.name)
+
+    def again(self, verify: bool = False) -> tuple[UploadResult, list[int]]:
+        """The next attempt: its result, and the bytes each progress call reported."""
+        sent: list[int] = []
+        resume = Resume(self.journal.sessions, verify)
+        result = self.store.upload_file(self.src, self.name, progress=sent.append, resume=resume)
+        return result, sent
+
+    def check(self, result: UploadResult) -> None:
+        """The digest is the file's, and the object reads back as the file."""
+        assert result.digest == file_digest(self.src, self.part)
+        dest = self.store.download_file(self.name, self.back / "f.bin", progress=False)
+        assert dest.read_bytes() == self.src.read_bytes()
+        dest.unlink()
 
 
-def _check(store, src: Path, name: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    dest = store.download_file(name, tmp_path / "back" / "f.bin", progress=False)
-    assert dest.read_bytes() == src.read_bytes()
-    dest.unlink()
+#: cut(parts, extra, seed=, name=, after=, concurrency=): a file of ``parts`` whole parts
+#: and ``extra`` bytes, its upload to run/rank_0/``name`` cut after ``after`` parts.
+CutUpload = Callable[..., Cut]
+
+
+@pytest.fixture
+def cut(target: Target, tmp_path: Path) -> Iterator[CutUpload]:
+    with ExitStack() as stack:
+
+        def make(
+            parts: int, extra: int, *, seed: int, name: str, after: int, concurrency: int
+        ) -> Cut:
+            store = target.store(concurrency=concurrency)
+            src = write_random(tmp_path / "f.bin", parts * store.part_size + extra, seed=seed)
+            journal = stack.enter_context(Journal.open(tmp_path / "state"))
+            stack.enter_context(store)
+            c = Cut(store, journal, src, f"run/rank_0/{name}", tmp_path / "back")
+            with pytest.raises(Interrupted):
+                store.upload_file(
+                    src, c.name, progress=_cut_after(after), resume=Resume(journal.sessions)
+                )
+            return c
+
+        yield make
 
 
 @pytest.mark.parametrize("target", RESUMABLE, indirect=True)
-def test_a_retried_attempt_sends_only_the_missing_parts(target: Target, tmp_path: Path) -> None:
-    store = target.store(concurrency=2)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 6 * part + 1234, seed=3)
-    name = "run/rank_0/f.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        resume = Resume(journal.sessions)
-        _interrupted(store, src, name, resume, parts=3)
-        session = journal.sessions.session(name)
-        assert session is not None and len(session.parts) >= 3
-        held = dict(session.parts)
-        sent: list[int] = []
-        result = store.upload_file(src, name, progress=sent.append, resume=resume)
-        # Only the parts not recorded as held went out again.
-        assert sum(sent) == src.stat().st_size - sum(p.size for p in held.values())
-        assert result.digest == file_digest(src, part)
-        assert store.stat(name).digest == result.digest
-        assert journal.sessions.session(name) is None
-        assert store.backend.list_uploads("run/") == []
-        _check(store, src, name, tmp_path)
+def test_a_retried_attempt_sends_only_the_missing_parts(cut: CutUpload) -> None:
+    c = cut(6, 1234, seed=3, name="f.bin", after=3, concurrency=2)
+    session = c.session()
+    assert session is not None and len(session.parts) >= 3
+    held = dict(session.parts)
+    result, sent = c.again()
+    # Only the parts not recorded as held went out again.
+    assert sum(sent) == c.src.stat().st_size - sum(p.size for p in held.values())
+    assert c.store.stat(c.name).digest == result.digest
+    assert c.session() is None
+    assert c.store.backend.list_uploads("run/") == []
+    c.check(result)
 
 
 @pytest.mark.parametrize("target", ["local"], indirect=True)
-def test_verify_resumed_rehashes_kept_parts(target: Target, tmp_path: Path) -> None:
-    store = target.store(concurrency=1)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 4 * part + 7, seed=4)
-    name = "run/rank_0/v.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        _interrupted(store, src, name, Resume(journal.sessions), parts=2)
-        # The file's bytes change without its size or mtime changing (a clock set back):
-        # only re-hashing the kept parts notices.
-        st = src.stat()
-        with open(src, "r+b") as f:
-            f.write(b"\xff" * 16)
-        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
-        sent: list[int] = []
-        result = store.upload_file(
-            src, name, progress=sent.append, resume=Resume(journal.sessions, verify=True)
-        )
-        assert sent[0] == part  # part 1 differed from its record and was sent again
-        assert result.digest == file_digest(src, part)
-        _check(store, src, name, tmp_path)
+def test_verify_resumed_rehashes_kept_parts(cut: CutUpload) -> None:
+    c = cut(4, 7, seed=4, name="v.bin", after=2, concurrency=1)
+    # The file's bytes change without its size or mtime changing (a clock set back):
+    # only re-hashing the kept parts notices.
+    st = c.src.stat()
+    with open(c.src, "r+b") as f:
+        f.write(b"\xff" * 16)
+    os.utime(c.src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result, sent = c.again(verify=True)
+    assert sent[0] == c.part  # part 1 differed from its record and was sent again
+    c.check(result)
 
 
 @pytest.mark.parametrize("target", ["azurite", "local"], indirect=True)
-def test_a_changed_file_is_sent_whole_from_its_new_content(target: Target, tmp_path: Path) -> None:
-    store = target.store(concurrency=2)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 5 * part, seed=5)
-    name = "run/rank_0/c.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        resume = Resume(journal.sessions)
-        _interrupted(store, src, name, resume, parts=2)
-        write_random(src, 5 * part, seed=6)  # same size, new bytes, new mtime
-        sent: list[int] = []
-        result = store.upload_file(src, name, progress=sent.append, resume=resume)
-        assert sum(sent) == 5 * part
-        assert result.digest == file_digest(src, part)
-        _check(store, src, name, tmp_path)
+def test_a_changed_file_is_sent_whole_from_its_new_content(cut: CutUpload) -> None:
+    c = cut(5, 0, seed=5, name="c.bin", after=2, concurrency=2)
+    write_random(c.src, 5 * c.part, seed=6)  # same size, new bytes, new mtime
+    result, sent = c.again()
+    assert sum(sent) == 5 * c.part
+    c.check(result)
 
 
 @pytest.mark.parametrize("target", ["moto", "local"], indirect=True)
-def test_a_part_held_with_another_etag_is_sent_again(target: Target, tmp_path: Path) -> None:
-    store = target.store(concurrency=1)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 4 * part + 99, seed=7)
-    name = "run/rank_0/e.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        resume = Resume(journal.sessions)
-        _interrupted(store, src, name, resume, parts=2)
-        session = journal.sessions.session(name)
-        assert session is not None and 0 in session.parts
-        # Another writer replaces part 1 in the store with other bytes of the same size.
-        other = memoryview(os.urandom(part))
-        store.backend.put_part(name, session.upload_id, 0, 0, other, os.urandom(32))
-        sent: list[int] = []
-        result = store.upload_file(src, name, progress=sent.append, resume=resume)
-        assert sum(sent) == src.stat().st_size - session.parts[1].size
-        assert result.digest == file_digest(src, part)
-        _check(store, src, name, tmp_path)
+def test_a_part_held_with_another_etag_is_sent_again(cut: CutUpload) -> None:
+    c = cut(4, 99, seed=7, name="e.bin", after=2, concurrency=1)
+    session = c.session()
+    assert session is not None and 0 in session.parts
+    # Another writer replaces part 1 in the store with other bytes of the same size.
+    other = memoryview(os.urandom(c.part))
+    c.store.backend.put_part(c.name, session.upload_id, 0, 0, other, os.urandom(32))
+    result, sent = c.again()
+    assert sum(sent) == c.src.stat().st_size - session.parts[1].size
+    c.check(result)
 
 
 @pytest.mark.parametrize("target", ["rclone"], indirect=True)
 def test_a_session_the_store_forgot_starts_from_zero(
-    target: Target, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cut: CutUpload, target: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = target.store(concurrency=2)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 4 * part + 1, seed=8)
-    name = "run/rank_0/z.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        resume = Resume(journal.sessions)
-        _interrupted(store, src, name, resume, parts=2)
-        session = journal.sessions.session(name)
-        assert session is not None
-        # rclone serve s3 keeps multipart uploads in memory only: a restart forgets them.
-        target.server.stop()
-        target.server.start()
-        sent: list[int] = []
-        with caplog.at_level(logging.INFO, "uploader.transfer.upload"):
-            result = store.upload_file(src, name, progress=sent.append, resume=resume)
-        assert sum(sent) == src.stat().st_size
-        assert result.digest == file_digest(src, part)
-        _check(store, src, name, tmp_path)
-        forgot = [r for r in caplog.records if "no longer knows" in r.getMessage()]
-        assert len(forgot) == 1
+    c = cut(4, 1, seed=8, name="z.bin", after=2, concurrency=2)
+    assert c.session() is not None
+    # rclone serve s3 keeps multipart uploads in memory only: a restart forgets them.
+    target.server.stop()
+    target.server.start()
+    with caplog.at_level(logging.INFO, "uploader.transfer.upload"):
+        result, sent = c.again()
+    assert sum(sent) == c.src.stat().st_size
+    c.check(result)
+    forgot = [r for r in caplog.records if "no longer knows" in r.getMessage()]
+    assert len(forgot) == 1
 
 
 @pytest.mark.parametrize("target", ["moto", "azurite"], indirect=True)
-def test_an_upload_completed_before_a_kill_is_not_sent_again(
-    target: Target, tmp_path: Path
-) -> None:
+def test_an_upload_completed_before_a_kill_is_not_sent_again(cut: CutUpload) -> None:
     """The store completed the upload, but the process died before it heard so (and
     before it wrote the digest record)."""
-    store = target.store(concurrency=2)
-    part = store.part_size
-    src = write_random(tmp_path / "f.bin", 3 * part + 5, seed=9)
-    name = "run/rank_0/done.bin"
-    with Journal.open(tmp_path / "state") as journal, store:
-        resume = Resume(journal.sessions)
-        _interrupted(store, src, name, resume, parts=4)
-        session = journal.sessions.session(name)
-        assert session is not None and len(session.parts) == 4
-        b = store.backend
-        b.reopen(name, session.upload_id, {})
-        b.complete(
-            name, session.upload_id, [b.part_token(i, session.parts[i].etag) for i in range(4)]
-        )
-        sent: list[int] = []
-        result = store.upload_file(src, name, progress=sent.append, resume=resume)
-        assert sent == []
-        assert result.digest == file_digest(src, part) == store.stat(name).digest
-        _check(store, src, name, tmp_path)
+    c = cut(3, 5, seed=9, name="done.bin", after=4, concurrency=2)
+    session = c.session()
+    assert session is not None and len(session.parts) == 4
+    b = c.store.backend
+    b.reopen(c.name, session.upload_id, {})
+    b.complete(
+        c.name, session.upload_id, [b.part_token(i, session.parts[i].etag) for i in range(4)]
+    )
+    result, sent = c.again()
+    assert sent == []
+    assert result.digest == c.store.stat(c.name).digest
+    c.check(result)

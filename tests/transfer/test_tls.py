@@ -4,13 +4,16 @@ a failed check is a clear, permanent error (exit 2, no retries); insecure only b
 Real servers throughout: ``rclone serve s3 --cert --key`` and Azurite ``--cert --key`` on
 loopback, presenting certificates made by tests/fixtures/tls.py (a private CA's leaf for
 ``localhost`` only, an expired leaf, a self-signed certificate). Connecting to the leaf's
-server as ``127.0.0.1`` is the wrong host name.
+server as ``127.0.0.1`` is the wrong host name. The daemon's case restarts a server of its own
+on the same port with another certificate while ``ckpt-uploader watch`` runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +24,12 @@ import pytest
 from harness.reliability import ROOT
 from harness.servers.azure import Azurite
 from harness.servers.certs import Certs
-from harness.servers.s3 import S3Server
+from harness.servers.s3 import S3Server, start_rclone_s3
+from tests.daemon.test_process import Daemon, atomic_write, run_cli
 from uploader import ConfigError, ObjectStoreHparams, PermanentError, RetryPolicy, TLSError
+from uploader.daemon.status import StatusReport
 from uploader.errors import ExitCode
+from uploader.launch.failure import worker_error
 from uploader.transfer.store import make_backend
 from uploader.transfer.tls import CA_ENVIRON
 
@@ -272,3 +278,76 @@ def test_cli_certificate_failure_exits_2_at_once_with_what_to_do(
     )  # fmt: skip
     assert insecure.returncode == 0, insecure.stderr
     assert insecure.stderr.count("NOT verified") == 1
+
+
+def test_daemon_exits_2_when_the_certificate_goes_bad_while_it_runs(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """The server restarts with a certificate the daemon does not trust: the file dropped
+    then fails at once, stays in the journal, and the daemon drains with exit 2 and the
+    message that says what to do, as at start-up."""
+    server = start_rclone_s3(
+        tmp_path / "s3" / "data",
+        extra_args=["--cert", str(certs.leaf), "--key", str(certs.leaf_key)],
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    d = Daemon(
+        tmp_path, run, "--to", _uri(server, "localhost", "live"), "--ca-bundle", str(certs.ca),
+        "--settle", "0.2", "--retries", "8",
+    )  # fmt: skip
+    try:
+        atomic_write(run / "ep1.pt", 100_000, seed=1)
+        d.wait_status(lambda s: s.get("committed") == 1)
+        server.restart({"--cert": str(certs.self_signed), "--key": str(certs.self_signed_key)})
+        atomic_write(run / "ep2.pt", 100_000, seed=2)
+        d.wait_status(lambda s: s.get("failed") == 1)
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 2, d.log()
+    finally:
+        d.kill()
+        server.close()
+    log = d.log()
+    assert "Traceback" not in log
+    assert "failed path=ep2.pt attempts=1 " in log, log  # not retried, though --retries 8
+    summary = [line for line in log.splitlines() if "finished with a configuration error" in line]
+    assert len(summary) == 1, log
+    for piece in (f"localhost:{server.port}", "self-signed certificate", "--ca-bundle"):
+        assert piece in summary[0], summary[0]
+    # Nothing lost: the file is still there and the journal holds it as failed.
+    assert (run / "ep2.pt").is_file()
+    out = run_cli("status", str(run), "--json")
+    assert out.returncode == 1, out.stderr  # status says a file failed
+    states = {f["path"]: f["state"] for f in json.loads(out.stdout)["files"]}
+    assert states == {"ep1.pt": "done", "ep2.pt": "failed"}, out.stdout
+    assert "self-signed certificate" in d.status()["last_error"]
+
+
+def test_training_side_is_told_the_files_are_kept_when_a_setting_goes_bad_mid_run(
+    tmp_path: Path,
+) -> None:
+    """The message a training process raises for the exit above (the worker's own status
+    report as the daemon wrote it), beside the one for a wrong setting at start-up."""
+    reason = (
+        "TLSError: the TLS certificate of bucket 'ckpts' at https://localhost:9 was not accepted"
+    )
+
+    def told(status: StatusReport) -> str:
+        return str(
+            worker_error(
+                "exited",
+                rank=0,
+                pid=7,
+                code=ExitCode.CONFIG,
+                status=status,
+                log_path=None,
+                run_dir=tmp_path / "run",
+                state_dir=tmp_path / "state",
+            )  # fmt: skip
+        )
+
+    text = told(StatusReport(pid=7, state="failed", done=1, failed=1, last_error=reason))
+    assert reason in text and "fix the setting named above" in text
+    assert "nothing accepted is lost" in text and "1 failed" in text
+    text = told(StatusReport(pid=7, state="failed", last_error="ConfigError: no such bucket"))
+    assert "fix the setting named above" in text and "nothing accepted is lost" not in text

@@ -64,7 +64,7 @@ from uploader.bucket.pointer import (
 )
 from uploader.bucket.retention import delete_checkpoints, prune
 from uploader.daemon.journal import Journal
-from uploader.errors import PreconditionFailedError
+from uploader.errors import ExitCode, PreconditionFailedError
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
 
@@ -98,7 +98,8 @@ class Committer:
         keep_remote: remote retention in checkpoints (None: keep everything).
         keep_local: local retention in checkpoints (None: keep everything); run by
             ``retain_local(rank, pointer)`` after each write.
-        report: called with an error message when a batch fails for good.
+        report: called when a batch fails for good, with the error message and the exit
+            status its error calls for (:meth:`ExitCode.of`).
         quick: runs a short journal call, on the event loop when it can (default: ``call``);
             used to mark batches of at most ``quick_rows`` files committed.
     """
@@ -112,7 +113,7 @@ class Committer:
         journal: Journal,
         call: JournalCall,
         keep_remote: int | None = None,
-        report: Callable[[str], None] = lambda msg: None,
+        report: Callable[[str, ExitCode], None] = lambda msg, code: None,
         quick: JournalCall | None = None,
         quick_rows: int = 0,
         keep_local: int | None = None,
@@ -290,7 +291,7 @@ class Committer:
                 if attempt >= self.attempts:
                     self.failures += files
                     self._waiting[rank] = {**waiting, **batch.aliases}
-                    self.report(f"commit pointer of rank {rank}: {msg}")
+                    self.report(f"commit pointer of rank {rank}: {msg}", ExitCode.of(exc))
                     log.error("pointer commit failed rank=%d error=%s", rank, msg)
                     return
                 await anyio.sleep(self.pause(attempt))

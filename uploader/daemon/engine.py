@@ -27,6 +27,10 @@ its pointer commit and before local retention.
 Draining (a signal, the parent gone, or idle): the intake stops and closes the
 work stream; the upload loops finish what is queued; the pipeline ends when
 every upload and pointer write is over, or the drain timeout (exit code 3) hits.
+The exit code once drained: 0 when everything accepted is verified and committed;
+2 when a file or pointer failed for a configuration reason (a certificate the store
+presents that is no longer trusted, say); 1 for any other failure. Failed files stay
+in the journal and are sent again at the next start.
 
 Example::
 
@@ -193,6 +197,8 @@ class Engine:
         )
         self.intake: Intake | None = None
         self.last_error: str | None = None
+        #: The last failure whose error calls for exit 2 (a configuration error).
+        self.config_error: str | None = None
         self._totals = Totals()
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
         self._resumed = False
@@ -202,7 +208,7 @@ class Engine:
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
-        """Run until told to stop; return the exit code (0, 1 or 3)."""
+        """Run until told to stop; return the exit code (0, 1, 2 or 3)."""
         return anyio.run(self._main)
 
     async def call(self, fn: Any, *args: Any) -> Any:
@@ -403,8 +409,10 @@ class Engine:
             self._stop_reason = reason
             self._stop.set()
 
-    def _report(self, message: str) -> None:
+    def _report(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
         self.last_error = message
+        if code == ExitCode.CONFIG:
+            self.config_error = message
 
     def _idle(self) -> bool:
         intake = self.intake
@@ -459,7 +467,9 @@ class Engine:
             return ExitCode.TIMEOUT
         totals: Totals = await self.call(self.journal.totals)
         await self._summary()
-        return _outcome(totals, self.committer.failures, self.last_error, self.store)
+        return _outcome(
+            totals, self.committer.failures, self.last_error, self.config_error, self.store
+        )
 
     async def _summary(self) -> None:
         """Log what was committed, left out, and not committed (and why)."""
@@ -540,9 +550,27 @@ class Engine:
             await anyio.sleep(1.0)
 
 
-def _outcome(totals: Totals, failures: int, last_error: str | None, store: ObjectStore) -> int:
-    """The exit code once drained (0: everything verified and committed, 1: failures)."""
+def _outcome(
+    totals: Totals,
+    failures: int,
+    last_error: str | None,
+    config_error: str | None,
+    store: ObjectStore,
+) -> int:
+    """The exit code once drained: 0 everything verified and committed; 2 failures, one
+    of them for a configuration reason (``config_error``); 1 other failures."""
     if totals.failed or totals.pending or totals.uploading or failures:
+        if config_error is not None:
+            log.error(
+                "finished with a configuration error: failed=%d pending=%d "
+                "pointer_failures=%d error=%s; the files not sent stay in the journal: "
+                "fix the configuration and start again to send them",
+                totals.failed,
+                totals.pending + totals.uploading,
+                failures,
+                config_error,
+            )
+            return ExitCode.CONFIG
         log.error(
             "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
             totals.failed,

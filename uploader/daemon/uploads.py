@@ -6,7 +6,9 @@ its start in the journal, uploads, reads the object back (size, and digest where
 the store keeps one) and records ``done``; then the assembler judges the checkpoint
 the file belongs to (:mod:`uploader.daemon.assembly`). A failed attempt is retried
 after the daemon's backoff; retries exhausted, or a permanent error (credentials,
-missing container, bad configuration), mark the file failed. A file that changed
+missing container, bad configuration, an untrusted TLS certificate), mark the file
+failed and report it with the exit status its error calls for (:meth:`ExitCode.of`:
+2 for a configuration error). A file that changed
 while it was read is not a failure: its version then on disk is sent after a pause
 (backing off). A bug never loses a file: it is recorded as failed.
 
@@ -42,6 +44,7 @@ from uploader.errors import (
     AuthError,
     ConfigError,
     ContainerNotFoundError,
+    ExitCode,
     FileChangedError,
     IntegrityError,
 )
@@ -85,7 +88,8 @@ class Uploads:
             (which an upload thread holds too for its own journal calls).
         assembler: judges the checkpoint of each verified file.
         options: ``files``, ``attempts``, ``verify_resumed`` and ``pause(attempt)``.
-        report: called with the message of a file that failed.
+        report: called with the message of a file that failed and the exit status its
+            error calls for (:meth:`ExitCode.of`).
         progress: the progress bars.
         bucket: the bandwidth limit (None: none).
     """
@@ -99,7 +103,7 @@ class Uploads:
         lock: threading.Lock,
         assembler: Assembler,
         options: _Options,
-        report: Callable[[str], None],
+        report: Callable[[str, ExitCode], None],
         progress: Progress,
         bucket: TokenBucket | None = None,
     ) -> None:
@@ -193,7 +197,7 @@ class Uploads:
         except Exception as exc:  # a bug must not lose the file: record it
             msg = redact(f"{type(exc).__name__}: {exc}")
             log.exception("internal error on %s", rel)
-            self.report(msg)
+            self.report(msg, ExitCode.FAILED)
             try:
                 await self.call(self.journal.fail, rel, msg)
             except Exception:
@@ -201,9 +205,9 @@ class Uploads:
         finally:
             self.outstanding.discard(rel)
 
-    async def _fail(self, rel: str, msg: str) -> None:
+    async def _fail(self, rel: str, msg: str, code: ExitCode = ExitCode.FAILED) -> None:
         await self.call(self.journal.fail, rel, msg)
-        self.report(msg)
+        self.report(msg, code)
         self.assembler.failed(rel, msg)
 
     async def _process(self, rel: str) -> None:
@@ -249,7 +253,7 @@ class Uploads:
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 permanent = isinstance(exc, (AuthError, ContainerNotFoundError, ConfigError))
                 if permanent or attempts >= self.opts.attempts:
-                    await self._fail(rel, msg)
+                    await self._fail(rel, msg, ExitCode.of(exc))
                     log.error("failed path=%s attempts=%d error=%s", rel, attempts, msg)
                     return
                 await self.call(self.journal.retry_later, rel, msg)

@@ -68,9 +68,10 @@ def worker_error(
             f"{status.failed} failed, {status.outstanding} not yet uploaded, {status.done} verified"
         )
     parts.append(f"its log: {log_path}" if log_path else "its log went to stderr")
+    left = status is not None and bool(status.outstanding or status.failed)
     if code == ExitCode.CONFIG:
         parts.append("fix the setting named above and start again")
-    else:
+    if code != ExitCode.CONFIG or left:  # a setting that went bad mid-run left files
         parts.append(
             f"nothing accepted is lost: the journal in {state_dir} keeps it, and "
             f"'ckpt-uploader watch {run_dir} ... --state-dir {state_dir} "
