@@ -54,6 +54,16 @@ def rclone_env(server: Any, base: Path) -> dict[str, str]:
     return env
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS in MiB (VmHWM: its memory since exec, unlike
+    ``ru_maxrss``, which keeps the high-water mark of the process it was forked from)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")  # pragma: no cover - Linux only
+
+
 def ratio_text(a: float, b: float) -> str:
     """``a / b`` as ``1.23x``; "n/a" where either is missing (0 or NaN)."""
     return f"{a / b:.2f}x" if b and b == b and a == a else "n/a"

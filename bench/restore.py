@@ -14,6 +14,8 @@ compute and cache its MD5, then one full read).
   into the temporary file's mapped pages, sha256 verified end to end, renamed into
   place; left in the page cache like every peer's file)
 * ours-fsync: the same with ``fsync=True`` (``pull --fsync``): on disk before the rename
+* ours-pwrite: the path taken on a filesystem that cannot allocate ahead (forced here
+  by making ``reserve`` answer False): 4 MiB buffers written at their offsets
 * pull: ``ckpt-uploader pull URI DEST`` (the whole process, start-up included)
 * s5cmd: ``s5cmd cp``; rclone: ``rclone copyto``; boto3: ``download_file``;
   obstore: ``get`` streamed into the file
@@ -57,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, ratio_text, rclone_env, warm_object
+from bench.common import ROOT, peak_rss_mib, ratio_text, rclone_env, warm_object
 
 __all__ = ["main", "DOWNLOAD_CLIENTS", "RESUME_CLIENTS"]
 
@@ -66,7 +68,16 @@ log = logging.getLogger("bench.restore")
 MiB = 1 << 20
 GiB = 1 << 30
 BUCKET = "bench"
-DOWNLOAD_CLIENTS = ["ours", "ours-fsync", "pull", "s5cmd", "boto3", "rclone", "obstore"]
+DOWNLOAD_CLIENTS = [
+    "ours",
+    "ours-fsync",
+    "ours-pwrite",
+    "pull",
+    "s5cmd",
+    "boto3",
+    "rclone",
+    "obstore",
+]
 RESUME_CLIENTS = ["ours", "s5cmd", "boto3", "obstore"]
 #: Tensors of the checkpoint in (b): its size split into this many float32 tensors.
 TENSORS = 16
@@ -97,7 +108,11 @@ def _hparams(endpoint: str) -> Any:
 def _download(client: str, key: str, path: str, endpoint: str) -> None:
     """Download ``key`` to ``path`` with a Python client (imports already done)."""
     access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
-    if client in ("ours", "ours-fsync"):
+    if client in ("ours", "ours-fsync", "ours-pwrite"):
+        if client == "ours-pwrite":
+            from uploader.transfer import download
+
+            download.reserve = lambda fd, size: False  # as on a filesystem without fallocate
         with _hparams(endpoint).initialize_object() as store:
             fsync = client == "ours-fsync"
             store.download_file(key, path, progress=False, require_digest=True, fsync=fsync)
@@ -145,16 +160,6 @@ def _download(client: str, key: str, path: str, endpoint: str) -> None:
         raise SystemExit(f"unknown client {client}")
 
 
-def _peak_rss_mib() -> float:
-    """This process's own peak RSS (VmHWM: its memory since exec, unlike ru_maxrss, which
-    keeps the high-water mark of the process it was forked from)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")  # pragma: no cover - Linux only
-
-
 def _child_download(client: str, key: str, path: str, endpoint: str) -> dict[str, float]:
     """One download; a binary (s5cmd, rclone, pull) runs as a subprocess of this small
     process, timed over its whole life, its CPU and peak RSS from RUSAGE_CHILDREN."""
@@ -169,7 +174,7 @@ def _child_download(client: str, key: str, path: str, endpoint: str) -> dict[str
         import boto3  # noqa: F401 - imported before the timing
     t0, c0 = time.perf_counter(), _cpu()
     _download(client, key, path, endpoint)
-    return {"seconds": time.perf_counter() - t0, "cpu": _cpu() - c0, "rss": _peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "cpu": _cpu() - c0, "rss": peak_rss_mib()}
 
 
 def _child_resume(client: str, key: str, workdir: str, endpoint: str) -> dict[str, float]:
@@ -204,7 +209,7 @@ def _child_resume(client: str, key: str, workdir: str, endpoint: str) -> dict[st
     seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     if set(tensors) != set(model):
         raise SystemExit(f"{client}: restored tensors {sorted(tensors)[:3]}... do not match")
-    return {"seconds": seconds, "cpu": cpu, "rss": _peak_rss_mib()}
+    return {"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}
 
 
 # -- parent ------------------------------------------------------------------------------------
@@ -393,7 +398,8 @@ def report_downloads(res: Results, runs: int) -> str:
         "medians; `sync` before each run, so no client pays for another's writeback. `ours` "
         "verifies the sha256 end to end, receives into a temporary file's mapped pages and "
         "renames it into place, leaving it in the page cache as every peer does; `ours-fsync` "
-        "also flushes it to disk first (`pull --fsync`); `pull` is the whole `ckpt-uploader "
+        "also flushes it to disk first (`pull --fsync`); `ours-pwrite` takes the path of a "
+        "filesystem that cannot allocate ahead (4 MiB buffers written at their offsets); `pull` is the whole `ckpt-uploader "
         "pull` process, start-up included. CPU is the client's (user + system) per GiB; RSS "
         "its peak resident set.",
         "",

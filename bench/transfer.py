@@ -3,7 +3,9 @@ server.
 
 One ``rclone serve s3`` on loopback (started here) serves every client in the
 same run. Each client uploads a random file and downloads it again, in its
-own process, so its CPU time and peak RSS are measured alone (``os.wait4``);
+own process, so its CPU time and peak RSS are measured alone (``os.wait4``; a
+Python client reports its own ``VmHWM``, as ``ru_maxrss`` would carry over the mark
+of this larger process it was forked from);
 clients take turns within each run (the order rotates), and the table shows
 medians over the runs.
 
@@ -56,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, ratio_text, rclone_env, warm_object
+from bench.common import ROOT, peak_rss_mib, ratio_text, rclone_env, warm_object
 
 __all__ = ["main", "CLIENTS"]
 
@@ -162,7 +164,7 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
         t1, c1 = time.perf_counter(), _cpu()
     else:
         raise SystemExit(f"unknown python client {client}")
-    return {"seconds": t1 - t0, "cpu": c1 - c0}
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "rss": peak_rss_mib()}
 
 
 # -- parent ------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def _run_one(
     rss = ru.ru_maxrss / 1024.0
     if argv[0] == sys.executable:
         inner = json.loads(stdout.strip().splitlines()[-1])
-        return Sample(inner["seconds"], inner["cpu"], rss)
+        # Its own VmHWM: ru_maxrss would carry this (larger) process's mark over the fork.
+        return Sample(inner["seconds"], inner["cpu"], inner["rss"])
     return Sample(wall, ru.ru_utime + ru.ru_stime, rss)
 
 
