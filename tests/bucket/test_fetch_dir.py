@@ -4,11 +4,13 @@ A Hugging Face style ``checkpoint-N/`` directory (a few large files and many sma
 ones) is pushed by the real ``ckpt-uploader push`` into a LOCAL bucket and pulled
 back with ``ckpt-uploader pull``. The files are fetched several at a time; a
 damaged file fails the restore with its name, after the files already running
-have ended, and leaves no temporary file behind.
+have ended, and leaves no temporary file behind. A run copied to another prefix
+restores from the copy.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,21 @@ def test_a_damaged_file_fails_the_restore_and_leaves_no_partial_file(
     for p in dest.rglob("*"):  # what was restored is whole and right
         if p.is_file():
             assert sha256(p) == sha256(run / p.relative_to(dest)), p
+
+
+def test_a_run_copied_to_another_prefix_restores_from_the_copy(
+    pushed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``rclone copy`` / ``aws s3 sync`` of a run to another prefix: its pointer still names
+    the first prefix; ``pull .../latest`` of the copy restores from the copy alone."""
+    run, bucket = pushed
+    shutil.copytree(bucket / "run", bucket / "run-copy")
+    shutil.rmtree(bucket / "run")  # only the copy is left to read
+    dest = tmp_path / "restore"
+    got = run_cli("pull", f"file://{bucket}?prefix=run-copy/latest", f"{dest}/", "-v")
+    assert got.returncode == 0, got.stderr
+    assert "restored from their copy under 'run-copy'" in got.stderr
+    want = sorted(p.relative_to(run) for p in (run / "checkpoint-10").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*") if p.is_file()) == want
+    for rel in want:
+        assert sha256(dest / rel) == sha256(run / rel), rel

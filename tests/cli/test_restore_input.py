@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 
-from uploader import IntegrityError, ObjectStore, ObjectStoreHparams, fetch_latest
+from uploader import (
+    IntegrityError,
+    ObjectNotFoundError,
+    ObjectStore,
+    ObjectStoreHparams,
+    fetch_latest,
+)
 from uploader.bucket import pointer
 from uploader.cli.main import main
 from uploader.errors import ExitCode
@@ -86,9 +92,10 @@ def _oversized() -> Bad:
 
 
 def _outside_object() -> Bad:
+    """Rank 0's pointer naming another rank's objects (not a copy of its own run)."""
     files = {"ckpt/a.bin": b"a" * 100}
-    entry = _entry("ckpt", files, object="other-run/rank_0/ckpt")
-    return Bad({"other-run/rank_0/ckpt/a.bin": files["ckpt/a.bin"]}, _pointer(entry))
+    entry = _entry("ckpt", files, object="other-run/rank_1/ckpt")
+    return Bad({"other-run/rank_1/ckpt/a.bin": files["ckpt/a.bin"]}, _pointer(entry))
 
 
 def _raw_name(name: str) -> Bad:
@@ -194,3 +201,31 @@ def test_a_sound_pointer_restores(
     got = fetch_latest(f"file://{local_hparams.container}?prefix={PREFIX}", tmp_path / "dest")
     assert got == tmp_path / "dest" / "ckpt"
     assert _tree(got) == {"Model.bin": b"A" * 10, "sub/caf\u00e9.bin": b"B" * 10}
+
+
+def test_a_pointer_naming_another_prefix_reads_only_its_own_place(
+    tmp_path: Path, local_hparams: ObjectStoreHparams, local_store: ObjectStore
+) -> None:
+    """An entry naming ``other-run/rank_0/ckpt`` is read as a copy beside its pointer: the
+    objects planted under ``other-run`` are never read, so the restore finds nothing and
+    writes nothing."""
+    files = {"ckpt/a.bin": b"a" * 100}
+    entry = _entry("ckpt", files, object="other-run/rank_0/ckpt")
+    _plant(local_store, Bad({"other-run/rank_0/ckpt/a.bin": files["ckpt/a.bin"]}, _pointer(entry)))
+    before = _tree(tmp_path)
+    with pytest.raises(ObjectNotFoundError, match="run/rank_0/ckpt/a.bin"):
+        fetch_latest(f"file://{local_hparams.container}?prefix={PREFIX}", tmp_path / "dest")
+    assert _tree(tmp_path) == before
+
+
+def test_a_copied_prefix_restores_from_the_copy(
+    tmp_path: Path, local_hparams: ObjectStoreHparams, local_store: ObjectStore
+) -> None:
+    """A run copied to another prefix (pointer and objects alike) still names the prefix it
+    was written under; it is restored from the copy, every file checked."""
+    files = {"ckpt/a.bin": b"a" * 100, "ckpt/b.bin": b"b" * 7}
+    entry = _entry("ckpt", files, object="first-run/rank_0/ckpt")
+    objects = {f"{PREFIX}/rank_0/ckpt/{p[len('ckpt/') :]}": d for p, d in files.items()}
+    _plant(local_store, Bad(objects, _pointer(entry)))
+    got = fetch_latest(f"file://{local_hparams.container}?prefix={PREFIX}", tmp_path / "dest")
+    assert _tree(got) == {"a.bin": b"a" * 100, "b.bin": b"b" * 7}

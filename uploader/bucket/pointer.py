@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 import time
@@ -101,6 +102,8 @@ __all__ = [
     "MAX_NAME_BYTES",
     "check_location",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ckpt-uploader/pointer/2"
 #: Formats read (1: one file per entry, before checkpoints had manifests).
@@ -536,19 +539,36 @@ def resolve_latest(
     return {r: check_location(m[best], prefix, r) for r, m in by_rank.items()}
 
 
+_COPIES_SEEN: set[tuple[str, str]] = set()
+
+
 def check_location(entry: PointerEntry, prefix: str, rank: int) -> PointerEntry:
-    """``entry`` when its objects are where rank ``rank``'s pointer under ``prefix`` is
-    (``{prefix}/rank_N/{name}``, where the daemon puts them); IntegrityError otherwise,
-    so that a pointer cannot send a restore to objects of another run."""
+    """``entry`` with its objects where rank ``rank``'s pointer under ``prefix`` is
+    (``{prefix}/rank_N/{name}``, where the daemon puts them), so that a pointer can
+    never send a restore to objects of another run.
+
+    A pointer copied with its run to another prefix (``aws s3 sync``, ``rclone copy``
+    of ``run1/`` to ``run1-copy/``) still names the objects under the prefix it was
+    written under: such an entry (``{other}/rank_N/{name}``) is read from its copy
+    beside the pointer, and every file is still checked against the manifest. Any
+    other object name is IntegrityError: the pointer was altered.
+    """
     expected = join_key(prefix, f"rank_{rank}/{entry.name}")
-    if entry.object != expected:
-        raise IntegrityError(
-            f"the pointer of rank {rank} under {prefix or '(root)'!r} names checkpoint "
-            f"{entry.name!r} at {entry.object!r}, outside its place {expected!r}; it was "
-            "altered, or copied from another prefix: restore from the prefix it was "
-            "written under, or run 'ckpt-uploader push' again to rewrite it"
-        )
-    return entry
+    if entry.object == expected:
+        return entry
+    tail = f"rank_{rank}/{entry.name}"
+    if entry.object == tail or entry.object.endswith("/" + tail):
+        moved = (entry.object[: -len(tail)].rstrip("/") or "(root)", prefix or "(root)")
+        if moved not in _COPIES_SEEN:  # once per copy, not once per rank and checkpoint
+            _COPIES_SEEN.add(moved)
+            log.info("checkpoints committed under %r are restored from their copy under %r", *moved)
+        return replace(entry, object=expected)
+    raise IntegrityError(
+        f"the pointer of rank {rank} under {prefix or '(root)'!r} names checkpoint "
+        f"{entry.name!r} at {entry.object!r}, outside its place {expected!r}; it was "
+        "altered: restore from a pointer written by ckpt-uploader, or run "
+        "'ckpt-uploader push' again to rewrite it"
+    )
 
 
 def latest_prefix(name: str) -> str | None:
