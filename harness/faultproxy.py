@@ -56,6 +56,7 @@ _CHUNK = 64 << 10
 
 #: The answers the proxy makes up: status -> (reason phrase, S3 error code, message).
 S3_ERRORS = {
+    403: ("Forbidden", "AccessDenied", "Access Denied"),
     412: (
         "Precondition Failed",
         "PreconditionFailed",

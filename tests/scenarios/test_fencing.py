@@ -153,6 +153,35 @@ def test_status_shows_fenced_commits_and_the_writes_that_lost_to_another_writer(
     assert f"conflicts {1 + CONFLICT_ATTEMPTS}  conflict failures 1" in text, text
 
 
+def test_a_permanent_error_on_a_pointer_write_is_not_retried(
+    moto_serial_s3: S3Server, tmp_path: Path
+) -> None:
+    """Once the commit pointer's writes are refused for good (403 AccessDenied from the
+    proxy, to the conditional writes only: the checkpoint itself uploads), the daemon
+    fails the commit at the first answer instead of trying ``--attempts`` times, and
+    says why."""
+    bucket = f"deny-{uuid.uuid4().hex[:8]}"
+    moto_serial_s3.make_bucket(bucket)
+    run = tmp_path / "run"
+    run.mkdir()
+    with FaultProxy(("127.0.0.1", moto_serial_s3.port)) as proxy:
+        uri = moto_serial_s3.uri(bucket, "exp", port=proxy.port)
+        d = Daemon(tmp_path, run, "--to", uri, "--settle", "0.2", "--attempts", "4")
+        try:
+            d.wait_status(lambda s: s.get("fenced") is True)
+            atomic_write(run / "ep1.pt", 1000, seed=1)
+            d.wait_status(lambda s: s.get("committed") == 1)
+            proxy.set_plan(FaultPlan(conditional_status=403))
+            atomic_write(run / "ep2.pt", 1000, seed=2)
+            d.wait_status(lambda s: "AccessDenied" in (s.get("last_error") or ""))
+            d.signal(signal.SIGTERM)
+            assert d.wait() == 1, d.log()
+        finally:
+            d.kill()
+        assert proxy.stats()["conditional"] == 1  # one write, not four
+    assert "AuthError" in d.log() and "commit pointer" in d.log()
+
+
 def test_a_store_answering_501_to_conditional_writes_commits_unfenced(
     moto_serial_s3: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -64,7 +64,7 @@ from uploader.bucket.pointer import (
 )
 from uploader.bucket.retention import delete_checkpoints, prune
 from uploader.daemon.journal import Journal
-from uploader.errors import ExitCode, PreconditionFailedError
+from uploader.errors import ExitCode, PermanentError, PreconditionFailedError
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
 
@@ -92,7 +92,8 @@ class Committer:
     Args:
         store: the destination store.
         prefix: the object name prefix.
-        attempts: pointer writes tried per batch before it counts as failed.
+        attempts: pointer writes tried per batch before it counts as failed (one only
+            when the error is permanent: bad credentials or certificate, no bucket).
         pause: seconds to wait before retry number ``attempt`` (1-based).
         journal: the journal, and ``call`` to run its methods off the event loop.
         keep_remote: remote retention in checkpoints (None: keep everything).
@@ -288,7 +289,9 @@ class Committer:
                 break
             except Exception as exc:
                 msg = redact(f"{type(exc).__name__}: {exc}")
-                if attempt >= self.attempts:
+                # A permanent error (credentials, certificate, missing bucket) answers the
+                # same every time: fail now, keep the batch for the next commit or start.
+                if attempt >= self.attempts or isinstance(exc, PermanentError):
                     self.failures += files
                     self._waiting[rank] = {**waiting, **batch.aliases}
                     self.report(f"commit pointer of rank {rank}: {msg}", ExitCode.of(exc))
