@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uploader.cli.options import (
     EXIT_CODES,
@@ -27,7 +27,6 @@ from uploader.cli.options import (
 )
 from uploader.config.files import load_config_file
 from uploader.config.options import WatchOptions
-from uploader.daemon.engine import Engine, EngineOptions
 from uploader.daemon.journal import Journal
 from uploader.daemon.layouts import (
     CHECKPOINT_PATTERNS,
@@ -41,6 +40,9 @@ from uploader.daemon.progress import stderr_is_terminal
 from uploader.daemon.signals import capture_early_signals
 from uploader.daemon.status import STATUS_FILE, StatusReport
 from uploader.errors import ConfigError, ExitCode, UploaderError
+
+if TYPE_CHECKING:  # pragma: no cover - imported when a daemon runs, not for other commands
+    from uploader.daemon.engine import EngineOptions
 
 __all__ = ["register", "engine_options", "cmd_watch", "cmd_push"]
 
@@ -93,6 +95,8 @@ def engine_options(
     built-in directory rules. ``push`` uploads once and exits when idle, and does not
     follow a parent process. A status file inside RUN_DIR is never uploaded.
     """
+    from uploader.daemon.engine import EngineOptions
+
     root = Path(os.path.realpath(run_dir))
     own = set()
     if options.status_file is not None:
@@ -189,6 +193,8 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
         journal = Journal.open(state_dir)
         try:
             progress = stderr_is_terminal() and not args.quiet and not args.no_progress
+            from uploader.daemon.engine import Engine
+
             engine = Engine(
                 engine_options(options, run_dir, loc.prefix, push=push, progress=progress),
                 store,
