@@ -126,12 +126,11 @@ class Downloader:
             self._fetch(name, fd, size, digest, chunk_size, bar, mapped)
             if fsync:
                 os.fsync(fd)
+            written = os.fstat(fd).st_size
             os.close(fd)
             fd = -1
-            if os.path.getsize(tmp) != size:
-                raise IntegrityError(
-                    f"{name}: downloaded {os.path.getsize(tmp)} bytes, expected {size}"
-                )
+            if written != size:
+                raise IntegrityError(f"{name}: downloaded {written} bytes, expected {size}")
             os.replace(tmp, target)
             if fsync:
                 fsync_dir(target.parent)
@@ -437,13 +436,22 @@ def _reserve(fd: int, size: int, target: Path) -> bool:
         ) from exc
 
 
+#: Whether files can be mapped for writing, per filesystem (device): asked once each.
+_MAPPABLE: dict[int, bool] = {}
+
+
 def _can_map(fd: int) -> bool:
     """Whether the file's pages can be mapped for writing (not on every filesystem)."""
+    dev = os.fstat(fd).st_dev
+    known = _MAPPABLE.get(dev)
+    if known is not None:
+        return known
     try:
         mmap.mmap(fd, 1, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+        _MAPPABLE[dev] = True
     except (OSError, ValueError):
-        return False
-    return True
+        _MAPPABLE[dev] = False
+    return _MAPPABLE[dev]
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

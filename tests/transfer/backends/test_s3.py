@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -288,6 +290,11 @@ def test_server_that_stays_down(
             {"provider": "s3", "host": "10.0.0.5", "port": 9000},
             ("10.0.0.5", 9000, "us-east-1", True),
         ),
+        ({"provider": "s3", "host": "minio.internal"}, ("minio.internal", 443, "us-east-1", True)),
+        (
+            {"provider": "s3", "host": "10.0.0.5", "region": "eu-west-3"},
+            ("10.0.0.5", 443, "eu-west-3", True),
+        ),
     ],
 )
 def test_endpoint_resolution(
@@ -305,6 +312,43 @@ def test_endpoint_resolution(
     backend = S3Backend(hp.store_settings())
     assert (backend.host, backend.port, backend.region, backend.secure) == endpoint
     assert backend.requests == 0
+
+
+@pytest.mark.parametrize("fields", [{"host": "10.0.0.5", "port": 9000}, {"host": "minio.internal"}])
+def test_an_explicit_endpoint_agrees_with_libcloud(
+    monkeypatch: pytest.MonkeyPatch, fields: dict[str, object]
+) -> None:
+    """With an explicit endpoint the backend does not ask libcloud (a faster start-up), and
+    says what libcloud's S3 driver would: host, port (or the scheme's) and its region."""
+    from libcloud.storage.providers import get_driver
+
+    monkeypatch.setenv("CKPT_TEST_EP_KEY", "AKIAEXAMPLE")
+    monkeypatch.setenv("CKPT_TEST_EP_SECRET", "example-secret-value")
+    hp = ObjectStoreHparams(
+        provider="s3",
+        container="b",
+        key_environ="CKPT_TEST_EP_KEY",
+        secret_environ="CKPT_TEST_EP_SECRET",
+        **fields,
+    )
+    backend = S3Backend(hp.store_settings())
+    driver = get_driver("s3")("k", "s", secure=True, **fields)
+    want = (driver.connection.host, int(driver.connection.port), driver.region_name)
+    assert (backend.host, backend.port, backend.region) == want
+
+
+def test_pull_from_an_explicit_endpoint_does_not_import_libcloud() -> None:
+    """What ``ckpt-uploader pull s3://b/x?endpoint=...`` imports to open its store."""
+    code = (
+        "import sys, os; os.environ['K'] = os.environ['S'] = 'x';"
+        "from uploader import ObjectStoreHparams as H;"
+        "from uploader.transfer.backends.s3 import S3Backend;"
+        "S3Backend(H.from_uri('s3://b?endpoint=http://127.0.0.1:9', key_environ='K',"
+        " secret_environ='S').store_settings());"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('libcloud', 'requests')))"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "[]", got.stdout
 
 
 def test_endpoint_required_for_minio(monkeypatch: pytest.MonkeyPatch) -> None:
