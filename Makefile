@@ -50,6 +50,7 @@ test: lint unit
 bench: $(STAMP)
 	$(PY) -m bench.transfer
 	$(PY) -m bench.restore
+	$(PY) -m bench.restore_dir
 	$(PY) -m bench.latest
 	$(PY) -m bench.concurrent_restore
 	$(PY) -m bench.stall

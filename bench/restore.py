@@ -238,6 +238,8 @@ class Results:
             return statistics.median(self.size / MiB / s.seconds for s in xs)
         if what == "seconds":
             return statistics.median(s.seconds for s in xs)
+        if what == "cpu":
+            return statistics.median(s.cpu for s in xs)
         if what == "cpu_gib":
             return statistics.median(s.cpu / (self.size / GiB) for s in xs)
         return statistics.median(s.rss_mib for s in xs)
