@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m bench.transfer
 	$(PY) -m bench.restore
 	$(PY) -m bench.restore_dir
+	$(PY) -m bench.restore_dir --latency-ms 20
 	$(PY) -m bench.latest
 	$(PY) -m bench.concurrent_restore
 	$(PY) -m bench.stall

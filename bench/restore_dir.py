@@ -7,8 +7,9 @@ A Hugging Face style ``checkpoint-10/`` (two large files and many small ones, as
 rotates; medians over the runs; ``sync`` before each run):
 
 * pull: ``ckpt-uploader pull URI/rank_0/checkpoint-10 DEST/`` (resolves the
-  checkpoint through its pointer, fetches every file of its manifest several at a
-  time, each verified against the manifest's sha256)
+  checkpoint through its pointer, fetches every file of its manifest 16 at a time,
+  each verified against the manifest's sha256)
+* pull-1: the same with ``--files 1``: one file after another
 * s5cmd: ``s5cmd cp 's3://bucket/prefix/*' DEST/``
 * rclone: ``rclone copy remote:bucket/prefix DEST``
 
@@ -16,15 +17,22 @@ Each client is a process of its own, timed over its whole life (start-up
 included) by a small Python process that reads its CPU time and peak RSS from
 ``RUSAGE_CHILDREN``, as :mod:`bench.restore` does for its binaries.
 
+``--latency-ms`` puts :class:`harness.faultproxy.FaultProxy` in front of the server,
+holding every request that long before forwarding it: a store whose first byte takes
+that long, as one in another region or across the internet does (all three clients
+go through it).
+
 Usage::
 
     python -m bench.restore_dir                    # 2 x 64 MiB + 200 x 256 KiB, 5 runs
     python -m bench.restore_dir --small 1000 --big-mib 0 --runs 3
+    python -m bench.restore_dir --latency-ms 20 --big-mib 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +49,7 @@ __all__ = ["main", "CLIENTS"]
 
 log = logging.getLogger("bench.restore_dir")
 
-CLIENTS = ["pull", "s5cmd", "rclone"]
+CLIENTS = ["pull", "pull-1", "s5cmd", "rclone"]
 PREFIX = "dirs"
 CHECKPOINT = "checkpoint-10"
 SMALL_BYTES = 256 << 10
@@ -62,14 +70,18 @@ def _write_checkpoint(run: Path, small: int, big_mib: int) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def _argv(client: str, dst: Path, server: Any, tools: dict[str, str]) -> list[str]:
+def _argv(client: str, dst: Path, server: Any, tools: dict[str, str], port: int) -> list[str]:
+    """The client's command line, reaching the server through ``port`` (its own, or a
+    proxy's)."""
     key = f"{PREFIX}/rank_0/{CHECKPOINT}"
-    if client == "pull":
-        uri = server.uri(BUCKET, key)
-        return [sys.executable, "-m", "uploader", "pull", uri, f"{dst}/", "--quiet"]
+    if client in ("pull", "pull-1"):
+        uri = server.uri(BUCKET, key, port=port)
+        one = ["--files", "1"] if client == "pull-1" else []
+        return [sys.executable, "-m", "uploader", "pull", uri, f"{dst}/", "--quiet", *one]
     if client == "s5cmd":
         remote = f"s3://{BUCKET}/{key}/*"
-        return [tools["s5cmd"], "--endpoint-url", server.endpoint, "cp", remote, f"{dst}/"]
+        endpoint = f"http://{server.host}:{port}"
+        return [tools["s5cmd"], "--endpoint-url", endpoint, "cp", remote, f"{dst}/"]
     if client == "rclone":
         return [tools["rclone"], "copy", f"bench:{BUCKET}/{key}", str(dst)]
     raise SystemExit(f"unknown client {client}")
@@ -77,7 +89,7 @@ def _argv(client: str, dst: Path, server: Any, tools: dict[str, str]) -> list[st
 
 def _restored(dst: Path, client: str) -> set[str]:
     """The file names a client restored (``pull`` puts the checkpoint's folder inside)."""
-    root = dst / CHECKPOINT if client == "pull" else dst
+    root = dst / CHECKPOINT if client.startswith("pull") else dst
     return {p.name for p in root.iterdir() if p.is_file()}
 
 
@@ -90,6 +102,7 @@ def run_dirs(
     server: Any,
     env: dict[str, str],
     tools: dict[str, str],
+    port: int,
 ) -> tuple[Results, int]:
     run = base / "run"
     log.info("(d) writing %s: 2 x %d MiB + %d x 256 KiB", CHECKPOINT, big_mib // 2, small)
@@ -106,7 +119,7 @@ def run_dirs(
     for r in range(runs):
         for client in _rotations(clients, r):
             dst = base / f"dst-{client}"
-            binary = _argv(client, dst, server, tools)
+            binary = _argv(client, dst, server, tools, port)
             argv = [sys.executable, "-m", "bench.restore", "--child-download", client, "-", "-"]
             os.sync()  # earlier runs' dirty pages written back before the clock starts
             s = _measure([*argv, server.endpoint], dict(env, BENCH_ARGV=json.dumps(binary)))
@@ -126,10 +139,11 @@ def run_dirs(
     return res, files
 
 
-def report(res: Results, runs: int, files: int) -> str:
+def report(res: Results, runs: int, files: int, latency_ms: float) -> str:
     m = res.median
     lines = [
-        "## Restore (d): a directory checkpoint of many files (`bench/restore_dir.py`)",
+        "## Restore (d): a directory checkpoint of many files (`bench/restore_dir.py`)"
+        + (f", {latency_ms:g} ms per request" if latency_ms else ""),
         "",
         f"A Hugging Face style `{CHECKPOINT}/` of {files} files, {res.size / MiB:.0f} MiB in "
         "all (two large shards and 256 KiB files beside them), pushed by `ckpt-uploader push` "
@@ -138,7 +152,14 @@ def report(res: Results, runs: int, files: int) -> str:
         "before each. `pull` resolves the checkpoint through its pointer and checks every "
         "file against the manifest's sha256; `s5cmd cp 'prefix/*'` and `rclone copy` fetch "
         "the objects under the prefix (s5cmd checks nothing; rclone compares the MD5 the "
-        "server reports, where it reports one).",
+        "server reports, where it reports one). `pull-1` is `pull --files 1`, one file after "
+        "another."
+        + (
+            f" Every request waits {latency_ms:g} ms in a proxy before it reaches the server "
+            "(`harness/faultproxy.py`), as a distant store's first byte would."
+            if latency_ms
+            else ""
+        ),
         "",
         "| client | seconds | MiB/s | CPU s | peak RSS MiB | pull / client (speed) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -162,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", type=int, default=200, help="256 KiB files (default 200)")
     p.add_argument("--big-mib", type=int, default=128, help="MiB in the two shards (default 128)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="per request, via a proxy")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -180,14 +202,24 @@ def main(argv: list[str] | None = None) -> int:
                     "AWS_REGION": "us-east-1",
                 }
             )
-            load0 = os.getloadavg()[0]
-            res, files = run_dirs(
-                args.small, args.big_mib, args.runs, CLIENTS, base, server, env, tools
-            )
-            load1 = os.getloadavg()[0]
+            with contextlib.ExitStack() as stack:
+                port = server.port
+                if args.latency_ms:
+                    from harness.faultproxy import FaultPlan, FaultProxy
+
+                    plan = FaultPlan(latency=args.latency_ms / 1000)
+                    proxy = stack.enter_context(FaultProxy((server.host, server.port), plan))
+                    port = proxy.port
+                    env["RCLONE_CONFIG_BENCH_ENDPOINT"] = proxy.url
+                load0 = os.getloadavg()[0]
+                res, files = run_dirs(
+                    args.small, args.big_mib, args.runs, CLIENTS, base, server, env, tools, port
+                )
+                load1 = os.getloadavg()[0]
         finally:
             server.close()
-    text = report(res, args.runs, files) + (
+    name = "restore-dir" + ("-latency" if args.latency_ms else "")
+    text = report(res, args.runs, files, args.latency_ms) + (
         f"\n\nLoad average (1 min) on this 2-core machine at the start and the end of these "
         f"runs: {load0:.1f} and {load1:.1f}."
     )
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m bench.restore_dir" + "".join(
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])
         )
-        write_section("restore-dir", text, command)
+        write_section(name, text, command)
     return 0
 
 

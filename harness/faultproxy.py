@@ -93,6 +93,8 @@ class FaultPlan:
     slowdown_rate: chance that a request is answered ``503 SlowDown`` unforwarded.
     conditional_status: answer every request carrying ``If-Match`` / ``If-None-Match``
         with this status (one of :data:`S3_ERRORS`) unforwarded (None: forward them).
+    latency: seconds every request waits before it is forwarded (a network whose first
+        byte takes that long; not a fault, so not counted as one).
     max_faults: stop injecting after this many faults in total (None: no limit).
     methods: only requests with these methods are faulted (None: every method).
     """
@@ -105,6 +107,7 @@ class FaultPlan:
     max_faults: int | None = None
     methods: frozenset[str] | None = None
     conditional_status: int | None = None
+    latency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
@@ -118,8 +121,8 @@ class FaultPlan:
                 raise ValueError(f"{name} must be within 0..1, got {value}")
         if self.reset_rate + self.stall_rate + self.slowdown_rate > 1.0:
             raise ValueError("the fault rates add up to more than 1")
-        if self.stall_seconds < 0 or self.reset_after[0] < 0:
-            raise ValueError("stall_seconds and reset_after must not be negative")
+        if self.stall_seconds < 0 or self.reset_after[0] < 0 or self.latency < 0:
+            raise ValueError("stall_seconds, reset_after and latency must not be negative")
 
 
 @dataclass
@@ -429,6 +432,8 @@ class FaultProxy:
                     pipe = self._spawn(self._pipe, up, client, name="faultproxy-pipe")
                 if kind == "stall" and not has_body:
                     self._sleep(self._plan.stall_seconds)
+                if self._plan.latency:
+                    self._sleep(self._plan.latency)
                 up.sendall(head)
                 self._count_up(len(head))
                 stop_at: int | None = None

@@ -589,6 +589,12 @@ CLI_CASES = [
     Cmd("uri-credentials", ("ls", "s3://AKIA:secret@b/p"), 2, "key_environ"),
     Cmd("uri-dotdot", ("pull", "file://{bucket}?prefix=x/../y", "{tmp}/out"), 2, "'\\.\\.'"),
     Cmd(
+        "pull-files",
+        ("pull", "file://{bucket}?prefix=x", "{tmp}/out", "--files", "0"),
+        2,
+        "at least 1",
+    ),
+    Cmd(
         "port-range", ("push", "{run}", "--to", "file://{bucket}", "--port", "99999"), 2, "1-65535"
     ),
     Cmd(

@@ -143,6 +143,23 @@ def test_stall_delays_but_delivers(echo: ThreadingHTTPServer) -> None:
     assert took >= 0.55
 
 
+def test_latency_delays_every_request_and_is_no_fault(echo: ThreadingHTTPServer) -> None:
+    """Each request waits ``latency`` before it is forwarded (a distant store), keep-alive
+    or not; nothing is counted as a fault."""
+    with FaultProxy(echo.server_address[:2], FaultPlan(latency=0.2)) as proxy:  # type: ignore[arg-type]
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        t0 = time.monotonic()
+        for _ in range(3):
+            conn.request("GET", "/o")
+            assert conn.getresponse().read() == b"x" * 1000
+        took = time.monotonic() - t0
+        conn.close()
+        assert proxy.stats()["faults"] == 0 and proxy.stats()["requests"] == 3
+    assert took >= 0.6
+    with pytest.raises(ValueError, match="latency"):
+        FaultPlan(latency=-1.0)
+
+
 def test_rates_are_seeded_and_bounded(echo: ThreadingHTTPServer) -> None:
     plan = FaultPlan(slowdown_rate=0.3, stall_rate=0.2, stall_seconds=0.0, max_faults=6)
 

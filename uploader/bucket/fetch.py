@@ -14,7 +14,8 @@
   files are downloaded :data:`FILES_AT_ONCE` at a time (the ranges of large ones
   share the store's threads), so a checkpoint of many small files is not fetched
   one request after another; a failed file stops the ones not yet started, and
-  its error is raised once those running have ended.
+  its error is raised once those running have ended (``files=`` sets how many at a
+  time: more for a store far away, whose first byte takes long).
 
 :func:`find_checkpoint` resolves a name under a prefix (``exp/rank_0/checkpoint-16``,
 or an alias such as ``exp/rank_0/last.ckpt``) through its rank's pointer.
@@ -47,7 +48,7 @@ __all__ = ["fetch_entry", "find_checkpoint", "is_dir_dest"]
 
 _RANK_NAME = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
 #: Files of a directory checkpoint downloaded at once.
-FILES_AT_ONCE = 8
+FILES_AT_ONCE = 16
 
 
 def is_dir_dest(dest: str | os.PathLike[str]) -> bool:
@@ -92,6 +93,7 @@ def fetch_entry(
     progress: bool = False,
     into: bool | None = None,
     fsync: bool = False,
+    files: int = FILES_AT_ONCE,
 ) -> Path:
     """Download the checkpoint ``entry`` (see the module docstring); return its local path:
     the file, or the checkpoint's directory.
@@ -99,7 +101,10 @@ def fetch_entry(
     ``into`` says whether ``dest`` is a directory to put the checkpoint in (default:
     :func:`is_dir_dest`; a directory checkpoint always goes inside ``dest``). ``fsync``:
     every file is on disk before it gets its name (see ``ObjectStore.download_file``).
+    ``files``: files of a directory checkpoint downloaded at once (at least 1).
     """
+    if files < 1:
+        raise ConfigError(f"files {files} must be at least 1")
     if into is None:
         into = is_dir_dest(dest)
     base = Path(dest)
@@ -147,7 +152,7 @@ def fetch_entry(
         )
 
     try:
-        with ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="fetch") as pool:
+        with ThreadPoolExecutor(files, thread_name_prefix="fetch") as pool:
             futures = [pool.submit(one, *job) for job in jobs]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in pending:

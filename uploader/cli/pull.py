@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from uploader.bucket.fetch import fetch_entry, find_checkpoint, is_dir_dest
+from uploader.bucket.fetch import FILES_AT_ONCE, fetch_entry, find_checkpoint, is_dir_dest
 from uploader.bucket.pointer import MAX_NAME_BYTES, PointerEntry, select_latest
 from uploader.cli.options import (
     EXIT_CODES,
@@ -72,12 +72,22 @@ def register(sub: Any) -> None:
         "a power loss once pull returns (at the disk's write speed); default: leave it "
         "in the page cache for the kernel to write back, like other download tools",
     )
+    p.add_argument(
+        "--files",
+        type=int,
+        default=FILES_AT_ONCE,
+        metavar="N",
+        help="files of a directory checkpoint (or a prefix) downloaded at once; raise it "
+        "for a store whose first byte takes long (each file's ranges share --concurrency)",
+    )
     add_store_options(p, to=False)
     add_output_options(p)
     p.set_defaults(func=cmd_pull)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    if args.files < 1:
+        raise ConfigError(f"--files {args.files} must be at least 1")
     cfg = load_config_file(args.config)
     loc = location(args, args.uri, cfg)
     store = open_store(loc)
@@ -94,13 +104,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
             for rank, e in sorted(entries.items()):
                 where = dest if len(entries) == 1 else dest / f"rank_{rank}"
                 single_into = into or len(entries) > 1
-                got = fetch_entry(store, e, where, progress=progress, into=single_into, fsync=sync)
+                got = fetch_entry(
+                    store,
+                    e,
+                    where,
+                    progress=progress,
+                    into=single_into,
+                    fsync=sync,
+                    files=args.files,
+                )
                 _report(e, got)
             return ExitCode.OK
         entry = find_checkpoint(store, loc.prefix)
         if entry is not None:
             _report(
-                entry, fetch_entry(store, entry, dest, progress=progress, into=into, fsync=sync)
+                entry,
+                fetch_entry(
+                    store, entry, dest, progress=progress, into=into, fsync=sync, files=args.files
+                ),
             )
             return ExitCode.OK
         if loc.prefix and store.exists(loc.prefix):
