@@ -77,8 +77,9 @@ def register(sub: Any) -> None:
         type=int,
         default=FILES_AT_ONCE,
         metavar="N",
-        help="files of a directory checkpoint (or a prefix) downloaded at once; raise it "
-        "for a store whose first byte takes long (each file's ranges share --concurrency)",
+        help="files of a directory checkpoint downloaded at once; raise it for a store "
+        "whose first byte takes long (each file's ranges share --concurrency; "
+        "default: %(default)s)",
     )
     add_store_options(p, to=False)
     add_output_options(p)
