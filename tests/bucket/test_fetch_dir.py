@@ -90,3 +90,24 @@ def test_a_run_copied_to_another_prefix_restores_from_the_copy(
     assert sorted(p.relative_to(dest) for p in dest.rglob("*") if p.is_file()) == want
     for rel in want:
         assert sha256(dest / rel) == sha256(run / rel), rel
+
+
+def test_a_prefix_pull_fetches_every_object_several_at_a_time(
+    pushed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``pull URI/prefix DEST`` (no checkpoint named): every object under the prefix, each
+    checked against the digest its store records, ``--files`` at a time, one line each (the
+    digest records themselves are the store's, not listed)."""
+    run, bucket = pushed
+    dest = tmp_path / "all"
+    got = run_cli("pull", f"file://{bucket}?prefix=run/rank_0", f"{dest}/", "--files", "4", "-q")
+    assert got.returncode == 0, got.stderr
+    objects = sorted(
+        str(p.relative_to(bucket / "run" / "rank_0"))
+        for p in (bucket / "run" / "rank_0").rglob("*")
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".ckpt-digest")
+    )
+    lines = got.stdout.splitlines()
+    assert len(lines) == len(objects) and len(objects) >= SMALL + 3
+    for rel in objects:
+        assert (dest / rel).read_bytes() == (bucket / "run" / "rank_0" / rel).read_bytes(), rel

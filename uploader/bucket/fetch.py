@@ -32,19 +32,21 @@ import os
 import re
 import threading
 import unicodedata
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uploader.bucket.pointer import ManifestFile, PointerEntry, check_location, read_pointer
+from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
+from uploader.transfer.digest import Digest
 from uploader.transfer.download import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
 
-__all__ = ["fetch_entry", "find_checkpoint", "is_dir_dest"]
+__all__ = ["Download", "download_all", "fetch_entry", "find_checkpoint", "is_dir_dest"]
 
 _RANK_NAME = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
 #: Files of a directory checkpoint downloaded at once.
@@ -103,8 +105,6 @@ def fetch_entry(
     every file is on disk before it gets its name (see ``ObjectStore.download_file``).
     ``files``: files of a directory checkpoint downloaded at once (at least 1).
     """
-    if files < 1:
-        raise ConfigError(f"files {files} must be at least 1")
     if into is None:
         into = is_dir_dest(dest)
     base = Path(dest)
@@ -122,7 +122,7 @@ def fetch_entry(
     root = base.absolute()
     top = root / entry.name
     _refuse_collisions(entry)
-    jobs = []
+    plan = []
     for f, obj in entry.objects():
         target = (root / f.path).absolute()
         if os.path.commonpath([str(root), os.path.normpath(target)]) != str(root):
@@ -132,38 +132,73 @@ def fetch_entry(
             )
         if target.is_dir():
             raise ConfigError(f"{target} is a directory; cannot restore {f.path} there")
-        jobs.append((obj, target, f))
-    bar = progress_bar(progress, entry.size, entry.name)
+        plan.append((obj, target, f))
+    jobs = [Download(obj, target, f.digest, f.size) for obj, target, f in plan]
+    download_all(store, jobs, files=files, progress=progress, label=entry.name, fsync=fsync)
+    return top
+
+
+@dataclass(frozen=True)
+class Download:
+    """One object to fetch to ``target``, checked against ``digest`` and ``size`` when
+    given (else against what the store records)."""
+
+    object: str
+    target: Path
+    digest: Digest | str | None = None
+    size: int | None = None
+
+
+def download_all(
+    store: ObjectStore,
+    jobs: Sequence[Download],
+    *,
+    files: int = FILES_AT_ONCE,
+    progress: bool = False,
+    label: str = "",
+    fsync: bool = False,
+    done: Callable[[Download, Path], None] | None = None,
+) -> None:
+    """Fetch every job, ``files`` at a time (each one's ranges share the store's threads),
+    under one progress bar; ``done(job, path)`` after each, from one thread at a time.
+    A job given a digest must match it (``require_digest``). A failure stops the jobs not
+    yet started, and the first failure in ``jobs`` order is raised once the running ones
+    have ended."""
+    if files < 1:
+        raise ConfigError(f"files {files} must be at least 1")
+    bar = progress_bar(progress, sum(j.size or 0 for j in jobs), label)
     lock = threading.Lock()
 
     def count(n: int) -> None:
         with lock:
             bar.update(n)
 
-    def one(obj: str, target: Path, f: ManifestFile) -> None:
-        store.download_file(
-            obj,
-            target,
+    def one(job: Download) -> None:
+        got = store.download_file(
+            job.object,
+            job.target,
             progress=count,
-            expected_digest=f.digest,
-            expected_size=f.size,
-            require_digest=True,
+            expected_digest=job.digest,
+            expected_size=job.size,
+            require_digest=job.digest is not None,
             fsync=fsync,
         )
+        if done is not None:
+            with lock:
+                done(job, got)
 
     try:
         with ThreadPoolExecutor(files, thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(one, *job) for job in jobs]
+            futures = [pool.submit(one, job) for job in jobs]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in pending:
                 fut.cancel()
-        for fut in futures:  # the first failure in manifest order, once all have ended
+        for fut in futures:  # the first failure in job order, once all have ended
             exc = None if fut.cancelled() else fut.exception()
             if exc is not None:
                 raise exc
     finally:
         bar.close()
-    return top
 
 
 def _folded(path: str) -> str:

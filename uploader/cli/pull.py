@@ -18,7 +18,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from uploader.bucket.fetch import FILES_AT_ONCE, fetch_entry, find_checkpoint, is_dir_dest
+from uploader.bucket.fetch import (
+    FILES_AT_ONCE,
+    Download,
+    download_all,
+    fetch_entry,
+    find_checkpoint,
+    is_dir_dest,
+)
 from uploader.bucket.pointer import MAX_NAME_BYTES, PointerEntry, select_latest
 from uploader.cli.options import (
     EXIT_CODES,
@@ -77,7 +84,7 @@ def register(sub: Any) -> None:
         type=int,
         default=FILES_AT_ONCE,
         metavar="N",
-        help="files of a directory checkpoint downloaded at once; raise it for a store "
+        help="files of a directory checkpoint (or a prefix) downloaded at once; raise it for a store "
         "whose first byte takes long (each file's ranges share --concurrency; "
         "default: %(default)s)",
     )
@@ -130,7 +137,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             got = store.download_file(loc.prefix, target, progress=progress, fsync=sync)
             print(f"{loc.prefix} -> {got}")
             return ExitCode.OK
-        return _pull_prefix(store, loc.prefix, dest, progress, sync)
+        return _pull_prefix(store, loc.prefix, dest, progress, sync, args.files)
 
 
 def _report(e: PointerEntry, got: Path) -> None:
@@ -138,8 +145,11 @@ def _report(e: PointerEntry, got: Path) -> None:
     print(f"{e.object} -> {got} ({format_bytes(e.size)}{files}, {e.digest})")
 
 
-def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool, sync: bool) -> int:
-    """Everything under ``prefix`` into ``dest``, but names that would land outside it."""
+def _pull_prefix(
+    store: ObjectStore, prefix: str, dest: Path, progress: bool, sync: bool, files: int
+) -> int:
+    """Everything under ``prefix`` into ``dest``, ``files`` at a time, but names that would
+    land outside it."""
     base = listing_prefix(prefix)
     objs = store.list(base)
     if not objs:
@@ -147,6 +157,7 @@ def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool, sy
             f"nothing under {prefix or '(root)'!r}; check the URI with 'ckpt-uploader ls'"
         )
     unsafe = []
+    jobs: list[Download] = []
     for info in objs:
         rel = info.name[len(base) :]
         try:
@@ -157,9 +168,16 @@ def _pull_prefix(store: ObjectStore, prefix: str, dest: Path, progress: bool, sy
             # Another tool wrote it: it would land outside DEST. Skip it, say so.
             unsafe.append(info.name)
             continue
-        target = dest / rel
-        store.download_file(info.name, target, progress=progress, fsync=sync)
-        print(f"{info.name} -> {target}")
+        jobs.append(Download(info.name, dest / rel, size=info.size))
+    download_all(
+        store,
+        jobs,
+        files=files,
+        progress=progress,
+        label=prefix or "(root)",
+        fsync=sync,
+        done=lambda job, got: print(f"{job.object} -> {got}"),
+    )
     if unsafe:
         log.error(
             "not downloaded: %d object(s) whose names would land outside %s "
