@@ -122,7 +122,7 @@ def fetch_entry(
     root = base.absolute()
     top = root / entry.name
     _refuse_collisions(entry)
-    plan = []
+    jobs = []
     for f, obj in entry.objects():
         target = (root / f.path).absolute()
         if os.path.commonpath([str(root), os.path.normpath(target)]) != str(root):
@@ -132,8 +132,7 @@ def fetch_entry(
             )
         if target.is_dir():
             raise ConfigError(f"{target} is a directory; cannot restore {f.path} there")
-        plan.append((obj, target, f))
-    jobs = [Download(obj, target, f.digest, f.size) for obj, target, f in plan]
+        jobs.append(Download(obj, target, f.digest, f.size))
     download_all(store, jobs, files=files, progress=progress, label=entry.name, fsync=fsync)
     return top
 
