@@ -1,4 +1,4 @@
-"""Pieces the benchmarks share: the repository root, the environment for rclone's client,
+"""Pieces the benchmarks share: the repository root, the environment for the clients,
 and warming an object before a timed download."""
 
 from __future__ import annotations
@@ -32,13 +32,22 @@ def warm_object(server: Any, bucket: str, key: str) -> None:
         backend.close()
 
 
-def rclone_env(server: Any, base: Path) -> dict[str, str]:
-    """This process's environment plus an rclone remote ``bench:`` for ``server`` (an
-    ``S3Server`` of harness/servers/s3.py), its credentials, and PYTHONPATH for children."""
+def client_env(server: Any, base: Path) -> dict[str, str]:
+    """This process's environment plus what every client of a benchmark reads to reach
+    ``server`` (an ``S3Server`` of harness/servers/s3.py): its credentials under the
+    store's own variables, ``BENCH_S3_KEY``/``BENCH_S3_SECRET`` (the Python clients of
+    a child process) and ``AWS_*`` (s5cmd, boto3), an rclone remote ``bench:``, and
+    PYTHONPATH for children."""
     env = dict(os.environ)
     env.update(server.env)
     env.update(
         {
+            "BENCH_S3_KEY": server.key,
+            "BENCH_S3_SECRET": server.secret,
+            "AWS_ACCESS_KEY_ID": server.key,
+            "AWS_SECRET_ACCESS_KEY": server.secret,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
             "RCLONE_CONFIG": str(base / "rclone.conf"),
             "RCLONE_CONFIG_BENCH_TYPE": "s3",
             "RCLONE_CONFIG_BENCH_PROVIDER": "Other",

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, rclone_env
+from bench.common import ROOT, client_env
 
 __all__ = ["main"]
 
@@ -156,7 +156,7 @@ def run(samples: int, big: int, nfiles: int, idle: float, runs: int) -> dict[str
         base = Path(tmp)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = rclone_env(server, base)
+            env = client_env(server, base)
             run_dir = base / "run" / "rank_0"
             run_dir.mkdir(parents=True)
             logf = base / "daemon.log"

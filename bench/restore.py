@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, peak_rss_mib, ratio_text, rclone_env, warm_object
+from bench.common import ROOT, client_env, peak_rss_mib, ratio_text, warm_object
 
 __all__ = ["main", "DOWNLOAD_CLIENTS", "RESUME_CLIENTS"]
 
@@ -448,7 +448,7 @@ def report_resume(res: Results, runs: int) -> str:
         if c not in res.samples:
             continue
         lines.append(
-            f"| {c} | {m(c, 'seconds'):.2f} | {m(c, 'cpu_gib') * res.size / GiB:.2f} "
+            f"| {c} | {m(c, 'seconds'):.2f} | {m(c, 'cpu'):.2f} "
             f"| {m(c, 'rss'):.0f} | {ratio_text(m(c, 'seconds'), ours)} |"
         )
     peers = [m(c, "seconds") for c in RESUME_CLIENTS[1:] if c in res.samples]
@@ -503,18 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = rclone_env(server, base)
-            env.update(
-                {
-                    "BENCH_S3_KEY": server.key,
-                    "BENCH_S3_SECRET": server.secret,
-                    "BENCH_S5CMD": tools["s5cmd"],
-                    "AWS_ACCESS_KEY_ID": server.key,
-                    "AWS_SECRET_ACCESS_KEY": server.secret,
-                    "AWS_REGION": "us-east-1",
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                }
-            )
+            env = dict(client_env(server, base), BENCH_S5CMD=tools["s5cmd"])
             if args.part in ("a", "all"):
                 loads.append(os.getloadavg()[0])
                 res = run_downloads(size, runs, pick(DOWNLOAD_CLIENTS), base, server, env, tools)

@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ratio_text, rclone_env, warm_object
+from bench.common import client_env, ratio_text, warm_object
 from bench.restore import BUCKET, MiB, Results, _measure, _rotations
 
 __all__ = ["main", "CLIENTS"]
@@ -194,14 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = rclone_env(server, base)
-            env.update(
-                {
-                    "AWS_ACCESS_KEY_ID": server.key,
-                    "AWS_SECRET_ACCESS_KEY": server.secret,
-                    "AWS_REGION": "us-east-1",
-                }
-            )
+            env = client_env(server, base)
             with contextlib.ExitStack() as stack:
                 port = server.port
                 if args.latency_ms:

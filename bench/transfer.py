@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, peak_rss_mib, ratio_text, rclone_env, warm_object
+from bench.common import ROOT, client_env, peak_rss_mib, ratio_text, warm_object
 
 __all__ = ["main", "CLIENTS"]
 
@@ -272,17 +272,7 @@ def run(size: int, runs: int, clients: list[str]) -> Results:
         _write_random(src, size)
         server = start_rclone_s3(base / "data", bucket=BUCKET)
         try:
-            env = rclone_env(server, base)
-            env.update(
-                {
-                    "BENCH_S3_KEY": server.key,
-                    "BENCH_S3_SECRET": server.secret,
-                    "AWS_ACCESS_KEY_ID": server.key,
-                    "AWS_SECRET_ACCESS_KEY": server.secret,
-                    "AWS_REGION": "us-east-1",
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                }
-            )
+            env = client_env(server, base)
             for r in range(runs):
                 order = clients[r % len(clients) :] + clients[: r % len(clients)]
                 for client in order:
