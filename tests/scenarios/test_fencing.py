@@ -84,7 +84,12 @@ def test_a_store_ignoring_conditions_falls_back_and_says_so_once(
     assert daemon["fenced"] is False and "ignores conditional writes" in daemon["fencing"]
     assert daemon["conflicts"] == daemon["conflict_failures"] == 0
     assert "fenced: no (the store ignores conditional writes" in text, text
-    store = rclone_s3.hparams(bucket).initialize_object()
+    _assert_committed_without_probe(rclone_s3, bucket)
+
+
+def _assert_committed_without_probe(server: S3Server, bucket: str) -> None:
+    """The unfenced commit landed (``ep1.pt`` is latest) and the probe left no object."""
+    store = server.hparams(bucket).initialize_object()
     try:
         pointer = read_pointer(store, "exp", 0)
         assert pointer is not None and pointer.latest.name == "ep1.pt"
@@ -205,10 +210,4 @@ def test_a_store_answering_501_to_conditional_writes_commits_unfenced(
     assert daemon["fenced"] is False and "HTTP 501 NotImplemented" in daemon["fencing"]
     assert daemon["committed"] == 1 and daemon["conflicts"] == 0
     assert "fenced: no (a conditional write failed" in text, text
-    store = moto_serial_s3.hparams(bucket).initialize_object()
-    try:
-        pointer = read_pointer(store, "exp", 0)
-        assert pointer is not None and pointer.latest.name == "ep1.pt"
-        assert [i.name for i in store.list("exp/") if "probe" in i.name] == []
-    finally:
-        store.close()
+    _assert_committed_without_probe(moto_serial_s3, bucket)

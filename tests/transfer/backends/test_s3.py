@@ -269,6 +269,19 @@ def test_server_that_stays_down(
     assert not rclone_store.exists("down/ep1.pt" + DIGEST_SUFFIX)
 
 
+def _endpoint_backend(monkeypatch: pytest.MonkeyPatch, **fields: object) -> S3Backend:
+    """An S3Backend for hparams ``fields`` with placeholder credentials (nothing is sent)."""
+    monkeypatch.setenv("CKPT_TEST_EP_KEY", "AKIAEXAMPLE")
+    monkeypatch.setenv("CKPT_TEST_EP_SECRET", "example-secret-value")
+    hp = ObjectStoreHparams(
+        container="b",
+        key_environ="CKPT_TEST_EP_KEY",
+        secret_environ="CKPT_TEST_EP_SECRET",
+        **fields,  # type: ignore[arg-type]
+    )
+    return S3Backend(hp.store_settings())
+
+
 @pytest.mark.parametrize(
     ("fields", "endpoint"),
     [
@@ -301,15 +314,7 @@ def test_endpoint_resolution(
     monkeypatch: pytest.MonkeyPatch, fields: dict[str, object], endpoint: tuple[object, ...]
 ) -> None:
     """libcloud's driver table decides host and region; nothing is sent."""
-    monkeypatch.setenv("CKPT_TEST_EP_KEY", "AKIAEXAMPLE")
-    monkeypatch.setenv("CKPT_TEST_EP_SECRET", "example-secret-value")
-    hp = ObjectStoreHparams(
-        container="b",
-        key_environ="CKPT_TEST_EP_KEY",
-        secret_environ="CKPT_TEST_EP_SECRET",
-        **fields,
-    )
-    backend = S3Backend(hp.store_settings())
+    backend = _endpoint_backend(monkeypatch, **fields)
     assert (backend.host, backend.port, backend.region, backend.secure) == endpoint
     assert backend.requests == 0
 
@@ -322,16 +327,7 @@ def test_an_explicit_endpoint_agrees_with_libcloud(
     says what libcloud's S3 driver would: host, port (or the scheme's) and its region."""
     from libcloud.storage.providers import get_driver
 
-    monkeypatch.setenv("CKPT_TEST_EP_KEY", "AKIAEXAMPLE")
-    monkeypatch.setenv("CKPT_TEST_EP_SECRET", "example-secret-value")
-    hp = ObjectStoreHparams(
-        provider="s3",
-        container="b",
-        key_environ="CKPT_TEST_EP_KEY",
-        secret_environ="CKPT_TEST_EP_SECRET",
-        **fields,
-    )
-    backend = S3Backend(hp.store_settings())
+    backend = _endpoint_backend(monkeypatch, provider="s3", **fields)
     driver = get_driver("s3")("k", "s", secure=True, **fields)
     want = (driver.connection.host, int(driver.connection.port), driver.region_name)
     assert (backend.host, backend.port, backend.region) == want
@@ -352,13 +348,5 @@ def test_pull_from_an_explicit_endpoint_does_not_import_libcloud() -> None:
 
 
 def test_endpoint_required_for_minio(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CKPT_TEST_EP_KEY", "AKIAEXAMPLE")
-    monkeypatch.setenv("CKPT_TEST_EP_SECRET", "example-secret-value")
-    hp = ObjectStoreHparams(
-        provider="minio",
-        container="b",
-        key_environ="CKPT_TEST_EP_KEY",
-        secret_environ="CKPT_TEST_EP_SECRET",
-    )
     with pytest.raises(ConfigError, match="give host"):
-        S3Backend(hp.store_settings())
+        _endpoint_backend(monkeypatch, provider="minio")
