@@ -63,6 +63,56 @@ def client_env(server: Any, base: Path) -> dict[str, str]:
     return env
 
 
+def _credentials() -> tuple[str, str]:
+    """The server's key and secret, as :func:`client_env` hands them to a child process."""
+    return os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
+
+
+def ours_hparams(endpoint: str, bucket: str) -> Any:
+    """``ObjectStoreHparams`` of ``bucket`` at ``endpoint`` (``http://host:port``), in a child."""
+    from uploader import ObjectStoreHparams
+
+    host, port = endpoint.rsplit("//", 1)[1].split(":")
+    return ObjectStoreHparams(
+        provider="s3",
+        container=bucket,
+        host=host,
+        port=int(port),
+        key_environ="BENCH_S3_KEY",
+        secret_environ="BENCH_S3_SECRET",
+    )
+
+
+def boto3_client(endpoint: str) -> Any:
+    """A boto3 S3 client for ``endpoint``, in a child."""
+    import boto3
+
+    access, secret = _credentials()
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+    )
+
+
+def obstore_store(endpoint: str, bucket: str) -> Any:
+    """An obstore ``S3Store`` of ``bucket`` at ``endpoint`` (plain HTTP, path style), in a child."""
+    from obstore.store import S3Store
+
+    access, secret = _credentials()
+    return S3Store(
+        bucket,
+        endpoint=endpoint,
+        access_key_id=access,
+        secret_access_key=secret,
+        region="us-east-1",
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+
+
 def peak_rss_mib() -> float:
     """This process's own peak RSS in MiB (VmHWM: its memory since exec, unlike
     ``ru_maxrss``, which keeps the high-water mark of the process it was forked from)."""

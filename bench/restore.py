@@ -59,7 +59,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, client_env, peak_rss_mib, ratio_text, warm_object
+from bench.common import (
+    ROOT,
+    boto3_client,
+    client_env,
+    obstore_store,
+    ours_hparams,
+    peak_rss_mib,
+    ratio_text,
+    warm_object,
+)
 
 __all__ = ["main", "DOWNLOAD_CLIENTS", "RESUME_CLIENTS"]
 
@@ -91,55 +100,22 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _hparams(endpoint: str) -> Any:
-    from uploader import ObjectStoreHparams
-
-    host, port = endpoint.rsplit("//", 1)[1].split(":")
-    return ObjectStoreHparams(
-        provider="s3",
-        container=BUCKET,
-        host=host,
-        port=int(port),
-        key_environ="BENCH_S3_KEY",
-        secret_environ="BENCH_S3_SECRET",
-    )
-
-
 def _download(client: str, key: str, path: str, endpoint: str) -> None:
     """Download ``key`` to ``path`` with a Python client (imports already done)."""
-    access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
     if client in ("ours", "ours-fsync", "ours-pwrite"):
         if client == "ours-pwrite":
             from uploader.transfer import download
 
             download.reserve = lambda fd, size: False  # as on a filesystem without fallocate
-        with _hparams(endpoint).initialize_object() as store:
+        with ours_hparams(endpoint, BUCKET).initialize_object() as store:
             fsync = client == "ours-fsync"
             store.download_file(key, path, progress=False, require_digest=True, fsync=fsync)
     elif client == "boto3":
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=access,
-            aws_secret_access_key=secret,
-            region_name="us-east-1",
-        )
-        s3.download_file(BUCKET, key, path)
+        boto3_client(endpoint).download_file(BUCKET, key, path)
     elif client == "obstore":
         import obstore
-        from obstore.store import S3Store
 
-        ostore = S3Store(
-            BUCKET,
-            endpoint=endpoint,
-            access_key_id=access,
-            secret_access_key=secret,
-            region="us-east-1",
-            virtual_hosted_style_request=False,
-            client_options={"allow_http": True},
-        )
+        ostore = obstore_store(endpoint, BUCKET)
         with open(path, "wb") as f:
             for chunk in obstore.get(ostore, key).stream(min_chunk_size=8 * MiB):
                 f.write(chunk)
@@ -193,7 +169,9 @@ def _child_resume(client: str, key: str, workdir: str, endpoint: str) -> dict[st
     if client == "ours":
         import ckpt
 
-        state = ckpt.load(key, object_store=_hparams(endpoint), progress=False, tmp_dir=workdir)
+        state = ckpt.load(
+            key, object_store=ours_hparams(endpoint, BUCKET), progress=False, tmp_dir=workdir
+        )
     else:
         compressed = work / "ckpt.pt.zst"
         plain = work / "ckpt.pt"

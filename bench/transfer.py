@@ -58,7 +58,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, client_env, peak_rss_mib, ratio_text, warm_object
+from bench.common import (
+    ROOT,
+    boto3_client,
+    client_env,
+    obstore_store,
+    ours_hparams,
+    peak_rss_mib,
+    ratio_text,
+    warm_object,
+)
 
 __all__ = ["main", "CLIENTS"]
 
@@ -81,19 +90,8 @@ def _cpu() -> float:
 
 def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> dict[str, float]:
     """Run one transfer in this process; return its seconds and CPU seconds."""
-    access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
     if client in ("ours", "ours+readback"):
-        from uploader import ObjectStoreHparams
-
-        host, port = endpoint.rsplit("//", 1)[1].split(":")
-        hp = ObjectStoreHparams(
-            provider="s3",
-            container=BUCKET,
-            host=host,
-            port=int(port),
-            key_environ="BENCH_S3_KEY",
-            secret_environ="BENCH_S3_SECRET",
-        )
+        hp = ours_hparams(endpoint, BUCKET)
         opts: dict[str, Any] = {}
         if os.environ.get("BENCH_PART_MIB"):
             opts["part_size"] = int(os.environ["BENCH_PART_MIB"]) * MiB
@@ -108,15 +106,7 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
         t1, c1 = time.perf_counter(), _cpu()
         store.close()
     elif client == "boto3":
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=access,
-            aws_secret_access_key=secret,
-            region_name="us-east-1",
-        )
+        s3 = boto3_client(endpoint)
         t0, c0 = time.perf_counter(), _cpu()
         if direction == "up":
             s3.upload_file(path, BUCKET, key)
@@ -125,17 +115,8 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
         t1, c1 = time.perf_counter(), _cpu()
     elif client == "obstore":
         import obstore
-        from obstore.store import S3Store
 
-        ostore = S3Store(
-            BUCKET,
-            endpoint=endpoint,
-            access_key_id=access,
-            secret_access_key=secret,
-            region="us-east-1",
-            virtual_hosted_style_request=False,
-            client_options={"allow_http": True},
-        )
+        ostore = obstore_store(endpoint, BUCKET)
         t0, c0 = time.perf_counter(), _cpu()
         if direction == "up":
             obstore.put(ostore, key, Path(path))
@@ -148,6 +129,7 @@ def _child(client: str, direction: str, path: str, key: str, endpoint: str) -> d
         from libcloud.storage.providers import get_driver
 
         host, port = endpoint.rsplit("//", 1)[1].split(":")
+        access, secret = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
         driver = get_driver("s3")(access, secret, secure=False, host=host, port=int(port))
         # rclone's server omits the S3 XML namespace; libcloud's parser expects it.
         setattr(driver, "namespace", "")  # noqa: B010
