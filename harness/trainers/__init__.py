@@ -7,6 +7,10 @@ Each trainer is a module run as its own process (``python -m harness.trainers.NA
   ``last.ckpt``) and a ``CSVLogger`` (``logs/metrics.csv``).
 - ``hf_run``: the Hugging Face ``Trainer`` (``checkpoint-N/`` directories, whose
   ``trainer_state.json`` is written last).
+- ``accelerate_run``: ``Accelerator.save_state``, with automatic naming
+  (``checkpoints/checkpoint_<i>/``, ``total_limit``) or as diffusers' scripts call it
+  (``checkpoint-<step>/`` with the model in ``unet/``); ``random_states_0.pkl`` last but
+  for the registered objects.
 - ``dcp_run``: ``torch.distributed.checkpoint`` on one or more gloo ranks (``step_N/`` with
   ``__R_0.distcp`` shards and ``.metadata``, written last).
 
@@ -45,7 +49,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 """The repository root, put on ``PYTHONPATH`` of every trainer process."""
 
-TRAINERS = ("lightning_run", "hf_run", "dcp_run")
+TRAINERS = ("lightning_run", "hf_run", "dcp_run", "accelerate_run")
 """The trainer modules under ``harness.trainers``."""
 
 HF_FILES = frozenset(

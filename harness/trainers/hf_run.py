@@ -1,7 +1,7 @@
 """A tiny Hugging Face ``Trainer`` run writing ``checkpoint-N/`` directories as transformers does.
 
 ``python -m harness.trainers.hf_run RUN_DIR --save-steps 8 --max-steps 16 [--resume DIR]
-[--kill-mid-save STEP] [--save-strategy steps|no] [--upload-to URI [--resume-from-bucket DEST]]
+[--kill-mid-save STEP] [--save-strategy steps|no] [--save-total-limit N] [--upload-to URI [--resume-from-bucket DEST]]
 [--remove-bucket-at-step S] [--step-sleep SECONDS]``
 
 A one-layer BERT classifier (hidden size 16) built from its config, so nothing is
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", type=Path, help="a checkpoint-N directory to continue from")
     p.add_argument("--kill-mid-save", type=int, metavar="STEP")
     p.add_argument("--save-strategy", choices=("steps", "no"), default="steps")
+    p.add_argument("--save-total-limit", type=int, metavar="N", help="the Trainer's own rotation")
     p.add_argument("--upload-to", metavar="URI", help="add the uploader's HF Trainer callback")
     p.add_argument("--resume-from-bucket", type=Path, metavar="DEST")
     p.add_argument("--remove-bucket-at-step", type=int, metavar="S")
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=args.max_steps,
         save_strategy=args.save_strategy,
         save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
         per_device_train_batch_size=BATCH,
         learning_rate=1e-3,
         logging_strategy="steps",

@@ -489,9 +489,11 @@ def test_multi_rank_run_dir_writes_one_pointer_per_rank(tmp_path: Path, local_bu
     assert (run / ".ckpt-uploader.sqlite").exists()
 
 
-def test_accepted_file_that_vanishes_is_reported_failed_not_dropped(
+def test_accepted_file_that_vanishes_is_counted_as_rotated_not_dropped(
     tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
 ) -> None:
+    """A checkpoint file the trainer deletes after it was accepted and before it was sent
+    (Lightning's save_top_k): counted, shown in status, and no failure."""
     run = tmp_path / "rank_0"
     run.mkdir()
     d = Daemon(
@@ -505,13 +507,16 @@ def test_accepted_file_that_vanishes_is_reported_failed_not_dropped(
     wait_for(lambda: _journal_states(run).get("b.pt") == "pending", 10, "b.pt accepted")
     (run / "b.pt").unlink()
     assert journal and _journal_states(run)["a.pt"] == "uploading", "too slow to race a.pt"
-    d.wait_status(lambda s: s.get("failed") == 1 and s.get("done") == 1)
+    d.wait_status(lambda s: s.get("removed") == 1 and s.get("done") == 1)
     st = d.status()
-    assert st["state"] == "failed" and "b.pt" in st["last_error"]
+    assert st["state"] == "running" and st["failed"] == 0 and st["rotated"] == 1
     d.signal(signal.SIGTERM)
-    assert d.wait() == 1
+    assert d.wait() == 0
+    assert "rotated away before upload: 1" in d.log()
+    assert pointer(local_bucket, "v")["latest"]["name"] == "a.pt"
     out = run_cli("status", str(run))
-    assert out.returncode == 1 and "failed 1" in out.stdout and "b.pt" in out.stdout
+    assert out.returncode == 0 and "removed before upload 1" in out.stdout
+    assert _journal_states(run)["b.pt"] == "removed"
 
 
 def test_keep_remote_keeps_newest_and_never_the_pointer_target(

@@ -9,6 +9,7 @@ import pytest
 
 from uploader.bucket.pointer import ManifestFile, PointerEntry, merge
 from uploader.config.files import load_config_file, parse_bytes, store_location
+from uploader.daemon.checkpoints import NUMBERED
 from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.layouts import (
     DEFAULT_DIR_RULES,
@@ -106,13 +107,14 @@ def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
 
 
 def test_checkpoint_units_by_layout(tmp_path: Path) -> None:
-    """Which checkpoint each file belongs to: HF and DeepSpeed directories by name, DCP
-    once .metadata exists, single files by name, everything else an artifact."""
+    """Which checkpoint each file belongs to: numbered, DeepSpeed and Megatron directories
+    by name, DCP once .metadata exists, single files by name, everything else an artifact;
+    a numbered directory's trainer (and so its marker) read from its files."""
     rules = Checkpoints()
     for rel in (
         "checkpoint-8/model.safetensors",
         "checkpoint-8/optimizer.pt",
-        "step_10/__0_0.distcp",
+        "ckpts/__0_0.distcp",
         "global_step5/mp_rank_00_model_states.pt",
         "lightning_logs/version_0/metrics.csv",
         "epoch=0-step=8.ckpt",
@@ -120,14 +122,19 @@ def test_checkpoint_units_by_layout(tmp_path: Path) -> None:
     ):
         _touch(tmp_path, rel)
     unit = rules.unit
-    assert unit(tmp_path, "checkpoint-8/optimizer.pt") == Unit("checkpoint-8", "hf", True)
-    assert not rules.complete(tmp_path, Unit("checkpoint-8", "hf", True))
+    hf = unit(tmp_path, "checkpoint-8/optimizer.pt")
+    assert hf == Unit("checkpoint-8", "numbered", True)
+    # nothing yet shows which trainer wrote it: complete once settled
+    assert rules.resolve(tmp_path, hf).name == "settled"
+    _touch(tmp_path, "checkpoint-8/training_args.bin")
+    assert rules.resolve(tmp_path, hf).name == "hf"
+    assert not rules.complete(tmp_path, hf)
     _touch(tmp_path, "checkpoint-8/trainer_state.json")
-    assert rules.complete(tmp_path, Unit("checkpoint-8", "hf", True))
-    # DCP: an artifact until its marker exists
-    assert unit(tmp_path, "step_10/__0_0.distcp") is None
-    _touch(tmp_path, "step_10/.metadata")
-    assert unit(tmp_path, "step_10/__0_0.distcp") == Unit("step_10", "dcp", True)
+    assert rules.complete(tmp_path, hf)
+    # DCP in a directory without a number: an artifact until its marker exists
+    assert unit(tmp_path, "ckpts/__0_0.distcp") is None
+    _touch(tmp_path, "ckpts/.metadata")
+    assert unit(tmp_path, "ckpts/__0_0.distcp") == Unit("ckpts", "dcp", True)
     # DeepSpeed: complete once 'latest' names it
     ds = unit(tmp_path, "global_step5/mp_rank_00_model_states.pt")
     assert ds == Unit("global_step5", "deepspeed", True)
@@ -145,7 +152,96 @@ def test_checkpoint_units_by_layout(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("text", ["step_*", "=COMMITTED", "step_*=", "step_*=a/b", "../x=M"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "checkpoint-64",
+        "checkpoint_4",
+        "step_10",
+        "step-10",
+        "global_step100",
+        "iter_0000100",
+        "epoch_3",
+        "epoch=3-step=100",
+        "Epoch3",
+        "ckpt-7",
+    ],
+)
+def test_numbered_directories_are_one_checkpoint(name: str) -> None:
+    assert NUMBERED.match(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["checkpoints", "version_0", "rank_1", "run3", "lightning_logs", "step", "best-5x"]
+)
+def test_unnumbered_directories_are_folders(name: str) -> None:
+    assert not NUMBERED.match(name)
+
+
+def test_outermost_numbered_directory_wins(tmp_path: Path) -> None:
+    """diffusers' checkpoint-N/unet/..., Megatron's iter_N/mp_rank_00/..., an HF Trainer's
+    FSDP checkpoint-N/pytorch_model_fsdp_0/.metadata: one checkpoint each, the outer one."""
+    rules = Checkpoints()
+    _touch(tmp_path, "out/checkpoint-4/unet/diffusion_pytorch_model.safetensors")
+    _touch(tmp_path, "iter_0000100/mp_rank_00/model_optim_rng.pt")
+    _touch(tmp_path, "checkpoint-8/pytorch_model_fsdp_0/.metadata")
+    _touch(tmp_path, "checkpoints/step_3/epoch_1/x.pt")
+    assert rules.unit(tmp_path, "out/checkpoint-4/unet/diffusion_pytorch_model.safetensors") == (
+        Unit("out/checkpoint-4", "numbered", True)
+    )
+    mg = rules.unit(tmp_path, "iter_0000100/mp_rank_00/model_optim_rng.pt")
+    assert mg == Unit("iter_0000100", "megatron", True)
+    assert not rules.complete(tmp_path, mg)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("50")
+    assert not rules.complete(tmp_path, mg)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("100")
+    assert rules.complete(tmp_path, mg)
+    assert rules.unit(tmp_path, "checkpoint-8/pytorch_model_fsdp_0/.metadata") == Unit(
+        "checkpoint-8", "numbered", True
+    )
+    assert rules.unit(tmp_path, "checkpoints/step_3/epoch_1/x.pt") == Unit(
+        "checkpoints/step_3", "numbered", True
+    )
+
+
+@pytest.mark.parametrize(
+    "files,rule,marker",
+    [
+        (["model.safetensors", "optimizer.bin"], "accelerate", "random_states_0.pkl"),
+        (["unet/config.json", "scheduler.bin"], "accelerate", "random_states_0.pkl"),
+        (["model.safetensors", "rng_state.pth"], "hf", "trainer_state.json"),
+        (["__0_0.distcp", "__1_0.distcp"], "dcp", ".metadata"),
+        (["model.pt", "notes.txt"], "settled", ""),
+    ],
+)
+def test_a_numbered_directory_is_read_by_its_files(
+    tmp_path: Path, files: list[str], rule: str, marker: str
+) -> None:
+    rules = Checkpoints()
+    for f in files:
+        _touch(tmp_path, f"step_5/{f}")
+    u = rules.unit(tmp_path, f"step_5/{files[0]}")
+    assert u is not None
+    r = rules.resolve(tmp_path, u)
+    assert (r.name, r.marker) == (rule, marker)
+    assert rules.complete(tmp_path, u) == (rule == "settled")
+    if marker:
+        _touch(tmp_path, f"step_5/{marker}")
+        assert rules.complete(tmp_path, u)
+
+
+def test_settled_user_rule(tmp_path: Path) -> None:
+    r = parse_dir_rule("settled:run_*")
+    assert (r.name, r.glob, r.marker) == ("settled:run_*", "run_*", "")
+    rules = Checkpoints(rules=(r, *DEFAULT_DIR_RULES))
+    _touch(tmp_path, "run_a/w.pt")
+    u = rules.unit(tmp_path, "run_a/w.pt")
+    assert u == Unit("run_a", "settled:run_*", True) and rules.complete(tmp_path, u)
+
+
+@pytest.mark.parametrize(
+    "text", ["step_*", "=COMMITTED", "step_*=", "step_*=a/b", "../x=M", "settled:", "settled:../x"]
+)
 def test_bad_checkpoint_dir_rules(text: str) -> None:
     with pytest.raises(ConfigError, match="--checkpoint-dir"):
         parse_dir_rule(text)

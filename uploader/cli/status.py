@@ -95,6 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "fencing": report.fencing,
             "conflicts": report.conflicts,
             "conflict_failures": report.conflict_failures,
+            "removed": report.removed,
+            "rotated": report.rotated,
             "incomplete": report.incomplete,
             "left_out": report.left_out,
             "left_out_count": report.left_out_count,
@@ -106,6 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"pending {totals.pending}  uploading {totals.uploading}  done {totals.done}  "
             f"failed {totals.failed}"
+            + (f"  removed before upload {totals.removed}" if totals.removed else "")
         )
         print(
             f"bytes {format_bytes(totals.bytes_done)} of {format_bytes(totals.bytes_total)} "
@@ -140,6 +143,10 @@ def _print_report(report: StatusReport) -> None:
         f"fenced: {fenced}{why}  conflicts {report.conflicts}  "
         f"conflict failures {report.conflict_failures}"
     )
+    if report.rotated:
+        print(
+            f"rotated away before upload: {report.rotated} checkpoint(s) (deleted by the trainer)"
+        )
     for rel, why in sorted(report.incomplete.items()):
         print(f"not committed: {rel}: {why}")
     if report.left_out_count:

@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,19 +43,16 @@ from anyio.abc import TaskGroup
 
 from uploader.bucket.pointer import ManifestFile, PointerEntry, manifest_digest
 from uploader.config.hparams import join_key
-from uploader.daemon.committer import Committer
-from uploader.daemon.journal import FileRecord, Journal
-from uploader.daemon.layouts import (
+from uploader.daemon.checkpoints import (
     DEEPSPEED_TAG,
+    MEGATRON_TRACKER,
     Checkpoints,
     DirRule,
-    FileFilter,
-    RunLayout,
     Unit,
-    alias_target,
-    is_inside,
-    scan,
 )
+from uploader.daemon.committer import Committer
+from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.layouts import FileFilter, RunLayout, alias_target, is_inside, scan_stat
 
 __all__ = ["Assembler", "UnitKey"]
 
@@ -122,6 +120,14 @@ class Assembler:
         self._submitted: dict[str, str] = {}
         #: Rules that recognised at least one checkpoint.
         self.matched: set[str] = set()
+        #: Uploads queued and not over, per directory checkpoint (rel -> count), and the
+        #: checkpoint each such file was counted in: a checkpoint is judged once none is
+        #: left, so a directory of N files costs O(N) in all, not O(N) per file.
+        self._open: dict[str, int] = {}
+        self._open_of: dict[str, str] = {}
+        self._deferred: dict[str, UnitKey] = {}
+        #: Checkpoints the trainer deleted (rotated away) before every file was uploaded.
+        self.rotated: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -140,19 +146,32 @@ class Assembler:
         return UnitKey(loc.rank, base, unit)
 
     def _tagged(self, rel: str) -> UnitKey | None:
-        """For DeepSpeed's ``latest`` tag file: the directory checkpoint it names."""
-        if rel.rsplit("/", 1)[-1] != DEEPSPEED_TAG:
+        """For DeepSpeed's ``latest`` tag file or Megatron-LM's tracker file: the directory
+        checkpoint beside it that it names."""
+        base = rel.rsplit("/", 1)[-1]
+        if base not in (DEEPSPEED_TAG, MEGATRON_TRACKER):
             return None
         try:
-            tag = (self.root / rel).read_text(errors="replace").strip()
+            with open(self.root / rel, "rb") as f:
+                tag = f.read(256).decode(errors="replace").strip()
         except OSError:
             return None
+        if base == MEGATRON_TRACKER:
+            tag = f"iter_{int(tag):07d}" if tag.isdigit() else ""
         if not tag or "/" in tag or tag in (".", ".."):
             return None
         parent = rel.rpartition("/")[0]
-        sibling = f"{parent}/{tag}/{DEEPSPEED_TAG}" if parent else f"{tag}/{DEEPSPEED_TAG}"
+        sibling = f"{parent}/{tag}/{base}" if parent else f"{tag}/{base}"
         key = self.key(sibling)
-        return key if key is not None and key.unit.rule == "deepspeed" else None
+        wanted = "deepspeed" if base == DEEPSPEED_TAG else "megatron"
+        return key if key is not None and key.unit.rule == wanted else None
+
+    def tags_seen(self, rels: list[str]) -> None:
+        """Files just taken: a tag or tracker file among them may complete the checkpoint
+        it names now, whenever its own (artifact) upload happens."""
+        keys = {k for k in map(self._tagged, rels) if k is not None}
+        for key in keys:
+            self._request(key)
 
     # -- requests ---------------------------------------------------------------------
     def verified(self, rec: FileRecord) -> None:
@@ -171,10 +190,50 @@ class Assembler:
 
     def _request(self, key: UnitKey) -> None:
         assert self.task_group is not None
+        if self._open.get(key.rel):
+            self._deferred[key.rel] = key  # judged once its last queued upload is over
+            return
         self._dirty.add(key)
         if key not in self._running:
             self._running.add(key)
             self.task_group.start_soon(self._judge_loop, key)
+
+    def opened(self, rel: str) -> None:
+        """An upload of ``rel`` is queued."""
+        key = self.key(rel)
+        if key is not None and key.unit.directory and rel not in self._open_of:
+            self._open_of[rel] = key.rel
+            self._open[key.rel] = self._open.get(key.rel, 0) + 1
+
+    def closed(self, rel: str) -> None:
+        """The upload of ``rel`` is over (verified, failed or gone): once its checkpoint
+        has no queued upload left, a judgement asked for meanwhile runs."""
+        unit = self._open_of.pop(rel, None)
+        if unit is None:
+            return
+        left = self._open[unit] - 1
+        if left:
+            self._open[unit] = left
+            return
+        del self._open[unit]
+        key = self._deferred.pop(unit, None)
+        if key is not None:
+            self._request(key)
+
+    def removed(self, rel: str) -> bool:
+        """The accepted file ``rel`` is gone before its upload: True when it went with
+        its whole checkpoint (the trainer rotated it away: HF ``save_total_limit``,
+        Accelerate ``total_limit``, Lightning ``save_top_k``) or was an artifact; False
+        when it is missing from a checkpoint directory still on disk."""
+        key = self.key(rel)
+        if key is None or not key.unit.directory:
+            if key is not None:
+                self.rotated.add(key.rel)
+            return True
+        if os.path.isdir(self.root / key.rel):
+            return False
+        self.rotated.add(key.rel)
+        return True
 
     def failed(self, rel: str, why: str) -> None:
         """``rel`` failed for good: its directory checkpoint is incomplete."""
@@ -224,22 +283,26 @@ class Assembler:
                 return None  # a newer version is on its way
             entry = PointerEntry(unit.name, obj, rec.size, rec.digest, rec.mtime_ns, rule=unit.rule)
             return entry, [rec.path]
-        if not self.rules.complete(rank_root, unit):
+        try:
+            names = os.listdir(self.root / key.rel)
+        except OSError:
+            return None  # the directory is gone (rotated away: counted at drain)
+        rule = self.rules.resolve(rank_root, unit, names)
+        if rule is None or not rule.complete(rank_root, unit.name):
             return None
+        # One read of the directory tree and one journal query: linear in its files.
+        records = {r.path: r for r in self.journal.under(key.rel)}
         files: dict[str, FileRecord] = {}
-        for rel in scan(self.root, self.filt, key.rel):
-            rec = self.journal.get(rel)
-            st = is_inside(self.root, rel)
-            if rec is None or st is None or rec.state in ("pending", "uploading"):
+        for rel, st in scan_stat(self.root, self.filt, key.rel):
+            rec = records.pop(rel, None)
+            if rec is None or rec.state not in ("done", "failed"):
                 return None  # still settling or uploading: judged again once verified
             if rec.state == "failed":
                 return f"{rel} failed: {rec.last_error or 'upload failed'}"
             if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
                 return None  # changed since it was verified: the new version comes
             files[rel] = rec
-        for rec in self.journal.under(key.rel):
-            if rec.path in files:
-                continue
+        for rec in records.values():
             if rec.state != "done":
                 return (
                     f"{rec.path} was deleted before it was uploaded; the checkpoint is "
@@ -248,9 +311,10 @@ class Assembler:
             files[rec.path] = rec  # verified, then removed locally: its bytes are stored
         if not files:
             return None
-        marker = [r for r in files.values() if self.rules.is_marker(unit, r.name)]
-        rule = self.rules.rule(unit.rule)
-        if rule is not None and rule.name != "deepspeed" and (not marker or len(files) < 2):
+        if rule.inside_marker and (
+            len(files) < 2
+            or not any(Checkpoints.is_marker(rule, unit, r.name) for r in files.values())
+        ):
             return None  # the marker alone is no checkpoint: its files are still to come
         if all(r.committed for r in files.values()):
             return None
@@ -266,44 +330,52 @@ class Assembler:
             sum(f.size for f in manifest),
             manifest_digest(manifest),
             max(r.mtime_ns for r in files.values()),
-            rule=unit.rule,
+            rule=rule.name,
             files=manifest,
         )
         return entry, sorted(files)
 
-    def uncommitted(self) -> dict[str, str]:
-        """Checkpoints with verified files that are not committed, and why (journal lock
-        held): for the drain summary and ``status``."""
+    def uncommitted(self) -> tuple[dict[str, str], set[str]]:
+        """Checkpoints with verified files that are not committed, and why; and those the
+        trainer rotated away before they were (journal lock held): for the drain summary
+        and ``status``."""
         out: dict[str, str] = {}
+        rotated = set(self.rotated)
         for rec in self.journal.records("done"):
             if rec.committed:
                 continue
             key = self.key(rec.path)
             if key is None and rec.path.endswith(DCP_SHARD_SUFFIX) and "/" in rec.path:
+                directory = rec.path.rsplit("/", 1)[0]
+                if not os.path.isdir(self.root / directory):
+                    rotated.add(directory)
+                    continue
                 # torch DCP shards whose directory never got its .metadata
                 out.setdefault(
-                    rec.path.rsplit("/", 1)[0],
+                    directory,
                     "torch DCP shards without .metadata (the save did not finish); "
                     "uploaded as plain files, not committed",
                 )
                 continue
-            if key is None or key.rel in out:
+            if key is None or key.rel in out or key.rel in rotated:
+                continue
+            if key.unit.directory and not os.path.isdir(self.root / key.rel):
+                rotated.add(key.rel)  # the trainer deleted it before it was committed
                 continue
             if key.rel in self.incomplete:
                 out[key.rel] = self.incomplete[key.rel]
                 continue
             rank_root = self.root / key.base if key.base else self.root
-            rule = self.rules.rule(key.unit.rule)
-            if rule is not None and not self.rules.complete(rank_root, key.unit):
-                if rule.name == "deepspeed":
-                    out[key.rel] = f"the '{DEEPSPEED_TAG}' tag file does not name it yet"
-                else:
-                    out[key.rel] = f"no {rule.marker} yet (the save did not finish)"
+            rule = self.rules.resolve(rank_root, key.unit)
+            if rule is not None and not rule.complete(rank_root, key.unit.name):
+                out[key.rel] = f"{rule.waits_for()} [rule {rule.name}]"
             elif key.unit.directory:
                 out[key.rel] = "not every file is verified yet"
             else:
                 out[key.rel] = "its pointer write did not succeed"
-        return out
+        for rel in rotated:
+            self.incomplete.pop(rel, None)
+        return out, rotated
 
     def unmatched_rules(self) -> list[DirRule]:
         """The user's ``--checkpoint-dir`` rules that recognised no directory."""

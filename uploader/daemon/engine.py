@@ -369,7 +369,9 @@ class Engine:
             return out
 
         run = self.quick if len(found) <= QUICK_ROWS else self.call
-        for rec, rel, flag in await run(record):
+        taken = await run(record)
+        self.assembler.tags_seen([rel for rel, _ in found])
+        for rec, rel, flag in taken:
             if rec is None:
                 self.artifacts.hold(rel, flag)
                 continue
@@ -395,6 +397,7 @@ class Engine:
         if rel in self.uploads.outstanding:
             return
         self.uploads.outstanding.add(rel)
+        self.assembler.opened(rel)
         await self._work_send.send(rel)
 
     async def _upload_loop(self, recv: MemoryObjectReceiveStream[str]) -> None:
@@ -466,24 +469,37 @@ class Engine:
             )
             return ExitCode.TIMEOUT
         totals: Totals = await self.call(self.journal.totals)
-        await self._summary()
+        nothing = await self._summary()
         return _outcome(
-            totals, self.committer.failures, self.last_error, self.config_error, self.store
+            totals, self.committer.failures, self.last_error, self.config_error, self.store, nothing
         )
 
-    async def _summary(self) -> None:
-        """Log what was committed, left out, and not committed (and why)."""
+    async def _summary(self) -> bool:
+        """Log what was committed, left out, rotated away and not committed (and why).
+        True when checkpoints wait and none was ever committed (an error)."""
         assert self.intake is not None
         self.intake.prune_left_out()
-        uncommitted: dict[str, str] = await self.call(self.assembler.uncommitted)
+        uncommitted, rotated = await self.call(self.assembler.uncommitted)
         self.assembler.incomplete.update(uncommitted)
+        self.assembler.rotated.update(rotated)
+        ever = self.committer.committed > 0 or await self.call(self.journal.any_committed)
         log_summary(
             self.root,
             self.committer.committed,
             self.intake.left_out,
             uncommitted,
             self.assembler.unmatched_rules(),
+            rotated=len(rotated),
         )
+        if uncommitted and not ever:
+            log.error(
+                "nothing was committed: files were uploaded, but no checkpoint is complete, "
+                "so 'latest' names none; waiting: %s. Check the trainer finished a save, or "
+                "name the rule with --checkpoint-dir (see docs/trainers.md)",
+                "; ".join(f"{rel} ({why})" for rel, why in sorted(uncommitted.items())[:10]),
+            )
+            return True
+        return False
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
@@ -519,6 +535,8 @@ class Engine:
             fencing=self.committer.fence_reason,
             conflicts=self.committer.conflicts,
             conflict_failures=self.committer.conflict_failures,
+            removed=t.removed,
+            rotated=len(self.assembler.rotated),
             incomplete=dict(self.assembler.incomplete),
             left_out=dict(sorted(left_out.items())[:LEFT_OUT_SHOWN]),
             left_out_count=len(left_out),
@@ -556,9 +574,16 @@ def _outcome(
     last_error: str | None,
     config_error: str | None,
     store: ObjectStore,
+    nothing_committed: bool = False,
 ) -> int:
     """The exit code once drained: 0 everything verified and committed; 2 failures, one
-    of them for a configuration reason (``config_error``); 1 other failures."""
+    of them for a configuration reason (``config_error``); 1 other failures, or
+    checkpoints uploaded and none ever committed (``nothing_committed``)."""
+    if nothing_committed and not (totals.failed or totals.pending or totals.uploading or failures):
+        log.error(
+            "finished: %d file(s) verified, but no checkpoint committed (see above)", totals.done
+        )
+        return ExitCode.FAILED
     if totals.failed or totals.pending or totals.uploading or failures:
         if config_error is not None:
             log.error(

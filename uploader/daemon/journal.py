@@ -79,7 +79,9 @@ STATE_NAMES = frozenset(
         RESERVE_NAME,
     }
 )
-STATES = ("pending", "uploading", "done", "failed")
+#: "removed": deleted from the run directory before it was uploaded, with the whole
+#: checkpoint it belonged to (rotated away by the trainer), or an artifact.
+STATES = ("pending", "uploading", "done", "failed", "removed")
 #: The schema version: 0 had the files table only; 1 added sessions and parts.
 JOURNAL_VERSION = 1
 
@@ -159,6 +161,7 @@ class Totals:
     uploading: int = 0
     done: int = 0
     failed: int = 0
+    removed: int = 0
     bytes_total: int = 0
     bytes_done: int = 0
     rate_bytes_per_s: float = 0.0
@@ -170,6 +173,7 @@ class Totals:
             "uploading": self.uploading,
             "done": self.done,
             "failed": self.failed,
+            "removed": self.removed,
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
             "rate_bytes_per_s": round(self.rate_bytes_per_s, 1),
@@ -345,7 +349,8 @@ class Journal:
             "SELECT state, COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM files GROUP BY state"
         ):
             counts[row["state"]] = int(row["n"])
-            bytes_total += int(row["b"])
+            if row["state"] != "removed":
+                bytes_total += int(row["b"])
             if row["state"] == "done":
                 bytes_done = int(row["b"])
         span = self._db.execute(
@@ -364,6 +369,7 @@ class Journal:
             counts["uploading"],
             counts["done"],
             counts["failed"],
+            counts["removed"],
             bytes_total,
             bytes_done,
             rate,
@@ -421,6 +427,22 @@ class Journal:
             "UPDATE files SET state = 'failed', last_error = ?, finished_at = ?, updated_at = ? "
             "WHERE path = ?",
             (error, now, now, path),
+        )
+
+    def removed(self, path: str) -> None:
+        """``path`` was deleted before it was uploaded, and that is no failure (see
+        :data:`STATES`); accepted again if it comes back."""
+        self._write(
+            "UPDATE files SET state = 'removed', last_error = NULL, finished_at = ?, "
+            "updated_at = ? WHERE path = ?",
+            (time.time(), time.time(), path),
+        )
+
+    def any_committed(self) -> bool:
+        """Whether any checkpoint file recorded here was ever committed."""
+        return (
+            self._db.execute("SELECT 1 FROM files WHERE committed = 1 LIMIT 1").fetchone()
+            is not None
         )
 
     def done(self, path: str, digest: str, version: tuple[int, int] | None = None) -> bool:

@@ -7,25 +7,15 @@ The one place for layout rules:
   ``.*.tmp``, ``*.part``, ``*~``, ``*.swp``, lock files), narrowed by ``--include`` /
   ``--exclude``. A dot file is not temporary by itself (DCP's ``.metadata``). Every
   file left out has a reason (:meth:`FileFilter.exclusion`), shown in ``status``.
-* :class:`Checkpoints` decides which files form one checkpoint and when it is complete:
-
-  - a *directory checkpoint* is a directory that a :class:`DirRule` recognises: torch
-    DCP (a directory holding ``.metadata``, which DCP writes last; Composer's sharded
-    checkpoints are DCP directories), the Hugging Face Trainer (``checkpoint-N/``,
-    complete once ``trainer_state.json``, written last, exists), DeepSpeed
-    (``global_stepN/``, complete once the ``latest`` tag file beside it names it), and
-    the user's ``--checkpoint-dir GLOB=MARKER`` rules. It is complete once its marker
-    says so and every file in it is settled and verified;
-  - a *single-file checkpoint* is a file outside any directory checkpoint whose name
-    matches :data:`CHECKPOINT_PATTERNS` (``*.pt``, ``*.ckpt``, ``*.safetensors``, ...);
-    complete once settled;
-  - everything else is an *artifact* (logs, configs, metrics): uploaded, again when
-    it changes (at most every ``--artifact-interval``), never committed.
-
+* which files form one checkpoint, and when it is complete, is
+  :mod:`uploader.daemon.checkpoints` (its names are re-exported here); every file in no
+  checkpoint is an *artifact* (logs, configs, metrics): uploaded, again when it
+  changes (at most every ``--artifact-interval``), never committed.
 * :class:`RunLayout` maps a path under RUN_DIR to its rank, its name inside the rank
   directory and its object name (``{prefix}/rank_N/{name}``). Rules apply to names
   inside the rank directory.
-* :func:`scan` lists the accepted files present; :func:`is_inside` stats one.
+* :func:`scan` lists the accepted files present (:func:`scan_stat` with their stat,
+  one pass); :func:`is_inside` stats one.
   Symlinks are never followed: a path whose real location is outside RUN_DIR is never
   read; a symlink to a file inside RUN_DIR is an alias (:func:`alias_target`).
 
@@ -49,8 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploader.config.hparams import join_key
+from uploader.daemon.checkpoints import (
+    CHECKPOINT_PATTERNS,
+    DEEPSPEED_TAG,
+    DEFAULT_DIR_RULES,
+    Checkpoints,
+    DirRule,
+    Unit,
+    parse_dir_rule,
+)
 from uploader.daemon.journal import STATE_NAMES
-from uploader.errors import ConfigError
 
 __all__ = [
     "CHECKPOINT_PATTERNS",
@@ -65,28 +63,12 @@ __all__ = [
     "RunLayout",
     "Location",
     "scan",
+    "scan_stat",
+    "DEEPSPEED_TAG",
     "is_inside",
     "alias_target",
 ]
 
-#: Single-file checkpoint names (outside any directory checkpoint): committed once
-#: settled and verified. The torch side derives its file suffixes from these.
-CHECKPOINT_PATTERNS: tuple[str, ...] = (
-    "*.pt",
-    "*.pt.gz",
-    "*.pt.bz2",
-    "*.pt.xz",
-    "*.pt.zst",
-    "*.tar",
-    "*.tar.gz",
-    "*.tgz",
-    "*.tar.bz2",
-    "*.tar.lzma",
-    "*.ckpt",
-    "*.pth",
-    "*.safetensors",
-    "*.bin",
-)
 #: Names being written or held by an editor or a lock: never uploaded (shown in status).
 TEMPORARY_PATTERNS: tuple[str, ...] = (
     "*.tmp",
@@ -101,8 +83,6 @@ TEMPORARY_PATTERNS: tuple[str, ...] = (
 #: uploaded and not listed as left out.
 OWN_PREFIX = ".ckpt-uploader"
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
-#: DeepSpeed's tag file: names the newest complete ``global_stepN`` directory.
-DEEPSPEED_TAG = "latest"
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -116,122 +96,6 @@ def _first(rel: str, patterns: Sequence[str]) -> str | None:
         if fnmatch.fnmatchcase(rel if "/" in p else base, p):
             return p
     return None
-
-
-@dataclass(frozen=True)
-class DirRule:
-    """A kind of directory checkpoint.
-
-    Args:
-        name: shown in the pointer (``rule``) and in logs: ``dcp``, ``hf``, ``deepspeed``,
-            or ``dir:GLOB`` for a user rule.
-        glob: the directory's name (or its path inside the rank directory, when the glob
-            holds a ``/``).
-        marker: the file whose presence makes the directory complete (``latest`` for
-            DeepSpeed: the tag file beside the directory, naming it).
-        named: a directory matching ``glob`` is a checkpoint directory even before its
-            marker exists (its files are never single-file checkpoints).
-    """
-
-    name: str
-    glob: str
-    marker: str
-    named: bool = True
-
-    def matches(self, dirname: str) -> bool:
-        return _matches(dirname, (self.glob,))
-
-    def complete(self, rank_root: Path, dirname: str) -> bool:
-        """Whether the directory ``dirname`` (inside ``rank_root``) has its marker."""
-        if self.name == "deepspeed":
-            parent, _, base = dirname.rpartition("/")
-            tag = rank_root / parent / DEEPSPEED_TAG if parent else rank_root / DEEPSPEED_TAG
-            try:
-                return tag.read_text(errors="replace").strip() == base
-            except OSError:
-                return False
-        return is_inside(rank_root, f"{dirname}/{self.marker}") is not None
-
-
-DEFAULT_DIR_RULES: tuple[DirRule, ...] = (
-    DirRule("hf", "checkpoint-*", "trainer_state.json"),
-    DirRule("deepspeed", "global_step*", DEEPSPEED_TAG),
-    DirRule("dcp", "*", ".metadata", named=False),
-)
-
-
-def parse_dir_rule(text: str) -> DirRule:
-    """A user rule from ``GLOB=MARKER`` (``--checkpoint-dir``); ConfigError when malformed."""
-    glob, sep, marker = text.partition("=")
-    glob, marker = glob.strip().strip("/"), marker.strip()
-    if not sep or not glob or not marker:
-        raise ConfigError(
-            f"--checkpoint-dir {text!r} is not GLOB=MARKER; e.g. 'step_*=COMMITTED' makes "
-            "every directory named step_* a checkpoint, complete once it holds COMMITTED"
-        )
-    if "/" in marker or marker in (".", ".."):
-        raise ConfigError(
-            f"--checkpoint-dir {text!r}: MARKER must be a file name inside the directory, "
-            f"not a path ({marker!r})"
-        )
-    if any(p in ("", ".", "..") for p in glob.split("/")):
-        raise ConfigError(f"--checkpoint-dir {text!r}: GLOB must be a relative path pattern")
-    return DirRule(f"dir:{glob}", glob, marker)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """The checkpoint a file belongs to: ``name`` (inside the rank directory) and the
-    rule that recognised it (``file`` for a single-file checkpoint)."""
-
-    name: str
-    rule: str
-    directory: bool
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    """Which files form one checkpoint, and when a directory checkpoint is complete.
-
-    Args:
-        single: names of single-file checkpoints (outside any directory checkpoint).
-        rules: directory rules, the user's first: the first that matches wins.
-    """
-
-    single: tuple[str, ...] = CHECKPOINT_PATTERNS
-    rules: tuple[DirRule, ...] = DEFAULT_DIR_RULES
-
-    def rule(self, name: str) -> DirRule | None:
-        for r in self.rules:
-            if r.name == name:
-                return r
-        return None
-
-    def unit(self, rank_root: Path, name: str) -> Unit | None:
-        """The checkpoint the file ``name`` (inside ``rank_root``) belongs to, or None for
-        an artifact. The nearest enclosing directory a rule recognises wins (a named
-        directory at once; a marker rule once its marker exists)."""
-        parts = name.split("/")
-        for depth in range(len(parts) - 1, 0, -1):
-            dirname = "/".join(parts[:depth])
-            for r in self.rules:
-                if r.matches(dirname) and (r.named or r.complete(rank_root, dirname)):
-                    return Unit(dirname, r.name, True)
-        if _matches(name, self.single):
-            return Unit(name, "file", False)
-        return None
-
-    def complete(self, rank_root: Path, unit: Unit) -> bool:
-        """A directory checkpoint's marker says it is complete (single files: always)."""
-        if not unit.directory:
-            return True
-        r = self.rule(unit.rule)
-        return r is not None and r.complete(rank_root, unit.name)
-
-    def is_marker(self, unit: Unit, name: str) -> bool:
-        """Whether ``name`` is the marker file of the directory checkpoint ``unit``."""
-        r = self.rule(unit.rule) if unit.directory else None
-        return r is not None and r.name != "deepspeed" and name == f"{unit.name}/{r.marker}"
 
 
 @dataclass(frozen=True)
@@ -383,31 +247,77 @@ def scan(
     receives every file not uploaded, with the reason (the uploader's own files
     aside); ``links`` the symlinks to files (the caller decides: alias or not).
     """
+    for rel, _ in scan_stat(root, filt, sub, left_out, links):
+        yield rel
+
+
+def scan_stat(
+    root: Path,
+    filt: FileFilter,
+    sub: str = "",
+    left_out: dict[str, str] | None = None,
+    links: list[str] | None = None,
+) -> Iterator[tuple[str, os.stat_result]]:
+    """As :func:`scan`, with each file's ``lstat``: one directory read and one stat per
+    file (a directory checkpoint of many files is judged in linear time).
+
+    Every directory entered is a real directory reached from ``root`` without a
+    symlink (``root`` is a real path, symlinked directories are not entered), so a
+    regular file found here is really inside ``root``, as :func:`is_inside` checks.
+    """
     top = root / sub if sub else root
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        base = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        kept = []
-        for d in sorted(dirnames):
-            rel = d if base == "." else f"{base}/{d}"
-            why = filt.skipped_dir(d)
-            if why is None and os.path.islink(root / rel):
-                why = "symlink to a directory (not followed)"
-            if why is None:
-                kept.append(d)
-            elif why and left_out is not None:
-                left_out[rel + "/"] = why
-        dirnames[:] = kept
-        for fn in sorted(filenames):
-            rel = fn if base == "." else f"{base}/{fn}"
+    base0 = sub.strip("/")
+    if sub:
+        try:
+            if not stat.S_ISDIR(os.lstat(top).st_mode):
+                return
+        except OSError:
+            return
+    stack = [(str(top), base0)]
+    while stack:
+        path, base = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            rel = f"{base}/{e.name}" if base else e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+                is_link = not is_dir and e.is_symlink()
+            except OSError:
+                continue
+            if is_dir:
+                why = filt.skipped_dir(e.name)
+                if why is None:
+                    subdirs.append((e.path, rel))
+                elif why and left_out is not None:
+                    left_out[rel + "/"] = why
+                continue
+            if is_link and os.path.isdir(e.path):
+                why = filt.skipped_dir(e.name)
+                if why is None:
+                    why = "symlink to a directory (not followed)"
+                if why and left_out is not None:
+                    left_out[rel + "/"] = why
+                continue
             why = filt.exclusion(rel)
             if why is not None:
                 if why and left_out is not None:
                     left_out[rel] = why
                 continue
-            if is_inside(root, rel) is not None:
-                yield rel
-            elif os.path.islink(root / rel):
+            if is_link:
                 if links is not None:
                     links.append(rel)
-            elif left_out is not None and os.path.lexists(root / rel):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield rel, st
+            elif left_out is not None:
                 left_out[rel] = "not a regular file"
+        stack.extend(reversed(subdirs))

@@ -7,7 +7,7 @@ The daemon rewrites its status file (``--status-file``, by default
      "failed": 0, "bytes_total": 1234, "bytes_done": 1000, "rate_bytes_per_s": 5e7,
      "last_error": null, "journal_saved": true, "intake_finished": true,
      "committed": 2, "fenced": true, "fencing": "conditional writes honoured",
-     "conflicts": 0, "conflict_failures": 0,
+     "conflicts": 0, "conflict_failures": 0, "removed": 0, "rotated": 0,
      "incomplete": {"checkpoint-24": "no trainer_state.json yet ..."},
      "left_out": {"notes.txt.swp": "temporary name (*.swp)"}, "left_out_count": 1,
      "updated_at": 1764000000.0}
@@ -81,6 +81,11 @@ class StatusReport:
     #: and commits that lost every write in a row (then retried with backoff)
     conflicts: int = 0
     conflict_failures: int = 0
+    #: files deleted from RUN_DIR before they were uploaded with their whole checkpoint
+    #: (or artifacts), and checkpoints the trainer rotated away before they were
+    #: committed (HF ``save_total_limit``, Lightning ``save_top_k``): counted, no failure
+    removed: int = 0
+    rotated: int = 0
     #: checkpoints with files uploaded that are not committed, and why
     incomplete: dict[str, str] = dataclasses.field(default_factory=dict)
     #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
@@ -133,6 +138,8 @@ class StatusReport:
             fencing=str(d.get("fencing") or ""),
             conflicts=num("conflicts"),
             conflict_failures=num("conflict_failures"),
+            removed=num("removed"),
+            rotated=num("rotated"),
             incomplete=_str_map(d.get("incomplete")),
             left_out=_str_map(d.get("left_out")),
             left_out_count=num("left_out_count"),
@@ -209,10 +216,14 @@ def log_summary(
     left_out: dict[str, str],
     uncommitted: dict[str, str],
     unmatched: list[Any],
+    rotated: int = 0,
 ) -> None:
-    """The drain summary: checkpoints committed, files left out and checkpoints not
-    committed (each with the reason), ``--checkpoint-dir`` rules that matched nothing."""
+    """The drain summary: checkpoints committed, files left out, checkpoints the trainer
+    rotated away before upload (counted: no failure) and checkpoints not committed (each
+    with the reason), ``--checkpoint-dir`` rules that matched nothing."""
     log.info("committed %d checkpoint(s)", committed)
+    if rotated:
+        log.info("rotated away before upload: %d (deleted by the trainer; not a failure)", rotated)
     if left_out:
         shown = sorted(left_out.items())[:20]
         log.warning(

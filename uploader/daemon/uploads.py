@@ -204,6 +204,7 @@ class Uploads:
                 log.exception("could not record the failure of %s in the journal", rel)
         finally:
             self.outstanding.discard(rel)
+            self.assembler.closed(rel)
 
     async def _fail(self, rel: str, msg: str, code: ExitCode = ExitCode.FAILED) -> None:
         await self.call(self.journal.fail, rel, msg)
@@ -231,6 +232,12 @@ class Uploads:
                 session = await self.call(self.journal.sessions.session, rec.object)
                 if session is not None:
                     await self.drop_session(rec.object, session.upload_id, "its file is gone")
+                if self.assembler.removed(rel):
+                    # Deleted with its whole checkpoint (rotated away by the trainer), or
+                    # an artifact: nothing of a checkpoint on disk is missing.
+                    await self.call(self.journal.removed, rel)
+                    log.info("path=%s was deleted before it was uploaded; not sent", rel)
+                    return
                 msg = (
                     f"{rel} was accepted but is gone or no longer a regular file inside "
                     "the run directory; it cannot be uploaded (was it deleted before upload?)"
