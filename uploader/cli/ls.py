@@ -20,11 +20,10 @@ from uploader.cli.options import (
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
 from uploader.config.hparams import listing_prefix
+from uploader.config.resolve import resolve
 from uploader.daemon.progress import format_bytes
 from uploader.errors import ExitCode, UploaderError
 from uploader.transfer.store import ObjectStore
@@ -61,7 +60,7 @@ def _when(t: float | None) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    loc = location(args, args.uri, load_config_file(args.config))
+    loc = resolve(vars(args), reading=True).location
     with open_store(loc) as store:
         if args.files:
             _list_files(store, loc.prefix, args.json)

@@ -32,11 +32,10 @@ from uploader.cli.options import (
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
 from uploader.config.hparams import listing_prefix
+from uploader.config.resolve import resolve
 from uploader.daemon.progress import format_bytes, stderr_is_terminal
 from uploader.errors import ConfigError, ExitCode, UploaderError
 from uploader.transfer.store import ObjectStore, check_object_name
@@ -96,8 +95,7 @@ def register(sub: Any) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     if args.files < 1:
         raise ConfigError(f"--files {args.files} must be at least 1")
-    cfg = load_config_file(args.config)
-    loc = location(args, args.uri, cfg)
+    loc = resolve(vars(args), reading=True).location
     store = open_store(loc)
     progress = not args.quiet and not args.no_progress and stderr_is_terminal()
     dest = Path(args.dest)

@@ -15,10 +15,9 @@ from uploader.cli.options import (
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
+from uploader.config.resolve import resolve
 from uploader.errors import ExitCode
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStat
@@ -58,7 +57,7 @@ def _print_ok(stat: ObjectStat) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    loc = location(args, args.uri, load_config_file(args.config))
+    loc = resolve(vars(args), reading=True).location
     with open_store(loc) as store:
         report = verify_prefix(
             store, loc.prefix, strict=args.strict, tmp_dir=args.tmp_dir, on_verified=_print_ok
