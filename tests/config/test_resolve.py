@@ -93,3 +93,17 @@ def test_every_field_is_declared_once_as_an_option() -> None:
         argv = to_argv(options, resolve({"to": "file:///b"}).location)
         assert f"{flag_name(key)}=7" in argv
         assert resolve(vars(build_parser().parse_args(["watch", "/r", *argv]))).watch == options
+
+
+def test_the_uri_is_given_once_positionally_or_as_to() -> None:
+    uri = "file:///data/b"
+    assert resolve({"uri": uri}) == resolve({"to": uri}) == resolve({"uri": uri, "to": uri})
+    with pytest.raises(ConfigError, match="the destination is given twice.*give it once"):
+        resolve({"uri": uri, "to": "file:///data/c"})
+
+
+def test_prefix_replaces_the_store_prefix_not_what_a_reading_command_names() -> None:
+    loc = resolve({"uri": "s3://b/exp/rank_0/ep1.pt", "prefix": "other"}, reading=True).location
+    assert (loc.prefix, loc.target, loc.name) == ("other", "rank_0/ep1.pt", "other/rank_0/ep1.pt")
+    # push and watch write where the URI says, latest or not.
+    assert resolve({"uri": "s3://b/exp/latest"}).location.prefix == "exp/latest"

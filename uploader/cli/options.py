@@ -46,8 +46,8 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
             "--to",
             metavar="URI",
             help="destination, e.g. s3://bucket/prefix?endpoint=http://127.0.0.1:9000, "
-            "azure://container/prefix, gs://bucket/prefix, file:///abs/dir?prefix=p "
-            "(default: from --config)",
+            "azure://container/prefix, gs://bucket/prefix, file:///abs/dir; the same as the "
+            "positional URI (default: from --config)",
         )
     g.add_argument(
         "--config", metavar="FILE", help="TOML file with [store] and [watch] tables (default: none)"
@@ -117,6 +117,13 @@ def add_watch_options(p: argparse.ArgumentParser, push: bool = False) -> None:
         "status_file": STATUS_FILE,
     }
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to upload from")
+    p.add_argument(
+        "uri",
+        metavar="URI",
+        nargs="?",
+        help="destination, e.g. s3://bucket/prefix, as --to takes it (default: --to, else "
+        "from --config)",
+    )
     add_store_options(p)
     groups: dict[str, Any] = {}
     for key in WATCH_KEYS:

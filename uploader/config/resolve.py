@@ -6,7 +6,8 @@ returns :class:`Options`: where the store is (URI, ``[store]`` table and store f
 and, for ``watch``/``push``, the :class:`uploader.config.options.WatchOptions` (flags
 over the ``[watch]`` table over the defaults). Flags always win over the file.
 
-The mapping's keys are the flags' destinations: ``uri`` or ``to`` (the store URI),
+The mapping's keys are the flags' destinations: ``uri`` or ``to`` (the store URI; both
+only when they agree),
 ``config``, ``prefix``, the store fields (:data:`uploader.config.files.STORE_FIELDS`
 and the TLS keys) and the :data:`uploader.config.options.WATCH_KEYS`. A key that is
 absent or None counts as not given.
@@ -32,6 +33,7 @@ from uploader.config.files import (
 )
 from uploader.config.hparams import StoreLocation
 from uploader.config.options import WATCH_KEYS, WatchOptions
+from uploader.errors import ConfigError
 
 __all__ = ["Options", "resolve"]
 
@@ -60,7 +62,9 @@ def resolve(flags: Mapping[str, Any], *, reading: bool = False) -> Options:
     file it names ask for.
 
     ``reading``: for a command that only reads the store (``pull``, ``ls``, ``verify``):
-    the daemon's flags and the ``[watch]`` table are not read.
+    the daemon's flags and the ``[watch]`` table are not read, and a ``latest`` or
+    ``rank_N`` component of the URI's path starts the location's ``target`` (see
+    :func:`uploader.config.hparams.parse_uri`).
     Raises ConfigError, naming the setting, for anything that is not valid.
     """
     config = flags.get("config")
@@ -74,6 +78,18 @@ def resolve(flags: Mapping[str, Any], *, reading: bool = False) -> Options:
         )
     store = {key: flags.get(key) for key in (*STORE_FIELDS, *TLS_KEYS)}
     store["extra_init_kwargs"] = parse_extra_kwargs(store["extra_init_kwargs"])
-    uri = flags.get("uri") or flags.get("to")
-    location = store_location(uri, store, cfg["store"], flags.get("prefix"))
+    location = store_location(
+        _uri(flags), store, cfg["store"], flags.get("prefix"), split_target=reading
+    )
     return Options(location, watch)
+
+
+def _uri(flags: Mapping[str, Any]) -> str | None:
+    """The URI given positionally (``uri``) or as ``--to``; both only when they agree."""
+    uri, to = flags.get("uri"), flags.get("to")
+    if uri and to and uri != to:
+        raise ConfigError(
+            f"the destination is given twice, as URI {uri!r} and as --to {to!r}; give it "
+            "once, e.g. 'ckpt-uploader push RUN_DIR URI'"
+        )
+    return uri or to  # type: ignore[no-any-return]
