@@ -42,7 +42,7 @@ def test_every_watch_option_is_a_flag_whose_help_shows_its_default(command: str)
     d = WatchOptions()
     assert f"(default: {d.files})" in helps["--files"]
     assert f"(default: {d.retries})" in helps["--retries"]
-    assert f"(default: {d.drain_timeout})" in helps["--drain-timeout"]
+    assert f"(default: {d.drain_timeout:g})" in helps["--drain-timeout"]
     assert "(default: 8M)" in helps["--part-size"]
     assert " ".join(CHECKPOINT_PATTERNS) in helps["--pointer-pattern"].replace("\n", " ")
     assert " ".join(TEMPORARY_PATTERNS) in helps["--include"].replace("\n", " ")

@@ -15,20 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uploader.cli.main import build_parser
-from uploader.cli.options import location, watch_options
 from uploader.config.hparams import KNOWN_PROVIDERS, ObjectStoreHparams, StoreLocation
 from uploader.config.options import WatchOptions, to_argv
+from uploader.config.resolve import resolve
 from uploader.errors import ConfigError
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 
-NO_FILE: dict[str, dict[str, object]] = {"store": {}, "watch": {}}
-
 
 def parse(argv: list[str]) -> tuple[WatchOptions, StoreLocation]:
     """What ``ckpt-uploader watch RUN ...argv`` reads: the inverse of to_argv."""
-    args = build_parser().parse_args(["watch", "/run", *argv])
-    return watch_options(args, NO_FILE), location(args, args.to, NO_FILE)
+    options = resolve(vars(build_parser().parse_args(["watch", "/run", *argv])))
+    return options.watch, options.location
 
 
 # -- strategies -------------------------------------------------------------------------------

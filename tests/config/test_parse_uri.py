@@ -36,6 +36,49 @@ def test_uris(uri: str, provider: str, container: str, prefix: str) -> None:
     assert ObjectStoreHparams.from_uri(uri).container == container
 
 
+@pytest.mark.parametrize(
+    ("uri", "container", "prefix", "target"),
+    [
+        ("s3://b/exp/latest", "b", "exp", "latest"),
+        ("s3://b/exp/rank_0/checkpoint-16?region=eu", "b", "exp", "rank_0/checkpoint-16"),
+        ("s3://b/latest", "b", "", "latest"),
+        ("s3://b/exp", "b", "exp", ""),
+        ("s3://b/exp/latest/rank_1/x", "b", "exp", "latest/rank_1/x"),  # the first one
+        ("s3://b/rank_x/latest", "b", "rank_x", "latest"),  # rank_ and a number only
+        ("gs://b/a/b/rank_12/ep.pt", "b", "a/b", "rank_12/ep.pt"),
+        ("azure://c/exp/latest/", "c", "exp", "latest"),
+        # file://: the directory push named is the container (its lock and staging too).
+        ("file:///data/bucket/exp/latest", "/data/bucket/exp", "", "latest"),
+        ("file:///data/bucket/exp/rank_0/ep1.pt", "/data/bucket/exp", "", "rank_0/ep1.pt"),
+        ("file:///data/bucket/exp", "/data/bucket/exp", "", ""),
+        ("file:///data/bucket?prefix=exp/latest", "/data/bucket", "exp", "latest"),
+    ],
+)
+def test_a_reading_command_splits_off_what_it_names_below_the_prefix(
+    uri: str, container: str, prefix: str, target: str
+) -> None:
+    loc = parse_uri(uri, split_target=True)
+    assert (loc.hparams.container, loc.prefix, loc.target) == (container, prefix, target)
+    assert loc.name == join_key(prefix, target)
+    # Without the split (push, watch), the URI is the store and prefix as written.
+    whole = parse_uri(uri)
+    assert whole.target == "" and join_key(whole.hparams.container, whole.prefix).endswith(
+        join_key(prefix, target).strip("/")
+    )
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("file:///data/b/latest?prefix=exp", "names a path below the container and a"),
+        ("s3://b/exp/rank_0/../x", "contains '..'"),
+    ],
+)
+def test_a_target_that_cannot_be_meant_is_refused(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_uri(uri, split_target=True)
+
+
 def test_uri_default_credential_variables() -> None:
     assert parse_uri("s3://b").hparams.key_environ == "AWS_ACCESS_KEY_ID"
     assert parse_uri("s3://b").hparams.secret_environ == "AWS_SECRET_ACCESS_KEY"

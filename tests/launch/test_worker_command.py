@@ -10,22 +10,21 @@ from pathlib import Path
 import pytest
 
 from uploader.cli.main import build_parser
-from uploader.cli.options import location, watch_options
 from uploader.config.hparams import ObjectStoreHparams, StoreLocation
 from uploader.config.options import WatchOptions
+from uploader.config.resolve import resolve
 from uploader.daemon.status import StatusReport
 from uploader.launch.options import NO_LIMIT
 from uploader.launch.progress import StatusReader
 from uploader.launch.worker import UploadWorker
-
-NO_FILE: dict[str, dict[str, object]] = {"store": {}, "watch": {}}
 
 
 def read_back(cmd: list[str]) -> tuple[WatchOptions, StoreLocation]:
     argv = cmd[cmd.index("watch") :]
     args = build_parser().parse_args(argv)
     assert args.command == "watch"
-    return watch_options(args, NO_FILE), location(args, args.to, NO_FILE)
+    options = resolve(vars(args))
+    return options.watch, options.location
 
 
 def test_the_cli_reads_the_worker_command_back_as_its_settings(tmp_path: Path) -> None:
@@ -81,7 +80,7 @@ def test_extra_args_come_last_and_win(tmp_path: Path) -> None:
     assert cmd[-4:] == ["--keep-local", "5", "--include", "*.ckpt"]
     args = build_parser().parse_args(cmd[cmd.index("watch") :])
     assert args.quiet and args.log_format == "json"
-    options = watch_options(args, NO_FILE)
+    options = resolve(vars(args)).watch
     assert options.keep_local == 5 and options.include == ("*.ckpt",)
 
 

@@ -10,26 +10,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
-from uploader.bucket.pointer import MAX_POINTER_BYTES, Pointer, list_ranks, read_pointer
+from uploader.bucket.pointer import (
+    MAX_POINTER_BYTES,
+    Pointer,
+    list_ranks,
+    read_pointer,
+    select_latest,
+)
 from uploader.bucket.verify import is_pointer
 from uploader.cli.options import (
     EXIT_CODES,
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
-from uploader.config.hparams import listing_prefix
+from uploader.config.hparams import StoreLocation, listing_prefix
+from uploader.config.resolve import resolve
 from uploader.daemon.progress import format_bytes
 from uploader.errors import ExitCode, UploaderError
 from uploader.transfer.store import ObjectStore
 
 __all__ = ["register", "cmd_ls"]
+
+_RANK_TARGET = re.compile(r"^rank_(\d+)(?:/(.+))?$")
 
 
 def register(sub: Any) -> None:
@@ -38,7 +47,9 @@ def register(sub: Any) -> None:
         "ls",
         help="list committed checkpoints (or objects) under a prefix",
         description="List the checkpoints committed under URI's prefix, one row each: "
-        "rank, name, files, bytes, committed; latest marked. --files lists the objects.",
+        "rank, name, files, bytes, committed; latest marked. URI is the one push wrote to; "
+        "with /latest, /rank_N or /rank_N/NAME appended, only those rows. --files lists "
+        "the objects.",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
@@ -61,10 +72,10 @@ def _when(t: float | None) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    loc = location(args, args.uri, load_config_file(args.config))
+    loc = resolve(vars(args), reading=True).location
     with open_store(loc) as store:
         if args.files:
-            _list_files(store, loc.prefix, args.json)
+            _list_files(store, loc.prefix if loc.target == "latest" else loc.name, args.json)
             return ExitCode.OK
         ranks = list_ranks(store, loc.prefix)
         if not ranks:
@@ -72,18 +83,50 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 f"no committed checkpoint under {loc.prefix or '(root)'!r} (no "
                 "rank_N/latest.json); 'ckpt-uploader ls --files URI' lists its objects"
             )
+        wanted = _wanted(store, loc)
+        shown = 0
         for rank in ranks:
             pointer = read_pointer(store, loc.prefix, rank)
             if pointer is not None:
-                _list_pointer(pointer, args.json)
+                shown += _list_pointer(pointer, args.json, wanted)
+        if not shown:
+            raise UploaderError(
+                f"no committed checkpoint {loc.target!r} under {loc.prefix or '(root)'!r}; "
+                "'ckpt-uploader ls' on the URI without it lists them all"
+            )
     return ExitCode.OK
 
 
-def _list_pointer(pointer: Pointer, as_json: bool) -> None:
+def _wanted(store: ObjectStore, loc: StoreLocation) -> Callable[[int, str], bool]:
+    """Which rows the URI's target asks for: ``latest`` (the newest checkpoint every
+    rank committed), ``rank_N`` (that rank's), ``rank_N/NAME`` (that checkpoint), or
+    all of them."""
+    if not loc.target:
+        return lambda rank, name: True
+    if loc.target == "latest":
+        selection = select_latest(store, loc.name)
+        chosen = {r: e.name for r, e in selection.chosen.items()} if selection else {}
+        return lambda rank, name: chosen.get(rank) == name
+    m = _RANK_TARGET.match(loc.target)
+    if m is None:
+        return lambda rank, name: False
+    want_rank, want_name = int(m.group(1)), m.group(2)
+    return lambda rank, name: rank == want_rank and want_name in (None, name)
+
+
+def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], bool]) -> int:
+    """Print the pointer's checkpoints that ``wanted`` picks; how many."""
     aliases: dict[str, list[str]] = {}
     for a, t in pointer.aliases.items():
         aliases.setdefault(t, []).append(a)
+    shown = 0
     for e in pointer.history:
+        if not (
+            wanted(pointer.rank, e.name)
+            or any(wanted(pointer.rank, a) for a in aliases.get(e.name, []))
+        ):
+            continue
+        shown += 1
         latest = e.name == pointer.latest.name
         if as_json:
             row = {
@@ -106,6 +149,7 @@ def _list_pointer(pointer: Pointer, as_json: bool) -> None:
             f"{e.rule:<9} {len(e.manifest):>5} files {format_bytes(e.size):>10}  "
             f"{_when(e.committed_at)}{'  latest' if latest else ''}{also}"
         )
+    return shown
 
 
 def _list_files(store: ObjectStore, prefix: str, as_json: bool) -> None:

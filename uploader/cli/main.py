@@ -2,10 +2,11 @@
 
 Subcommands: ``watch``, ``push``, ``pull``, ``ls``, ``verify``, ``status``, one
 module each in this package; the option groups they share are in
-:mod:`uploader.cli.options`. Each one that talks to a store takes it as ``--to URI``
-(or URI positional for pull/ls/verify), as hparams flags, or from ``--config FILE``;
-flags win over the file. Credentials come only from the environment variables the
-config names.
+:mod:`uploader.cli.options`. Each one that talks to a store takes it as a URI (after
+RUN_DIR for watch/push, or ``--to URI``; first for pull/ls/verify, with ``/latest`` or
+``/rank_N/NAME`` appended where they name a checkpoint), as hparams flags, or from
+``--config FILE``; flags win over the file. Credentials come only from the environment
+variables the config names.
 
 This module is the entry point: it parses the command line, sets up logging, runs
 the command and maps errors to :class:`uploader.errors.ExitCode`.
@@ -13,7 +14,7 @@ the command and maps errors to :class:`uploader.errors.ExitCode`.
 Example::
 
     export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...
-    ckpt-uploader watch runs/1/rank_0 --to s3://ckpts/exp1 --keep-local 3
+    ckpt-uploader watch runs/1/rank_0 s3://ckpts/exp1 --keep-local 3
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The argparse option groups the commands share, and reading them back.
+"""The argparse option groups the commands share.
 
-Every ``watch``/``push`` flag is a field of :class:`uploader.config.options.WatchOptions`
-and its help shows that field's default; :func:`watch_options` reads the parsed flags
-(over a config file's ``[watch]`` table) back into one. With
-:func:`uploader.config.options.to_argv` it is the one pair that turns options into a
-command line and back (the worker process the training side starts goes through it).
+Every ``watch``/``push`` flag is a field of :class:`uploader.config.options.WatchOptions`,
+built here from the field's declaration (its kind, group and help, which shows the
+field's default). The commands hand the parsed flags, as a mapping, to
+:func:`uploader.config.resolve.resolve`, once. With
+:func:`uploader.config.options.to_argv` this parser is the one pair that turns options
+into a command line and back (the worker process the training side starts goes through it).
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from uploader.config.files import STORE_FIELDS, TLS_KEYS, parse_extra_kwargs, store_location
 from uploader.config.hparams import StoreLocation
-from uploader.config.options import WATCH_KEYS, WatchOptions
+from uploader.config.options import PATTERNS, WATCH_KEYS, WatchOptions, flag_name, option_of
 from uploader.daemon.layouts import CHECKPOINT_PATTERNS, TEMPORARY_PATTERNS
 from uploader.daemon.status import STATUS_FILE
 from uploader.errors import AuthError, ConfigError, ContainerNotFoundError, ExitCode
-from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import ObjectStore
 
 __all__ = [
@@ -27,11 +26,8 @@ __all__ = [
     "add_store_options",
     "add_watch_options",
     "add_output_options",
-    "store_flags",
-    "location",
-    "watch_options",
     "open_store",
-    "retry_policy",
+    "PUSH_IMPLIES",
 ]
 
 #: The "exit codes:" block at the end of every command's --help.
@@ -43,26 +39,6 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
-def _size(n: int | None) -> str:
-    """``8388608`` -> ``8M`` (the notation --part-size and --bwlimit take)."""
-    if not n:
-        return "none"
-    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple):
-        return " ".join(value) or "none"
-    return str(value)
-
-
 def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
     g = p.add_argument_group("store (a URI, hparams flags, or a config file; flags win)")
     if to:
@@ -70,8 +46,8 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
             "--to",
             metavar="URI",
             help="destination, e.g. s3://bucket/prefix?endpoint=http://127.0.0.1:9000, "
-            "azure://container/prefix, gs://bucket/prefix, file:///abs/dir?prefix=p "
-            "(default: from --config)",
+            "azure://container/prefix, gs://bucket/prefix, file:///abs/dir; the same as the "
+            "positional URI (default: from --config)",
         )
     g.add_argument(
         "--config", metavar="FILE", help="TOML file with [store] and [watch] tables (default: none)"
@@ -127,176 +103,40 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
     )
 
 
+#: What ``push`` implies (it exits when idle and follows no parent): no flags of its own.
+PUSH_IMPLIES = ("exit_when_idle", "parent_pid")
+
+
 def add_watch_options(p: argparse.ArgumentParser, push: bool = False) -> None:
-    """RUN_DIR, the store, and one flag per :class:`WatchOptions` field (push: not
-    ``--exit-when-idle`` and ``--parent-pid``, which it implies and ignores)."""
+    """RUN_DIR, the store, and one flag per :class:`WatchOptions` field, as the field
+    declares it (push: not the flags of :data:`PUSH_IMPLIES`)."""
     d = WatchOptions()
+    facts = {
+        "temporary": PATTERNS.show(TEMPORARY_PATTERNS),
+        "checkpoint_names": PATTERNS.show(d.pointer_pattern or CHECKPOINT_PATTERNS),
+        "status_file": STATUS_FILE,
+    }
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to upload from")
+    p.add_argument(
+        "uri",
+        metavar="URI",
+        nargs="?",
+        help="destination, e.g. s3://bucket/prefix, as --to takes it (default: --to, else "
+        "from --config)",
+    )
     add_store_options(p)
-    g = p.add_argument_group("files")
-    g.add_argument(
-        "--rank",
-        type=int,
-        help="rank of files not under a rank_N directory, when RUN_DIR is not itself "
-        f"rank_N (default: {d.rank})",
-    )
-    g.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the journal and lock live (default: RUN_DIR)",
-    )
-    g.add_argument(
-        "--include",
-        action="append",
-        metavar="GLOB",
-        help="upload only files matching GLOB; repeat for more (default: every file but "
-        f"temporary names: {_shown(TEMPORARY_PATTERNS)})",
-    )
-    g.add_argument(
-        "--exclude",
-        action="append",
-        metavar="GLOB",
-        help="never upload files matching GLOB; repeat for more; left-out files show "
-        f"in status (default: {_shown(d.exclude)})",
-    )
-    g.add_argument(
-        "--pointer-pattern",
-        action="append",
-        metavar="GLOB",
-        help="single-file checkpoint names (outside directory checkpoints), committed "
-        "once verified; repeat for more; replaces the default "
-        f"(default: {_shown(d.pointer_pattern or CHECKPOINT_PATTERNS)})",
-    )
-    g.add_argument(
-        "--checkpoint-dir",
-        action="append",
-        metavar="GLOB=MARKER",
-        help="directories matching GLOB are checkpoints, complete once MARKER exists in "
-        "them and every file is verified; repeat for more; checked before the built-in "
-        "rules (torch DCP .metadata, Hugging Face checkpoint-*/trainer_state.json, "
-        "DeepSpeed global_step*/ named by 'latest') (default: none)",
-    )
-    g.add_argument(
-        "--artifact-interval",
-        type=float,
-        metavar="SECONDS",
-        help="a file in no checkpoint (log, metrics) that keeps changing is uploaded "
-        f"again at most this often, and once more at drain (default: {d.artifact_interval:g})",
-    )
-    g.add_argument(
-        "--settle",
-        type=float,
-        metavar="SECONDS",
-        help="a file written in place is taken once closed and unchanged this long; "
-        f"renamed files are taken at once (default: {d.settle})",
-    )
-    g.add_argument(
-        "--open-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a file unchanged this long is taken even without a close event "
-        f"(default: {d.open_timeout})",
-    )
-    g = p.add_argument_group("transfers")
-    g.add_argument("--files", type=int, help=f"files uploaded at once (default: {d.files})")
-    g.add_argument(
-        "--concurrency",
-        type=int,
-        help=f"parts in flight across all files; memory is about this x part size (default: {d.concurrency})",
-    )
-    g.add_argument(
-        "--part-size", metavar="SIZE", help=f"multipart part size (default: {_size(d.part_size)})"
-    )
-    g.add_argument(
-        "--attempts",
-        type=int,
-        help=f"upload attempts per file before it is marked failed (default: {d.attempts})",
-    )
-    g.add_argument(
-        "--retry-delay",
-        type=float,
-        metavar="SECONDS",
-        help="first pause between attempts of a file; doubles each time, at most 60 "
-        f"(default: {d.retry_delay})",
-    )
-    g.add_argument(
-        "--retries",
-        type=int,
-        help=f"tries per request on transient errors (default: {d.retries})",
-    )
-    g.add_argument(
-        "--retry-seconds",
-        type=float,
-        help=f"longest time spent retrying one request (default: {d.retry_seconds})",
-    )
-    g.add_argument(
-        "--bwlimit",
-        metavar="RATE",
-        help=f"upload bandwidth limit in bytes per second, e.g. 50M (default: {_size(d.bwlimit)})",
-    )
-    g.add_argument(
-        "--nice",
-        type=int,
-        metavar="N",
-        help="raise the process niceness by N so training keeps the CPU (default: unchanged)",
-    )
-    g.add_argument(
-        "--create-container",
-        action="store_true",
-        default=None,
-        help="create the bucket or container when missing "
-        f"(default: {_shown(d.create_container)}; missing is exit {int(ExitCode.CONFIG)})",
-    )
-    g.add_argument(
-        "--verify-resumed",
-        action="store_true",
-        default=None,
-        help="when an interrupted multipart upload resumes, read and hash again the parts "
-        "the store already holds instead of trusting their recorded hashes "
-        f"(default: {_shown(d.verify_resumed)})",
-    )
-    g = p.add_argument_group("lifecycle and reporting")
-    g.add_argument(
-        "--drain-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, finish queued and in-flight work for at most this long "
-        f"(default: {d.drain_timeout})",
-    )
-    if not push:
-        g.add_argument(
-            "--exit-when-idle",
-            action="store_true",
-            default=None,
-            help="exit once everything found is verified and nothing is pending "
-            f"(default: {_shown(d.exit_when_idle)})",
-        )
-        g.add_argument(
-            "--parent-pid",
-            type=int,
-            metavar="PID",
-            help="when PID is gone, finish accepted and complete files, then exit "
-            f"(default: {_shown(d.parent_pid)})",
-        )
-    g.add_argument(
-        "--status-file",
-        metavar="PATH",
-        help="JSON status rewritten atomically every second and at exit; 'ckpt-uploader "
-        f"status' reads it there (default: STATE_DIR/{STATUS_FILE})",
-    )
-    g.add_argument(
-        "--keep-local",
-        type=int,
-        metavar="N",
-        help="delete local checkpoints beyond the newest N, whole, only once every file is verified (default: keep all)",
-    )
-    g.add_argument(
-        "--keep-remote",
-        type=int,
-        metavar="N",
-        help="delete stored checkpoints beyond the newest N, whole, never the pointer's latest "
-        "(default: keep all)",
-    )
+    groups: dict[str, Any] = {}
+    for key in WATCH_KEYS:
+        if push and key in PUSH_IMPLIES:
+            continue
+        opt = option_of(key)
+        if opt.group not in groups:
+            groups[opt.group] = p.add_argument_group(opt.group)
+        kwargs = dict(opt.kind.argparse)
+        if opt.metavar:
+            kwargs["metavar"] = opt.metavar
+        text = opt.help.format(default=opt.kind.show(getattr(d, key)), **facts)
+        groups[opt.group].add_argument(flag_name(key), help=text, **kwargs)
     add_output_options(p)
 
 
@@ -319,33 +159,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-# -- reading the flags back -----------------------------------------------------------------
-def store_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The ObjectStoreHparams fields given as flags (None where absent)."""
-    flags = {key: getattr(args, key, None) for key in (*STORE_FIELDS, *TLS_KEYS)}
-    flags["extra_init_kwargs"] = parse_extra_kwargs(flags["extra_init_kwargs"])
-    return flags
-
-
-def location(args: argparse.Namespace, uri: str | None, cfg: dict[str, Any]) -> StoreLocation:
-    """The store and prefix: URI, then the config file's [store], then flags (which win)."""
-    return store_location(uri, store_flags(args), cfg.get("store"), args.prefix)
-
-
-def watch_options(args: argparse.Namespace, cfg: dict[str, Any]) -> WatchOptions:
-    """The watch/push flags over the config file's [watch] table over the defaults."""
-    return WatchOptions.resolve(
-        {key: getattr(args, key, None) for key in WATCH_KEYS},
-        cfg.get("watch"),
-        where=f"config file {getattr(args, 'config', None)}",
-    )
-
-
-def retry_policy(options: WatchOptions) -> RetryPolicy:
-    """The request retry bounds ``--retries`` and ``--retry-seconds`` ask for."""
-    return RetryPolicy(attempts=options.retries, total_seconds=options.retry_seconds)
-
-
+# -- the store ---------------------------------------------------------------------------
 def open_store(loc: StoreLocation, **options: Any) -> ObjectStore:
     """The store, with a missing container or refused credentials as a ConfigError."""
     try:

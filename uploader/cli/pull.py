@@ -32,11 +32,10 @@ from uploader.cli.options import (
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
 from uploader.config.hparams import listing_prefix
+from uploader.config.resolve import resolve
 from uploader.daemon.progress import format_bytes, stderr_is_terminal
 from uploader.errors import ConfigError, ExitCode, UploaderError
 from uploader.transfer.store import ObjectStore, check_object_name
@@ -51,11 +50,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "pull",
         help="download a checkpoint (or 'latest') and verify it",
-        description="Download URI to DEST, checking size and digest. URI names 'latest' "
-        "under a prefix (s3://b/run/latest: the newest checkpoint committed by every "
-        "rank), a checkpoint (s3://b/run/rank_0/checkpoint-16: a directory checkpoint "
-        "lands as DEST/checkpoint-16/...), an object, or a prefix (everything under it). "
-        "A DEST ending with '/' is always a directory.",
+        description="Download URI to DEST, checking size and digest. URI is the one push "
+        "wrote to with 'latest' appended (s3://b/run/latest, file:///data/b/run/latest: "
+        "the newest checkpoint committed by every rank), a checkpoint "
+        "(s3://b/run/rank_0/checkpoint-16: a directory checkpoint lands as "
+        "DEST/checkpoint-16/...), an object (s3://b/run/rank_0/train.log), or the URI "
+        "itself (everything under it). A DEST ending with '/' is always a directory.",
         epilog=EXIT_CODES,
         formatter_class=Formatter,
     )
@@ -96,15 +96,15 @@ def register(sub: Any) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     if args.files < 1:
         raise ConfigError(f"--files {args.files} must be at least 1")
-    cfg = load_config_file(args.config)
-    loc = location(args, args.uri, cfg)
+    loc = resolve(vars(args), reading=True).location
+    name = loc.name  # the prefix push wrote to, and latest, rank_N/NAME or an object below
     store = open_store(loc)
     progress = not args.quiet and not args.no_progress and stderr_is_terminal()
     dest = Path(args.dest)
     into = is_dir_dest(args.dest)
     sync = bool(args.fsync)
     with store:
-        latest = select_latest(store, loc.prefix, args.world_size, args.rank)
+        latest = select_latest(store, name, args.world_size, args.rank)
         if latest is not None:
             entries = latest.chosen
             if not entries:
@@ -123,7 +123,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 )
                 _report(e, got)
             return ExitCode.OK
-        entry = find_checkpoint(store, loc.prefix)
+        entry = find_checkpoint(store, name)
         if entry is not None:
             _report(
                 entry,
@@ -132,12 +132,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 ),
             )
             return ExitCode.OK
-        if loc.prefix and store.exists(loc.prefix):
-            target = dest / Path(loc.prefix).name if into else dest
-            got = store.download_file(loc.prefix, target, progress=progress, fsync=sync)
-            print(f"{loc.prefix} -> {got}")
+        if name and store.exists(name):
+            target = dest / Path(name).name if into else dest
+            got = store.download_file(name, target, progress=progress, fsync=sync)
+            print(f"{name} -> {got}")
             return ExitCode.OK
-        return _pull_prefix(store, loc.prefix, dest, progress, sync, args.files)
+        return _pull_prefix(store, name, dest, progress, sync, args.files)
 
 
 def _report(e: PointerEntry, got: Path) -> None:

@@ -15,10 +15,9 @@ from uploader.cli.options import (
     Formatter,
     add_output_options,
     add_store_options,
-    location,
     open_store,
 )
-from uploader.config.files import load_config_file
+from uploader.config.resolve import resolve
 from uploader.errors import ExitCode
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStat
@@ -31,7 +30,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "verify",
         help="re-check sizes and digests of stored objects",
-        description="Download every object under URI's prefix into a temporary directory, "
+        description="Download every object under URI's prefix (URI as push wrote to it, "
+        "or with /rank_N or a checkpoint's path appended) into a temporary directory, "
         "check its size and recorded sha256 digest, and check that every commit "
         "pointer's entries match the objects they name. Reports each failure.",
         epilog=EXIT_CODES,
@@ -58,10 +58,12 @@ def _print_ok(stat: ObjectStat) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    loc = location(args, args.uri, load_config_file(args.config))
+    loc = resolve(vars(args), reading=True).location
+    # .../latest: everything under the prefix, the latest checkpoint and its pointers too.
+    prefix = loc.prefix if loc.target == "latest" else loc.name
     with open_store(loc) as store:
         report = verify_prefix(
-            store, loc.prefix, strict=args.strict, tmp_dir=args.tmp_dir, on_verified=_print_ok
+            store, prefix, strict=args.strict, tmp_dir=args.tmp_dir, on_verified=_print_ok
         )
     for f in report.failures:
         print(f"FAILED  {redact(f)}")

@@ -3,7 +3,8 @@
 ``watch`` keeps watching RUN_DIR and uploads every finished file; ``push`` uploads
 what is there now and exits once all of it is verified. Both read their settings
 into one :class:`uploader.config.options.WatchOptions` (flags over the config
-file's ``[watch]`` table over the defaults) and hand the daemon an
+file's ``[watch]`` table over the defaults), with the store, in one call to
+:func:`uploader.config.resolve.resolve`, and hand the daemon an
 :class:`uploader.daemon.engine.EngineOptions` built from it by :func:`engine_options`.
 """
 
@@ -16,17 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uploader.cli.options import (
-    EXIT_CODES,
-    Formatter,
-    add_watch_options,
-    location,
-    open_store,
-    retry_policy,
-    watch_options,
-)
-from uploader.config.files import load_config_file
+from uploader.cli.options import EXIT_CODES, Formatter, add_watch_options, open_store
 from uploader.config.options import WatchOptions
+from uploader.config.resolve import resolve
 from uploader.daemon.journal import Journal
 from uploader.daemon.layouts import (
     CHECKPOINT_PATTERNS,
@@ -168,9 +161,8 @@ def _prepare_run_dir(run_dir: Path, push: bool) -> None:
 
 
 def _run_engine(args: argparse.Namespace, push: bool) -> int:
-    cfg = load_config_file(args.config)
-    options = watch_options(args, cfg)
-    loc = location(args, args.to, cfg)
+    resolved = resolve(vars(args))
+    options, loc = resolved.watch, resolved.location
     run_dir = Path(args.run_dir).expanduser()
     _prepare_run_dir(run_dir, push)
     state_dir = Path(options.state_dir or run_dir).expanduser()
@@ -181,13 +173,7 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
             os.nice(options.nice)
         except OSError as exc:
             log.warning("cannot change niceness: %s", exc.strerror)
-    store = open_store(
-        loc,
-        part_size=options.part_size,
-        concurrency=options.concurrency,
-        retry=retry_policy(options),
-        create_container=options.create_container,
-    )
+    store = open_store(loc, **resolved.store_options())
     code: int | None = None
     try:
         journal = Journal.open(state_dir)

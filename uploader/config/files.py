@@ -133,10 +133,14 @@ def store_location(
     flags: dict[str, Any],
     file_store: dict[str, Any] | None = None,
     prefix: str | None = None,
+    *,
+    split_target: bool = False,
 ) -> StoreLocation:
     """Merge URI, config-file [store] and flags (highest priority) into a StoreLocation.
 
-    ``flags`` holds the STORE_FIELDS given on the command line (None when absent).
+    ``flags`` holds the STORE_FIELDS given on the command line (None when absent);
+    ``prefix`` (the --prefix flag) replaces the store prefix, not a target the URI names
+    below it (``split_target``, see :func:`uploader.config.hparams.parse_uri`).
     """
     file_store = _tls_into_extra(dict(file_store or {}))
     flags = _tls_into_extra(dict(flags))
@@ -150,7 +154,7 @@ def store_location(
             else:
                 merged[k] = flags[k]
     if uri:
-        loc = parse_uri(uri, **merged)
+        loc = parse_uri(uri, split_target=split_target, **merged)
     else:
         if not merged.get("provider") or not merged.get("container"):
             raise ConfigError(
@@ -164,7 +168,7 @@ def store_location(
     final_prefix = join_key(final_prefix or "", "")
     if ".." in final_prefix.split("/"):
         raise ConfigError(f"prefix {final_prefix!r} contains '..'; use a plain path")
-    return StoreLocation(loc.hparams, final_prefix.strip("/"))
+    return StoreLocation(loc.hparams, final_prefix.strip("/"), loc.target)
 
 
 def _tls_into_extra(store: dict[str, Any]) -> dict[str, Any]:

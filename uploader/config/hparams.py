@@ -18,6 +18,15 @@ A URI is a second way in, mapping onto the same fields::
     gs://bucket/prefix                      Google Cloud Storage
     file:///abs/dir?prefix=p                a local directory as the bucket (libcloud LOCAL)
 
+A reading command (``pull``, ``ls``, ``verify``) takes the URI that ``push`` wrote to
+with ``/latest``, ``/rank_N/NAME`` or an object path appended, for every scheme: the
+path is split at its first ``latest`` or ``rank_N`` component (:func:`split_target`),
+and what comes before is the store and prefix exactly as ``push`` named them (for
+``file://``, the same directory)::
+
+    s3://bucket/exp/latest                  store s3://bucket, prefix exp, target latest
+    file:///data/bucket/exp/rank_0/ep3.pt   container /data/bucket/exp, target rank_0/ep3.pt
+
 For ``local``, libcloud's (and Composer's) convention works too: the key is the
 base directory and the container a folder in it, ``"."`` being the base itself::
 
@@ -51,6 +60,7 @@ __all__ = [
     "ObjectStoreHparams",
     "StoreLocation",
     "parse_uri",
+    "split_target",
     "provider_family",
     "is_loopback",
     "KNOWN_PROVIDERS",
@@ -110,6 +120,8 @@ _SCHEMES = {
 }
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: The path components where what a reading command names starts (see split_target).
+_TARGET_START = re.compile(r"^(latest|rank_\d+)$")
 
 
 def provider_family(provider: str) -> str:
@@ -398,10 +410,18 @@ class ObjectStoreHparams:
 
 @dataclass(frozen=True)
 class StoreLocation:
-    """A parsed URI: the store and the object name prefix inside it."""
+    """A parsed URI: the store and the object name prefix inside it, as ``push`` names
+    them; ``target``: what a reading command named below the prefix (``latest``,
+    ``rank_0/ep3.pt``), empty unless the URI was parsed with ``split_target``."""
 
     hparams: ObjectStoreHparams
     prefix: str
+    target: str = ""
+
+    @property
+    def name(self) -> str:
+        """The prefix and the target joined: the object name (or prefix) asked for."""
+        return join_key(self.prefix, self.target)
 
 
 def join_key(prefix: str, name: str) -> str:
@@ -417,10 +437,23 @@ def listing_prefix(prefix: str) -> str:
     return base + "/" if base else ""
 
 
-def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
+def split_target(path: str) -> tuple[str, str]:
+    """``"exp/rank_0/ep3.pt"`` -> ``("exp", "rank_0/ep3.pt")``: the path split at its
+    first ``latest`` or ``rank_N`` component; ``("exp", "")`` when it has none."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if _TARGET_START.match(part):
+            return "/".join(parts[:i]), "/".join(parts[i:])
+    return "/".join(parts), ""
+
+
+def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> StoreLocation:
     """Parse ``scheme://container/prefix[?endpoint=..&region=..&key_environ=..&ca_bundle=..]``.
 
-    ``overrides`` (any hparams field not None) refine what the URI says.
+    ``split_target`` (for a reading command): a ``latest`` or ``rank_N`` component and
+    what follows it are the location's ``target``, not part of the container or prefix
+    (see :func:`split_target`). ``overrides`` (any hparams field not None) refine what
+    the URI says.
     """
     if not isinstance(uri, str) or "://" not in uri:
         raise ConfigError(
@@ -438,6 +471,7 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
             "s3://, azure://, gs://, file://"
         )
     provider = _SCHEMES[scheme]
+    target = ""
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     kw: dict[str, Any] = {"provider": provider}
     if scheme == "file":
@@ -448,8 +482,19 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
             raise ConfigError(f"file URI {uri!r} needs an absolute path: file:///abs/dir")
         root = path.rstrip("/") or "/"
         # The whole path is the container; prefixes go through ?prefix= for local stores.
-        kw["container"] = root
         prefix = query.pop("prefix", "")
+        if split_target:
+            before, target = _split(path, uri)
+            if target and prefix:
+                raise ConfigError(
+                    f"{uri!r} names a path below the container and a ?prefix= too; append "
+                    f"/{target} to the prefix instead: file:///{before}?prefix={prefix}/{target}"
+                )
+            if target:
+                root = "/" + before  # the directory push named
+            else:
+                prefix, target = _split(prefix, uri)
+        kw["container"] = root
     else:
         if not parts.netloc:
             raise ConfigError(
@@ -462,6 +507,8 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
             )
         kw["container"] = unquote(parts.netloc)
         prefix = unquote(parts.path).strip("/")
+        if split_target:
+            prefix, target = _split(prefix, uri)
     if ".." in prefix.split("/"):
         raise ConfigError(f"object name prefix {prefix!r} contains '..'; use a plain path")
     endpoint = query.pop("endpoint", None)
@@ -514,4 +561,11 @@ def parse_uri(uri: str, **overrides: Any) -> StoreLocation:
         else:
             kw[k] = v
     kw["extra_init_kwargs"] = extra
-    return StoreLocation(ObjectStoreHparams(**kw), prefix)
+    return StoreLocation(ObjectStoreHparams(**kw), prefix, target)
+
+
+def _split(path: str, uri: str) -> tuple[str, str]:
+    before, target = split_target(path)
+    if ".." in target.split("/"):
+        raise ConfigError(f"{target!r} in {uri!r} contains '..'; use a plain path")
+    return before, target

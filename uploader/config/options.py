@@ -1,10 +1,13 @@
-"""WatchOptions: every setting of ``ckpt-uploader watch`` / ``push``, with its default, once.
+"""WatchOptions: every setting of ``ckpt-uploader watch`` / ``push``, declared once.
 
-One object holds what the uploader daemon is told: the command line's flags, a config
-file's ``[watch]`` table (whose keys are exactly the fields here) and the worker process
-the training side starts all go through it. The flags' ``--help`` shows these defaults,
-and :func:`to_argv` writes options (and a store) as the flags that the command line
-reads back into the same values: the training side never builds an argv by hand.
+Each field is one option: its default, how a value is checked, and the help line of its
+flag are declared together with :func:`option`. Everything else follows from that one
+declaration: the command line's flag (``--keep-local``, built by
+:func:`uploader.cli.options.add_watch_options`), a config file's ``[watch]`` key
+(``keep_local``), :meth:`WatchOptions.resolve` (flags over the file over the default)
+and :func:`to_argv`, which writes options (and a store) as the flags that the command
+line reads back into the same values: the training side never builds an argv by hand.
+Adding a setting is adding a field.
 
 Defaults owned elsewhere are referred to, not copied: the part size and part
 concurrency are :class:`uploader.transfer.store.ObjectStore`'s, the request retry
@@ -22,18 +25,129 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from uploader.config.files import STORE_FIELDS, parse_bytes
 from uploader.config.hparams import StoreLocation
-from uploader.errors import ConfigError
+from uploader.errors import ConfigError, ExitCode
 from uploader.transfer.retry import RetryPolicy
 from uploader.transfer.store import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 
-__all__ = ["WatchOptions", "WATCH_KEYS", "to_argv", "flag_name"]
+__all__ = [
+    "WatchOptions",
+    "WATCH_KEYS",
+    "Kind",
+    "Option",
+    "COUNT",
+    "SECONDS",
+    "RANK",
+    "INTEGER",
+    "PATTERNS",
+    "SIZE",
+    "RATE",
+    "PATH",
+    "SWITCH",
+    "option",
+    "option_of",
+    "to_argv",
+    "flag_name",
+]
+
+
+def flag_name(key: str) -> str:
+    """``keep_local`` -> ``--keep-local``."""
+    return "--" + key.replace("_", "-")
+
+
+# -- kinds of values: how one is checked, shown in --help, and taken by argparse -------------
+def _number(key: str, value: Any, kind: type, minimum: float | None) -> Any:
+    name = flag_name(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} {value!r} is not a number")
+    if kind is int and value != int(value):
+        raise ConfigError(f"{name} {value!r} must be a whole number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} {value!r} must be at least {minimum:g}")
+    return kind(value)
+
+
+def _rank(key: str, value: Any) -> int:
+    rank: int = _number(key, value, int, None)
+    if rank < 0:
+        raise ConfigError(f"{flag_name(key)} must be 0 or more")
+    return rank
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{flag_name(key)} takes a list of glob patterns, e.g. ['*.pt']")
+    return tuple(value)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _show_size(n: int | None) -> str:
+    """``8388608`` -> ``8M`` (the notation --part-size and --bwlimit take)."""
+    if not n:
+        return "none"
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of value: ``check(key, value)`` returns it in the field's type or raises
+    ConfigError naming the flag; ``show`` writes a default for ``--help``; ``argparse``
+    holds the keywords of the flag's ``add_argument``."""
+
+    check: Callable[[str, Any], Any]
+    show: Callable[[Any], str] = _show
+    argparse: Mapping[str, Any] = field(default_factory=dict)
+
+
+COUNT = Kind(lambda k, v: _number(k, v, int, 1), argparse={"type": int})  # at least 1
+SECONDS = Kind(lambda k, v: _number(k, v, float, 0), argparse={"type": float, "metavar": "SECONDS"})
+RANK = Kind(_rank, argparse={"type": int})
+INTEGER = Kind(lambda k, v: _number(k, v, int, None), argparse={"type": int})
+PATTERNS = Kind(_patterns, argparse={"action": "append", "metavar": "GLOB"})  # one flag each
+SIZE = Kind(lambda k, v: parse_bytes(v, flag_name(k)), _show_size, {"metavar": "SIZE"})
+RATE = Kind(lambda k, v: parse_bytes(v, flag_name(k)) or None, _show_size, {"metavar": "RATE"})
+PATH = Kind(lambda k, v: Path(v), argparse={"metavar": "PATH"})
+SWITCH = Kind(lambda k, v: bool(v), argparse={"action": "store_true", "default": None})
+
+FILES, TRANSFERS, LIFECYCLE = "files", "transfers", "lifecycle and reporting"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a :class:`WatchOptions` field is given. ``help`` is the flag's help line;
+    ``{default}`` in it is the field's default as ``kind`` shows it, and the command line
+    fills in facts it owns (``{temporary}``, ``{checkpoint_names}``, ``{status_file}``)."""
+
+    kind: Kind
+    group: str
+    help: str
+    metavar: str | None = None
+
+
+def option(default: Any, kind: Kind, group: str, help: str, metavar: str | None = None) -> Any:
+    """A :class:`WatchOptions` field: its default and how it is given (see :class:`Option`)."""
+    return field(default=default, metadata={"option": Option(kind, group, help, metavar)})
 
 
 @dataclass(frozen=True)
@@ -44,35 +158,175 @@ class WatchOptions:
     "not set": no limit, keep everything, or the daemon's own choice (see each flag).
     """
 
-    rank: int = 0
-    state_dir: Path | None = None
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    pointer_pattern: tuple[str, ...] | None = None
-    checkpoint_dir: tuple[str, ...] = ()
+    rank: int = option(
+        0,
+        RANK,
+        FILES,
+        "rank of files not under a rank_N directory, when RUN_DIR is not itself rank_N "
+        "(default: {default})",
+    )
+    state_dir: Path | None = option(
+        None, PATH, FILES, "where the journal and lock live (default: RUN_DIR)", "DIR"
+    )
+    include: tuple[str, ...] | None = option(
+        None,
+        PATTERNS,
+        FILES,
+        "upload only files matching GLOB; repeat for more (default: every file but "
+        "temporary names: {temporary})",
+    )
+    exclude: tuple[str, ...] = option(
+        (),
+        PATTERNS,
+        FILES,
+        "never upload files matching GLOB; repeat for more; left-out files show in status "
+        "(default: {default})",
+    )
+    pointer_pattern: tuple[str, ...] | None = option(
+        None,
+        PATTERNS,
+        FILES,
+        "single-file checkpoint names (outside directory checkpoints), committed once "
+        "verified; repeat for more; replaces the default (default: {checkpoint_names})",
+    )
+    checkpoint_dir: tuple[str, ...] = option(
+        (),
+        PATTERNS,
+        FILES,
+        "directories matching GLOB are checkpoints, complete once MARKER exists in them and "
+        "every file is verified; repeat for more; checked before the built-in rules (torch "
+        "DCP .metadata, Hugging Face checkpoint-*/trainer_state.json, DeepSpeed global_step*/ "
+        "named by 'latest') (default: none)",
+        "GLOB=MARKER",
+    )
     #: Five minutes: a lost node loses at most five minutes of its logs, and a file
     #: that keeps changing costs at most 12 uploads an hour (a 100 MiB event file,
     #: 1.2 GiB an hour); every change is uploaded once more at drain.
-    artifact_interval: float = 300.0
-    settle: float = 1.0
-    open_timeout: float = 30.0
-    files: int = 4
-    concurrency: int = DEFAULT_CONCURRENCY
-    part_size: int = DEFAULT_PART_SIZE
-    attempts: int = 5
-    retry_delay: float = 1.0
-    retries: int = RetryPolicy.attempts
-    retry_seconds: float = RetryPolicy.total_seconds
-    drain_timeout: float = 600.0
-    exit_when_idle: bool = False
-    parent_pid: int | None = None
-    status_file: Path | None = None
-    keep_local: int | None = None
-    keep_remote: int | None = None
-    bwlimit: int | None = None
-    nice: int | None = None
-    create_container: bool = False
-    verify_resumed: bool = False
+    artifact_interval: float = option(
+        300.0,
+        SECONDS,
+        FILES,
+        "a file in no checkpoint (log, metrics) that keeps changing is uploaded again at "
+        "most this often, and once more at drain (default: {default})",
+    )
+    settle: float = option(
+        1.0,
+        SECONDS,
+        FILES,
+        "a file written in place is taken once closed and unchanged this long; renamed "
+        "files are taken at once (default: {default})",
+    )
+    open_timeout: float = option(
+        30.0,
+        SECONDS,
+        FILES,
+        "a file unchanged this long is taken even without a close event (default: {default})",
+    )
+    files: int = option(4, COUNT, TRANSFERS, "files uploaded at once (default: {default})")
+    concurrency: int = option(
+        DEFAULT_CONCURRENCY,
+        COUNT,
+        TRANSFERS,
+        "parts in flight across all files; memory is about this x part size (default: {default})",
+    )
+    part_size: int = option(
+        DEFAULT_PART_SIZE, SIZE, TRANSFERS, "multipart part size (default: {default})"
+    )
+    attempts: int = option(
+        5,
+        COUNT,
+        TRANSFERS,
+        "upload attempts per file before it is marked failed (default: {default})",
+    )
+    retry_delay: float = option(
+        1.0,
+        SECONDS,
+        TRANSFERS,
+        "first pause between attempts of a file; doubles each time, at most 60 "
+        "(default: {default})",
+    )
+    retries: int = option(
+        RetryPolicy.attempts,
+        COUNT,
+        TRANSFERS,
+        "tries per request on transient errors (default: {default})",
+    )
+    retry_seconds: float = option(
+        RetryPolicy.total_seconds,
+        SECONDS,
+        TRANSFERS,
+        "longest time spent retrying one request (default: {default})",
+    )
+    drain_timeout: float = option(
+        600.0,
+        SECONDS,
+        LIFECYCLE,
+        "on SIGTERM/SIGINT, finish queued and in-flight work for at most this long "
+        "(default: {default})",
+    )
+    exit_when_idle: bool = option(
+        False,
+        SWITCH,
+        LIFECYCLE,
+        "exit once everything found is verified and nothing is pending (default: {default})",
+    )
+    parent_pid: int | None = option(
+        None,
+        INTEGER,
+        LIFECYCLE,
+        "when PID is gone, finish accepted and complete files, then exit (default: {default})",
+        "PID",
+    )
+    status_file: Path | None = option(
+        None,
+        PATH,
+        LIFECYCLE,
+        "JSON status rewritten atomically every second and at exit; 'ckpt-uploader status' "
+        "reads it there (default: STATE_DIR/{status_file})",
+    )
+    keep_local: int | None = option(
+        None,
+        COUNT,
+        LIFECYCLE,
+        "delete local checkpoints beyond the newest N, whole, only once every file is "
+        "verified (default: keep all)",
+        "N",
+    )
+    keep_remote: int | None = option(
+        None,
+        COUNT,
+        LIFECYCLE,
+        "delete stored checkpoints beyond the newest N, whole, never the pointer's latest "
+        "(default: keep all)",
+        "N",
+    )
+    bwlimit: int | None = option(
+        None,
+        RATE,
+        TRANSFERS,
+        "upload bandwidth limit in bytes per second, e.g. 50M (default: {default})",
+    )
+    nice: int | None = option(
+        None,
+        INTEGER,
+        TRANSFERS,
+        "raise the process niceness by N so training keeps the CPU (default: unchanged)",
+        "N",
+    )
+    create_container: bool = option(
+        False,
+        SWITCH,
+        TRANSFERS,
+        "create the bucket or container when missing "
+        f"(default: {{default}}; missing is exit {int(ExitCode.CONFIG)})",
+    )
+    verify_resumed: bool = option(
+        False,
+        SWITCH,
+        TRANSFERS,
+        "when an interrupted multipart upload resumes, read and hash again the parts the "
+        "store already holds instead of trusting their recorded hashes (default: {default})",
+    )
 
     @classmethod
     def resolve(
@@ -100,68 +354,23 @@ class WatchOptions:
             if value is None:
                 value = file.get(key)
             if value is not None:
-                given[key] = _checked(key, value)
+                given[key] = option_of(key).kind.check(key, value)
         return replace(cls(), **given)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The request retry bounds ``--retries`` and ``--retry-seconds`` ask for."""
+        return RetryPolicy(attempts=self.retries, total_seconds=self.retry_seconds)
 
 
 #: The fields of :class:`WatchOptions`: the ``[watch]`` keys of a config file.
 WATCH_KEYS: tuple[str, ...] = tuple(f.name for f in fields(WatchOptions))
-
-_COUNTS = ("files", "concurrency", "attempts", "retries")  # at least 1
-_SECONDS = (
-    "settle",
-    "open_timeout",
-    "drain_timeout",
-    "retry_seconds",
-    "retry_delay",
-    "artifact_interval",
-)
-#: repeated flags: one per pattern
-_PATTERNS = ("include", "exclude", "pointer_pattern", "checkpoint_dir")
+_OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(WatchOptions)}
 
 
-def flag_name(key: str) -> str:
-    """``keep_local`` -> ``--keep-local``."""
-    return "--" + key.replace("_", "-")
-
-
-def _number(key: str, value: Any, kind: type, minimum: float | None) -> Any:
-    name = flag_name(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} {value!r} is not a number")
-    if kind is int and value != int(value):
-        raise ConfigError(f"{name} {value!r} must be a whole number")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} {value!r} must be at least {minimum:g}")
-    return kind(value)
-
-
-def _checked(key: str, value: Any) -> Any:
-    """``value`` for field ``key`` in the field's type; ConfigError when it cannot be."""
-    if key in _COUNTS:
-        return _number(key, value, int, 1)
-    if key in _SECONDS:
-        return _number(key, value, float, 0)
-    if key in ("keep_local", "keep_remote"):
-        return _number(key, value, int, 1)
-    if key == "rank":
-        rank = _number(key, value, int, None)
-        if rank < 0:
-            raise ConfigError("--rank must be 0 or more")
-        return rank
-    if key in ("parent_pid", "nice"):
-        return _number(key, value, int, None)
-    if key in _PATTERNS:
-        if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-            raise ConfigError(f"{flag_name(key)} takes a list of glob patterns, e.g. ['*.pt']")
-        return tuple(value)
-    if key == "part_size":
-        return parse_bytes(value, "--part-size")
-    if key == "bwlimit":
-        return parse_bytes(value) or None
-    if key in ("state_dir", "status_file"):
-        return Path(value)
-    return bool(value)  # exit_when_idle, create_container, verify_resumed
+def option_of(key: str) -> Option:
+    """How the :class:`WatchOptions` field ``key`` is given."""
+    return _OPTIONS[key]
 
 
 def _flag(key: str, value: Any) -> str:
@@ -195,7 +404,7 @@ def to_argv(options: WatchOptions, location: StoreLocation) -> list[str]:
         value = getattr(options, key)
         if value == getattr(default, key):
             continue
-        if key in _PATTERNS:
+        if option_of(key).kind is PATTERNS:
             if not value:
                 raise ConfigError(
                     f"{key} = [] (no patterns) cannot be given as flags; use a config file"
