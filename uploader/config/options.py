@@ -194,10 +194,13 @@ class WatchOptions:
         PATTERNS,
         FILES,
         "directories matching GLOB are checkpoints, complete once MARKER exists in them and "
-        "every file is verified; repeat for more; checked before the built-in rules (torch "
-        "DCP .metadata, Hugging Face checkpoint-*/trainer_state.json, DeepSpeed global_step*/ "
-        "named by 'latest') (default: none)",
-        "GLOB=MARKER",
+        "every file is verified ('settled:GLOB': once every file is settled and verified); "
+        "repeat for more; checked before the built-in rules (numbered directories such as "
+        "checkpoint-N, step_N, epoch_N read by their trainer's files: HF trainer_state.json, "
+        "Accelerate random_states_0.pkl, DCP .metadata, else settled; DeepSpeed global_step*/ "
+        "named by 'latest'; Megatron iter_N/ named by its tracker; DCP .metadata) "
+        "(default: none)",
+        "GLOB=MARKER|settled:GLOB",
     )
     #: Five minutes: a lost node loses at most five minutes of its logs, and a file
     #: that keeps changing costs at most 12 uploads an hour (a 100 MiB event file,
