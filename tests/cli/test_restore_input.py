@@ -28,7 +28,7 @@ from uploader import (
     ObjectStoreHparams,
     fetch_latest,
 )
-from uploader.bucket import pointer
+from uploader.bucket import format as pointer_format
 from uploader.cli.main import main
 from uploader.errors import ExitCode
 
@@ -171,8 +171,8 @@ def test_restore_refuses_a_crafted_pointer(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert pointer.MAX_POINTER_BYTES > BOUND
-    monkeypatch.setattr(pointer, "MAX_POINTER_BYTES", BOUND)
+    assert pointer_format.MAX_POINTER_BYTES > BOUND
+    monkeypatch.setattr(pointer_format, "MAX_POINTER_BYTES", BOUND)
     make, reason = CASES[case]
     _plant(local_store, make())
     dest = tmp_path / "restore"

@@ -19,9 +19,9 @@ its downloads read whole objects into memory.
   store's part buffer, without copies.
 * Downloads stream ranged GETs in ``chunk_size`` pieces. Servers that answer a
   range with 200 and ``Content-Range``, or with the whole object, are handled.
-* Listings page through ListObjectsV2 (``list_page_size`` keys a page),
-  ListMultipartUploads and ListParts (what an unfinished upload holds, for resuming;
-  NoSuchUpload means the store forgot it).
+* Listings page through ListObjectsV2 (``list_page_size`` keys a page). Multipart
+  uploads, their listings and resuming live in
+  :mod:`uploader.transfer.backends.s3multipart`.
 * Conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace;
   412 ``PreconditionFailed`` and 409 ``ConditionalRequestConflict`` (a concurrent
   conditional write) raise PreconditionFailedError. AWS S3 and moto honour both;
@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -53,17 +52,14 @@ from uploader.errors import (
 )
 from uploader.transfer.backends.base import (
     RECV_PIECE,
-    HeldPart,
     ObjectInfo,
-    PartToken,
     RangeTarget,
     range_target,
 )
 from uploader.transfer.backends.http import http_time, iso_time, metadata_from_headers, range_value
+from uploader.transfer.backends.s3multipart import S3Multipart
 from uploader.transfer.backends.s3request import (
-    TRANSIENT_CODES,
     S3Error,
-    S3RequestBackend,
     S3TransientError,
     parse_xml,
 )
@@ -76,7 +72,7 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
-class S3Backend(S3RequestBackend):
+class S3Backend(S3Multipart):
     """One bucket on S3 or an S3-compatible server.
 
     Args:
@@ -87,12 +83,7 @@ class S3Backend(S3RequestBackend):
     The request counters (``requests``, ``resent``) are :class:`S3RequestBackend`'s.
     """
 
-    multipart = True
-    max_parts = 10_000
-    max_part_size = 5 << 30
-    min_part_size = 5 << 20
     keeps_metadata = True
-    resumable = True
     conditional = True
 
     def __init__(self, settings: StoreSettings, *, list_page_size: int = 1000) -> None:
@@ -179,125 +170,6 @@ class S3Backend(S3RequestBackend):
                 ) from None
             raise
         return resp.getheader("ETag")
-
-    # -- multipart ------------------------------------------------------------------------
-    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
-        headers = self._meta_headers(metadata)
-        headers["content-type"] = "application/octet-stream"
-        _, body = self._request(
-            "POST", name, f"start upload of {name}", params={"uploads": ""}, headers=headers
-        )
-        root = parse_xml(body)
-        upload_id = root.findtext("UploadId") if root is not None else None
-        if not upload_id:
-            raise S3TransientError(
-                f"start upload of {name}: the store sent no upload id; retrying", 500, None
-            )
-        return upload_id
-
-    def put_part(
-        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
-    ) -> PartToken:
-        number = index + 1
-        resp, _ = self._request(
-            "PUT",
-            name,
-            f"upload part {number} of {name}",
-            params={"partNumber": str(number), "uploadId": upload_id},
-            body=data,
-            payload_sha256=sha256.hex(),
-        )
-        etag = resp.getheader("ETag")
-        if not etag:
-            raise S3TransientError(
-                f"upload part {number} of {name}: no ETag in the reply", 500, None
-            )
-        return (number, etag)
-
-    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
-        parts = "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(etag)}</ETag></Part>"
-            for n, etag in tokens
-        )
-        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-        what = f"complete upload of {name}"
-        _, reply = self._request("POST", name, what, params={"uploadId": upload_id}, body=body)
-        root = parse_xml(reply)
-        if root is not None and root.tag == "Error":
-            # S3 may answer 200 and report the failure in the body.
-            raise self._error(500 if root.findtext("Code") in TRANSIENT_CODES else 400, reply, what)
-
-    def abort(self, name: str, upload_id: str) -> None:
-        try:
-            self._request(
-                "DELETE",
-                name,
-                f"abort upload of {name}",
-                params={"uploadId": upload_id},
-                ok=(200, 204),
-            )
-        except ObjectNotFoundError:
-            pass
-
-    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
-        out: list[tuple[str, str, float]] = []
-        params = {"uploads": "", "prefix": prefix}
-        for _ in range(100_000):
-            _, body = self._request("GET", None, f"list uploads in {self._where}", params=params)
-            root = parse_xml(body)
-            if root is None:
-                break
-            for up in root.iter("Upload"):
-                key = up.findtext("Key")
-                uid = up.findtext("UploadId")
-                if key and uid and key.startswith(prefix):
-                    out.append((key, uid, iso_time(up.findtext("Initiated")) or 0.0))
-            if (root.findtext("IsTruncated") or "").lower() != "true":
-                break
-            km, um = root.findtext("NextKeyMarker"), root.findtext("NextUploadIdMarker")
-            if not km:
-                break
-            params = {"uploads": "", "prefix": prefix, "key-marker": km}
-            if um:
-                params["upload-id-marker"] = um
-        return out
-
-    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
-        held: dict[int, HeldPart] = {}
-        params = {"uploadId": upload_id, "max-parts": "1000"}
-        for _ in range(100):  # 10,000 parts at most, 1000 a page
-            try:
-                _, body = self._request("GET", name, f"list parts of {name}", params=params)
-            except ObjectNotFoundError:  # NoSuchUpload: completed, aborted or forgotten
-                return None
-            root = parse_xml(body)
-            if root is None:
-                break
-            for part in root.iter("Part"):
-                number, etag = part.findtext("PartNumber"), part.findtext("ETag")
-                if number and etag:
-                    held[int(number) - 1] = HeldPart(int(part.findtext("Size") or 0), etag)
-            marker = root.findtext("NextPartNumberMarker")
-            if (root.findtext("IsTruncated") or "").lower() != "true" or not marker:
-                break
-            params = {"uploadId": upload_id, "max-parts": "1000", "part-number-marker": marker}
-        return held
-
-    def part_etag(self, token: PartToken) -> str:
-        return str(token[1])
-
-    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
-        # A multipart object's ETag is the MD5 of its parts' MD5s, "-" the part count
-        # (where part ETags are MD5s): it names the parts it was completed from.
-        try:
-            md5s = b"".join(bytes.fromhex(str(etag).strip('"')) for _, etag in tokens)
-            etag = self.stat(name).etag
-        except (ValueError, ObjectNotFoundError):
-            return False
-        return etag == f"{hashlib.md5(md5s).hexdigest()}-{len(tokens)}"
-
-    def part_token(self, index: int, etag: str) -> PartToken:
-        return (index + 1, etag)
 
     # -- reading --------------------------------------------------------------------------
     def stat(self, name: str) -> ObjectInfo:
@@ -431,9 +303,3 @@ class S3Backend(S3RequestBackend):
         except ObjectNotFoundError:
             return False
         return True
-
-
-def _xml_escape(text: str) -> str:
-    return (
-        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-    )

@@ -1,0 +1,292 @@
+"""The commit pointer's format: its entries and manifests, their JSON, and the checks on
+everything read back from the bucket.
+
+A rank's pointer, ``{prefix}/rank_{r}/latest.json``::
+
+    {"format": "ckpt-uploader/pointer/2", "rank": 0,
+     "latest": {"name": "checkpoint-16", "rule": "hf", "object": "run1/rank_0/checkpoint-16",
+                "size": 123, "digest": "sha256:...", "mtime_ns": ..., "committed_at": ...,
+                "files": [{"path": "checkpoint-16/model.safetensors", "size": 100,
+                           "digest": "sha256:..."}, ...]},
+     "history": [ ...the same entries, newest first, at most 64... ],
+     "aliases": {"last.ckpt": "epoch=2-step=24.ckpt"}}
+
+A checkpoint is a single file or a directory (see :mod:`uploader.daemon.layouts` for
+the rules that recognise them). ``name`` is its path inside the rank directory, the
+same for every rank, so ``latest`` across ranks is the newest name that every rank
+has committed. ``files`` is the manifest: every file's path (inside the rank
+directory), size and sha256; a single-file checkpoint's manifest is that file. A
+directory's ``digest`` is the sha256 of its manifest (:func:`manifest_digest`).
+Entries are ordered by the checkpoint's mtime (its newest file's; then name).
+``aliases`` names checkpoints by another name (Lightning's ``last.ckpt`` symlink).
+
+Pointers of format 1 (one file per entry, no manifest, no aliases) still resolve: an
+entry without ``files`` is a single-file checkpoint.
+
+Everything read back from the bucket is checked before it is trusted: a pointer is read
+with a size bound (:data:`MAX_POINTER_BYTES`); every name and manifest path must be a
+plain relative path (no ``..``, ``.``, empty part, leading ``/``, backslash or NUL; at
+most :data:`MAX_NAME_BYTES` a part and :data:`MAX_PATH_BYTES` in all); and a
+directory's manifest lies inside the checkpoint and a file's names only the file.
+Where the entries' objects must be is checked when ``latest`` is resolved
+(:func:`uploader.bucket.latest.check_location`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from uploader.config.hparams import join_key
+from uploader.errors import IntegrityError, ObjectNotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uploader.transfer.store import ObjectStore
+
+__all__ = [
+    "FORMAT",
+    "FORMATS",
+    "FILE_RULE",
+    "POINTER_FILE",
+    "HISTORY_LIMIT",
+    "MAX_POINTER_BYTES",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "ManifestFile",
+    "PointerEntry",
+    "Pointer",
+    "manifest_digest",
+    "pointer_name",
+    "read_pointer",
+    "read_pointer_versioned",
+    "write_pointer",
+]
+
+FORMAT = "ckpt-uploader/pointer/2"
+#: Formats read (1: one file per entry, before checkpoints had manifests).
+FORMATS = ("ckpt-uploader/pointer/1", FORMAT)
+#: The rule of a single-file checkpoint (and of every format-1 entry).
+FILE_RULE = "file"
+POINTER_FILE = "latest.json"
+HISTORY_LIMIT = 64
+#: The most bytes read of a pointer: 64 entries of manifests of thousands of files fit.
+MAX_POINTER_BYTES = 64 << 20
+#: The longest part of a name (the file systems' NAME_MAX), and the longest name, in bytes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
+
+
+def _safe_path(path: str, where: str) -> str:
+    """``path`` when it is a plain relative '/'-path (no '..', '.', empty part, NUL)."""
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise ValueError(f"{where} path {path!r} is not a plain relative path")
+    longest = max(len(p.encode("utf-8", "surrogatepass")) for p in parts)
+    if longest > MAX_NAME_BYTES or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(
+            f"{where} path {path[:60]!r}... is too long (a part of {longest} bytes; at most "
+            f"{MAX_NAME_BYTES} a part and {MAX_PATH_BYTES} in all)"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a checkpoint: its path inside the rank directory, size and digest."""
+
+    path: str
+    size: int
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestFile:
+        return cls(_safe_path(str(d["path"]), "manifest"), int(d["size"]), str(d["digest"]))
+
+
+def manifest_digest(files: Iterable[ManifestFile]) -> str:
+    """The sha256 of a manifest (sorted by path): a directory checkpoint's identity."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PointerEntry:
+    """One committed checkpoint.
+
+    ``object`` is the file's object, or for a directory the object prefix its files
+    are under (``{prefix}/rank_N/{name}``); ``size`` the bytes of every file;
+    ``digest`` the file's, or :func:`manifest_digest` for a directory; ``rule`` the
+    layout rule that recognised it; ``files`` the manifest (empty: the one file).
+    """
+
+    name: str
+    object: str
+    size: int
+    digest: str
+    mtime_ns: int
+    committed_at: float = field(default_factory=time.time)
+    rule: str = FILE_RULE
+    files: tuple[ManifestFile, ...] = ()
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (self.mtime_ns, self.name)
+
+    @property
+    def is_directory(self) -> bool:
+        return self.rule != FILE_RULE
+
+    @property
+    def manifest(self) -> tuple[ManifestFile, ...]:
+        """Every file of the checkpoint (a single file's entry: that file)."""
+        return self.files or (ManifestFile(self.name, self.size, self.digest),)
+
+    def objects(self) -> Iterator[tuple[ManifestFile, str]]:
+        """Each manifest file with its object name."""
+        if not self.is_directory:
+            for f in self.manifest:
+                yield f, self.object
+            return
+        for f in self.manifest:
+            yield f, self.object + "/" + f.path[len(self.name) + 1 :]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "object": self.object,
+            "size": self.size,
+            "digest": self.digest,
+            "mtime_ns": self.mtime_ns,
+            "committed_at": self.committed_at,
+            "rule": self.rule,
+        }
+        if self.files:
+            d["files"] = [f.to_dict() for f in self.files]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PointerEntry:
+        name = _safe_path(str(d["name"]), "checkpoint")
+        rule = str(d.get("rule") or FILE_RULE)
+        files = tuple(ManifestFile.from_dict(f) for f in d.get("files") or ())
+        for f in files:
+            inside = f.path.startswith(name + "/") if rule != FILE_RULE else f.path == name
+            if not inside:
+                raise ValueError(f"manifest path {f.path!r} is not inside checkpoint {name!r}")
+        return cls(
+            name,
+            str(d["object"]),
+            int(d["size"]),
+            str(d["digest"]),
+            int(d["mtime_ns"]),
+            float(d.get("committed_at", 0.0)),
+            rule,
+            files,
+        )
+
+
+@dataclass(frozen=True)
+class Pointer:
+    rank: int
+    latest: PointerEntry
+    history: tuple[PointerEntry, ...]
+    #: Other names of committed checkpoints: alias -> checkpoint name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def entry(self, name: str) -> PointerEntry | None:
+        """The committed checkpoint ``name`` (or the one the alias ``name`` stands for)."""
+        name = self.aliases.get(name, name)
+        for e in self.history:
+            if e.name == name:
+                return e
+        return self.latest if self.latest.name == name else None
+
+    def without(self, names: Collection[str]) -> Pointer:
+        """This pointer with the entries ``names`` (and aliases to them) removed; never
+        ``latest``."""
+        gone = set(names) - {self.latest.name}
+        return replace(
+            self,
+            history=tuple(e for e in self.history if e.name not in gone),
+            aliases={a: t for a, t in self.aliases.items() if t not in gone},
+        )
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {
+            "format": FORMAT,
+            "rank": self.rank,
+            "latest": self.latest.to_dict(),
+            "history": [e.to_dict() for e in self.history],
+        }
+        if self.aliases:
+            body["aliases"] = dict(sorted(self.aliases.items()))
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Pointer:
+        try:
+            d = json.loads(data)
+            if d.get("format") not in FORMATS:
+                raise ValueError(f"unknown format {d.get('format')!r}")
+            latest = PointerEntry.from_dict(d["latest"])
+            history = tuple(PointerEntry.from_dict(e) for e in d.get("history", []))
+            aliases = {
+                _safe_path(str(a), "alias"): _safe_path(str(t), "alias target")
+                for a, t in (d.get("aliases") or {}).items()
+            }
+            return cls(int(d["rank"]), latest, history or (latest,), aliases)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(
+                f"commit pointer {where} is unreadable ({exc}); it was not "
+                "written by ckpt-uploader or is damaged: restore it by running "
+                "'ckpt-uploader push' on the run directory"
+            ) from None
+
+
+def pointer_name(prefix: str, rank: int) -> str:
+    return join_key(prefix, f"rank_{rank}/{POINTER_FILE}")
+
+
+def read_pointer(store: ObjectStore, prefix: str, rank: int) -> Pointer | None:
+    name = pointer_name(prefix, rank)
+    try:
+        data = store.get_bytes(name, max_size=MAX_POINTER_BYTES)
+    except ObjectNotFoundError:
+        return None
+    return Pointer.from_json(data, name)
+
+
+def read_pointer_versioned(
+    store: ObjectStore, prefix: str, rank: int
+) -> tuple[Pointer | None, str | None]:
+    """The rank's pointer (None when absent) and the version to write it back with."""
+    name = pointer_name(prefix, rank)
+    try:
+        data, version = store.get_versioned(name, max_size=MAX_POINTER_BYTES)
+    except ObjectNotFoundError:
+        return None, None
+    return Pointer.from_json(data, name), version
+
+
+POINTER_META = {"content-type": "application/json"}
+
+
+def write_pointer(store: ObjectStore, prefix: str, pointer: Pointer) -> None:
+    """PUT ``pointer`` as its rank's ``latest.json`` (atomic on every store; not
+    fenced: see :func:`update_pointer`)."""
+    store.put_bytes(pointer_name(prefix, pointer.rank), pointer.to_json(), POINTER_META)

@@ -1,0 +1,162 @@
+"""S3 multipart uploads: the part protocol of :class:`uploader.transfer.backends.s3.S3Backend`.
+
+``begin`` is CreateMultipartUpload, ``put_part`` an UploadPart signed with the part's
+sha256 (the store computed it already; the body is not hashed again), ``complete`` a
+CompleteMultipartUpload (whose 200 answer may still carry an error, checked here),
+``abort`` an AbortMultipartUpload. Resuming reads what an unfinished upload holds
+(ListParts, page by page; NoSuchUpload means the store forgot it), and
+``list_uploads`` pages through ListMultipartUploads for the stale ones. A part's token
+is its number and ETag; a multipart object's ETag names the parts it was completed
+from, which ``completed_from`` checks after a lost reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from uploader.errors import ObjectNotFoundError
+from uploader.transfer.backends.base import HeldPart, PartToken
+from uploader.transfer.backends.http import iso_time
+from uploader.transfer.backends.s3request import (
+    TRANSIENT_CODES,
+    S3RequestBackend,
+    S3TransientError,
+    parse_xml,
+)
+
+__all__ = ["S3Multipart"]
+
+
+class S3Multipart(S3RequestBackend):
+    """Multipart uploads in parts of 5 MiB-5 GiB, at most 10,000, resumable."""
+
+    multipart = True
+    max_parts = 10_000
+    max_part_size = 5 << 30
+    min_part_size = 5 << 20
+    resumable = True
+
+    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
+        headers = self._meta_headers(metadata)
+        headers["content-type"] = "application/octet-stream"
+        _, body = self._request(
+            "POST", name, f"start upload of {name}", params={"uploads": ""}, headers=headers
+        )
+        root = parse_xml(body)
+        upload_id = root.findtext("UploadId") if root is not None else None
+        if not upload_id:
+            raise S3TransientError(
+                f"start upload of {name}: the store sent no upload id; retrying", 500, None
+            )
+        return upload_id
+
+    def put_part(
+        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+    ) -> PartToken:
+        number = index + 1
+        resp, _ = self._request(
+            "PUT",
+            name,
+            f"upload part {number} of {name}",
+            params={"partNumber": str(number), "uploadId": upload_id},
+            body=data,
+            payload_sha256=sha256.hex(),
+        )
+        etag = resp.getheader("ETag")
+        if not etag:
+            raise S3TransientError(
+                f"upload part {number} of {name}: no ETag in the reply", 500, None
+            )
+        return (number, etag)
+
+    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
+        parts = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(etag)}</ETag></Part>"
+            for n, etag in tokens
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        what = f"complete upload of {name}"
+        _, reply = self._request("POST", name, what, params={"uploadId": upload_id}, body=body)
+        root = parse_xml(reply)
+        if root is not None and root.tag == "Error":
+            # S3 may answer 200 and report the failure in the body.
+            raise self._error(500 if root.findtext("Code") in TRANSIENT_CODES else 400, reply, what)
+
+    def abort(self, name: str, upload_id: str) -> None:
+        try:
+            self._request(
+                "DELETE",
+                name,
+                f"abort upload of {name}",
+                params={"uploadId": upload_id},
+                ok=(200, 204),
+            )
+        except ObjectNotFoundError:
+            pass
+
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        out: list[tuple[str, str, float]] = []
+        params = {"uploads": "", "prefix": prefix}
+        for _ in range(100_000):
+            _, body = self._request("GET", None, f"list uploads in {self._where}", params=params)
+            root = parse_xml(body)
+            if root is None:
+                break
+            for up in root.iter("Upload"):
+                key = up.findtext("Key")
+                uid = up.findtext("UploadId")
+                if key and uid and key.startswith(prefix):
+                    out.append((key, uid, iso_time(up.findtext("Initiated")) or 0.0))
+            if (root.findtext("IsTruncated") or "").lower() != "true":
+                break
+            km, um = root.findtext("NextKeyMarker"), root.findtext("NextUploadIdMarker")
+            if not km:
+                break
+            params = {"uploads": "", "prefix": prefix, "key-marker": km}
+            if um:
+                params["upload-id-marker"] = um
+        return out
+
+    def list_parts(self, name: str, upload_id: str) -> dict[int, HeldPart] | None:
+        held: dict[int, HeldPart] = {}
+        params = {"uploadId": upload_id, "max-parts": "1000"}
+        for _ in range(100):  # 10,000 parts at most, 1000 a page
+            try:
+                _, body = self._request("GET", name, f"list parts of {name}", params=params)
+            except ObjectNotFoundError:  # NoSuchUpload: completed, aborted or forgotten
+                return None
+            root = parse_xml(body)
+            if root is None:
+                break
+            for part in root.iter("Part"):
+                number, etag = part.findtext("PartNumber"), part.findtext("ETag")
+                if number and etag:
+                    held[int(number) - 1] = HeldPart(int(part.findtext("Size") or 0), etag)
+            marker = root.findtext("NextPartNumberMarker")
+            if (root.findtext("IsTruncated") or "").lower() != "true" or not marker:
+                break
+            params = {"uploadId": upload_id, "max-parts": "1000", "part-number-marker": marker}
+        return held
+
+    def part_etag(self, token: PartToken) -> str:
+        return str(token[1])
+
+    def completed_from(self, name: str, upload_id: str, tokens: list[PartToken]) -> bool:
+        # A multipart object's ETag is the MD5 of its parts' MD5s, "-" the part count
+        # (where part ETags are MD5s): it names the parts it was completed from.
+        try:
+            md5s = b"".join(bytes.fromhex(str(etag).strip('"')) for _, etag in tokens)
+            etag = self.stat(name).etag
+        except (ValueError, ObjectNotFoundError):
+            return False
+        return etag == f"{hashlib.md5(md5s).hexdigest()}-{len(tokens)}"
+
+    def part_token(self, index: int, etag: str) -> PartToken:
+        return (index + 1, etag)
+
+
+def _xml_escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
