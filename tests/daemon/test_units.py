@@ -124,8 +124,9 @@ def test_checkpoint_units_by_layout(tmp_path: Path) -> None:
     unit = rules.unit
     hf = unit(tmp_path, "checkpoint-8/optimizer.pt")
     assert hf == Unit("checkpoint-8", "numbered", True)
-    # nothing yet shows which trainer wrote it: complete once settled
-    assert rules.resolve(tmp_path, hf).name == "settled"
+    # nothing yet shows which trainer wrote it, but checkpoint-N is the HF Trainer's
+    # (and diffusers') name: never merely settled
+    assert rules.resolve(tmp_path, hf).name == "hf"
     _touch(tmp_path, "checkpoint-8/training_args.bin")
     assert rules.resolve(tmp_path, hf).name == "hf"
     assert not rules.complete(tmp_path, hf)

@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from uploader.config.local import check_local, check_tls, local_root
 from uploader.errors import ConfigError
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.store import ObjectStore
@@ -248,99 +248,19 @@ class ObjectStoreHparams:
                 )
 
     def _validate_tls(self) -> None:
-        """``ca_bundle`` is a path; ``insecure_skip_tls_verify`` a real boolean (so that a
-        string such as "false" never turns verification off)."""
-        bundle = self.extra_init_kwargs.get(CA_BUNDLE_OPTION)
-        if bundle is not None and (not isinstance(bundle, str) or not bundle.strip()):
-            raise ConfigError(
-                f"{CA_BUNDLE_OPTION} must be the path of a PEM file of CA certificates, "
-                f"e.g. /etc/ssl/private-ca.pem, not {bundle!r}"
-            )
-        insecure = self.extra_init_kwargs.get(INSECURE_OPTION, False)
-        if not isinstance(insecure, bool):
-            raise ConfigError(
-                f"{INSECURE_OPTION} must be true or false (a JSON/TOML boolean), not {insecure!r}"
-            )
-        if insecure and bundle is not None:
-            raise ConfigError(
-                f"{CA_BUNDLE_OPTION} and {INSECURE_OPTION} contradict each other; keep "
-                f"{CA_BUNDLE_OPTION} (certificates checked against it)"
-            )
+        check_tls(self.extra_init_kwargs)
 
     def _validate_local(self) -> None:
-        """An absolute container, or a base directory (the key) and a folder inside it."""
-        key = (
-            self.extra_init_kwargs.get("key") if isinstance(self.extra_init_kwargs, dict) else None
-        )
-        if key is not None:
-            if not isinstance(key, str) or not key.strip():
-                raise ConfigError(
-                    "extra_init_kwargs['key'] for 'local' must be the base directory "
-                    'as a non-empty path, e.g. {"key": "/data/ckpts"}'
-                )
-            if self.key_environ is not None:
-                raise ConfigError(
-                    f"the local base directory is given twice: by key_environ "
-                    f"({self.key_environ}) and by extra_init_kwargs['key']; keep one"
-                )
-        if os.path.isabs(self.container):
-            return  # used as is, whatever the key says (as libcloud joins them)
-        if key is None and self.key_environ is None:
-            raise ConfigError(
-                f"local container {self.container!r} is relative; give an absolute "
-                "directory (e.g. file:///data/bucket), or name the base directory it is a "
-                "folder of: key_environ=VAR with VAR=/data exported, or "
-                "extra_init_kwargs={'key': '/data'} ('.' is the base directory itself)"
-            )
-        if ".." in self.container.replace("\\", "/").split("/"):
-            raise ConfigError(
-                f"local container {self.container!r} contains '..'; name a folder inside "
-                "the base directory, or give an absolute directory"
-            )
+        check_local(self.container, self.key_environ, self.extra_init_kwargs)
 
     def local_root(self) -> str:
-        """For ``local``: the directory that is the store's root, resolved.
-
-        An absolute container is the root itself. A relative one is a folder of the
-        base directory (libcloud LOCAL's key: ``extra_init_kwargs["key"]``, or the
-        value of the variable ``key_environ`` names), read now; ``"."`` is the base
-        directory itself. The base directory must exist: ConfigError otherwise.
-        """
+        """For ``local``: the directory that is the store's root, resolved (see
+        :func:`uploader.config.local.local_root`)."""
         if self.family != "local":
             raise ConfigError(
                 f"provider {self.provider!r} is not 'local'; it has no root directory"
             )
-        if os.path.isabs(self.container):
-            return self.container
-        self._validate_local()  # the fields may have changed since they were validated
-        key = self.extra_init_kwargs.get("key")
-        if key is not None:
-            base, source = str(key), "extra_init_kwargs['key']"
-        else:
-            var = self.key_environ
-            assert var is not None  # _validate_local() requires a key for a relative container
-            value = os.environ.get(var)
-            if value is None or not value.strip():
-                raise ConfigError(
-                    f"environment variable {var} (named by key_environ) is "
-                    f"{'not set' if value is None else 'empty'}; for provider 'local' it holds "
-                    f"the base directory that container {self.container!r} is a folder of: "
-                    f"export {var}=/path/to/dir"
-                )
-            base, source = value, f"${var} (named by key_environ)"
-        if not os.path.isabs(base):
-            raise ConfigError(
-                f"the local base directory {base!r} from {source} must be an absolute path, "
-                "e.g. /data/ckpts"
-            )
-        if not os.path.isdir(base):
-            raise ConfigError(
-                f"the local base directory {base} from {source} does not exist (or is not "
-                f"a directory); create it "
-                f"(mkdir -p {base}) or point {source.split(' ')[0]} at an existing directory "
-                "(--create-container creates only the container folder inside it)"
-            )
-        return os.path.normpath(os.path.join(base, self.container))
+        return local_root(self.container, self.key_environ, self.extra_init_kwargs)
 
     @property
     def family(self) -> str:

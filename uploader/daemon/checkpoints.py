@@ -48,8 +48,10 @@ deepspeed  ``global_stepN/`` (name)            the ``latest`` tag beside it name
 megatron   ``iter_NNNNNNN/`` (name)            ``latest_checkpointed_iteration.txt``
                                                beside it names its iteration
 settled    a numbered directory no rule        every file in it is closed by every
-           recognises                          writer, quiet for ``--settle`` and
-                                               verified
+           recognises (but ``checkpoint-N``:   writer, quiet for ``--settle`` and
+           the HF Trainer's and diffusers'     verified
+           name, which waits for ``hf`` or
+           ``accelerate``'s marker)
 dir:GLOB   ``--checkpoint-dir GLOB=MARKER``    MARKER exists
 settled:G  ``--checkpoint-dir settled:GLOB``   as ``settled``
 ========== ================================== =========================================
@@ -113,6 +115,9 @@ CHECKPOINT_PATTERNS: tuple[str, ...] = (
 _WORD = r"(?:checkpoint|ckpt|global_step|globalstep|step|iteration|iter|epoch|ep)"
 #: A directory whose name carries a step or epoch number: one checkpoint.
 NUMBERED = re.compile(rf"^{_WORD}[-_=]?\d+(?:[-_]{_WORD}[-_=]?\d+)*$", re.IGNORECASE)
+#: The name the HF Trainer (and diffusers' scripts, through Accelerate) give a checkpoint:
+#: never committed as merely settled.
+HF_NAME = re.compile(r"^checkpoint-\d+$")
 #: DeepSpeed's tag file: names the newest complete ``global_stepN`` directory.
 DEEPSPEED_TAG = "latest"
 #: Megatron-LM's tracker file: the newest complete iteration (``iter_{:07d}``).
@@ -346,6 +351,10 @@ class Checkpoints:
         for trainer in TRAINER_RULES:
             if any(_matches(n, trainer.signs) for n in top):
                 return trainer
+        if HF_NAME.match(unit.name.rsplit("/", 1)[-1]):
+            # The HF Trainer's and diffusers' name: waits for one of their markers (the
+            # model files they write first show neither trainer yet).
+            return HF
         return SETTLED_RULE
 
     def complete(self, rank_root: Path, unit: Unit, rule: DirRule | None = None) -> bool:

@@ -54,12 +54,14 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from uploader.daemon.accept import QUICK_ROWS, Acceptor
 from uploader.daemon.artifacts import ArtifactThrottle
 from uploader.daemon.assembly import Assembler
 from uploader.daemon.committer import Committer
-from uploader.daemon.intake import Found, Intake, ignore_lease_breaks, watch_parent
-from uploader.daemon.journal import FileRecord, Journal, Totals
-from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout, is_inside
+from uploader.daemon.intake import Intake, ignore_lease_breaks, watch_parent
+from uploader.daemon.journal import Journal, Totals
+from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout
+from uploader.daemon.outcome import nothing_committed, outcome
 from uploader.daemon.progress import Progress
 from uploader.daemon.retention import retain_local
 from uploader.daemon.settle import Settler
@@ -79,9 +81,6 @@ log = logging.getLogger(__name__)
 
 #: The longest pause between two attempts of one file or one pointer write.
 MAX_PAUSE = 60.0
-#: Files accepted, or pointer entries marked, on the event loop (:meth:`Engine.quick`);
-#: larger batches go to a worker thread.
-QUICK_ROWS = 16
 
 
 @dataclass
@@ -205,6 +204,15 @@ class Engine:
         self._stop_reason: str | None = None
         #: Changed artifacts wait for --artifact-interval.
         self.artifacts = ArtifactThrottle(options.artifact_interval)
+        self.accept = Acceptor(
+            self.layout,
+            journal,
+            self.call,
+            self.quick,
+            self.assembler,
+            self.artifacts,
+            self.uploads.outstanding,
+        )
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -244,8 +252,8 @@ class Engine:
             self.opts.filter,
             self.settler,
             self.opts.watch,
-            self._take,
-            self._fresh,
+            self.accept.take,
+            self.accept.fresh,
             is_artifact=lambda rel: self.assembler.key(rel) is None,
             link=self.assembler.link,
             gone=self.assembler.request_many,
@@ -261,7 +269,7 @@ class Engine:
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
                 tg.start_soon(self._status_task)
-                tg.start_soon(self.artifacts.run, self._take_now)
+                tg.start_soon(self.artifacts.run, self.accept.take_now)
                 if self.opts.parent_pid:
                     pid = self.opts.parent_pid
                     tg.start_soon(watch_parent, pid, self.intake, self._idle, self._request_stop)
@@ -284,7 +292,7 @@ class Engine:
         """Intake -> work stream -> upload loops -> commits; ends once drained."""
         assert self.intake is not None
         send, recv = anyio.create_memory_object_stream[str](max(2, 2 * self.opts.files))
-        self._work_send = send
+        self.accept.send = send
         async with anyio.create_task_group() as tg:
             self.committer.task_group = tg
             self.assembler.task_group = tg
@@ -318,87 +326,8 @@ class Engine:
         uncommitted = await self.call(self.journal.uncommitted)
         self.assembler.request_many([r.path for r in uncommitted])
         for rec in await self.call(self.journal.records, "pending"):
-            await self._enqueue(rec.path)
+            await self.accept.enqueue(rec.path)
         self._resumed = True
-
-    async def _fresh(self, found: Found) -> Found:
-        """Of scanned files, those whose version the journal does not hold."""
-
-        def unknown() -> Found:
-            out = []
-            for rel, st in found:
-                rec = self.journal.get(rel)
-                if rec is None or (rec.size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                    out.append((rel, st))
-            return out
-
-        result: Found = await self.call(unknown)
-        return result
-
-    # -- taking complete files ----------------------------------------------------------
-    async def _take(self, found: Found) -> None:
-        """Accept complete files into the journal (unless that version is known), in one
-        journal call, and queue them. A changed artifact uploaded less than
-        ``artifact_interval`` ago waits (:class:`ArtifactThrottle`), unless draining."""
-        now = time.time()
-
-        def record() -> list[tuple[FileRecord | None, str, float]]:
-            """(record, rel, 1.0 when newly accepted), or (None, rel, when due)."""
-            out: list[tuple[FileRecord | None, str, float]] = []
-            for rel, st in found:
-                rec = self.journal.get(rel)
-                if rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                    out.append((rec, rel, 0.0))
-                    continue
-                key = self.assembler.key(rel)
-                due = self.artifacts.due(rec, key is None, now)
-                if due is not None:
-                    out.append((None, rel, due))
-                    continue
-                loc = self.layout.locate(rel)
-                new = FileRecord(
-                    rel,
-                    loc.rank,
-                    loc.name,
-                    loc.object,
-                    st.st_size,
-                    st.st_mtime_ns,
-                    key is not None,
-                )
-                out.append((self.journal.accept(new), rel, 1.0))
-            return out
-
-        run = self.quick if len(found) <= QUICK_ROWS else self.call
-        taken = await run(record)
-        self.assembler.tags_seen([rel for rel, _ in found])
-        for rec, rel, flag in taken:
-            if rec is None:
-                self.artifacts.hold(rel, flag)
-                continue
-            self.artifacts.release(rel)
-            accepted = flag > 0
-            if accepted:
-                log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
-            elif rec.state != "pending":
-                continue
-            await self._enqueue(rec.path)
-
-    async def _take_now(self, rels: list[str]) -> None:
-        """Take the files ``rels`` as they are on disk now (those still there)."""
-        found: Found = []
-        for rel in rels:
-            st = is_inside(self.root, rel)
-            if st is not None:
-                found.append((rel, st))
-        if found:
-            await self._take(found)
-
-    async def _enqueue(self, rel: str) -> None:
-        if rel in self.uploads.outstanding:
-            return
-        self.uploads.outstanding.add(rel)
-        self.assembler.opened(rel)
-        await self._work_send.send(rel)
 
     async def _upload_loop(self, recv: MemoryObjectReceiveStream[str]) -> None:
         """One upload at a time from the work stream, until it is closed and empty."""
@@ -451,7 +380,7 @@ class Engine:
         reason = self._stop_reason
         if reason in ("signal", "parent"):
             self.phase = "draining"
-        await self.artifacts.flush(self._take_now)  # a changed log goes up once more
+        await self.artifacts.flush(self.accept.take_now)  # a changed log goes up once more
         # A checkpoint renamed into place just before the signal is part of the drain,
         # even if its event was not processed yet: take every file complete on disk.
         await self.intake.stop(final=reason == "signal")
@@ -470,7 +399,7 @@ class Engine:
             return ExitCode.TIMEOUT
         totals: Totals = await self.call(self.journal.totals)
         nothing = await self._summary()
-        return _outcome(
+        return outcome(
             totals, self.committer.failures, self.last_error, self.config_error, self.store, nothing
         )
 
@@ -491,15 +420,7 @@ class Engine:
             self.assembler.unmatched_rules(),
             rotated=len(rotated),
         )
-        if uncommitted and not ever:
-            log.error(
-                "nothing was committed: files were uploaded, but no checkpoint is complete, "
-                "so 'latest' names none; waiting: %s. Check the trainer finished a save, or "
-                "name the rule with --checkpoint-dir (see docs/trainers.md)",
-                "; ".join(f"{rel} ({why})" for rel, why in sorted(uncommitted.items())[:10]),
-            )
-            return True
-        return False
+        return nothing_committed(uncommitted, ever)
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
@@ -566,50 +487,3 @@ class Engine:
                 s.write(self.opts.status_file)
             self.uploads.progress.tick(s)
             await anyio.sleep(1.0)
-
-
-def _outcome(
-    totals: Totals,
-    failures: int,
-    last_error: str | None,
-    config_error: str | None,
-    store: ObjectStore,
-    nothing_committed: bool = False,
-) -> int:
-    """The exit code once drained: 0 everything verified and committed; 2 failures, one
-    of them for a configuration reason (``config_error``); 1 other failures, or
-    checkpoints uploaded and none ever committed (``nothing_committed``)."""
-    if nothing_committed and not (totals.failed or totals.pending or totals.uploading or failures):
-        log.error(
-            "finished: %d file(s) verified, but no checkpoint committed (see above)", totals.done
-        )
-        return ExitCode.FAILED
-    if totals.failed or totals.pending or totals.uploading or failures:
-        if config_error is not None:
-            log.error(
-                "finished with a configuration error: failed=%d pending=%d "
-                "pointer_failures=%d error=%s; the files not sent stay in the journal: "
-                "fix the configuration and start again to send them",
-                totals.failed,
-                totals.pending + totals.uploading,
-                failures,
-                config_error,
-            )
-            return ExitCode.CONFIG
-        log.error(
-            "finished with failures: failed=%d pending=%d pointer_failures=%d last_error=%s",
-            totals.failed,
-            totals.pending + totals.uploading,
-            failures,
-            last_error or totals.last_error,
-        )
-        return ExitCode.FAILED
-    log.info(
-        "finished: %d file(s) verified, %d bytes, %d request retries, %d resent on a "
-        "fresh connection",
-        totals.done,
-        totals.bytes_done,
-        store.retries.n,
-        int(getattr(store.backend, "resent", 0)),
-    )
-    return ExitCode.OK
