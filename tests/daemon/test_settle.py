@@ -28,7 +28,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def settler(clock: Clock) -> Settler:
-    return Settler(SETTLE, OPEN_TIMEOUT, clock=clock)
+    # The wall clock stands before every mtime the tests give: none looks old by itself.
+    return Settler(SETTLE, OPEN_TIMEOUT, clock=clock, wall=lambda: 0.0)
 
 
 def take(settler: Settler, rel: str, stat: tuple[int, int], writing: bool | None = None) -> Verdict:
@@ -50,6 +51,25 @@ def test_renamed_or_scanned_file_is_complete_once_quiet_for_settle(
     clock.advance(0.01)
     assert take(settler, "ep1.pt", (10, 1)) is Verdict.DONE
     assert "ep1.pt" not in settler and len(settler) == 0
+
+
+def test_scanned_file_counts_its_quiet_time_from_its_mtime(clock: Clock) -> None:
+    """A run directory pushed after training: files last written long ago are complete
+    at their first check; one written a moment ago waits out the rest of --settle."""
+    now = 1_000_000.0
+    s = Settler(SETTLE, OPEN_TIMEOUT, clock=clock, wall=lambda: now)
+    old, fresh = int((now - 3600) * 1e9), int((now - SETTLE / 2) * 1e9)
+    s.observe("old.pt", "scan", 10, old)
+    s.observe("fresh.pt", "scan", 10, fresh)
+    s.observe("moved.pt", "moved", 10, old)  # a rename is a new version: full settle
+    assert take(s, "old.pt", (10, old)) is Verdict.DONE
+    assert take(s, "fresh.pt", (10, fresh)) is Verdict.WAIT
+    assert take(s, "moved.pt", (10, old)) is Verdict.WAIT
+    clock.advance(SETTLE / 2)
+    assert take(s, "fresh.pt", (10, fresh)) is Verdict.DONE
+    # an mtime in the future (another host's clock) counts for nothing
+    s.observe("skew.pt", "scan", 10, int((now + 60) * 1e9))
+    assert take(s, "skew.pt", (10, int((now + 60) * 1e9))) is Verdict.WAIT
 
 
 def test_in_place_write_waits_for_its_close_event(settler: Settler, clock: Clock) -> None:

@@ -5,7 +5,9 @@ feeds it what it saw (watch events, scan results, stats) and the time comes from
 an injected clock; it answers which files are complete. The rules:
 
 * A file renamed into place or found by a scan is complete once its size and
-  mtime have stayed the same for ``settle`` seconds.
+  mtime have stayed the same for ``settle`` seconds (a scanned file's quiet time
+  counts from its mtime, on the injected wall clock: one last written long ago is
+  complete at its first check).
 * A file written in place is complete ``settle`` seconds after its close event;
   without a close event, once ``final`` is set (draining, or the parent is gone),
   or when no modify event was ever seen for it (and it is not empty).
@@ -83,8 +85,10 @@ class Settler:
         open_timeout: float,
         snapshot_after: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settle = settle
+        self.wall = wall
         self.open_timeout = open_timeout
         self.snapshot_after = snapshot_after
         self.clock = clock
@@ -110,7 +114,12 @@ class Settler:
         now = self.clock()
         c = self._cands.get(rel)
         if c is None:
-            c = self._cands[rel] = _Candidate(size, mtime_ns, now, snapshot=snapshot, first=now)
+            since = now
+            if kind == "scan" and self.wall() - mtime_ns / 1e9 >= 0:
+                # Found on disk already unchanged for that long (by its mtime): a run
+                # directory pushed after training waits for no settle time.
+                since = now - min(self.wall() - mtime_ns / 1e9, self.settle)
+            c = self._cands[rel] = _Candidate(size, mtime_ns, since, snapshot=snapshot, first=now)
         if kind in ("scan", "moved"):
             c.closed = True
         elif kind == "closed":

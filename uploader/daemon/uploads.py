@@ -326,7 +326,8 @@ class Uploads:
         return "start", rec
 
     def _upload_verified(self, rec: FileRecord) -> UploadResult:
-        """Upload, then read back size and digest (runs in a worker thread)."""
+        """Upload, then read back size and digest, unless the store checked a single put
+        on arrival (runs in a worker thread)."""
         rel = rec.path
         bucket = self.bucket
 
@@ -346,6 +347,8 @@ class Uploads:
             verify=False,
             resume=Resume(self.sessions, self.opts.verify_resumed),
         )
+        if result.parts == 1 and self.store.backend.put_checked:
+            return result  # the store checked the bytes against their digest on arrival
         stat = self.store.stat(rec.object)
         if stat.size != result.size:
             raise IntegrityError(

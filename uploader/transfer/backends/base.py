@@ -115,6 +115,10 @@ class Backend(ABC):
     min_part_size: int = 5 << 20
     #: Whether object metadata survives a round trip (LOCAL keeps none).
     keeps_metadata: bool = True
+    #: Whether the store checks a whole-object put against a digest of the bytes sent (S3:
+    #: the signed ``x-amz-content-sha256``), so that its success means they are stored as
+    #: sent: the daemon then reads back no size and digest after such a put.
+    put_checked: bool = False
     #: Whether an unfinished multipart upload can be listed and continued.
     resumable: bool = False
     #: Whether get_versioned/put_if are implemented (the server may still ignore them).

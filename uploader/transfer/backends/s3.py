@@ -84,6 +84,7 @@ class S3Backend(S3Multipart):
     """
 
     keeps_metadata = True
+    put_checked = True  # S3 refuses a body whose sha256 is not the signed one
     conditional = True
 
     def __init__(self, settings: StoreSettings, *, list_page_size: int = 1000) -> None:
