@@ -29,6 +29,7 @@ from uploader import (
     fetch_latest,
 )
 from uploader.bucket import format as pointer_format
+from uploader.bucket.pointer import ManifestFile, manifest_digest
 from uploader.cli.main import main
 from uploader.errors import ExitCode
 
@@ -120,6 +121,46 @@ def _file_rule_naming_others() -> Bad:
     return Bad({f"{PREFIX}/rank_0/ep1.pt": data}, _pointer(entry))
 
 
+def _manifest_body(files: dict[str, bytes], name: str = "ckpt") -> dict[str, Any]:
+    manifest = [{"path": p, "size": len(d), "digest": _sha(d)} for p, d in sorted(files.items())]
+    return {"format": "ckpt-uploader/manifest/1", "name": name, "files": manifest}
+
+
+def _external(
+    files: dict[str, bytes],
+    body: dict[str, Any] | None = None,
+    planted: Callable[[bytes], bytes] = lambda data: data,
+    **ref_over: Any,
+) -> Bad:
+    """A checkpoint whose manifest is an object of its own (pointer format 3): the
+    manifest object holds ``body`` (default: ``files``' manifest), stored as
+    ``planted(bytes)``; the pointer records the bytes of ``body`` (then ``ref_over``)."""
+    name = "ckpt"
+    data = json.dumps(body or _manifest_body(files)).encode()
+    digest = _sha(data)
+    ref = {
+        "object": f"{PREFIX}/rank_0/.ckpt-uploader/manifests/{name}.{digest[7:23]}.json",
+        "size": len(data),
+        "digest": digest,
+        "files": len(files),
+    }
+    ref.update(ref_over)
+    mf = [ManifestFile(p, len(d), _sha(d)) for p, d in files.items()]
+    entry = _entry(name, files, digest=manifest_digest(mf), manifest=ref)
+    del entry["files"]
+    good = _checkpoint(files)
+    pointer = json.loads(_pointer(entry))
+    pointer["format"] = "ckpt-uploader/pointer/3"
+    return Bad({**good.objects, ref["object"]: planted(data)}, json.dumps(pointer).encode())
+
+
+def _newer_format() -> Bad:
+    good = _checkpoint({"ckpt/a.bin": b"a" * 100})
+    return Bad(good.objects, good.pointer.replace(b"pointer/2", b"pointer/4"))
+
+
+_ONE = {"ckpt/a.bin": b"a" * 100, "ckpt/b.bin": b"b" * 50}
+
 CASES: dict[str, tuple[Callable[[], Bad], str]] = {
     "dotdot in a manifest path": (
         lambda: _raw_path("ckpt/../../../escape.txt"),
@@ -149,6 +190,43 @@ CASES: dict[str, tuple[Callable[[], Bad], str]] = {
     "objects outside the checkpoint's place": (_outside_object, "outside its place"),
     "truncated pointer": (_truncated, "unreadable"),
     "pointer larger than the bound": (_oversized, "larger than the"),
+    "pointer of a newer format": (_newer_format, "upgrade ckpt-uploader"),
+    "manifest object larger than its pointer records": (
+        lambda: _external(_ONE, planted=lambda d: d + b" " * 64),
+        "larger than the",
+    ),
+    "manifest object replaced": (
+        lambda: _external(_ONE, planted=lambda d: d.replace(b"a.bin", b"c.bin")),
+        "replaced or damaged",
+    ),
+    "manifest object beyond the bound": (
+        lambda: _external(_ONE, size=(64 << 20) + 1),
+        "bytes a manifest may have",
+    ),
+    "manifest object outside its checkpoint's place": (
+        lambda: _external(_ONE, object="run/rank_0/elsewhere.json"),
+        "not where its checkpoint is",
+    ),
+    "dotdot in a manifest object's path": (
+        lambda: _external(_ONE, body=_manifest_body({"ckpt/../../x": b"a" * 100, **_ONE})),
+        "not a plain relative path",
+    ),
+    "manifest object of another checkpoint": (
+        lambda: _external(_ONE, body=_manifest_body(_ONE, name="other")),
+        "it is the manifest of 'other'",
+    ),
+    "manifest object not matching the checkpoint's digest": (
+        lambda: _external(_ONE, body=_manifest_body({**_ONE, "ckpt/b.bin": b"B" * 50})),
+        "do not make the checkpoint's digest",
+    ),
+    "manifest object of another format": (
+        lambda: _external(_ONE, body={**_manifest_body(_ONE), "format": "x"}),
+        "unknown format 'x'",
+    ),
+    "names equal after case folding, in a manifest object": (
+        lambda: _external({"ckpt/Model.bin": b"A" * 10, "ckpt/model.bin": b"B" * 10}),
+        "one file on case-insensitive",
+    ),
 }
 
 

@@ -458,6 +458,51 @@ def test_retention_keeps_the_newest_dir_checkpoint_locally_and_remotely(
     assert p["latest"]["name"] == "checkpoint-3"
 
 
+def test_large_dir_manifests_are_objects_retired_with_their_checkpoints(
+    tmp_path: Path, local_bucket: Path, daemons: list[Daemon]
+) -> None:
+    """DCP saves of 600 files: each manifest is an object of its own (pointer format 3);
+    retention deletes it with its checkpoint, also for one committed before a restart."""
+    run = new_run(tmp_path)
+    keep = ("--keep-local", "1", "--keep-remote", "1")
+    n = 600
+
+    def save(step: int) -> None:
+        ck = run / f"step_{step}"
+        ck.mkdir()
+        for i in range(n):
+            atomic_write(ck / f"__{i}_0.distcp", 64, seed=1000 * step + i)
+        atomic_write(ck / ".metadata", 100, seed=step)
+
+    d = watch(daemons, run, local_bucket, "big", *keep, *SETTLE)
+    save(1)
+    d.wait_status(lambda s: s.get("committed") == 1, timeout=60)
+    drain(d)
+    save(2)
+    d = watch(daemons, run, local_bucket, "big", *keep, *SETTLE, name="d2")
+    d.wait_status(lambda s: s.get("committed") == 1, timeout=60)
+    wait_for(lambda: not (run / "step_1").exists(), 10, "local retention of step_1")
+    save(3)
+    d.wait_status(lambda s: s.get("committed") == 2, timeout=60)
+    wait_for(lambda: not (run / "step_2").exists(), 10, "local retention of step_2")
+    drain(d)
+
+    p = pointer(local_bucket, "big")
+    assert p["format"] == "ckpt-uploader/pointer/3"
+    assert [e["name"] for e in p["history"]] == ["step_3"]
+    ref = p["latest"]["manifest"]
+    assert ref["files"] == n + 1 and "files" not in p["latest"]
+    held = stored(local_bucket, "big/rank_0")
+    assert sorted(k for k in held if k.startswith(".ckpt-uploader/")) == [
+        ref["object"].removeprefix("big/rank_0/")
+    ]
+    assert not any(k.startswith(("step_1/", "step_2/")) for k in held)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["step_3"]
+    restored = pull_latest(local_bucket, "big", tmp_path / "restore")
+    assert restored == {k: v for k, v in tree(run).items() if k.startswith("step_3/")}
+    assert len(restored) == n + 1
+
+
 # -- 9. format-1 pointers ---------------------------------------------------------------
 def test_format1_pointer_resolves_and_is_upgraded_by_a_new_commit(
     tmp_path: Path, local_bucket: Path

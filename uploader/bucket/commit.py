@@ -36,6 +36,7 @@ from uploader.bucket.format import (
     read_pointer_versioned,
     write_pointer,
 )
+from uploader.bucket.manifest import store_manifest
 from uploader.config.hparams import join_key
 from uploader.errors import PreconditionFailedError, UploaderError
 
@@ -186,7 +187,10 @@ def commit(
     compare-and-swap where the store allows (:func:`fencing`).
 
     ``current`` is the pointer as last written by this process; when None it is read.
+    A large manifest is written as an object of its own first
+    (:func:`uploader.bucket.manifest.store_manifest`).
     """
+    entry = store_manifest(store, entry)
     if fencing(store, prefix)[0]:
         update = update_pointer(
             store, prefix, rank, lambda cur: merge(cur, rank, entry, history_limit)

@@ -6,8 +6,10 @@
   when ``dest`` is an existing directory or ends with ``/``;
 * a directory checkpoint lands as ``dest/<name>/...``: every file of its manifest,
   each checked against the size and sha256 the manifest records before it is
-  renamed into place. The manifest's paths were checked when the pointer was read
-  (relative, no ``..``), and each target is checked again to lie inside ``dest``.
+  renamed into place. A manifest stored as an object of its own is read and checked
+  first (:func:`uploader.bucket.manifest.load_manifest`). The manifest's paths were
+  checked when it was read (relative, no ``..``), and each target is checked again to
+  lie inside ``dest``.
   A manifest whose paths would land on one file (names equal after Unicode
   normalisation and case folding, as on macOS and Windows file systems, or a file
   that is also another's folder) is refused before anything is downloaded. Its
@@ -38,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from uploader.bucket.manifest import load_manifest
 from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
 from uploader.transfer.digest import Digest
@@ -119,6 +122,7 @@ def fetch_entry(
             require_digest=True,
             fsync=fsync,
         )
+    entry = load_manifest(store, entry)
     root = base.absolute()
     top = root / entry.name
     _refuse_collisions(entry)

@@ -20,8 +20,19 @@ directory's ``digest`` is the sha256 of its manifest (:func:`manifest_digest`).
 Entries are ordered by the checkpoint's mtime (its newest file's; then name).
 ``aliases`` names checkpoints by another name (Lightning's ``last.ckpt`` symlink).
 
-Pointers of format 1 (one file per entry, no manifest, no aliases) still resolve: an
-entry without ``files`` is a single-file checkpoint.
+A manifest larger than :data:`INLINE_MANIFEST_BYTES` of JSON (a directory of more than
+some 500 files) is not held in the pointer: it is an object of its own, written before
+the pointer (:mod:`uploader.bucket.manifest`), and the entry names it instead of
+``files``::
+
+     "manifest": {"object": "run1/rank_0/.ckpt-uploader/manifests/checkpoint-16.<16 hex>.json",
+                  "size": 1234567, "digest": "sha256:<of the object's bytes>", "files": 10000}
+
+Format versions: 1 (one file per entry, no manifest, no aliases), 2 (manifests inline),
+3 (some entry names a manifest object; written only then, so a pointer without one
+stays readable by versions that know format 2). All three resolve: an entry without
+``files`` or ``manifest`` is a single-file checkpoint. A pointer of a newer format is
+refused with a message saying to upgrade, never parsed as if it were an older one.
 
 Everything read back from the bucket is checked before it is trusted: a pointer is read
 with a size bound (:data:`MAX_POINTER_BYTES`); every name and manifest path must be a
@@ -36,13 +47,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from uploader.config.hparams import join_key
-from uploader.errors import IntegrityError, ObjectNotFoundError
+from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
@@ -56,8 +68,14 @@ __all__ = [
     "MAX_POINTER_BYTES",
     "MAX_NAME_BYTES",
     "MAX_PATH_BYTES",
+    "FORMAT_INLINE",
+    "INLINE_MANIFEST_BYTES",
+    "MANIFEST_DIR",
     "ManifestFile",
+    "ManifestRef",
     "PointerEntry",
+    "check_manifest",
+    "manifest_object",
     "Pointer",
     "manifest_digest",
     "pointer_name",
@@ -66,15 +84,26 @@ __all__ = [
     "write_pointer",
 ]
 
-FORMAT = "ckpt-uploader/pointer/2"
+FORMAT_PREFIX = "ckpt-uploader/pointer/"
+#: Written when no entry names a manifest object (readable by every version since 2).
+FORMAT_INLINE = FORMAT_PREFIX + "2"
+#: Written when some entry names a manifest object instead of holding its files.
+FORMAT = FORMAT_PREFIX + "3"
 #: Formats read (1: one file per entry, before checkpoints had manifests).
-FORMATS = ("ckpt-uploader/pointer/1", FORMAT)
+FORMATS = (FORMAT_PREFIX + "1", FORMAT_INLINE, FORMAT)
 #: The rule of a single-file checkpoint (and of every format-1 entry).
 FILE_RULE = "file"
 POINTER_FILE = "latest.json"
 HISTORY_LIMIT = 64
 #: The most bytes read of a pointer: 64 entries of manifests of thousands of files fit.
 MAX_POINTER_BYTES = 64 << 20
+#: The most bytes of JSON a manifest may take inside the pointer (about 500 files); a
+#: larger one is an object of its own. 64 entries of this size keep a pointer, which
+#: every commit and every restore reads whole, at most 4 MiB.
+INLINE_MANIFEST_BYTES = 64 << 10
+#: Where a rank's manifest objects live, inside its rank directory (``.ckpt-uploader``
+#: names are never uploaded from a run directory, so no checkpoint file lands there).
+MANIFEST_DIR = ".ckpt-uploader/manifests"
 #: The longest part of a name (the file systems' NAME_MAX), and the longest name, in bytes.
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
@@ -124,6 +153,59 @@ def manifest_digest(files: Iterable[ManifestFile]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def check_manifest(name: str, rule: str, files: Iterable[ManifestFile]) -> None:
+    """ValueError unless every file of the manifest lies inside checkpoint ``name`` (a
+    single file's manifest names only the file)."""
+    for f in files:
+        inside = f.path.startswith(name + "/") if rule != FILE_RULE else f.path == name
+        if not inside:
+            raise ValueError(f"manifest path {f.path!r} is not inside checkpoint {name!r}")
+
+
+def manifest_object(entry_object: str, name: str, digest: str) -> str:
+    """The manifest object of checkpoint ``name`` whose files are under ``entry_object``
+    (``{prefix}/rank_N/{name}``), for the manifest with sha256 ``digest``:
+    ``{prefix}/rank_N/.ckpt-uploader/manifests/{name}.{16 hex}.json``. The digest in the
+    name means a checkpoint committed again with other files never overwrites a manifest
+    that a pointer may still name."""
+    rank_dir = entry_object[: len(entry_object) - len(name)]
+    return f"{rank_dir}{MANIFEST_DIR}/{name}.{digest.removeprefix('sha256:')[:16]}.json"
+
+
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    """A manifest stored as an object of its own: its name, its size in bytes, the
+    sha256 of those bytes (``sha256:<hex>``), and how many files it lists."""
+
+    object: str
+    size: int
+    digest: str
+    files: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": self.object,
+            "size": self.size,
+            "digest": self.digest,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestRef:
+        ref = cls(
+            _safe_path(str(d["object"]), "manifest object"),
+            int(d["size"]),
+            str(d["digest"]),
+            int(d["files"]),
+        )
+        if not _SHA256.match(ref.digest) or ref.size < 1 or ref.files < 1:
+            raise ValueError(f"manifest reference {d!r} is malformed")
+        return ref
+
+
 @dataclass(frozen=True)
 class PointerEntry:
     """One committed checkpoint.
@@ -132,6 +214,11 @@ class PointerEntry:
     are under (``{prefix}/rank_N/{name}``); ``size`` the bytes of every file;
     ``digest`` the file's, or :func:`manifest_digest` for a directory; ``rule`` the
     layout rule that recognised it; ``files`` the manifest (empty: the one file).
+
+    ``manifest_ref`` names the manifest object of a large manifest
+    (:mod:`uploader.bucket.manifest`). An entry read from the bucket then has no
+    ``files`` until :func:`uploader.bucket.manifest.load_manifest` reads them (the
+    committing process keeps them); ``manifest`` and ``objects`` refuse to guess.
     """
 
     name: str
@@ -142,6 +229,7 @@ class PointerEntry:
     committed_at: float = field(default_factory=time.time)
     rule: str = FILE_RULE
     files: tuple[ManifestFile, ...] = ()
+    manifest_ref: ManifestRef | None = None
 
     @property
     def order(self) -> tuple[int, str]:
@@ -152,8 +240,26 @@ class PointerEntry:
         return self.rule != FILE_RULE
 
     @property
+    def manifest_loaded(self) -> bool:
+        """Whether :attr:`manifest` is at hand (False: a manifest object not read yet)."""
+        return self.manifest_ref is None or bool(self.files)
+
+    @property
+    def file_count(self) -> int:
+        """How many files the checkpoint has (known without reading a manifest object)."""
+        if self.manifest_ref is not None:
+            return self.manifest_ref.files
+        return len(self.files) or 1
+
+    @property
     def manifest(self) -> tuple[ManifestFile, ...]:
         """Every file of the checkpoint (a single file's entry: that file)."""
+        if not self.manifest_loaded:
+            raise UploaderError(
+                f"checkpoint {self.name!r}: its manifest is the object "
+                f"{self.manifest_ref and self.manifest_ref.object!r}, not read yet; read it "
+                "with uploader.bucket.manifest.load_manifest first"
+            )
         return self.files or (ManifestFile(self.name, self.size, self.digest),)
 
     def objects(self) -> Iterator[tuple[ManifestFile, str]]:
@@ -175,7 +281,9 @@ class PointerEntry:
             "committed_at": self.committed_at,
             "rule": self.rule,
         }
-        if self.files:
+        if self.manifest_ref is not None:
+            d["manifest"] = self.manifest_ref.to_dict()
+        elif self.files:
             d["files"] = [f.to_dict() for f in self.files]
         return d
 
@@ -184,19 +292,27 @@ class PointerEntry:
         name = _safe_path(str(d["name"]), "checkpoint")
         rule = str(d.get("rule") or FILE_RULE)
         files = tuple(ManifestFile.from_dict(f) for f in d.get("files") or ())
-        for f in files:
-            inside = f.path.startswith(name + "/") if rule != FILE_RULE else f.path == name
-            if not inside:
-                raise ValueError(f"manifest path {f.path!r} is not inside checkpoint {name!r}")
+        check_manifest(name, rule, files)
+        obj = str(d["object"])
+        ref = None
+        if d.get("manifest") is not None:
+            ref = ManifestRef.from_dict(d["manifest"])
+            if rule == FILE_RULE or files:
+                raise ValueError(f"entry {name!r} names a manifest object and is not a directory")
+            if ref.object != manifest_object(obj, name, ref.digest):
+                raise ValueError(
+                    f"manifest object {ref.object!r} of {name!r} is not where its checkpoint is"
+                )
         return cls(
             name,
-            str(d["object"]),
+            obj,
             int(d["size"]),
             str(d["digest"]),
             int(d["mtime_ns"]),
             float(d.get("committed_at", 0.0)),
             rule,
             files,
+            ref,
         )
 
 
@@ -227,8 +343,9 @@ class Pointer:
         )
 
     def to_json(self) -> bytes:
+        external = any(e.manifest_ref is not None for e in (self.latest, *self.history))
         body: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT if external else FORMAT_INLINE,
             "rank": self.rank,
             "latest": self.latest.to_dict(),
             "history": [e.to_dict() for e in self.history],
@@ -241,6 +358,7 @@ class Pointer:
     def from_json(cls, data: bytes, where: str) -> Pointer:
         try:
             d = json.loads(data)
+            _refuse_newer(d.get("format") if isinstance(d, dict) else None, where)
             if d.get("format") not in FORMATS:
                 raise ValueError(f"unknown format {d.get('format')!r}")
             latest = PointerEntry.from_dict(d["latest"])
@@ -290,3 +408,17 @@ def write_pointer(store: ObjectStore, prefix: str, pointer: Pointer) -> None:
     """PUT ``pointer`` as its rank's ``latest.json`` (atomic on every store; not
     fenced: see :func:`update_pointer`)."""
     store.put_bytes(pointer_name(prefix, pointer.rank), pointer.to_json(), POINTER_META)
+
+
+def _refuse_newer(fmt: object, where: str) -> None:
+    """IntegrityError naming the upgrade when ``fmt`` is a pointer format newer than
+    this version reads (an older version's own check says "unknown format")."""
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX) or fmt in FORMATS:
+        return
+    version = fmt[len(FORMAT_PREFIX) :]
+    if version.isdigit() and int(version) > int(FORMAT[len(FORMAT_PREFIX) :]):
+        raise IntegrityError(
+            f"commit pointer {where} is of format {version}, written by a newer "
+            f"ckpt-uploader; this version reads formats up to {FORMAT[len(FORMAT_PREFIX) :]}: "
+            "upgrade ckpt-uploader here to read it (do not rewrite it with this version)"
+        )

@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from uploader.bucket.format import POINTER_FILE, Pointer, PointerEntry, read_pointer
+from uploader.bucket.format import (
+    POINTER_FILE,
+    Pointer,
+    PointerEntry,
+    manifest_object,
+    read_pointer,
+)
 from uploader.config.hparams import join_key, listing_prefix
 from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
 
@@ -125,7 +131,10 @@ def check_location(entry: PointerEntry, prefix: str, rank: int) -> PointerEntry:
         if moved not in _COPIES_SEEN:  # once per copy, not once per rank and checkpoint
             _COPIES_SEEN.add(moved)
             log.info("checkpoints committed under %r are restored from their copy under %r", *moved)
-        return replace(entry, object=expected)
+        ref = entry.manifest_ref
+        if ref is not None:
+            ref = replace(ref, object=manifest_object(expected, entry.name, ref.digest))
+        return replace(entry, object=expected, manifest_ref=ref)
     raise IntegrityError(
         f"the pointer of rank {rank} under {prefix or '(root)'!r} names checkpoint "
         f"{entry.name!r} at {entry.object!r}, outside its place {expected!r}; it was "

@@ -9,6 +9,8 @@ rules from; each concern lives in a module of its own:
   checks on everything read back from the bucket, reading and writing the object;
 * :mod:`uploader.bucket.commit`: the merge rule (``latest`` never moves back, no
   committed entry is lost) and compare-and-swap writes where the store allows;
+* :mod:`uploader.bucket.manifest`: a large manifest as an object of its own, written
+  before the pointer that names it and read back checked against it;
 * :mod:`uploader.bucket.latest`: resolving ``latest`` across ranks (once per job with
   a ``share`` function) and checking that an entry's objects are where its rank's
   pointer is.
@@ -29,13 +31,17 @@ from uploader.bucket.commit import (
 from uploader.bucket.format import (
     FILE_RULE,
     FORMAT,
+    FORMAT_INLINE,
     FORMATS,
     HISTORY_LIMIT,
+    INLINE_MANIFEST_BYTES,
+    MANIFEST_DIR,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     MAX_POINTER_BYTES,
     POINTER_FILE,
     ManifestFile,
+    ManifestRef,
     Pointer,
     PointerEntry,
     manifest_digest,
@@ -53,9 +59,17 @@ from uploader.bucket.latest import (
     resolve_latest,
     select_latest,
 )
+from uploader.bucket.manifest import MAX_MANIFEST_BYTES, load_manifest, store_manifest
 
 __all__ = [
     "ManifestFile",
+    "ManifestRef",
+    "load_manifest",
+    "store_manifest",
+    "INLINE_MANIFEST_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "MANIFEST_DIR",
+    "FORMAT_INLINE",
     "PointerEntry",
     "manifest_digest",
     "Pointer",

@@ -3,7 +3,8 @@
 :func:`verify_prefix` downloads each object that records a digest (the download
 checks size and sha256, then the copy is removed) and audits each commit pointer
 with :func:`audit_pointer`: every entry it names must exist (``latest`` at least),
-with the size and digest the entry records. Both return the failures as sentences
+with the size and digest the entry records; a manifest object is read and checked
+against its pointer there (and not downloaded a second time). Both return the failures as sentences
 naming the object; they never raise for a bad object, so one pass reports all.
 
 Example::
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from uploader.bucket.manifest import is_manifest_object, load_manifest
 from uploader.bucket.pointer import MAX_POINTER_BYTES, POINTER_FILE, Pointer
 from uploader.config.hparams import listing_prefix
-from uploader.errors import UploaderError
+from uploader.errors import ObjectNotFoundError, UploaderError
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStat, ObjectStore
@@ -50,7 +52,9 @@ def is_pointer(name: str) -> bool:
 def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> list[str]:
     """What is wrong with the pointer object ``name``, given the sizes of the objects
     listed beside it: unreadable; a file of ``latest``'s manifest is missing; a
-    manifest file's size or digest differs from the object's. An older entry whose
+    manifest file's size or digest differs from the object's; a manifest object
+    (:mod:`uploader.bucket.manifest`) is missing for ``latest``, or is larger than,
+    or differs from, what the pointer records, or is unreadable. An older entry whose
     objects are gone (removed by retention) is not a failure."""
     try:
         pointer = Pointer.from_json(store.get_bytes(name, max_size=MAX_POINTER_BYTES), name)
@@ -59,6 +63,15 @@ def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> li
     failures: list[str] = []
     for e in pointer.history:
         is_latest = e.name == pointer.latest.name
+        try:
+            e = load_manifest(store, e)
+        except ObjectNotFoundError as exc:
+            if is_latest or (e.manifest_ref is not None and e.manifest_ref.object in sizes):
+                failures.append(f"{name}: {exc}")
+            continue
+        except UploaderError as exc:
+            failures.append(f"{name}: {exc}")
+            continue
         for f, obj in e.objects():
             if obj not in sizes:
                 if is_latest:
@@ -101,6 +114,8 @@ def verify_prefix(
             if is_pointer(info.name):
                 report.failures += audit_pointer(store, info.name, sizes)
                 continue
+            if is_manifest_object(info.name):
+                continue  # checked against the sha256 its pointer records, by the audit
             stat = store.stat(info.name)
             if stat.digest is None:
                 msg = f"{info.name}: no digest recorded; size only ({info.size} bytes)"

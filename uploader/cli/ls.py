@@ -134,7 +134,7 @@ def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], 
                 "name": e.name,
                 "rule": e.rule,
                 "object": e.object,
-                "files": len(e.manifest),
+                "files": e.file_count,
                 "bytes": e.size,
                 "digest": e.digest,
                 "committed_at": e.committed_at,
@@ -146,7 +146,7 @@ def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], 
         also = f"  (also {', '.join(sorted(aliases[e.name]))})" if e.name in aliases else ""
         print(
             f"rank_{pointer.rank}  {e.name + ('/' if e.is_directory else ''):<32} "
-            f"{e.rule:<9} {len(e.manifest):>5} files {format_bytes(e.size):>10}  "
+            f"{e.rule:<9} {e.file_count:>5} files {format_bytes(e.size):>10}  "
             f"{_when(e.committed_at)}{'  latest' if latest else ''}{also}"
         )
     return shown

@@ -141,7 +141,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _report(e: PointerEntry, got: Path) -> None:
-    files = f", {len(e.manifest)} files" if e.is_directory else ""
+    files = f", {e.file_count} files" if e.is_directory else ""
     print(f"{e.object} -> {got} ({format_bytes(e.size)}{files}, {e.digest})")
 
 

@@ -13,14 +13,16 @@ touches ``latest``:
 
 * ``--keep-remote N``: checkpoints beyond the newest N leave the pointer in the same
   write that commits the new one; then their objects are deleted (every file of
-  the manifest). The pointer never names a deleted object.
+  the manifest, then the manifest object). The pointer never names a deleted object.
 * ``--keep-local N``: after the write, the engine's ``retain_local`` deletes local
   copies of checkpoints beyond the newest N, whole, and only once every file is
   verified (see :mod:`uploader.daemon.retention`). It counts the checkpoints that
   ``--keep-remote`` removed from the pointer too (those this process committed).
 
 Aliases (a symlink such as Lightning's ``last.ckpt``) join the pointer once their
-target is committed.
+target is committed. A manifest larger than the pointer holds inline is written as an
+object of its own before the pointer write that names it
+(:mod:`uploader.bucket.manifest`).
 
 Fencing: where the store honours conditional writes (probed once, at start-up, by
 :meth:`Committer.prepare`), every pointer write is compare-and-swap on the version
@@ -50,12 +52,15 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from uploader.bucket.manifest import load_manifest, store_manifest
 from uploader.bucket.pointer import (
     CONFLICT_ATTEMPTS,
     HISTORY_LIMIT,
+    ManifestFile,
     Pointer,
     PointerEntry,
     alias,
+    beyond,
     fencing,
     merge,
     read_pointer,
@@ -157,6 +162,9 @@ class Committer:
         #: Checkpoints remote retention removed from the pointer, per rank (newest
         #: first, at most ``history_limit``): local retention still counts them.
         self._retired: dict[int, list[PointerEntry]] = {}
+        #: Manifests read from manifest objects for local retention, per rank, by object
+        #: name (only of checkpoints local retention still counts).
+        self._manifests: dict[int, dict[str, tuple[ManifestFile, ...]]] = {}
 
     @property
     def busy(self) -> bool:
@@ -219,6 +227,8 @@ class Committer:
         it, and the aliases still waiting for their target."""
         if self.fenced is None:
             self.prepare()
+        # Large manifests are objects of their own, durable before a pointer names them.
+        batch.entries = [(store_manifest(self.store, e), p) for e, p in batch.entries]
         if self.fenced:
             return self._apply_fenced(rank, batch, waiting)
         if rank in self._pointers:
@@ -317,9 +327,18 @@ class Committer:
                 ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else ""),
             )
         if doomed:
+            if self.keep_local is not None:
+                # Read before their manifest objects go, for local retention after them.
+                doomed = await anyio.to_thread.run_sync(
+                    lambda: [self._loaded(rank, e) for e in doomed], abandon_on_cancel=True
+                )
             await self._delete(pointer, doomed)
         if self.keep_local is not None and self.retain_local is not None and batch.entries:
-            await self.retain_local(rank, self._local_view(rank, pointer, doomed))
+            view = self._local_view(rank, pointer, doomed)
+            view = await anyio.to_thread.run_sync(
+                self._with_manifests, rank, view, self.keep_local, abandon_on_cancel=True
+            )
+            await self.retain_local(rank, view)
 
     def _local_view(self, rank: int, pointer: Pointer, doomed: list[PointerEntry]) -> Pointer:
         """``pointer`` with the checkpoints remote retention removed from it (now or
@@ -336,6 +355,35 @@ class Committer:
             return pointer
         history = sorted([*pointer.history, *retired], key=lambda e: e.order, reverse=True)
         return replace(pointer, history=tuple(history))
+
+    def _with_manifests(self, rank: int, pointer: Pointer, keep: int) -> Pointer:
+        """``pointer`` with the manifests of the checkpoints beyond the newest ``keep``
+        at hand (local retention deletes by them); see :meth:`_loaded`. Manifests of
+        checkpoints no longer in ``pointer`` leave the cache."""
+        gone = {e.name for e in beyond(pointer, keep)}
+        history = tuple(self._loaded(rank, e) if e.name in gone else e for e in pointer.history)
+        live = {e.manifest_ref.object for e in history if e.manifest_ref is not None}
+        cache = self._manifests.get(rank, {})
+        self._manifests[rank] = {k: v for k, v in cache.items() if k in live}
+        return replace(pointer, history=history)
+
+    def _loaded(self, rank: int, entry: PointerEntry) -> PointerEntry:
+        """``entry`` with its manifest at hand, a manifest object read once per process
+        (blocking). One that cannot be read now stays unread: local retention skips it,
+        remote retention tries again and keeps its files when it cannot."""
+        ref = entry.manifest_ref
+        if entry.manifest_loaded or ref is None:
+            return entry
+        cache = self._manifests.setdefault(rank, {})
+        files = cache.get(ref.object)
+        if files is None:
+            try:
+                files = load_manifest(self.store, entry).files
+            except Exception as exc:
+                log.warning("cannot read the manifest of %s: %s", entry.name, redact(str(exc)))
+                return entry
+            cache[ref.object] = files
+        return replace(entry, files=files)
 
     async def _delete(self, pointer: Pointer, doomed: list[PointerEntry]) -> None:
         """Delete the objects of checkpoints that left the pointer (none it still names)."""

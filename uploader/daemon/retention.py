@@ -38,6 +38,8 @@ def local_deletions(
     each with its path and the paths of its files still on disk (relative to RUN_DIR)."""
     out = []
     for entry in beyond(pointer, keep):
+        if not entry.manifest_loaded:
+            continue  # its manifest object could not be read: its files are unknown
         paths: list[str] = []
         where = ""
         ok = True

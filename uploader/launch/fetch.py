@@ -99,7 +99,5 @@ def fetch_latest(
         for r, e in sorted(entries.items()):
             target = base if len(entries) == 1 else base / f"rank_{r}"
             paths[r] = fetch_entry(store, e, target, progress=progress, into=True)
-            log.info(
-                "restored %s (%s, %d file(s)) to %s", e.name, e.rule, len(e.manifest), paths[r]
-            )
+            log.info("restored %s (%s, %d file(s)) to %s", e.name, e.rule, e.file_count, paths[r])
     return next(iter(paths.values())) if len(paths) == 1 else base
