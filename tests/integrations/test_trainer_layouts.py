@@ -140,7 +140,7 @@ def test_hf_save_total_limit_rotation_is_counted_not_warned(
         "checkpoint-16",
     ]
     assert latest_entry(local_bucket, "hf")["name"] == "checkpoint-16", log
-    assert "was not committed" not in log and "failed" not in log.lower()
+    assert "was not committed" not in log and " ERROR " not in log, log
     rotated = [line for line in log.splitlines() if "rotated away before upload:" in line]
     assert len(rotated) == 1, log
     assert int(rotated[0].split("rotated away before upload: ")[1].split()[0]) >= 1
@@ -182,3 +182,18 @@ def test_a_run_that_committed_nothing_exits_1_and_says_what_it_waited_for(
     assert out.returncode == 1, out.stderr
     assert "checkpoint-3 was not committed: no trainer_state.json yet" in out.stderr
     assert "nothing was committed" in out.stderr
+
+
+def test_sidecar_raises_when_a_run_committed_nothing(tmp_path: Path, local_bucket: Path) -> None:
+    """The training side's view of the same: leaving the Sidecar block raises WorkerError
+    that names the checkpoint and what it waited for."""
+    from uploader import Sidecar
+    from uploader.launch.failure import WorkerError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(WorkerError) as err, Sidecar(run, to=local_uri(local_bucket, "sc")):
+        (run / "checkpoint-3").mkdir()
+        (run / "checkpoint-3" / "model.safetensors").write_bytes(os.urandom(1000))
+        (run / "checkpoint-3" / "training_args.bin").write_bytes(b"args")
+    assert "checkpoint-3" in str(err.value) and "trainer_state.json" in str(err.value)

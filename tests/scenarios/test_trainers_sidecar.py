@@ -378,8 +378,8 @@ def test_dcp_killed_mid_save_never_commits_the_step(
     ptr = side.pointer()
     assert ptr["latest"]["name"] == "step_10"
     assert "step_20" not in _committed_names(ptr)
-    # without .metadata step_20 is no checkpoint: its shards go up as plain files, the
-    # temporary .metadata.tmp is left out (and named in status)
+    # without .metadata step_20 is never committed: its shards go up, the temporary
+    # .metadata.tmp is left out (and named in status)
     assert side.objects() == {k: v for k, v in side.local_files().items() if not k.endswith(".tmp")}
     if name == "killed":
         assert dcp["left"] == [], "ranks outlived their killed launcher"
@@ -391,7 +391,7 @@ def test_dcp_killed_mid_save_never_commits_the_step(
     if left == ".metadata.tmp":
         assert side.status["left_out"] == {"step_20/.metadata.tmp": "temporary name (*.tmp)"}
     # ... and the drain names the save that did not finish
-    assert "without .metadata" in side.status["incomplete"]["step_20"]
+    assert "no .metadata yet" in side.status["incomplete"]["step_20"]
     assert "checkpoint step_20 was not committed" in side.log
     dest = side.pull(dcp["base"] / f"{name}-pulled")
     assert [p.name for p in dest.iterdir()] == ["step_10"]

@@ -303,6 +303,8 @@ class Assembler:
                 return None  # changed since it was verified: the new version comes
             files[rel] = rec
         for rec in records.values():
+            if rec.state in ("pending", "uploading"):
+                return None  # its upload finds it gone and says why (rotated, or failed)
             if rec.state != "done":
                 return (
                     f"{rec.path} was deleted before it was uploaded; the checkpoint is "

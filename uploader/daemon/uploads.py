@@ -74,6 +74,7 @@ class _Options(Protocol):
     files: int
     attempts: int
     verify_resumed: bool
+    settle: float
 
     def pause(self, attempt: int) -> float: ...
 
@@ -232,7 +233,7 @@ class Uploads:
                 session = await self.call(self.journal.sessions.session, rec.object)
                 if session is not None:
                     await self.drop_session(rec.object, session.upload_id, "its file is gone")
-                if self.assembler.removed(rel):
+                if self.assembler.removed(rel) or await self._rotating(rel):
                     # Deleted with its whole checkpoint (rotated away by the trainer), or
                     # an artifact: nothing of a checkpoint on disk is missing.
                     await self.call(self.journal.removed, rel)
@@ -283,6 +284,13 @@ class Uploads:
             )
             self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
+
+    async def _rotating(self, rel: str) -> bool:
+        """A file missing from a checkpoint directory still on disk: the trainer may be
+        deleting that directory right now (HF ``save_total_limit`` removes it file by
+        file). True when it is gone after one more settle time."""
+        await anyio.sleep(max(self.opts.settle, 0.1))
+        return self.assembler.removed(rel)
 
     def _attempt(self, rel: str) -> _Attempt:
         """One attempt, in a worker thread: record its start, upload, verify, record done."""
