@@ -338,3 +338,39 @@ def test_expired_token_once_refreshes_once_and_the_upload_id_stays(
         with pytest.raises(AuthError) as info:
             store.backend.put_bytes("id/x", b"x", {}, __import__("hashlib").sha256(b"x").digest())
         assert info.value.exit_code == 2
+
+
+# -- naming the identity, never a secret -------------------------------------------------
+def test_session_token_and_secret_never_shown_identity_named(
+    moto_iam: MotoIam, aws_env: dict, tmp_path: Path
+) -> None:
+    c = moto_iam.assume_role()
+    env = {
+        "AWS_ACCESS_KEY_ID": c["key"],
+        "AWS_SECRET_ACCESS_KEY": c["secret"],
+        "AWS_SESSION_TOKEN": c["token"],
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    write_random(run / "ep1.pt", 6 * MiB, seed=9)
+    push = _cli("push", str(run), moto_iam.uri("redact"), "-v", env=env)
+    assert push.returncode == 0, push.stderr
+    assert "identity: environment (with session token)" in push.stderr
+    status = _cli("status", str(run), "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["daemon"]["identity"] == "environment (with session token)"
+    text = _cli("status", str(run), env=env).stdout
+    assert "identity: environment (with session token)" in text
+    shown = push.stdout + push.stderr + status.stdout + text
+    shown += b"".join(
+        p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".pt"
+    ).decode("latin-1")
+    for value in (c["secret"], c["token"]):
+        assert value not in shown
+    # A refusal's message names the source, not the values.
+    bad = {**env, "AWS_SESSION_TOKEN": "x" + c["token"][1:]}
+    refused = _cli("push", str(run), moto_iam.uri("redact2"), "-v", env=bad)
+    assert refused.returncode == 2
+    assert "environment (with session token)" in refused.stderr
+    for value in (c["secret"], bad["AWS_SESSION_TOKEN"]):
+        assert value not in refused.stderr + refused.stdout
