@@ -374,3 +374,39 @@ def test_session_token_and_secret_never_shown_identity_named(
     assert "environment (with session token)" in refused.stderr
     for value in (c["secret"], bad["AWS_SESSION_TOKEN"]):
         assert value not in refused.stderr + refused.stdout
+
+
+# -- check -------------------------------------------------------------------------------
+def test_check_all_allowed_and_delete_denied(moto_iam: MotoIam, aws_env: dict) -> None:
+    key, secret = moto_iam.users["uploader"]
+    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    ok = _cli("check", moto_iam.uri("chk"), env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for row in ("identity", "bucket", "put", "get", "list", "conditional writes", "delete"):
+        assert any(line.startswith(row) and " ok " in line for line in ok.stdout.splitlines()), row
+    assert "environment" in ok.stdout and "honoured" in ok.stdout
+    as_json = json.loads(_cli("check", moto_iam.uri("chk"), "--json", env=env).stdout)
+    assert as_json["ok"] is True
+    assert [r["check"] for r in as_json["checks"]] == [
+        "identity",
+        "bucket",
+        "put",
+        "get",
+        "list",
+        "conditional writes",
+        "delete",
+        "tls",
+        "clock",
+    ]
+    key, secret = moto_iam.users["nodelete"]
+    denied = _cli(
+        "check",
+        moto_iam.uri("chk"),
+        env={"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret},
+    )
+    assert denied.returncode == 2, denied.stdout + denied.stderr
+    line = next(x for x in denied.stdout.splitlines() if x.startswith("delete"))
+    assert "FAILED" in line and "AccessDenied" in line and "left behind" in line
+    assert secret not in denied.stdout + denied.stderr
+    none = _cli("check", moto_iam.uri("chk"))
+    assert none.returncode == 2 and "no AWS credentials found" in none.stdout

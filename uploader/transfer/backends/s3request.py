@@ -54,6 +54,7 @@ from uploader.errors import (
 from uploader.redact import redact
 from uploader.transfer.backends.aws_identity import AwsIdentity, is_expired_answer
 from uploader.transfer.backends.base import Backend
+from uploader.transfer.backends.http import http_time
 from uploader.transfer.backends.s3options import object_headers, validate_s3_options
 from uploader.transfer.backends.sigv4 import (
     EMPTY_SHA256,
@@ -274,6 +275,10 @@ class S3RequestBackend(Backend):
 
     def describe_identity(self) -> str:
         return self.identity.describe()
+
+    def server_date(self) -> float | None:
+        resp, _ = self._request("HEAD", None, f"checking {self._where}", missing="bucket")
+        return http_time(resp.getheader("Date"))
 
     def _send(
         self,
