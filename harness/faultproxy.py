@@ -18,6 +18,15 @@ decide a fault for every request, with a seeded RNG:
   ``PreconditionFailed``, a store where another writer always wins; 501
   ``NotImplemented``, a store without conditional writes) and its S3 error body,
   unforwarded, and close the connection; every other request passes through.
+* ``expired_token``: answer the first N requests (of ``methods``, if given) with
+  ``400 ExpiredToken``, unforwarded: credentials that went stale mid-run.
+* ``deny_unencrypted``: answer every PUT and every CreateMultipartUpload (POST
+  ``?uploads``) without ``x-amz-server-side-encryption`` with ``403 AccessDenied``, as a
+  bucket policy that demands encryption does (UploadPart carries no such header and
+  passes).
+
+The access key of every signed request (from its ``Authorization`` header) is recorded
+in ``access_keys``, in order.
 
 Responses are relayed unchanged. Every request is recorded (``requests``), with the
 body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
@@ -56,6 +65,7 @@ _CHUNK = 64 << 10
 
 #: The answers the proxy makes up: status -> (reason phrase, S3 error code, message).
 S3_ERRORS = {
+    400: ("Bad Request", "ExpiredToken", "The provided token has expired."),
     403: ("Forbidden", "AccessDenied", "Access Denied"),
     412: (
         "Precondition Failed",
@@ -108,6 +118,8 @@ class FaultPlan:
     methods: frozenset[str] | None = None
     conditional_status: int | None = None
     latency: float = 0.0
+    expired_token: int = 0
+    deny_unencrypted: bool = False
 
     def __post_init__(self) -> None:
         if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
@@ -133,6 +145,8 @@ class _Stats:
     stall: int = 0
     slowdown: int = 0
     conditional: int = 0
+    expired_token: int = 0
+    denied: int = 0
     upstream_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -254,6 +268,8 @@ class FaultProxy:
         #: included).
         self.body_bytes: dict[tuple[str, str], int] = {}
         self._path = threading.local()
+        #: The access key of every signed request, in order (none for unsigned ones).
+        self.access_keys: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -386,6 +402,25 @@ class FaultProxy:
                 self._stats.conditional += 1
             return status
 
+    def _answer_identity(self, method: str, target: str, head: bytes) -> int | None:
+        """400 ExpiredToken while ``expired_token`` lasts; 403 for an unencrypted upload
+        under ``deny_unencrypted``; None to forward."""
+        with self._lock:
+            plan = self._plan
+            if plan.expired_token and (plan.methods is None or method in plan.methods):
+                self._plan = replace(plan, expired_token=plan.expired_token - 1)
+                self._stats.expired_token += 1
+                return 400
+            if plan.deny_unencrypted:
+                query = target.split("?", 1)[1] if "?" in target else ""
+                creates = (method == "PUT" and "uploadId=" not in query) or (
+                    method == "POST" and query.startswith("uploads")
+                )
+                if creates and b"\r\nx-amz-server-side-encryption:" not in head.lower():
+                    self._stats.denied += 1
+                    return 403
+        return None
+
     def _connect_upstream(self) -> socket.socket | None:
         with self._lock:
             upstream = self._upstream
@@ -410,15 +445,21 @@ class FaultProxy:
                 except _Closed:
                     return
                 method, body_len, chunked, expect, conditional = _parse_head(head)
-                target = unquote(head.split(b" ", 2)[1].decode("latin-1").split("?", 1)[0])
+                raw_target = head.split(b" ", 2)[1].decode("latin-1")
+                target = unquote(raw_target.split("?", 1)[0])
+                key = _access_key(head)
                 with self._lock:
                     self.requests.append((time.time(), method, target))
+                    if key:
+                        self.access_keys.append(key)
                     self._stats.requests += 1
                     self._stats.methods[method] = self._stats.methods.get(method, 0) + 1
                 self._path.value = (method, target)
                 has_body = chunked or body_len > 0
                 kind, where = self._decide(method, has_body)
                 answer = self._answer_conditional() if conditional else None
+                if answer is None:
+                    answer = self._answer_identity(method, raw_target, head)
                 if answer is not None or kind == "slowdown":
                     if not expect:
                         _drain_body(reader, body_len, chunked)
@@ -559,6 +600,16 @@ def _parse_head(head: bytes) -> tuple[str, int, bool, bool, bool]:
         elif k in ("if-match", "if-none-match"):
             conditional = True
     return method, length, chunked, expect, conditional
+
+
+def _access_key(head: bytes) -> str | None:
+    """The access key a request is signed with (SigV4 ``Credential=KEY/...``)."""
+    marker = b"Credential="
+    at = head.find(marker)
+    if at < 0:
+        return None
+    end = head.find(b"/", at)
+    return head[at + len(marker) : end].decode("latin-1") if end > at else None
 
 
 def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:

@@ -5,7 +5,8 @@ to do next.
 ``--help`` text, the daemon's return value and the training side's error messages all
 read it. ``ConfigError`` maps to :attr:`ExitCode.CONFIG`, any other ``UploaderError``
 to :attr:`ExitCode.FAILED` (:meth:`ExitCode.of`), at start-up and while the daemon runs
-alike: a certificate the store presents that stops being trusted mid-run exits 2 too.
+alike: a certificate the store presents that stops being trusted mid-run exits 2 too, and
+so do credentials the store refuses (:class:`AuthError`) once refreshing them did not help.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ _HELP = {
     ExitCode.FAILED: "some upload, download or verification failed, or is not verified",
     ExitCode.CONFIG: "configuration error: bad flag, URI or config file, missing environment\n"
     "       variable, missing container, another daemon holds the journal lock, or the\n"
-    "       store's TLS certificate is not trusted (at start or while running)",
+    "       store's TLS certificate is not trusted, or the store refuses the credentials\n"
+    "       (at start or while running; expired ones are refreshed and retried once first)",
     ExitCode.TIMEOUT: "drain timeout hit with work left (resumed from the journal next start)",
     ExitCode.SIGINT: "second SIGINT: immediate exit, journal intact",
     ExitCode.SIGTERM: "second SIGTERM: immediate exit, journal intact",
@@ -115,7 +117,11 @@ class PermanentError(UploaderError):
 
 
 class AuthError(PermanentError):
-    """The store refused the credentials."""
+    """The store refused the credentials (after they were found again once, for
+    credentials that expire). A configuration problem: exits with ExitCode.CONFIG,
+    at start or while running."""
+
+    exit_code = ExitCode.CONFIG
 
 
 class ContainerNotFoundError(PermanentError):

@@ -204,8 +204,8 @@ LIBRARY_CASES = [
     Case("env-missing", _env_missing, ConfigError, "export CKPT_BADINPUT_UNSET_VAR"),
     Case("env-empty", _env_empty, ConfigError, "is empty"),
     Case(
-        "s3-without-credentials",
-        lambda _t: ObjectStoreHparams(provider="s3", container="b").credentials(),
+        "azure-without-credentials",
+        lambda _t: ObjectStoreHparams(provider="azure_blobs", container="b").credentials(),
         ConfigError,
         "key_environ",
     ),

@@ -95,7 +95,7 @@ def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cloud_provider_needs_credentials() -> None:
     with pytest.raises(ConfigError, match="needs credentials"):
-        ObjectStoreHparams(provider="s3", container="c").credentials()
+        ObjectStoreHparams(provider="azure_blobs", container="c").credentials()
     assert ObjectStoreHparams(provider="local", container="/x/y").credentials() == (None, None)
 
 

@@ -80,8 +80,9 @@ def test_a_target_that_cannot_be_meant_is_refused(uri: str, message: str) -> Non
 
 
 def test_uri_default_credential_variables() -> None:
-    assert parse_uri("s3://b").hparams.key_environ == "AWS_ACCESS_KEY_ID"
-    assert parse_uri("s3://b").hparams.secret_environ == "AWS_SECRET_ACCESS_KEY"
+    # s3:// names none: botocore's credential chain finds them (environment first).
+    assert parse_uri("s3://b").hparams.key_environ is None
+    assert parse_uri("s3://b").hparams.secret_environ is None
     assert parse_uri("azure://cc").hparams.key_environ == "AZURE_STORAGE_ACCOUNT"
     assert parse_uri("gs://b").hparams.key_environ == "GOOGLE_CLIENT_EMAIL"
     assert parse_uri("file:///x/y").hparams.key_environ is None

@@ -180,7 +180,7 @@ def test_a_permanent_error_on_a_pointer_write_is_not_retried(
             atomic_write(run / "ep2.pt", 1000, seed=2)
             d.wait_status(lambda s: "AccessDenied" in (s.get("last_error") or ""))
             d.signal(signal.SIGTERM)
-            assert d.wait() == 1, d.log()
+            assert d.wait() == 2, d.log()  # refused credentials: a configuration error
         finally:
             d.kill()
         assert proxy.stats()["conditional"] == 1  # one write, not four

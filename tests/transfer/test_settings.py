@@ -59,7 +59,7 @@ def test_credentials_are_read_registered_and_never_shown(monkeypatch: pytest.Mon
 
 def test_cloud_family_needs_a_key_local_does_not() -> None:
     with pytest.raises(ConfigError, match="needs credentials"):
-        StoreSettings(provider="s3", family="s3", container="b").credentials()
+        StoreSettings(provider="gcs", family="gcs", container="b").credentials()
     assert StoreSettings(provider="local", family="local", container="/x/y").credentials() == (
         None,
         None,

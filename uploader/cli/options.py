@@ -65,13 +65,14 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
         "--key-environ",
         metavar="VAR",
         help="name of the environment variable holding the access key (for local: the base "
-        "directory that a relative --container is in) (default: AWS_ACCESS_KEY_ID for s3://, AZURE_STORAGE_ACCOUNT for azure://)",
+        "directory that a relative --container is in) (default: none for s3://, which uses the "
+        "AWS credential chain; AZURE_STORAGE_ACCOUNT for azure://)",
     )
     g.add_argument(
         "--secret-environ",
         metavar="VAR",
         help="name of the environment variable holding the secret "
-        "(default: AWS_SECRET_ACCESS_KEY for s3://, AZURE_STORAGE_KEY for azure://)",
+        "(default: none for s3://, the AWS credential chain; AZURE_STORAGE_KEY for azure://)",
     )
     g.add_argument(
         "--host", help="endpoint host of an S3-compatible server or emulator (default: provider's)"
@@ -100,6 +101,31 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
     g.add_argument(
         "--prefix",
         help="object name prefix; overrides the URI's path (default: the URI's path)",
+    )
+    s3 = p.add_argument_group("S3 credentials and object options")
+    s3.add_argument(
+        "--profile",
+        help="profile of ~/.aws/config and ~/.aws/credentials to take credentials from "
+        "(default: $AWS_PROFILE, else botocore's chain: environment, files, SSO, "
+        "web identity, container, instance metadata)",
+    )
+    s3.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms", "aws:kms:dsse"),
+        help="server-side encryption of new objects (default: the bucket's)",
+    )
+    s3.add_argument(
+        "--sse-kms-key-id", metavar="KEY", help="KMS key for --sse aws:kms (default: AWS's)"
+    )
+    s3.add_argument(
+        "--storage-class",
+        metavar="CLASS",
+        help="storage class of new objects, e.g. STANDARD_IA (default: the bucket's)",
+    )
+    s3.add_argument(
+        "--acl",
+        metavar="ACL",
+        help="canned ACL of new objects, e.g. bucket-owner-full-control (default: none)",
     )
 
 

@@ -93,6 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "committed": report.committed,
             "fenced": report.fenced,
             "fencing": report.fencing,
+            "identity": redact(report.identity),
             "conflicts": report.conflicts,
             "conflict_failures": report.conflict_failures,
             "removed": report.removed,
@@ -137,6 +138,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_report(report: StatusReport) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.updated_at))
     print(f"daemon {report.state} (pid {report.pid}, {when}): {report.committed} committed")
+    if report.identity:
+        print(f"identity: {redact(report.identity)}")
     fenced = {True: "yes", False: "no", None: "not known yet"}[report.fenced]
     why = f" ({redact(report.fencing)})" if report.fencing else ""
     print(

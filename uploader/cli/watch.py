@@ -187,12 +187,13 @@ def _run_engine(args: argparse.Namespace, push: bool) -> int:
                 journal,
             )
             log.info(
-                "%s %s -> %s (prefix %r), journal in %s",
+                "%s %s -> %s (prefix %r), journal in %s, identity: %s",
                 "pushing" if push else "watching",
                 run_dir,
                 loc.hparams.provider + ":" + store.settings.container,
                 loc.prefix,
                 state_dir,
+                store.identity,
             )
             code = engine.run()
         finally:

@@ -13,13 +13,16 @@ A config file::
     uri = "s3://ckpts/exp1?endpoint=http://127.0.0.1:9000"   # or the fields below
     # provider = "s3"
     # container = "ckpts"
-    # key_environ = "AWS_ACCESS_KEY_ID"
-    # secret_environ = "AWS_SECRET_ACCESS_KEY"
+    # key_environ = "MY_KEY_VAR"            # S3: unset for the AWS credential chain
+    # secret_environ = "MY_SECRET_VAR"
     # host = "127.0.0.1"
     # port = 9000
     # region = "us-east-1"
     # extra_init_kwargs = { secure = false }
     # ca_bundle = "/etc/ssl/private-ca.pem"   # the CAs a private endpoint's certificate is checked against
+    # profile = "train"                     # S3: a profile of ~/.aws/config (else the AWS chain)
+    # sse = "aws:kms"                       # S3: AES256 or aws:kms (+ sse_kms_key_id)
+    # storage_class = "STANDARD_IA"         # S3; acl = "bucket-owner-full-control"
     # prefix = "exp1"
 
     [watch]
@@ -42,6 +45,7 @@ from typing import Any
 
 from uploader.config.hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
 from uploader.errors import ConfigError
+from uploader.transfer.backends.s3options import S3_OPTIONS
 from uploader.transfer.tls import CA_BUNDLE_OPTION, INSECURE_OPTION
 
 __all__ = [
@@ -63,8 +67,9 @@ STORE_FIELDS = (
     "region",
     "extra_init_kwargs",
 )
-#: [store] keys (and flags) that go into extra_init_kwargs under the same name.
-TLS_KEYS = (CA_BUNDLE_OPTION, INSECURE_OPTION)
+#: [store] keys (and flags) that go into extra_init_kwargs under the same name: TLS trust,
+#: and for S3 the credentials profile and what new objects carry.
+TLS_KEYS = (CA_BUNDLE_OPTION, INSECURE_OPTION, *S3_OPTIONS)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.I)
 
 

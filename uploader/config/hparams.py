@@ -10,7 +10,10 @@ what the backends take.
 
 A URI is a second way in, mapping onto the same fields::
 
-    s3://bucket/prefix                      AWS S3 (?region=, else the provider's default)
+    s3://bucket/prefix                      AWS S3 (?region=, else the provider's default);
+                                            credentials from the AWS chain (?profile=)
+    s3://bucket/prefix?sse=aws:kms&sse_kms_key_id=alias/ckpt&storage_class=STANDARD_IA
+                                            ... what new objects carry (also acl=)
     s3://bucket/prefix?endpoint=http://127.0.0.1:9000   an S3-compatible server
     s3://bucket/prefix?endpoint=https://minio.lan:9000&ca_bundle=/etc/ssl/lan-ca.pem
                                             ... behind a private CA
@@ -33,6 +36,11 @@ base directory and the container a folder in it, ``"."`` being the base itself::
     os.environ["OBJECT_STORE_KEY"] = "/data/remote_dir"
     ObjectStoreHparams(provider="local", key_environ="OBJECT_STORE_KEY", container=".")
 
+For S3, naming no variables means botocore's credential chain (environment with
+session token, ``AWS_PROFILE`` or ``extra_init_kwargs={"profile": ...}``, SSO,
+credential_process, web identity, container credentials, instance metadata); see
+:mod:`uploader.transfer.backends.aws_identity`.
+
 Example::
 
     hp = ObjectStoreHparams(provider="s3", container="ckpts",
@@ -43,15 +51,15 @@ Example::
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from uploader.config.local import check_local, check_tls, local_root
+from uploader.config.providers import KNOWN_PROVIDERS, SCHEMES, is_loopback, provider_family
 from uploader.errors import ConfigError
+from uploader.transfer.backends.s3options import S3_OPTIONS, validate_s3_options
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.store import ObjectStore
 from uploader.transfer.tls import CA_BUNDLE_OPTION, INSECURE_OPTION
@@ -66,97 +74,9 @@ __all__ = [
     "KNOWN_PROVIDERS",
 ]
 
-# Providers by the libcloud name (lower case), grouped by the adapter that serves them.
-_S3_FAMILY = {
-    "s3",
-    "minio",
-    "digitalocean_spaces",
-    "scaleway",
-    "ovh",
-    "backblaze_b2_s3",
-    "s3_rgw",
-    "s3_rgw_outscale",
-    "aurora",
-    "kakao",
-    "linode",
-    "wasabi",
-} | {
-    "s3_us_east_2",
-    "s3_us_west",
-    "s3_us_west_2",
-    "s3_us_gov_west",
-    "s3_us_gov_east",
-    "s3_cn_north",
-    "s3_cn_northwest",
-    "s3_eu_west",
-    "s3_eu_west2",
-    "s3_eu_central",
-    "s3_eu_north_1",
-    "s3_ap_south",
-    "s3_ap_southeast",
-    "s3_ap_southeast2",
-    "s3_ap_northeast",
-    "s3_ap_northeast1",
-    "s3_ap_northeast2",
-    "s3_ap_northeast3",
-    "s3_sa_east",
-    "s3_sa_east2",
-    "s3_ca_central",
-    "s3_me_south",
-}
-_AZURE = {"azure_blobs"}
-_GCS = {"google_storage"}
-_LOCAL = {"local"}
-KNOWN_PROVIDERS = frozenset(_S3_FAMILY | _AZURE | _GCS | _LOCAL)
-
-_SCHEMES = {
-    "s3": "s3",
-    "s3a": "s3",
-    "azure": "azure_blobs",
-    "az": "azure_blobs",
-    "gs": "google_storage",
-    "gcs": "google_storage",
-    "file": "local",
-}
-
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: The path components where what a reading command names starts (see split_target).
 _TARGET_START = re.compile(r"^(latest|rank_\d+)$")
-
-
-def provider_family(provider: str) -> str:
-    """``s3``, ``azure``, ``gcs`` or ``local`` for a libcloud provider name."""
-    p = provider.lower()
-    if p in _S3_FAMILY:
-        return "s3"
-    if p in _AZURE:
-        return "azure"
-    if p in _GCS:
-        return "gcs"
-    if p in _LOCAL:
-        return "local"
-    raise ConfigError(_unknown_provider(provider))
-
-
-def _unknown_provider(provider: str) -> str:
-    close = difflib.get_close_matches(provider.lower(), sorted(KNOWN_PROVIDERS), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return (
-        f"unknown object store provider {provider!r}.{hint} Use a libcloud provider name "
-        "such as 's3', 'minio', 'azure_blobs', 'google_storage' or 'local'."
-    )
-
-
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    h = host.strip("[]")
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -169,15 +89,17 @@ class ObjectStoreHparams:
         absolute directory, or a folder of the base directory that the key names
         (``"."``: the base directory itself); see :meth:`local_root`.
     key_environ / secret_environ: names of the environment variables holding the
-        access key and secret. Never the values themselves. For ``local`` the key is
+        access key and secret. Never the values themselves. For S3, leave both unset
+        for the AWS credential chain. For ``local`` the key is
         the base directory (given by variable, or as ``extra_init_kwargs["key"]``).
     host / port: an endpoint override, e.g. an S3-compatible server. Plain HTTP is
         used on loopback, or when ``extra_init_kwargs={"secure": False}`` asks for it.
     region: the region, where the provider has them.
     extra_init_kwargs: further keyword arguments: ``secure``, ``ca_bundle`` (a PEM file
         of the CAs to trust), ``insecure_skip_tls_verify`` (no certificate checks; warned
-        about), ``timeout`` (seconds per request), Azure's ``content_md5``, and any the
-        libcloud driver takes.
+        about), ``timeout`` (seconds per request), Azure's ``content_md5``, for S3
+        ``profile``, ``sse``, ``sse_kms_key_id``, ``storage_class`` and ``acl``, and any
+        the libcloud driver takes.
     """
 
     provider: str
@@ -238,6 +160,7 @@ class ObjectStoreHparams:
                 "extra_init_kwargs must be a mapping (a JSON object on the command line)"
             )
         self._validate_tls()
+        validate_s3_options(self.extra_init_kwargs, family)
         for bad in ("key", "secret"):
             # For 'local' the key is the base directory (libcloud's LOCAL), not a secret.
             if bad in self.extra_init_kwargs and not (bad == "key" and family == "local"):
@@ -385,12 +308,12 @@ def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> Stor
     except ValueError as exc:  # e.g. an unbalanced '[' in the host part
         raise ConfigError(f"malformed store URI {uri!r} ({exc})") from None
     scheme = parts.scheme.lower()
-    if scheme not in _SCHEMES:
+    if scheme not in SCHEMES:
         raise ConfigError(
             f"unsupported URI scheme {scheme!r} in {uri!r}; use one of "
             "s3://, azure://, gs://, file://"
         )
-    provider = _SCHEMES[scheme]
+    provider = SCHEMES[scheme]
     target = ""
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     kw: dict[str, Any] = {"provider": provider}
@@ -459,15 +382,17 @@ def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> Stor
     for name in ("region", "key_environ", "secret_environ"):
         if name in query:
             kw[name] = query.pop(name) or None
+    for name in S3_OPTIONS:
+        if name in query:
+            extra[name] = query.pop(name) or None
     if query:
         raise ConfigError(
-            f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; "
-            "accepted: endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://)"
+            f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; accepted: "
+            "endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://), "
+            f"and for s3:// {', '.join(S3_OPTIONS)}"
         )
-    if provider == "s3":
-        kw.setdefault("key_environ", "AWS_ACCESS_KEY_ID")
-        kw.setdefault("secret_environ", "AWS_SECRET_ACCESS_KEY")
-    elif provider == "azure_blobs":
+    # s3:// names no variables: botocore's chain finds the credentials.
+    if provider == "azure_blobs":
         kw.setdefault("key_environ", "AZURE_STORAGE_ACCOUNT")
         kw.setdefault("secret_environ", "AZURE_STORAGE_KEY")
     elif provider == "google_storage":

@@ -461,6 +461,7 @@ class Engine:
             incomplete=dict(self.assembler.incomplete),
             left_out=dict(sorted(left_out.items())[:LEFT_OUT_SHOWN]),
             left_out_count=len(left_out),
+            identity=self.store.identity,
             updated_at=time.time(),
         )
 

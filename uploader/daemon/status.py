@@ -91,6 +91,9 @@ class StatusReport:
     #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
     left_out: dict[str, str] = dataclasses.field(default_factory=dict)
     left_out_count: int = 0
+    #: which credentials the store is used with, in words ("web identity, role ...,
+    #: expires ..."); never a secret
+    identity: str = ""
     updated_at: float = 0.0
 
     @property
@@ -100,7 +103,7 @@ class StatusReport:
 
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
-        for key in ("last_error", "fencing"):
+        for key in ("last_error", "fencing", "identity"):
             if body[key]:
                 body[key] = redact(str(body[key]))
         if not body["updated_at"]:
@@ -143,6 +146,7 @@ class StatusReport:
             incomplete=_str_map(d.get("incomplete")),
             left_out=_str_map(d.get("left_out")),
             left_out_count=num("left_out_count"),
+            identity=str(d.get("identity") or ""),
             updated_at=num("updated_at", float),
         )
 

@@ -194,6 +194,11 @@ class ObjectStore(SmallObjects):
         self._pool.close()
         self.backend.close()
 
+    @property
+    def identity(self) -> str:
+        """Which credentials the store is used with, in words (never a secret)."""
+        return self.backend.describe_identity()
+
     def __repr__(self) -> str:
         return f"ObjectStore({self.hparams!r}, part_size={self.part_size}, concurrency={self.concurrency})"
 

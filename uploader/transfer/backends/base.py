@@ -256,5 +256,18 @@ class Backend(ABC):
     def delete(self, name: str) -> bool:
         """Delete; False when it did not exist."""
 
+    def server_date(self) -> float | None:
+        """The store's clock (its ``Date`` header), seconds since the epoch; None where
+        the adapter cannot read it."""
+        return None
+
+    def describe_identity(self) -> str:
+        """Which credentials this adapter uses, in words (never a secret)."""
+        settings = getattr(self, "settings", None)
+        if settings is None or settings.family == "local":
+            return "none needed (local directory)"
+        names = [f"${v}" for v in (settings.key_environ, settings.secret_environ) if v]
+        return "environment variables " + " / ".join(names) if names else "none"
+
     def close(self) -> None:
         """Release connections."""

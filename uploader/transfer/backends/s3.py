@@ -22,6 +22,9 @@ its downloads read whole objects into memory.
 * Listings page through ListObjectsV2 (``list_page_size`` keys a page). Multipart
   uploads, their listings and resuming live in
   :mod:`uploader.transfer.backends.s3multipart`.
+* New objects carry the bucket-policy options (``sse``, ``sse_kms_key_id``,
+  ``storage_class``, ``acl``; :mod:`uploader.transfer.backends.s3options`) on PutObject
+  and CreateMultipartUpload, as the AWS CLI sends them.
 * Conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to replace;
   412 ``PreconditionFailed`` and 409 ``ConditionalRequestConflict`` (a concurrent
   conditional write) raise PreconditionFailedError. AWS S3 and moto honour both;
@@ -117,8 +120,7 @@ class S3Backend(S3Multipart):
 
     # -- small objects --------------------------------------------------------------------
     def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
-        headers = self._meta_headers(metadata)
-        headers["content-type"] = "application/octet-stream"
+        headers = self._object_headers(metadata)
         self._request(
             "PUT", name, f"upload {name}", headers=headers, body=data, payload_sha256=sha256.hex()
         )
@@ -142,8 +144,7 @@ class S3Backend(S3Multipart):
         sha256: bytes,
         expected: str | None,
     ) -> str | None:
-        headers = self._meta_headers(metadata)
-        headers["content-type"] = "application/octet-stream"
+        headers = self._object_headers(metadata)
         if expected is None:
             headers["if-none-match"] = "*"
         else:

@@ -38,8 +38,7 @@ class S3Multipart(S3RequestBackend):
     resumable = True
 
     def begin(self, name: str, metadata: Mapping[str, str]) -> str:
-        headers = self._meta_headers(metadata)
-        headers["content-type"] = "application/octet-stream"
+        headers = self._object_headers(metadata)
         _, body = self._request(
             "POST", name, f"start upload of {name}", params={"uploads": ""}, headers=headers
         )

@@ -13,7 +13,13 @@
   (``ca_bundle``, ``AWS_CA_BUNDLE`` ...); a failed check is a ``TLSError``.
 * Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash
   the caller passes in; only bodies sent without one (small XML requests) are
-  hashed here.
+  hashed here. The credentials (:mod:`uploader.transfer.backends.aws_identity`:
+  botocore's chain, or the variables ``key_environ``/``secret_environ`` name) are
+  taken fresh for every request and part, session token included.
+* Expired credentials: a refusal that says the token or signature expired
+  (``ExpiredToken``, ``InvalidToken``, ``RequestExpired``) makes the adapter find the
+  credentials again and send that request once more (a multipart upload goes on
+  with the same upload id); a second refusal is an ``AuthError``.
 * Connections: each thread keeps its own keep-alive ``http.client`` connection.
   A request that finds its kept-alive connection closed by the server is sent
   once more on a fresh one (counted in ``resent``, not as a retry).
@@ -46,7 +52,10 @@ from uploader.errors import (
     TransientError,
 )
 from uploader.redact import redact
+from uploader.transfer.backends.aws_identity import AwsIdentity, is_expired_answer
 from uploader.transfer.backends.base import Backend
+from uploader.transfer.backends.http import http_time
+from uploader.transfer.backends.s3options import object_headers, validate_s3_options
 from uploader.transfer.backends.sigv4 import (
     EMPTY_SHA256,
     SigV4Signer,
@@ -139,12 +148,9 @@ class S3RequestBackend(Backend):
     """
 
     def __init__(self, settings: StoreSettings) -> None:
-        key, secret = settings.credentials()
-        if not key or not secret:
-            raise ConfigError(
-                f"provider {settings.provider!r} needs both an access key and a secret: "
-                "set key_environ and secret_environ"
-            )
+        validate_s3_options(settings.extra, settings.family)
+        self.identity = AwsIdentity(settings)
+        key, secret, _ = self.identity.frozen()
         self.settings = settings
         self.bucket = settings.container
         self.secure = settings.secure
@@ -157,7 +163,7 @@ class S3RequestBackend(Backend):
         self.region = settings.region or region or "us-east-1"
         default_port = 443 if self.secure else 80
         self.host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
-        self._signer = SigV4Signer(key, secret, self.region)
+        self._signer = SigV4Signer(self.region)
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
         self._conns_lock = threading.Lock()
@@ -267,6 +273,13 @@ class S3RequestBackend(Backend):
     def _path(self, key: str | None = None) -> str:
         return quote_path(f"/{self.bucket}/{key}" if key is not None else f"/{self.bucket}")
 
+    def describe_identity(self) -> str:
+        return self.identity.describe()
+
+    def server_date(self) -> float | None:
+        resp, _ = self._request("HEAD", None, f"checking {self._where}", missing="bucket")
+        return http_time(resp.getheader("Date"))
+
     def _send(
         self,
         method: str,
@@ -276,15 +289,57 @@ class S3RequestBackend(Backend):
         body: bytes | memoryview = b"",
         payload_sha256: str | None = None,
     ) -> http.client.HTTPResponse:
-        """Send one signed request and return the response, headers read, body unread."""
+        """Send one signed request and return the response, headers read, body unread
+        (for a refusal, read already). A refusal saying the credentials expired is
+        answered by finding them again and sending once more."""
+        if payload_sha256 is None:
+            payload_sha256 = hashlib.sha256(body).hexdigest() if len(body) else EMPTY_SHA256
+        seen = self.identity.generation
+        resp = self._send_signed(method, key, params, headers, body, payload_sha256)
+        if resp.status not in (400, 401, 403):
+            return resp
+        try:
+            data = resp.read()
+        except BaseException:
+            self._drop_conn()
+            raise
+        if resp.will_close:
+            self._drop_conn()
+        root = parse_xml(data)
+        code = root.findtext("Code") if root is not None else None
+        message = (root.findtext("Message") if root is not None else None) or ""
+        if method == "HEAD":  # no body to say why: refresh only what can expire
+            expired = resp.status in (400, 403) and self.identity.temporary
+        else:
+            expired = is_expired_answer(resp.status, code, message)
+        if not expired:
+            return _Answered(resp, data)  # type: ignore[return-value]
+        log.warning(
+            "%s %s: the store refused the session credentials (HTTP %d%s); finding them "
+            "again and sending once more",
+            method,
+            self._path(key),
+            resp.status,
+            f" {code}" if code else "",
+        )
+        self.identity.refresh(seen)
+        return self._send_signed(method, key, params, headers, body, payload_sha256)
+
+    def _send_signed(
+        self,
+        method: str,
+        key: str | None,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        body: bytes | memoryview,
+        payload_sha256: str,
+    ) -> http.client.HTTPResponse:
         path = self._path(key)
         params = dict(params or {})
         hdrs: dict[str, str] = {"host": self.host_header}
         if headers:
             hdrs.update({k.lower(): v for k, v in headers.items()})
-        if payload_sha256 is None:
-            payload_sha256 = hashlib.sha256(body).hexdigest() if len(body) else EMPTY_SHA256
-        self._signer.sign(method, path, params, hdrs, payload_sha256)
+        self._signer.sign(method, path, params, hdrs, payload_sha256, self.identity.frozen())
         query = canonical_query(params)
         url = f"{path}?{query}" if query else path
         if method in ("PUT", "POST") or len(body):
@@ -358,12 +413,17 @@ class S3RequestBackend(Backend):
             f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
         )
         detail = redact(detail[:300])
-        st = self.settings
+        if status == 400 and not code and self.identity.temporary:
+            detail += " with no reason: a session token the store does not accept"
+            code = "InvalidToken"
         if status in (401, 403) or code in _AUTH_CODES:
+            hint = ""
+            if code == "AccessDenied" and what.startswith(("upload ", "start upload")):
+                hint = _policy_hint(self.settings.extra)
             return AuthError(
-                f"{what}: the store refused the credentials ({detail}). Check the access key "
-                f"and secret in ${st.key_environ} / ${st.secret_environ}, and that they may "
-                f"use {self._where}."
+                f"{what}: the store refused the request ({detail}). The credentials in use: "
+                f"{self.identity.describe()}; check that they may use {self._where}{hint}. "
+                "'ckpt-uploader check URI' tests each operation."
             )
         if code == "NoSuchBucket" or (status == 404 and missing == "bucket"):
             return ContainerNotFoundError(self._no_bucket_text(what))
@@ -384,6 +444,14 @@ class S3RequestBackend(Backend):
             "(create_container=True)"
         )
 
+    def _object_headers(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        """The headers of a new object: its metadata, content type and the bucket-policy
+        options (encryption, storage class, ACL)."""
+        headers = self._meta_headers(metadata)
+        headers["content-type"] = "application/octet-stream"
+        headers.update(object_headers(self.settings.extra))
+        return headers
+
     @staticmethod
     def _meta_headers(metadata: Mapping[str, str]) -> dict[str, str]:
         out = {}
@@ -396,6 +464,53 @@ class S3RequestBackend(Backend):
                 )
             out[f"x-amz-meta-{k.lower()}"] = value
         return out
+
+
+def _policy_hint(extra: Mapping[str, Any]) -> str:
+    """What to try when an upload is denied: a bucket policy may demand encryption, an
+    ACL or a storage class that the request did not carry."""
+    if extra.get("sse") is None:
+        return (
+            ", and whether a bucket policy demands encryption: set the sse option "
+            "(?sse=AES256 or ?sse=aws:kms in the URI, --sse, or sse = ... in [store])"
+        )
+    return (
+        f", and whether the bucket policy accepts sse={extra['sse']}"
+        + (f" with key {extra['sse_kms_key_id']}" if extra.get("sse_kms_key_id") else "")
+        + " (and the acl / storage_class options it may require)"
+    )
+
+
+class _Answered:
+    """A refusal whose body was read already (to see whether the credentials expired):
+    hands that body out as the response would have."""
+
+    def __init__(self, resp: http.client.HTTPResponse, body: bytes) -> None:
+        self._resp = resp
+        self._body = body
+        self.status = resp.status
+        self.will_close = resp.will_close
+
+    def read(self, amt: int | None = None) -> bytes:
+        if amt is None:
+            out, self._body = self._body, b""
+        else:
+            out, self._body = self._body[:amt], self._body[amt:]
+        return out
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def isclosed(self) -> bool:
+        return True
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        return self._resp.getheader(name, default)
+
+    def getheaders(self) -> list[tuple[str, str]]:
+        return self._resp.getheaders()
 
 
 def _early_error(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:

@@ -8,10 +8,15 @@ never hashed again and the server still rejects a body that does not match it.
 
 Example::
 
-    signer = SigV4Signer("AKIA...", "secret", region="us-east-1")
+    signer = SigV4Signer(region="us-east-1")
     headers = {"host": "127.0.0.1:9000"}
-    signer.sign("PUT", "/bucket/key", {}, headers, payload_sha256_hex)
+    signer.sign("PUT", "/bucket/key", {}, headers, payload_sha256_hex, ("AKIA...", "secret", None))
     # headers now carries x-amz-date, x-amz-content-sha256 and authorization
+    # (and x-amz-security-token when the credentials carry a session token)
+
+The credentials are passed with every request (taken fresh from
+:class:`uploader.transfer.backends.aws_identity.AwsIdentity`), so temporary
+credentials that were refreshed are used from the next request on.
 """
 
 from __future__ import annotations
@@ -45,33 +50,31 @@ class SigV4Signer:
     """Sign S3 requests with AWS Signature Version 4.
 
     Args:
-        access_key / secret_key: the credentials (never logged).
         region: the signing region (``us-east-1`` for most S3-compatible servers).
         service: the signing service name.
+
+    The credentials come with each :meth:`sign` call; the signing key derived from a
+    secret is kept for the day it is valid.
     """
 
-    def __init__(
-        self, access_key: str, secret_key: str, region: str = "us-east-1", service: str = "s3"
-    ) -> None:
-        self._access_key = access_key
-        self._secret = secret_key
+    def __init__(self, region: str = "us-east-1", service: str = "s3") -> None:
         self.region = region
         self.service = service
         self._lock = threading.Lock()
-        self._key_day = ""
+        self._key_for: tuple[str, str] = ("", "")
         self._key = b""
 
     def __repr__(self) -> str:
         return f"SigV4Signer(region={self.region!r}, service={self.service!r})"
 
-    def _signing_key(self, day: str) -> bytes:
+    def _signing_key(self, secret: str, day: str) -> bytes:
         with self._lock:
-            if day != self._key_day:
-                k = _hmac(("AWS4" + self._secret).encode(), day)
+            if (secret, day) != self._key_for:
+                k = _hmac(("AWS4" + secret).encode(), day)
                 k = _hmac(k, self.region)
                 k = _hmac(k, self.service)
                 self._key = _hmac(k, "aws4_request")
-                self._key_day = day
+                self._key_for = (secret, day)
             return self._key
 
     def sign(
@@ -81,19 +84,27 @@ class SigV4Signer:
         params: Mapping[str, str],
         headers: MutableMapping[str, str],
         payload_sha256: str,
+        credentials: tuple[str, str, str | None],
         now: _dt.datetime | None = None,
     ) -> None:
-        """Add ``x-amz-date``, ``x-amz-content-sha256`` and ``authorization`` to ``headers``.
+        """Add ``x-amz-date``, ``x-amz-content-sha256``, ``authorization`` and, for
+        temporary credentials, ``x-amz-security-token`` to ``headers``.
 
         ``path`` is already encoded (see :func:`quote_path`); ``headers`` must hold
         ``host``; every header in it is signed. ``payload_sha256`` is the hex digest
-        of the body (``EMPTY_SHA256`` for none).
+        of the body (``EMPTY_SHA256`` for none). ``credentials``: access key, secret
+        and session token (None for long-term keys).
         """
+        access_key, secret, token = credentials
         now = now or _dt.datetime.now(_dt.timezone.utc)
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         headers["x-amz-date"] = stamp
         headers["x-amz-content-sha256"] = payload_sha256
+        if token:
+            headers["x-amz-security-token"] = token
+        else:
+            headers.pop("x-amz-security-token", None)
         items = sorted((k.lower(), " ".join(str(v).split())) for k, v in headers.items())
         signed = ";".join(k for k, _ in items)
         canonical = "\n".join(
@@ -115,9 +126,11 @@ class SigV4Signer:
                 hashlib.sha256(canonical.encode()).hexdigest(),
             ]
         )
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.new(
+            self._signing_key(secret, day), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
         headers["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={self._access_key}/{scope}, "
+            f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
             f"SignedHeaders={signed}, Signature={signature}"
         )
 
