@@ -5,15 +5,15 @@ on the event loop when it is short, see :meth:`Engine.quick
 <uploader.daemon.engine.Engine.quick>`) unless the journal already holds that version,
 holds back a changed artifact uploaded less than ``--artifact-interval`` ago
 (:class:`~uploader.daemon.artifacts.ArtifactThrottle`), and queues each accepted file on
-the engine's bounded work stream: a full stream makes the intake wait, nothing is
-dropped. Every queued upload is counted in its checkpoint (:meth:`Assembler.opened
+the engine's bounded work queue (:class:`~uploader.daemon.keepup.WorkQueue`, which
+orders it): a full queue makes the intake wait, nothing is dropped. Every queued upload is counted in its checkpoint (:meth:`Assembler.opened
 <uploader.daemon.assembly.Assembler.opened>`), so a directory checkpoint is judged once
 its last queued upload is over.
 
 Example::
 
     acceptor = Acceptor(layout, journal, engine.call, engine.quick, assembler, throttle, set())
-    acceptor.send = work_send_stream
+    acceptor.queue = work_queue
     await acceptor.take([(rel, os.stat(path))])
 """
 
@@ -24,12 +24,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from anyio.streams.memory import MemoryObjectSendStream
-
 from uploader.daemon.artifacts import ArtifactThrottle
-from uploader.daemon.assembly import Assembler
+from uploader.daemon.assembly import Assembler, UnitKey
 from uploader.daemon.intake import Found
 from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.keepup import Ckpt, WorkQueue
 from uploader.daemon.layouts import RunLayout, is_inside
 
 __all__ = ["Acceptor", "QUICK_ROWS"]
@@ -73,8 +72,10 @@ class Acceptor:
         self.assembler = assembler
         self.artifacts = artifacts
         self.outstanding = outstanding
-        #: The work stream (set by the engine's pipeline).
-        self.send: MemoryObjectSendStream[str] | None = None
+        #: The work queue (set by the engine's pipeline).
+        self.queue: WorkQueue | None = None
+        #: The checkpoint of each :class:`Ckpt` queued (for :meth:`complete`).
+        self._units: dict[Ckpt, UnitKey] = {}
 
     async def fresh(self, found: Found) -> Found:
         """Of scanned files, those whose version the journal does not hold."""
@@ -135,7 +136,7 @@ class Acceptor:
                 log.info("accepted path=%s size=%d object=%s", rec.path, rec.size, rec.object)
             elif rec.state != "pending":
                 continue
-            await self.enqueue(rec.path)
+            await self.enqueue(rec)
 
     async def take_now(self, rels: list[str]) -> None:
         """Take the files ``rels`` as they are on disk now (those still there)."""
@@ -147,10 +148,32 @@ class Acceptor:
         if found:
             await self.take(found)
 
-    async def enqueue(self, rel: str) -> None:
+    async def enqueue(self, rec: FileRecord) -> None:
+        """Queue the accepted file ``rec`` (once), with its checkpoint and whether that
+        checkpoint is complete now (the queue orders by it)."""
+        rel = rec.path
         if rel in self.outstanding:
             return
         self.outstanding.add(rel)
         self.assembler.opened(rel)
-        assert self.send is not None
-        await self.send.send(rel)
+        key = self.assembler.key(rel)
+        ckpt = None
+        if key is not None:
+            ckpt = Ckpt(key.rank, key.unit.name, key.rel)
+            self._units[ckpt] = key
+        assert self.queue is not None
+        await self.queue.put(rel, ckpt, rec.size, rec.mtime_ns, self.complete(ckpt))
+
+    def complete(self, ckpt: Ckpt | None) -> bool:
+        """Whether the checkpoint ``ckpt`` is complete by its rule now (a single file:
+        always; a directory: its marker is there)."""
+        if ckpt is None:
+            return False
+        key = self._units.get(ckpt)
+        if key is None:
+            return False
+        rank_root = self.root / key.base if key.base else self.root
+        if not self.assembler.rules.complete(rank_root, key.unit):
+            return False
+        self._units.pop(ckpt, None)  # complete stays complete: never asked again
+        return True

@@ -128,6 +128,9 @@ class Assembler:
         self._deferred: dict[str, UnitKey] = {}
         #: Checkpoints the trainer deleted (rotated away) before every file was uploaded.
         self.rotated: set[str] = set()
+        #: Checkpoints not sent because retention would delete them on arrival (rel):
+        #: never committed (:mod:`uploader.daemon.keepup`).
+        self.superseded: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -272,6 +275,8 @@ class Assembler:
         """(entry, journal paths) when complete and not yet committed; a reason when it
         can never be committed as it is; None when not yet (or already) committed."""
         unit = key.unit
+        if key.rel in self.superseded:
+            return None
         rank_root = self.root / key.base if key.base else self.root
         obj = join_key(self.layout.prefix, f"rank_{key.rank}/{unit.name}")
         if not unit.directory:
@@ -343,6 +348,10 @@ class Assembler:
         and ``status``."""
         out: dict[str, str] = {}
         rotated = set(self.rotated)
+        for rec in self.journal.records("superseded"):  # skipped before a restart too
+            key = self.key(rec.path)
+            if key is not None:
+                self.superseded.add(key.rel)
         for rec in self.journal.records("done"):
             if rec.committed:
                 continue
@@ -359,7 +368,7 @@ class Assembler:
                     "uploaded as plain files, not committed",
                 )
                 continue
-            if key is None or key.rel in out or key.rel in rotated:
+            if key is None or key.rel in out or key.rel in rotated or key.rel in self.superseded:
                 continue
             if key.unit.directory and not os.path.isdir(self.root / key.rel):
                 rotated.add(key.rel)  # the trainer deleted it before it was committed

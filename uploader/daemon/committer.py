@@ -68,7 +68,7 @@ from uploader.bucket.pointer import (
     write_pointer,
 )
 from uploader.bucket.retention import delete_checkpoints, prune
-from uploader.daemon.journal import Journal
+from uploader.daemon.journal import FileRecord, Journal
 from uploader.errors import ExitCode, PermanentError, PreconditionFailedError
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
@@ -165,6 +165,9 @@ class Committer:
         #: Manifests read from manifest objects for local retention, per rank, by object
         #: name (only of checkpoints local retention still counts).
         self._manifests: dict[int, dict[str, tuple[ManifestFile, ...]]] = {}
+        #: Awaited after each write that committed checkpoints: (rank, their names, the
+        #: pointer written); the work queue learns what is committed from it.
+        self.on_commit: Callable[[int, list[str], Pointer], Awaitable[None]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -174,6 +177,19 @@ class Committer:
     def pointer(self, rank: int) -> Pointer | None:
         """The rank's pointer as this process last wrote or read it (None: not yet)."""
         return self._pointers.get(rank)
+
+    def unnamed(self, rec: FileRecord) -> bool:
+        """Whether the pointer of ``rec``'s rank, as this process knows it, names no
+        checkpoint holding ``rec``'s object (False while the pointer is not known)."""
+        if rec.rank not in self._pointers:
+            return False
+        cur = self._pointers[rec.rank]
+        if cur is None:
+            return True
+        return not any(
+            rec.object == e.object or rec.object.startswith(e.object.rstrip("/") + "/")
+            for e in cur.history
+        )
 
     def submit(self, rank: int, entry: PointerEntry, paths: list[str]) -> None:
         """Queue the complete checkpoint ``entry`` (every file verified); ``paths`` are its
@@ -326,6 +342,8 @@ class Committer:
                 pointer.latest.name,
                 ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else ""),
             )
+            if self.on_commit is not None:
+                await self.on_commit(rank, names, pointer)
         if doomed:
             if self.keep_local is not None:
                 # Read before their manifest objects go, for local retention after them.

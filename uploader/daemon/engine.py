@@ -6,15 +6,15 @@ task group of its own, which finishes when the work is done)::
     signals, status (1 Hz), parent watch, idle watch
     pipeline:
       watchdog thread --events (bounded)--> Intake --+
-      journal resume, start-up scan --------> Settler +-> take: journal.accept -> work (bounded)
-                                                                                   |
+      journal resume, start-up scan --------> Settler +-> take: journal.accept -> work queue
+                                                       (bounded; keepup: newest first, superseded skipped)
       upload loops (--files) <-----------------------------------------------------+
         upload (thread, CapacityLimiter) -> read back size + digest -> journal done
         Assembler: which checkpoint, complete? (per checkpoint, coalesced)
         Committer: pointer + manifest (per-rank batches) -> remote, local retention
     artifact re-uploads (at most every --artifact-interval)
 
-A full work stream blocks the intake (it slows down; nothing is dropped: the
+A full work queue blocks the intake (it slows down; nothing is dropped: the
 journal holds every accepted file). Memory is bounded by the store's part
 buffers (``concurrency x part_size``) and the stream lengths, whatever the
 number and size of files. Journal calls run one at a time
@@ -40,19 +40,14 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from uploader.daemon.accept import QUICK_ROWS, Acceptor
 from uploader.daemon.artifacts import ArtifactThrottle
@@ -60,13 +55,15 @@ from uploader.daemon.assembly import Assembler
 from uploader.daemon.committer import Committer
 from uploader.daemon.intake import Intake, ignore_lease_breaks, watch_parent
 from uploader.daemon.journal import Journal, Totals
+from uploader.daemon.keepup import Backlog, Ckpt, WorkQueue
 from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout
 from uploader.daemon.outcome import nothing_committed, outcome
 from uploader.daemon.progress import Progress
-from uploader.daemon.retention import retain_local
+from uploader.daemon.reporter import Reporter
+from uploader.daemon.retention import retain_local, retire_superseded
 from uploader.daemon.settle import Settler
 from uploader.daemon.signals import signal_task
-from uploader.daemon.status import LEFT_OUT_SHOWN, StatusReport, log_summary
+from uploader.daemon.status import StatusReport, log_summary
 from uploader.daemon.uploads import Uploads
 from uploader.errors import ExitCode
 from uploader.redact import redact
@@ -81,6 +78,9 @@ log = logging.getLogger(__name__)
 
 #: The longest pause between two attempts of one file or one pointer write.
 MAX_PAUSE = 60.0
+#: Files the work queue holds at least (more with --files): the newest complete
+#: checkpoint can only go first when it is queued.
+QUEUE_BOUND = 256
 
 
 @dataclass
@@ -174,9 +174,7 @@ class Engine:
             quick=self.quick,
             quick_rows=QUICK_ROWS,
             keep_local=options.keep_local,
-            retain_local=lambda rank, pointer: self.call(
-                retain_local, self.journal, self.layout, pointer, options.keep_local
-            ),
+            retain_local=self._retain_local,
         )
         self.assembler = Assembler(
             self.layout, options.checkpoints, options.filter, journal, self.call, self.committer
@@ -198,8 +196,6 @@ class Engine:
         self.last_error: str | None = None
         #: The last failure whose error calls for exit 2 (a configuration error).
         self.config_error: str | None = None
-        self._totals = Totals()
-        self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
         self._resumed = False
         self._stop_reason: str | None = None
         #: Changed artifacts wait for --artifact-interval.
@@ -213,6 +209,11 @@ class Engine:
             self.artifacts,
             self.uploads.outstanding,
         )
+        #: The order of the work and the superseded checkpoints (protocol 10).
+        self.backlog = Backlog(options.keep_remote, complete=self.accept.complete)
+        self.uploads.superseded = self.backlog.is_superseded
+        self.uploads.unnamed = self.committer.unnamed
+        self.reporter = Reporter(self)
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -268,7 +269,7 @@ class Engine:
                 done = anyio.Event()
                 await tg.start(self._pipeline, done)
                 self.phase = "running"
-                tg.start_soon(self._status_task)
+                tg.start_soon(self.reporter.run)
                 tg.start_soon(self.artifacts.run, self.accept.take_now)
                 if self.opts.parent_pid:
                     pid = self.opts.parent_pid
@@ -291,16 +292,20 @@ class Engine:
     ) -> None:
         """Intake -> work stream -> upload loops -> commits; ends once drained."""
         assert self.intake is not None
-        send, recv = anyio.create_memory_object_stream[str](max(2, 2 * self.opts.files))
-        self.accept.send = send
+        queue = WorkQueue(self.backlog, max(QUEUE_BOUND, 2 * self.opts.files), self._skip)
+        self.accept.queue = queue
+        self.committer.on_commit = lambda rank, names, pointer: queue.committed(
+            rank, names, [e.order for e in pointer.history]
+        )
         async with anyio.create_task_group() as tg:
             self.committer.task_group = tg
             self.assembler.task_group = tg
-            async with recv:
-                for _ in range(self.opts.files):
-                    tg.start_soon(self._upload_loop, recv.clone())
-            async with send:  # closed once the intake is over: the upload loops then end
+            for _ in range(self.opts.files):
+                tg.start_soon(self._upload_loop, queue)
+            try:
                 await self.intake.run(self._resume, task_status=task_status)
+            finally:  # the intake is over: the upload loops end once the queue is empty
+                queue.close()
         done.set()
 
     async def _fence(self) -> None:
@@ -326,14 +331,38 @@ class Engine:
         uncommitted = await self.call(self.journal.uncommitted)
         self.assembler.request_many([r.path for r in uncommitted])
         for rec in await self.call(self.journal.records, "pending"):
-            await self.accept.enqueue(rec.path)
+            await self.accept.enqueue(rec)
         self._resumed = True
 
-    async def _upload_loop(self, recv: MemoryObjectReceiveStream[str]) -> None:
-        """One upload at a time from the work stream, until it is closed and empty."""
-        async with recv:
-            async for rel in recv:
+    async def _upload_loop(self, queue: WorkQueue) -> None:
+        """One upload at a time from the work queue, until it is closed and empty."""
+        while (rel := await queue.get()) is not None:
+            try:
                 await self.uploads.process(rel)
+            finally:
+                failed = rel in self.uploads.failed_now
+                self.uploads.failed_now.discard(rel)
+                queue.done(rel, failed)
+
+    async def _skip(self, ckpt: Ckpt, rels: list[str]) -> None:
+        """The checkpoint ``ckpt`` is superseded: its queued files ``rels`` are not sent."""
+        self.assembler.superseded.add(ckpt.rel)
+        for rel in rels:
+            await self.quick(self.journal.superseded, rel)
+            self.uploads.outstanding.discard(rel)
+            self.assembler.closed(rel)
+
+    async def _retain_local(self, rank: int, pointer: Any) -> None:
+        """After a pointer write: local retention (``--keep-local``), then the local copies
+        of superseded checkpoints a committed newer one supersedes."""
+        keep = self.opts.keep_local
+        await self.call(retain_local, self.journal, self.layout, pointer, keep)
+        skipped = self.backlog.superseded(rank)
+        if keep is not None and skipped:
+            gone = await self.call(
+                retire_superseded, self.journal, self.layout, pointer, keep, skipped
+            )
+            self.backlog.retired(gone)
 
     # -- stopping -----------------------------------------------------------------------
     def _request_stop(self, reason: str) -> None:
@@ -372,7 +401,7 @@ class Engine:
     def _last_words(self, reason: str) -> None:
         self.phase = "failed"
         self.last_error = reason
-        self._write_status(self._totals)
+        self.reporter.write(self.reporter.totals)
 
     async def _supervise(self, done: anyio.Event) -> int:
         assert self.intake is not None
@@ -419,72 +448,20 @@ class Engine:
             uncommitted,
             self.assembler.unmatched_rules(),
             rotated=len(rotated),
+            skipped=self.backlog.skipped,
+            max_lag=self.backlog.max_lag,
         )
         return nothing_committed(uncommitted, ever)
 
     # -- status -------------------------------------------------------------------------
     def status(self, totals: Totals | None = None) -> StatusReport:
-        """The daemon's report; ``totals`` from the journal (read here when None)."""
-        if totals is None:
-            with self.journal_lock:
-                totals = self.journal.totals()
-        t = totals
-        now = time.monotonic()
-        sent, inflight = self.uploads.sent()
-        self._rate_window.append((now, sent))
-        t0, s0 = self._rate_window[0]
-        rate = (sent - s0) / (now - t0) if now > t0 else 0.0
-        phase = self.phase
-        left_out = self.intake.left_out if self.intake is not None else {}
-        if phase in ("running", "draining") and (t.failed or self.committer.failures):
-            phase = "failed"
-        return StatusReport(
-            pid=os.getpid(),
-            state=phase,
-            pending=t.pending,
-            uploading=t.uploading,
-            done=t.done,
-            failed=t.failed,
-            bytes_total=t.bytes_total,
-            bytes_done=t.bytes_done + inflight,
-            rate_bytes_per_s=round(rate, 1),
-            last_error=self.last_error or t.last_error,
-            journal_saved=not self.journal.in_memory,
-            intake_finished=self.intake_finished,
-            committed=self.committer.committed,
-            fenced=self.committer.fenced,
-            fencing=self.committer.fence_reason,
-            conflicts=self.committer.conflicts,
-            conflict_failures=self.committer.conflict_failures,
-            removed=t.removed,
-            rotated=len(self.assembler.rotated),
-            incomplete=dict(self.assembler.incomplete),
-            left_out=dict(sorted(left_out.items())[:LEFT_OUT_SHOWN]),
-            left_out_count=len(left_out),
-            identity=self.store.identity,
-            updated_at=time.time(),
-        )
+        """The daemon's report (:class:`~uploader.daemon.reporter.Reporter`)."""
+        return self.reporter.build(totals)
 
     @property
     def intake_finished(self) -> bool:
         """Journal resumed, start-up scan done, nothing settling, no watch event unread."""
         return self._resumed and self.intake is not None and self.intake.quiet
 
-    def _write_status(self, totals: Totals | None = None) -> None:
-        if self.opts.status_file is None:
-            return
-        with contextlib.suppress(Exception):
-            self.status(totals).write(self.opts.status_file)
-
-    async def _status_task(self) -> None:
-        tick = 0
-        while True:
-            if self.intake is not None and tick % 5 == 0:
-                await anyio.to_thread.run_sync(self.intake.prune_left_out)
-            tick += 1
-            self._totals = await self.call(self.journal.totals)
-            s = self.status(self._totals)
-            if self.opts.status_file is not None:
-                s.write(self.opts.status_file)
-            self.uploads.progress.tick(s)
-            await anyio.sleep(1.0)
+    def _write_status(self) -> None:
+        self.reporter.write()

@@ -81,7 +81,9 @@ STATE_NAMES = frozenset(
 )
 #: "removed": deleted from the run directory before it was uploaded, with the whole
 #: checkpoint it belonged to (rotated away by the trainer), or an artifact.
-STATES = ("pending", "uploading", "done", "failed", "removed")
+#: "superseded": not sent, because --keep-remote would delete its checkpoint on arrival
+#: (newer complete checkpoints wait or are committed; see :mod:`uploader.daemon.keepup`).
+STATES = ("pending", "uploading", "done", "failed", "removed", "superseded")
 #: The schema version: 0 had the files table only; 1 added sessions and parts.
 JOURNAL_VERSION = 1
 
@@ -166,6 +168,7 @@ class Totals:
     bytes_done: int = 0
     rate_bytes_per_s: float = 0.0
     last_error: str | None = None
+    superseded: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +177,7 @@ class Totals:
             "done": self.done,
             "failed": self.failed,
             "removed": self.removed,
+            "superseded": self.superseded,
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
             "rate_bytes_per_s": round(self.rate_bytes_per_s, 1),
@@ -349,7 +353,7 @@ class Journal:
             "SELECT state, COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM files GROUP BY state"
         ):
             counts[row["state"]] = int(row["n"])
-            if row["state"] != "removed":
+            if row["state"] not in ("removed", "superseded"):
                 bytes_total += int(row["b"])
             if row["state"] == "done":
                 bytes_done = int(row["b"])
@@ -374,6 +378,7 @@ class Journal:
             bytes_done,
             rate,
             err["last_error"] if err else None,
+            counts["superseded"],
         )
 
     # -- writing ------------------------------------------------------------------------
@@ -434,6 +439,15 @@ class Journal:
         :data:`STATES`); accepted again if it comes back."""
         self._write(
             "UPDATE files SET state = 'removed', last_error = NULL, finished_at = ?, "
+            "updated_at = ? WHERE path = ?",
+            (time.time(), time.time(), path),
+        )
+
+    def superseded(self, path: str) -> None:
+        """``path`` is not sent: its checkpoint is superseded (see :data:`STATES`);
+        accepted again if it changes."""
+        self._write(
+            "UPDATE files SET state = 'superseded', last_error = NULL, finished_at = ?, "
             "updated_at = ? WHERE path = ?",
             (time.time(), time.time(), path),
         )

@@ -10,6 +10,12 @@ directory that are not in the manifest are kept (and so is the directory). The
 pointer's ``latest`` is never deleted. Remote retention lives in
 :mod:`uploader.bucket.retention`.
 
+A checkpoint skipped as superseded (:mod:`uploader.daemon.keepup`) never enters the
+pointer: :func:`retire_superseded` deletes its local copy once the pointer's history
+holds at least ``max(1, N)`` committed checkpoints newer than it (a newer checkpoint
+that supersedes it is committed), whole and only while every file on disk is the
+version the journal recorded; never otherwise.
+
 Example::
 
     for rel in apply_local(journal, layout, pointer, keep=3):
@@ -26,7 +32,7 @@ from uploader.bucket.pointer import Pointer, PointerEntry, beyond
 from uploader.daemon.journal import Journal, JournalFullError
 from uploader.daemon.layouts import RunLayout, is_inside
 
-__all__ = ["local_deletions", "apply_local", "retain_local"]
+__all__ = ["local_deletions", "apply_local", "retain_local", "retire_superseded"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +112,54 @@ def _remove_empty(top: os.PathLike[str] | str) -> None:
     for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):
             os.rmdir(dirpath)
+
+
+def retire_superseded(
+    journal: Journal,
+    layout: RunLayout,
+    pointer: Pointer,
+    keep: int,
+    skipped: list[tuple[str, tuple[int, str]]],
+) -> list[str]:
+    """Delete the local copies of superseded checkpoints (``skipped``: each one's path
+    relative to RUN_DIR and its order) that at least ``max(1, keep)`` committed
+    checkpoints of ``pointer`` are newer than; return the paths of those handled
+    (deleted, or nothing of them left). Journal lock held."""
+    handled = []
+    for rel, order in skipped:
+        newer = sum(1 for e in pointer.history if e.order > order)
+        if newer < max(1, keep):
+            continue
+        recs = [r for r in [journal.get(rel), *journal.under(rel)] if r is not None]
+        paths = []
+        ok = True
+        for rec in recs:
+            st = is_inside(layout.root, rec.path)
+            if st is None:
+                continue
+            if rec.state not in ("superseded", "done") or (st.st_size, st.st_mtime_ns) != (
+                rec.size,
+                rec.mtime_ns,
+            ):
+                ok = False  # a new version, or a file still on its way: keep it all
+                break
+            paths.append(rec.path)
+        if not ok:
+            continue
+        for path in paths:
+            try:
+                os.unlink(layout.root / path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("retention: cannot delete %s: %s", path, exc.strerror)
+        if os.path.isdir(layout.root / rel):
+            _remove_empty(layout.root / rel)
+        if paths:
+            log.info(
+                "retention deleted local checkpoint=%s (%d file(s), superseded: not sent)",
+                rel,
+                len(paths),
+            )
+        handled.append(rel)
+    return handled

@@ -8,6 +8,8 @@ The daemon rewrites its status file (``--status-file``, by default
      "last_error": null, "journal_saved": true, "intake_finished": true,
      "committed": 2, "fenced": true, "fencing": "conditional writes honoured",
      "conflicts": 0, "conflict_failures": 0, "removed": 0, "rotated": 0,
+     "skipped_superseded": 0, "lag_seconds": 0.0, "max_lag_seconds": 1.9,
+     "pending_bytes": 0, "pending_checkpoints": 0, "save_interval_seconds": 1.0,
      "incomplete": {"checkpoint-24": "no trainer_state.json yet ..."},
      "left_out": {"notes.txt.swp": "temporary name (*.swp)"}, "left_out_count": 1,
      "updated_at": 1764000000.0}
@@ -86,6 +88,17 @@ class StatusReport:
     #: committed (HF ``save_total_limit``, Lightning ``save_top_k``): counted, no failure
     removed: int = 0
     rotated: int = 0
+    #: checkpoints not sent because --keep-remote would delete them on arrival (newer
+    #: complete ones wait or are committed): counted as uploaded and retired, no failure
+    skipped_superseded: int = 0
+    #: seconds since the newest complete checkpoint not yet committed became complete
+    #: (0: latest names the newest), the largest seen, bytes and checkpoints waiting, and
+    #: the median seconds between two saves (None: not known yet)
+    lag_seconds: float = 0.0
+    max_lag_seconds: float = 0.0
+    pending_bytes: int = 0
+    pending_checkpoints: int = 0
+    save_interval_seconds: float | None = None
     #: checkpoints with files uploaded that are not committed, and why
     incomplete: dict[str, str] = dataclasses.field(default_factory=dict)
     #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
@@ -143,6 +156,12 @@ class StatusReport:
             conflict_failures=num("conflict_failures"),
             removed=num("removed"),
             rotated=num("rotated"),
+            skipped_superseded=num("skipped_superseded"),
+            lag_seconds=num("lag_seconds", float),
+            max_lag_seconds=num("max_lag_seconds", float),
+            pending_bytes=num("pending_bytes"),
+            pending_checkpoints=num("pending_checkpoints"),
+            save_interval_seconds=_opt_float(d.get("save_interval_seconds")),
             incomplete=_str_map(d.get("incomplete")),
             left_out=_str_map(d.get("left_out")),
             left_out_count=num("left_out_count"),
@@ -180,6 +199,12 @@ class StatusReport:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(path, text):
                 return
             _warn_once(path, f"cannot write the status file {path}: {exc.strerror}")
+
+
+def _opt_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def _str_map(value: Any) -> dict[str, str]:
@@ -221,13 +246,22 @@ def log_summary(
     uncommitted: dict[str, str],
     unmatched: list[Any],
     rotated: int = 0,
+    skipped: int = 0,
+    max_lag: float = 0.0,
 ) -> None:
     """The drain summary: checkpoints committed, files left out, checkpoints the trainer
-    rotated away before upload (counted: no failure) and checkpoints not committed (each
-    with the reason), ``--checkpoint-dir`` rules that matched nothing."""
-    log.info("committed %d checkpoint(s)", committed)
+    rotated away before upload (counted: no failure), checkpoints skipped as superseded
+    (not sent: retention would delete them on arrival), the largest lag seen, checkpoints
+    not committed (each with the reason), ``--checkpoint-dir`` rules that matched nothing."""
+    log.info("committed %d checkpoint(s); largest lag %.1fs", committed, max_lag)
     if rotated:
         log.info("rotated away before upload: %d (deleted by the trainer; not a failure)", rotated)
+    if skipped:
+        log.info(
+            "skipped as superseded: %d (--keep-remote would delete them on arrival; "
+            "not sent, not a failure)",
+            skipped,
+        )
     if left_out:
         shown = sorted(left_out.items())[:20]
         log.warning(

@@ -38,6 +38,7 @@ import anyio
 
 from uploader.daemon.assembly import Assembler
 from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.keepup import SupersededError
 from uploader.daemon.layouts import is_inside
 from uploader.daemon.progress import Progress
 from uploader.errors import (
@@ -61,7 +62,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Attempt:
     """How an attempt ended: "gone", "done" (already), "missing", "failed" (``error``),
-    "changed" (the file changed during the upload) or "verified"."""
+    "changed" (the file changed during the upload), "superseded" (not sent, see
+    :mod:`uploader.daemon.keepup`) or "verified"."""
 
     step: str
     rec: FileRecord | None
@@ -126,6 +128,14 @@ class Uploads:
         self._limiter: anyio.CapacityLimiter | None = None
         #: The journal's sessions, for the upload threads (each call takes ``lock``).
         self.sessions = journal.sessions.locked(lock)
+        #: Whether a file's checkpoint was superseded (asked from the upload threads:
+        #: such an upload stops at its next part). Set by the engine.
+        self.superseded: Callable[[str], bool] = lambda rel: False
+        #: Whether no pointer names the object of a file (set by the engine; False
+        #: when not known): a superseded file's object sent anyway is then deleted.
+        self.unnamed: Callable[[FileRecord], bool] = lambda rec: False
+        #: Files whose upload failed for good since the caller last looked.
+        self.failed_now: set[str] = set()
 
     def sent(self) -> tuple[int, int]:
         """Bytes sent since start, and bytes of uploads in flight."""
@@ -208,6 +218,7 @@ class Uploads:
             self.assembler.closed(rel)
 
     async def _fail(self, rel: str, msg: str, code: ExitCode = ExitCode.FAILED) -> None:
+        self.failed_now.add(rel)
         await self.call(self.journal.fail, rel, msg)
         self.report(msg, code)
         self.assembler.failed(rel, msg)
@@ -228,6 +239,9 @@ class Uploads:
             if at.step == "done":
                 if not rec.committed:
                     self.assembler.verified(rec)
+                return
+            if at.step == "superseded" or isinstance(at.error, SupersededError):
+                await self._superseded(rec)
                 return
             if at.step == "missing":
                 session = await self.call(self.journal.sessions.session, rec.object)
@@ -285,6 +299,24 @@ class Uploads:
             self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
 
+    async def _superseded(self, rec: FileRecord) -> None:
+        """The checkpoint of ``rec`` was superseded before or while it was sent: not sent
+        (its unfinished multipart upload, if any, is aborted)."""
+        session = await self.call(self.journal.sessions.session, rec.object)
+        if session is not None:
+            await self.drop_session(rec.object, session.upload_id, "its checkpoint is superseded")
+        await self.call(self.journal.superseded, rec.path)
+        log.info("path=%s not sent: its checkpoint is superseded", rec.path)
+        if self.unnamed(rec):  # sent before it was stopped: no pointer will name it
+
+            def delete() -> None:
+                self.store.delete(rec.object)
+
+            try:
+                await anyio.to_thread.run_sync(delete, abandon_on_cancel=True)
+            except Exception as exc:
+                log.warning("could not delete %s: %s", rec.object, redact(str(exc)))
+
     async def _rotating(self, rel: str) -> bool:
         """A file missing from a checkpoint directory still on disk: the trainer may be
         deleting that directory right now (HF ``save_total_limit`` removes it file by
@@ -294,6 +326,9 @@ class Uploads:
 
     def _attempt(self, rel: str) -> _Attempt:
         """One attempt, in a worker thread: record its start, upload, verify, record done."""
+        if self.superseded(rel):
+            with self.lock:
+                return _Attempt("superseded", self.journal.get(rel))
         with self.lock:
             step, rec = self._begin(rel)
         if step != "start" or rec is None:
@@ -340,12 +375,16 @@ class Uploads:
         bucket = self.bucket
 
         def progress(n: int) -> None:
+            if self.superseded(rel):
+                raise SupersededError(f"{rel}: its checkpoint is superseded")
             with self._sent_lock:
                 self._sent += n
                 self._inflight[rel] = self._inflight.get(rel, 0) + n
             self.progress.advance(rel, n)
             if bucket is not None:
                 bucket.consume(n)
+                if self.superseded(rel):  # superseded while the limit held it back
+                    raise SupersededError(f"{rel}: its checkpoint is superseded")
 
         log.debug("sending path=%s object=%s", rel, rec.object)
         result = self.store.upload_file(
