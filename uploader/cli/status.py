@@ -98,6 +98,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             "conflict_failures": report.conflict_failures,
             "removed": report.removed,
             "rotated": report.rotated,
+            "skipped_superseded": report.skipped_superseded,
+            "lag_seconds": report.lag_seconds,
+            "max_lag_seconds": report.max_lag_seconds,
+            "pending_bytes": report.pending_bytes,
+            "pending_checkpoints": report.pending_checkpoints,
+            "save_interval_seconds": report.save_interval_seconds,
             "incomplete": report.incomplete,
             "left_out": report.left_out,
             "left_out_count": report.left_out_count,
@@ -110,6 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"pending {totals.pending}  uploading {totals.uploading}  done {totals.done}  "
             f"failed {totals.failed}"
             + (f"  removed before upload {totals.removed}" if totals.removed else "")
+            + (f"  superseded {totals.superseded}" if totals.superseded else "")
         )
         print(
             f"bytes {format_bytes(totals.bytes_done)} of {format_bytes(totals.bytes_total)} "
@@ -146,9 +153,18 @@ def _print_report(report: StatusReport) -> None:
         f"fenced: {fenced}{why}  conflicts {report.conflicts}  "
         f"conflict failures {report.conflict_failures}"
     )
+    print(
+        f"lag {report.lag_seconds:.1f}s (largest {report.max_lag_seconds:.1f}s)  pending "
+        f"{report.pending_checkpoints} checkpoint(s), {format_bytes(report.pending_bytes)}"
+    )
     if report.rotated:
         print(
             f"rotated away before upload: {report.rotated} checkpoint(s) (deleted by the trainer)"
+        )
+    if report.skipped_superseded:
+        print(
+            f"skipped as superseded: {report.skipped_superseded} checkpoint(s) "
+            "(--keep-remote would delete them on arrival; not sent)"
         )
     for rel, why in sorted(report.incomplete.items()):
         print(f"not committed: {rel}: {why}")

@@ -68,7 +68,7 @@ from uploader.bucket.pointer import (
     write_pointer,
 )
 from uploader.bucket.retention import delete_checkpoints, prune
-from uploader.daemon.journal import FileRecord, Journal
+from uploader.daemon.journal import Journal
 from uploader.errors import ExitCode, PermanentError, PreconditionFailedError
 from uploader.redact import redact
 from uploader.transfer.store import ObjectStore
@@ -177,19 +177,6 @@ class Committer:
     def pointer(self, rank: int) -> Pointer | None:
         """The rank's pointer as this process last wrote or read it (None: not yet)."""
         return self._pointers.get(rank)
-
-    def unnamed(self, rec: FileRecord) -> bool:
-        """Whether the pointer of ``rec``'s rank, as this process knows it, names no
-        checkpoint holding ``rec``'s object (False while the pointer is not known)."""
-        if rec.rank not in self._pointers:
-            return False
-        cur = self._pointers[rec.rank]
-        if cur is None:
-            return True
-        return not any(
-            rec.object == e.object or rec.object.startswith(e.object.rstrip("/") + "/")
-            for e in cur.history
-        )
 
     def submit(self, rank: int, entry: PointerEntry, paths: list[str]) -> None:
         """Queue the complete checkpoint ``entry`` (every file verified); ``paths`` are its

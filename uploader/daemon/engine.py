@@ -49,6 +49,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from uploader.bucket.pointer import Pointer
 from uploader.daemon.accept import QUICK_ROWS, Acceptor
 from uploader.daemon.artifacts import ArtifactThrottle
 from uploader.daemon.assembly import Assembler
@@ -212,7 +213,6 @@ class Engine:
         #: The order of the work and the superseded checkpoints (protocol 10).
         self.backlog = Backlog(options.keep_remote, complete=self.accept.complete)
         self.uploads.superseded = self.backlog.is_superseded
-        self.uploads.unnamed = self.committer.unnamed
         self.reporter = Reporter(self)
 
     # -- entry point --------------------------------------------------------------------
@@ -294,9 +294,12 @@ class Engine:
         assert self.intake is not None
         queue = WorkQueue(self.backlog, max(QUEUE_BOUND, 2 * self.opts.files), self._skip)
         self.accept.queue = queue
-        self.committer.on_commit = lambda rank, names, pointer: queue.committed(
-            rank, names, [e.order for e in pointer.history]
-        )
+
+        async def committed(rank: int, names: list[str], pointer: Pointer) -> None:
+            await queue.committed(rank, names, [e.order for e in pointer.history])
+            await self.uploads.orphans.sweep(rank, pointer)
+
+        self.committer.on_commit = committed
         async with anyio.create_task_group() as tg:
             self.committer.task_group = tg
             self.assembler.task_group = tg
@@ -348,11 +351,14 @@ class Engine:
         """The checkpoint ``ckpt`` is superseded: its queued files ``rels`` are not sent."""
         self.assembler.superseded.add(ckpt.rel)
         for rel in rels:
+            rec = await self.quick(self.journal.get, rel)
+            if rec is not None:  # sent in part before a restart, maybe
+                self.uploads.orphans.add(rec)
             await self.quick(self.journal.superseded, rel)
             self.uploads.outstanding.discard(rel)
             self.assembler.closed(rel)
 
-    async def _retain_local(self, rank: int, pointer: Any) -> None:
+    async def _retain_local(self, rank: int, pointer: Pointer) -> None:
         """After a pointer write: local retention (``--keep-local``), then the local copies
         of superseded checkpoints a committed newer one supersedes."""
         keep = self.opts.keep_local

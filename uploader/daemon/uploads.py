@@ -40,6 +40,7 @@ from uploader.daemon.assembly import Assembler
 from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.keepup import SupersededError
 from uploader.daemon.layouts import is_inside
+from uploader.daemon.orphans import Orphans
 from uploader.daemon.progress import Progress
 from uploader.errors import (
     AuthError,
@@ -131,9 +132,9 @@ class Uploads:
         #: Whether a file's checkpoint was superseded (asked from the upload threads:
         #: such an upload stops at its next part). Set by the engine.
         self.superseded: Callable[[str], bool] = lambda rel: False
-        #: Whether no pointer names the object of a file (set by the engine; False
-        #: when not known): a superseded file's object sent anyway is then deleted.
-        self.unnamed: Callable[[FileRecord], bool] = lambda rec: False
+        #: Objects of superseded files that may be in the store (deleted after the next
+        #: pointer write that does not name them).
+        self.orphans = Orphans(store)
         #: Files whose upload failed for good since the caller last looked.
         self.failed_now: set[str] = set()
 
@@ -241,7 +242,7 @@ class Uploads:
                     self.assembler.verified(rec)
                 return
             if at.step == "superseded" or isinstance(at.error, SupersededError):
-                await self._superseded(rec)
+                await self._superseded(rec, started=at.step != "superseded")
                 return
             if at.step == "missing":
                 session = await self.call(self.journal.sessions.session, rec.object)
@@ -299,7 +300,7 @@ class Uploads:
             self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
 
-    async def _superseded(self, rec: FileRecord) -> None:
+    async def _superseded(self, rec: FileRecord, started: bool) -> None:
         """The checkpoint of ``rec`` was superseded before or while it was sent: not sent
         (its unfinished multipart upload, if any, is aborted)."""
         session = await self.call(self.journal.sessions.session, rec.object)
@@ -307,15 +308,7 @@ class Uploads:
             await self.drop_session(rec.object, session.upload_id, "its checkpoint is superseded")
         await self.call(self.journal.superseded, rec.path)
         log.info("path=%s not sent: its checkpoint is superseded", rec.path)
-        if self.unnamed(rec):  # sent before it was stopped: no pointer will name it
-
-            def delete() -> None:
-                self.store.delete(rec.object)
-
-            try:
-                await anyio.to_thread.run_sync(delete, abandon_on_cancel=True)
-            except Exception as exc:
-                log.warning("could not delete %s: %s", rec.object, redact(str(exc)))
+        self.orphans.add(rec, started)
 
     async def _rotating(self, rel: str) -> bool:
         """A file missing from a checkpoint directory still on disk: the trainer may be
