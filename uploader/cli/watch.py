@@ -124,6 +124,10 @@ def engine_options(
         bwlimit=options.bwlimit or 0,
         verify_resumed=options.verify_resumed,
         progress=progress,
+        metrics_port=options.metrics_port,
+        metrics_addr=options.metrics_addr,
+        metrics_file=options.metrics_file,
+        ready_max_lag=options.ready_max_lag,
     )
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "RATE",
     "PATH",
     "SWITCH",
+    "PORT",
+    "HOST",
     "option",
     "option_of",
     "to_argv",
@@ -129,6 +131,27 @@ SIZE = Kind(lambda k, v: parse_bytes(v, flag_name(k)), _show_size, {"metavar": "
 RATE = Kind(lambda k, v: parse_bytes(v, flag_name(k)) or None, _show_size, {"metavar": "RATE"})
 PATH = Kind(lambda k, v: Path(v), argparse={"metavar": "PATH"})
 SWITCH = Kind(lambda k, v: bool(v), argparse={"action": "store_true", "default": None})
+
+
+def _port(key: str, value: Any) -> int:
+    port: int = _number(key, value, int, 0)
+    if port > 65535:
+        raise ConfigError(f"{flag_name(key)} {port} is not a TCP port (0-65535; 0: any free one)")
+    return port
+
+
+def _host(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text or any(c.isspace() or c in "/@" for c in text):
+        raise ConfigError(
+            f"{flag_name(key)} {value!r} is not an address to listen on; give an IP address "
+            "or host name, e.g. 127.0.0.1, 0.0.0.0 or the pod IP"
+        )
+    return text
+
+
+PORT = Kind(_port, argparse={"type": int, "metavar": "PORT"})
+HOST = Kind(_host, argparse={"metavar": "ADDR"})
 
 FILES, TRANSFERS, LIFECYCLE = "files", "transfers", "lifecycle and reporting"
 
@@ -332,6 +355,33 @@ class WatchOptions:
         TRANSFERS,
         "when an interrupted multipart upload resumes, read and hash again the parts the "
         "store already holds instead of trusting their recorded hashes (default: {default})",
+    )
+    metrics_port: int | None = option(
+        None,
+        PORT,
+        LIFECYCLE,
+        "serve Prometheus metrics, /livez and /readyz over HTTP on PORT (0: any free "
+        "port, logged) (default: {default})",
+    )
+    metrics_addr: str = option(
+        "127.0.0.1",
+        HOST,
+        LIFECYCLE,
+        "address the metrics server listens on, e.g. the pod IP (default: {default})",
+    )
+    metrics_file: Path | None = option(
+        None,
+        PATH,
+        LIFECYCLE,
+        "write the metrics every second, atomically, in node_exporter's textfile format "
+        "(default: {default})",
+    )
+    ready_max_lag: float = option(
+        600.0,
+        SECONDS,
+        LIFECYCLE,
+        "/readyz answers 503 while the lag of the newest checkpoint is above this "
+        "(default: {default})",
     )
 
     @classmethod

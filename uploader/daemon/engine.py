@@ -58,6 +58,7 @@ from uploader.daemon.intake import Intake, ignore_lease_breaks, watch_parent
 from uploader.daemon.journal import Journal, Totals
 from uploader.daemon.keepup import Backlog, Ckpt, WorkQueue
 from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout
+from uploader.daemon.metrics import attach as attach_metrics
 from uploader.daemon.outcome import nothing_committed, outcome
 from uploader.daemon.progress import Progress
 from uploader.daemon.reporter import Reporter
@@ -111,6 +112,9 @@ class EngineOptions:
         bwlimit: bytes per second for all uploads together (0: no limit).
         verify_resumed: read and hash again the parts a resumed upload keeps.
         progress: draw tqdm bars.
+        metrics_port / metrics_addr: serve Prometheus metrics there (None: not served).
+        metrics_file: write them there in node_exporter's textfile format (None: not).
+        ready_max_lag: /readyz fails while the lag is above this (seconds).
     """
 
     run_dir: Path
@@ -134,6 +138,10 @@ class EngineOptions:
     bwlimit: int
     verify_resumed: bool
     progress: bool
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_file: Path | None = None
+    ready_max_lag: float = 600.0
 
     def pause(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` of a file or a pointer write."""
@@ -214,6 +222,8 @@ class Engine:
         self.backlog = Backlog(options.keep_remote, complete=self.accept.complete)
         self.uploads.superseded = self.backlog.is_superseded
         self.reporter = Reporter(self)
+        #: Prometheus metrics, when --metrics-port or --metrics-file asks for them.
+        self.metrics = attach_metrics(self)
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -280,6 +290,8 @@ class Engine:
                 tg.cancel_scope.cancel()
         finally:
             self.uploads.progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
         self.exit_code = code
         self.phase = "done" if code == ExitCode.OK else "failed"
         with self.journal_lock:  # an abandoned upload thread may still record
@@ -296,6 +308,8 @@ class Engine:
         self.accept.queue = queue
 
         async def committed(rank: int, names: list[str], pointer: Pointer) -> None:
+            if self.metrics is not None:
+                self.metrics.commit(rank, len(names))
             await queue.committed(rank, names, [e.order for e in pointer.history])
             await self.uploads.orphans.sweep(rank, pointer)
 

@@ -59,6 +59,8 @@ class Reporter:
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=12)
         self._behind = 0
         self._warned_at = -LAG_WARN_EVERY
+        #: Bytes held by unfinished multipart uploads (read every second).
+        self.resumable_bytes = 0
         #: Called with each report the status task builds (metrics).
         self.listeners: list[Callable[[StatusReport], None]] = []
 
@@ -114,12 +116,16 @@ class Reporter:
         )
 
     def write(self, totals: Totals | None = None) -> None:
-        """Rewrite the status file (if any); never raises."""
+        """Rewrite the status file (if any) and tell the listeners; never raises."""
         path = self.engine.opts.status_file
-        if path is None:
+        if path is None and not self.listeners:
             return
         with contextlib.suppress(Exception):
-            self.build(totals).write(path)
+            report = self.build(totals)
+            if path is not None:
+                report.write(path)
+            for listener in self.listeners:
+                listener(report)
 
     def check_lag(self, report: StatusReport) -> bool:
         """Log a warning when the lag stayed above twice the save interval for
@@ -153,6 +159,8 @@ class Reporter:
                 await anyio.to_thread.run_sync(e.intake.prune_left_out)
             tick += 1
             self.totals = await e.call(e.journal.totals)
+            if self.listeners:
+                self.resumable_bytes = await e.call(_held, e.journal)
             report = self.build(self.totals)
             if e.opts.status_file is not None:
                 report.write(e.opts.status_file)
@@ -162,3 +170,8 @@ class Reporter:
                 with contextlib.suppress(Exception):
                     listener(report)
             await anyio.sleep(1.0)
+
+
+def _held(journal: Any) -> int:
+    """Bytes the journal records as held by unfinished multipart uploads."""
+    return sum(s.bytes_held for s in journal.sessions.all())

@@ -135,6 +135,13 @@ class Uploads:
         #: Objects of superseded files that may be in the store (deleted after the next
         #: pointer write that does not name them).
         self.orphans = Orphans(store)
+        #: Since start: files verified, files failed for good, attempts retried, bytes a
+        #: resumed upload did not send again; failed attempts in a row (0 after a success).
+        self.verified_files = 0
+        self.failed_files = 0
+        self.retried = 0
+        self.resumed_bytes = 0
+        self.failing = 0
         #: Files whose upload failed for good since the caller last looked.
         self.failed_now: set[str] = set()
 
@@ -220,6 +227,7 @@ class Uploads:
 
     async def _fail(self, rel: str, msg: str, code: ExitCode = ExitCode.FAILED) -> None:
         self.failed_now.add(rel)
+        self.failed_files += 1
         await self.call(self.journal.fail, rel, msg)
         self.report(msg, code)
         self.assembler.failed(rel, msg)
@@ -275,11 +283,13 @@ class Uploads:
                 exc = at.error
                 msg = redact(f"{type(exc).__name__}: {exc}")
                 permanent = isinstance(exc, (AuthError, ContainerNotFoundError, ConfigError))
+                self.failing += 1
                 if permanent or attempts >= self.opts.attempts:
                     await self._fail(rel, msg, ExitCode.of(exc))
                     log.error("failed path=%s attempts=%d error=%s", rel, attempts, msg)
                     return
                 await self.call(self.journal.retry_later, rel, msg)
+                self.retried += 1
                 pause = self.opts.pause(attempts)
                 log.warning(
                     "attempt %d of %s failed, retrying in %.1fs: %s", attempts, rel, pause, msg
@@ -297,6 +307,8 @@ class Uploads:
                 at.digest,
                 at.seconds,
             )
+            self.verified_files += 1
+            self.failing = 0
             self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
 
@@ -335,7 +347,8 @@ class Uploads:
             sent = self._inflight.pop(rel, 0)
             self.progress.finish(rel, sent, rec.size)
             return _Attempt("failed", rec, error=exc)
-        self._inflight.pop(rel, None)
+        sent = self._inflight.pop(rel, 0)
+        self.resumed_bytes += max(0, rec.size - sent)  # parts the store already held
         self.progress.finish(rel)
         digest = str(result.digest)
         with self.lock:
