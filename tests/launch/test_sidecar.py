@@ -187,7 +187,9 @@ def test_kubernetes_example_shares_a_volume_with_a_draining_sidecar() -> None:
     [sidecar] = [c for c in spec["initContainers"] if c["name"] == "ckpt-uploader"]
     [train] = spec["containers"]
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar: stopped after training
-    cmd = sidecar["command"]
+    # The image's entrypoint is the console script (see the Dockerfile): args follow it.
+    assert "command" not in sidecar
+    cmd = ["ckpt-uploader", *sidecar["args"]]
     assert cmd[:2] == ["ckpt-uploader", "watch"]
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     train_mounts = {m["name"]: m["mountPath"] for m in train["volumeMounts"]}
@@ -201,6 +203,13 @@ def test_kubernetes_example_shares_a_volume_with_a_draining_sidecar() -> None:
     # The pod waits long enough for the drain.
     drain = float(cmd[cmd.index("--drain-timeout") + 1])
     assert spec["terminationGracePeriodSeconds"] > drain
+    # Metrics on the pod IP, behind both probes.
+    assert cmd[cmd.index("--metrics-addr") + 1] == "$(POD_IP)"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    port = int(cmd[cmd.index("--metrics-port") + 1])
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"metrics": port}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     # The command line is one ckpt-uploader accepts.
     from uploader.cli.main import build_parser
 
