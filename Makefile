@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) -m bench.daemon
 	$(PY) -m bench.integrations
 	$(PY) -m bench.resume
+	$(PY) -m bench.keepup
 
 reliability: $(STAMP) $(NODE_STAMP)
 	$(PY) -m bench.reliability

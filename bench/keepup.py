@@ -6,7 +6,9 @@ to a temporary name and renamed), beside ``ckpt-uploader watch RUN --to file://D
 ``--keep-remote 2``, and keeping every checkpoint. For each: the lag of the last
 checkpoint (from its rename to the moment ``latest.json`` names it) against one
 checkpoint's transfer time (8 MiB at 4 MiB/s = 2 s; the target is at most 2x), the MiB
-and checkpoints sent (the daemon's ``verified`` lines), and those skipped as superseded.
+and checkpoints sent (the daemon's ``verified`` lines, and uploads stopped by a skip after
+their bytes went out: the bandwidth limit waits after each part, so a single put stopped
+during that wait counts as sent), and those skipped as superseded.
 
 ``--base DIR`` runs the daemon from another source tree too (e.g. a git worktree of the
 main branch, before this change), as one more row per variant.
@@ -105,6 +107,8 @@ def run_one(tree: str, label: str, keep: int | None, count: int, size: int, work
             proc.wait(60)
     text = log_path.read_text()
     sizes = [int(m) for m in re.findall(r"verified path=ckpt/\S+ object=\S+ size=(\d+)", text)]
+    # A single put stopped by the skip went out whole (the limit waits after a part).
+    sizes += [size] * len(re.findall(r"path=ckpt/\S+ stopped: its checkpoint was superseded", text))
     skipped = len(set(re.findall(r"skipping checkpoint (\S+) ", text)))
     variant = f"keep-remote {keep}" if keep is not None else "keep all"
     return Row(label, variant, lag, size / BWLIMIT, sum(sizes) / MiB, len(sizes), count, skipped)

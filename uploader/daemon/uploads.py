@@ -319,7 +319,10 @@ class Uploads:
         if session is not None:
             await self.drop_session(rec.object, session.upload_id, "its checkpoint is superseded")
         await self.call(self.journal.superseded, rec.path)
-        log.info("path=%s not sent: its checkpoint is superseded", rec.path)
+        if started:
+            log.info("path=%s stopped: its checkpoint was superseded while it was sent", rec.path)
+        else:
+            log.info("path=%s not sent: its checkpoint is superseded", rec.path)
         self.orphans.add(rec, started)
 
     async def _rotating(self, rel: str) -> bool:
