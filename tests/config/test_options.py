@@ -69,6 +69,10 @@ watch_options_strategy = st.builds(
     nice=st.none() | st.integers(min_value=-20, max_value=19),
     create_container=st.booleans(),
     verify_resumed=st.booleans(),
+    metrics_port=st.none() | st.integers(min_value=0, max_value=65535),
+    metrics_addr=st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "$(POD_IP)", "node-3.local"]),
+    metrics_file=st.none() | _path,
+    ready_max_lag=_seconds,
 )
 
 _json = st.recursive(
@@ -176,6 +180,17 @@ def test_flags_win_over_the_file_which_wins_over_the_defaults() -> None:
     assert WatchOptions.resolve({}, {"bwlimit": 0}).bwlimit is None  # 0: no limit
 
 
+def test_metrics_settings_come_from_the_config_file_too() -> None:
+    o = WatchOptions.resolve(
+        {"metrics_port": 9200},
+        {"metrics_port": 9108, "metrics_addr": "0.0.0.0", "metrics_file": "/var/m.prom"},
+    )
+    assert o.metrics_port == 9200 and o.metrics_addr == "0.0.0.0"
+    assert o.metrics_file == Path("/var/m.prom")
+    d = WatchOptions()
+    assert d.metrics_port is None and d.metrics_addr == "127.0.0.1" and d.metrics_file is None
+
+
 @pytest.mark.parametrize(
     ("flags", "file", "message"),
     [
@@ -188,6 +203,10 @@ def test_flags_win_over_the_file_which_wins_over_the_defaults() -> None:
         ({}, {"attempts": 2.5}, "whole number"),
         ({}, {"include": "*.pt"}, "list of glob patterns"),
         ({}, {"part_size": "big"}, "--part-size 'big' is not a size"),
+        ({}, {"metrics_port": 70000}, "--metrics-port 70000 is not a TCP port"),
+        ({"metrics_port": -1}, {}, "--metrics-port -1 must be at least 0"),
+        ({}, {"metrics_addr": "http://x"}, "--metrics-addr .* is not an address"),
+        ({}, {"ready_max_lag": -5}, "--ready-max-lag -5 must be at least 0"),
     ],
 )
 def test_bad_settings_are_configuration_errors(

@@ -104,7 +104,6 @@ def test_keep_remote_skips_what_retention_would_delete() -> None:
     skipped = b.take_skipped()
     assert [c.rel for c, _ in skipped] == rels[:3]  # only ep03, ep04 are among the newest 2
     assert b.skipped == 3
-    assert all(b.is_superseded(r) for r in rels[:3])
     assert drain(b) == [rels[4], rels[3]]
 
 
@@ -177,3 +176,56 @@ def test_lag_warning_threshold() -> None:
     assert not lag_behind(5.0, None)
     assert not lag_behind(1.9, 1.0)
     assert lag_behind(2.1, 1.0)
+
+
+def test_skipped_checkpoints_are_forgotten_unless_keep_local_needs_them() -> None:
+    clock = Clock()
+    b = Backlog(1, clock)
+    for i in range(200):
+        add_single(b, clock, i)
+        drain(b)
+        b.committed(0, [f"ckpt/ep{i:02d}.pt"], [])
+    assert len(b._states) <= 3  # a long run's bookkeeping stays small
+    kept = Backlog(1, clock, keep_skipped=True)
+    rels = [add_single(kept, clock, i) for i in range(3)]
+    assert [rel for rel, _ in kept.superseded(0)] == rels[:2]
+    kept.retired(rels[:2])
+    assert kept.superseded(0) == []
+
+
+def test_work_queue_waits_when_full_and_ends_when_closed() -> None:
+    import anyio
+
+    from uploader.daemon.keepup import WorkQueue
+
+    skipped: list[str] = []
+
+    async def skip(ckpt: Ckpt, rels: list[str]) -> None:
+        skipped.extend(rels)
+
+    async def main() -> list[str]:
+        clock = Clock()
+        q = WorkQueue(Backlog(2, clock), bound=2, skip=skip)
+        got: list[str] = []
+
+        async def producer() -> None:
+            for i in range(5):
+                rel, ck = single(i)
+                clock.now += 1
+                await q.put(rel, ck, 10, i, True)  # waits while 2 are queued
+            q.close()
+
+        async def consumer() -> None:
+            await anyio.sleep(0.05)
+            while (rel := await q.get()) is not None:
+                got.append(rel)
+                q.done(rel)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            tg.start_soon(consumer)
+        return got
+
+    got = anyio.run(main)
+    assert sorted(got + skipped) == [f"ckpt/ep{i:02d}.pt" for i in range(5)]
+    assert "ckpt/ep04.pt" in got and "ckpt/ep03.pt" in got  # the newest two are sent

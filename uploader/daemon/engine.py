@@ -49,22 +49,21 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from uploader.bucket.pointer import Pointer
 from uploader.daemon.accept import QUICK_ROWS, Acceptor
 from uploader.daemon.artifacts import ArtifactThrottle
 from uploader.daemon.assembly import Assembler
 from uploader.daemon.committer import Committer
 from uploader.daemon.intake import Intake, ignore_lease_breaks, watch_parent
 from uploader.daemon.journal import Journal, Totals
-from uploader.daemon.keepup import Backlog, Ckpt, WorkQueue
+from uploader.daemon.keepup import Backlog, WorkQueue
 from uploader.daemon.layouts import Checkpoints, FileFilter, RunLayout
 from uploader.daemon.metrics import attach as attach_metrics
 from uploader.daemon.outcome import nothing_committed, outcome
 from uploader.daemon.progress import Progress
 from uploader.daemon.reporter import Reporter
-from uploader.daemon.retention import retain_local, retire_superseded
 from uploader.daemon.settle import Settler
 from uploader.daemon.signals import signal_task
+from uploader.daemon.skipping import Skipping
 from uploader.daemon.status import StatusReport, log_summary
 from uploader.daemon.uploads import Uploads
 from uploader.errors import ExitCode
@@ -183,7 +182,7 @@ class Engine:
             quick=self.quick,
             quick_rows=QUICK_ROWS,
             keep_local=options.keep_local,
-            retain_local=self._retain_local,
+            retain_local=lambda rank, pointer: self.skipping.retain_local(rank, pointer),
         )
         self.assembler = Assembler(
             self.layout, options.checkpoints, options.filter, journal, self.call, self.committer
@@ -219,9 +218,14 @@ class Engine:
             self.uploads.outstanding,
         )
         #: The order of the work and the superseded checkpoints (protocol 10).
-        self.backlog = Backlog(options.keep_remote, complete=self.accept.complete)
+        self.backlog = Backlog(
+            options.keep_remote,
+            complete=self.accept.complete,
+            keep_skipped=options.keep_local is not None,
+        )
         self.uploads.superseded = self.backlog.is_superseded
         self.reporter = Reporter(self)
+        self.skipping = Skipping(self)
         #: Prometheus metrics, when --metrics-port or --metrics-file asks for them.
         self.metrics = attach_metrics(self)
 
@@ -304,16 +308,11 @@ class Engine:
     ) -> None:
         """Intake -> work stream -> upload loops -> commits; ends once drained."""
         assert self.intake is not None
-        queue = WorkQueue(self.backlog, max(QUEUE_BOUND, 2 * self.opts.files), self._skip)
+        bound = max(QUEUE_BOUND, 2 * self.opts.files)
+        queue = WorkQueue(self.backlog, bound, self.skipping.skip)
         self.accept.queue = queue
 
-        async def committed(rank: int, names: list[str], pointer: Pointer) -> None:
-            if self.metrics is not None:
-                self.metrics.commit(rank, len(names))
-            await queue.committed(rank, names, [e.order for e in pointer.history])
-            await self.uploads.orphans.sweep(rank, pointer)
-
-        self.committer.on_commit = committed
+        self.committer.on_commit = self.skipping.committed_with(queue)
         async with anyio.create_task_group() as tg:
             self.committer.task_group = tg
             self.assembler.task_group = tg
@@ -360,29 +359,6 @@ class Engine:
                 failed = rel in self.uploads.failed_now
                 self.uploads.failed_now.discard(rel)
                 queue.done(rel, failed)
-
-    async def _skip(self, ckpt: Ckpt, rels: list[str]) -> None:
-        """The checkpoint ``ckpt`` is superseded: its queued files ``rels`` are not sent."""
-        self.assembler.superseded.add(ckpt.rel)
-        for rel in rels:
-            rec = await self.quick(self.journal.get, rel)
-            if rec is not None:  # sent in part before a restart, maybe
-                self.uploads.orphans.add(rec)
-            await self.quick(self.journal.superseded, rel)
-            self.uploads.outstanding.discard(rel)
-            self.assembler.closed(rel)
-
-    async def _retain_local(self, rank: int, pointer: Pointer) -> None:
-        """After a pointer write: local retention (``--keep-local``), then the local copies
-        of superseded checkpoints a committed newer one supersedes."""
-        keep = self.opts.keep_local
-        await self.call(retain_local, self.journal, self.layout, pointer, keep)
-        skipped = self.backlog.superseded(rank)
-        if keep is not None and skipped:
-            gone = await self.call(
-                retire_superseded, self.journal, self.layout, pointer, keep, skipped
-            )
-            self.backlog.retired(gone)
 
     # -- stopping -----------------------------------------------------------------------
     def _request_stop(self, reason: str) -> None:

@@ -110,8 +110,13 @@ class Backlog:
         keep_remote: int | None,
         clock: Callable[[], float] = time.monotonic,
         complete: Callable[[Ckpt], bool] = lambda c: False,
+        keep_skipped: bool = False,
     ) -> None:
         self.keep_remote = keep_remote
+        #: Remember superseded checkpoints until :meth:`retired` (--keep-local deletes
+        #: their local copies later); otherwise they are forgotten once nothing of them
+        #: is in flight, so a long run's bookkeeping stays small.
+        self.keep_skipped = keep_skipped
         self.clock = clock
         self._complete = complete
         self._fifo: deque[str] = deque()
@@ -146,8 +151,6 @@ class Backlog:
                 st = self._states[ckpt] = _State(ckpt)
             if st.superseded:
                 self._skipped.append((ckpt, [rel]))
-                with self._lock:
-                    self._superseded_rels.add(rel)
                 return False
             st.mtime_ns = max(st.mtime_ns, mtime_ns)
             st.queued.append(rel)
@@ -244,6 +247,8 @@ class Backlog:
         if st is not None:
             st.inflight.pop(rel, None)
             st.failed = st.failed or failed
+            if st.superseded and not st.waiting and not self.keep_skipped:
+                del self._states[ckpt]
         with self._lock:
             self._superseded_rels.discard(rel)
 
@@ -279,10 +284,11 @@ class Backlog:
                 self._of.pop(rel, None)
                 self._size.pop(rel, None)
             st.queued.clear()
-            with self._lock:
-                self._superseded_rels.update(rels)
+            with self._lock:  # the uploads in flight stop at their next part
                 self._superseded_rels.update(st.inflight)
             self._skipped.append((st.ckpt, rels))
+            if not st.inflight and not self.keep_skipped:
+                del self._states[st.ckpt]
             log.info(
                 "skipping checkpoint %s (rank %d): --keep-remote %d would delete it once "
                 "the %d newer complete checkpoint(s) land",
@@ -298,8 +304,9 @@ class Backlog:
         return out
 
     def is_superseded(self, rel: str) -> bool:
-        """Whether ``rel`` (queued or in flight) belongs to a superseded checkpoint; safe
-        from any thread."""
+        """Whether ``rel``, in flight, belongs to a superseded checkpoint; safe from any
+        thread. (Queued files of a superseded checkpoint leave the queue at once, see
+        :meth:`take_skipped`.)"""
         with self._lock:
             return rel in self._superseded_rels
 
