@@ -229,3 +229,24 @@ def test_work_queue_waits_when_full_and_ends_when_closed() -> None:
     got = anyio.run(main)
     assert sorted(got + skipped) == [f"ckpt/ep{i:02d}.pt" for i in range(5)]
     assert "ckpt/ep04.pt" in got and "ckpt/ep03.pt" in got  # the newest two are sent
+
+
+def test_lag_warning_when_the_lag_stays_above_twice_the_save_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from uploader.daemon.reporter import LAG_CHECKS, Reporter
+    from uploader.daemon.status import StatusReport
+
+    clock = Clock()
+    reporter = Reporter(engine=None, clock=clock)
+    behind = StatusReport(lag_seconds=5.0, save_interval_seconds=1.0, pending_checkpoints=4)
+    fine = StatusReport(lag_seconds=1.5, save_interval_seconds=1.0)
+    with caplog.at_level("WARNING"):
+        warned = [reporter.check_lag(behind) for _ in range(LAG_CHECKS)]
+        assert warned == [False] * (LAG_CHECKS - 1) + [True]  # it stayed above
+        clock.now += 10
+        assert not reporter.check_lag(behind)  # at most once a minute
+        assert not reporter.check_lag(fine)
+        clock.now += 60
+        assert [reporter.check_lag(behind) for _ in range(LAG_CHECKS)][-1]
+    assert "falling behind" in caplog.text and "5.0s" in caplog.text
