@@ -39,7 +39,9 @@ base directory and the container a folder in it, ``"."`` being the base itself::
 For S3, naming no variables means botocore's credential chain (environment with
 session token, ``AWS_PROFILE`` or ``extra_init_kwargs={"profile": ...}``, SSO,
 credential_process, web identity, container credentials, instance metadata); see
-:mod:`uploader.transfer.backends.aws_identity`.
+:mod:`uploader.transfer.backends.aws_identity`. For GCS, naming none means google-auth's
+chain (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's application default credentials,
+the metadata server); see :mod:`uploader.transfer.backends.gcp_identity`.
 
 Example::
 
@@ -391,13 +393,11 @@ def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> Stor
             "endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://), "
             f"and for s3:// {', '.join(S3_OPTIONS)}"
         )
-    # s3:// names no variables: botocore's chain finds the credentials.
+    # s3:// and gs:// name no variables: botocore's and google-auth's chains find the
+    # credentials (google-auth reads $GOOGLE_APPLICATION_CREDENTIALS itself).
     if provider == "azure_blobs":
         kw.setdefault("key_environ", "AZURE_STORAGE_ACCOUNT")
         kw.setdefault("secret_environ", "AZURE_STORAGE_KEY")
-    elif provider == "google_storage":
-        kw.setdefault("key_environ", "GOOGLE_CLIENT_EMAIL")
-        kw.setdefault("secret_environ", "GOOGLE_APPLICATION_CREDENTIALS")
     for k, v in overrides.items():
         if v is None:
             continue
