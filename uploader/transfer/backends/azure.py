@@ -114,12 +114,6 @@ class AzureBackend(AzureBlocks):
         extra.pop("sas_environ", None)
         self._content_md5 = bool(extra.pop("content_md5", True))
         self.identity = AzureIdentity(settings, self._trust)
-        if self.identity.bearer and not settings.secure:
-            self.identity.close()
-            raise ConfigError(
-                "Azure accepts Microsoft Entra tokens over HTTPS only: use an https:// "
-                "endpoint, or an account key or SAS for a plain-HTTP emulator"
-            )
         account = self.identity.account
         self._account = account
         # libcloud wants a base64 key even when it signs nothing (SAS, tokens: _authorise).

@@ -210,6 +210,13 @@ class AzureIdentity:
         )
 
     def _from_chain(self) -> None:
+        if not self.settings.secure:
+            raise ConfigError(
+                "no account key or SAS is configured, and Azure accepts Microsoft Entra "
+                "tokens over HTTPS only: use an https:// endpoint, or export "
+                f"{KEY_ENV} (or name a SAS variable with sas_environ) for a plain-HTTP "
+                "emulator"
+            )
         self.mode = "token"
         self._origin = f"account {self.account}, Microsoft Entra token"
         self._cred = self._new_credential()
@@ -242,11 +249,10 @@ class AzureIdentity:
     @staticmethod
     def hint() -> str:
         return (
-            f"Looked for ${KEY_ENV}, a service principal in AZURE_CLIENT_ID / AZURE_TENANT_ID "
-            "/ AZURE_CLIENT_SECRET (or AZURE_CLIENT_CERTIFICATE_PATH), workload identity "
-            "(AZURE_FEDERATED_TOKEN_FILE), managed identity and the Azure CLI login (az "
-            f"login). Export one of those, export {KEY_ENV}, or name a SAS variable with "
-            "sas_environ; 'ckpt-uploader check URI' shows what is found"
+            f"Looked for ${KEY_ENV}, AZURE_CLIENT_ID + AZURE_TENANT_ID with "
+            "AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH, workload identity "
+            "(AZURE_FEDERATED_TOKEN_FILE), managed identity, az login. Export one, or name "
+            "a SAS variable with sas_environ"
         )
 
     # -- using them ---------------------------------------------------------------------
@@ -269,15 +275,21 @@ class AzureIdentity:
         try:
             got = self._cred.get_token(STORAGE_SCOPE)
         except Exception as exc:
-            text = str(exc)
+            text = " ".join(str(exc).split())  # azure-identity's report spans lines
+            if "failed to retrieve a token" in text:
+                raise AuthError(
+                    redact(
+                        f"no Microsoft Entra token for Azure Storage. {self.hint()}; "
+                        f"'ckpt-uploader check URI' shows what is found. azure-identity "
+                        f"tried: {text[:1200]}"
+                    )
+                ) from None
             hint = ""
             if "CERTIFICATE_VERIFY_FAILED" in text:
                 hint = (
                     "; the token endpoint's certificate is not trusted: name its CA with "
                     "the ca_bundle option (or fix the system's trust store)"
                 )
-            elif "failed to retrieve a token" in text:
-                hint = ". " + self.hint()
             raise AuthError(
                 redact(
                     f"getting a Microsoft Entra token for Azure Storage failed: "
