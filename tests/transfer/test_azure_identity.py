@@ -294,3 +294,35 @@ def test_missing_azure_identity_names_the_pip_command(
     )
     with pytest.raises(ConfigError, match=r"pip install 'ckpt-uploader\[azure\]'"):
         AzureIdentity(settings, resolve_trust(None, False, "azure"))
+
+
+def test_a_sas_is_registered_in_every_form_a_request_carries_it(
+    monkeypatch: pytest.MonkeyPatch, clean_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    from urllib.parse import parse_qsl, urlencode
+
+    from uploader.redact import RedactingFilter
+
+    expiry = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(hours=1)
+    sas = account_sas("redactacct", AZURITE_KEY, expiry, permissions="rl")
+    monkeypatch.setenv("T_AZ_ACCOUNT", "redactacct")
+    monkeypatch.setenv("T_AZ_SAS_R", "?" + sas)  # as copied from a SAS URL
+    settings = StoreSettings(
+        provider="azure_blobs",
+        family="azure",
+        container="c",
+        key_environ="T_AZ_ACCOUNT",
+        extra={"sas_environ": "T_AZ_SAS_R"},
+    )
+    identity = AzureIdentity(settings, resolve_trust(None, False, "azure"))
+    assert identity.mode == "sas" and identity.describe().startswith("account redactacct, SAS")
+    sig = dict(parse_qsl(sas))["sig"]
+    on_the_wire = urlencode({"restype": "container", **identity.sas})  # as libcloud sends it
+    for text in (sas, sig, on_the_wire, f"https://h/c?{on_the_wire}"):
+        assert sig not in redact(text) and "***" in redact(text)
+    logger = logging.getLogger("test.azure.redact")
+    logger.addFilter(RedactingFilter())
+    with caplog.at_level(logging.INFO, logger="test.azure.redact"):
+        logger.info("GET %s", f"https://h/c?{on_the_wire}")
+    assert sig not in caplog.text and "***" in caplog.text
