@@ -28,7 +28,8 @@ decide a fault for every request, with a seeded RNG:
   unforwarded: a bearer token the store no longer accepts.
 
 The access key of every signed request (from its ``Authorization`` header) is recorded
-in ``access_keys``, in order, and every bearer token in ``bearer_tokens``.
+in ``access_keys``, in order, every bearer token in ``bearer_tokens``, and every
+request's headers in ``headers``.
 
 Responses are relayed unchanged. Every request is recorded (``requests``), with the
 body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
@@ -276,6 +277,8 @@ class FaultProxy:
         #: The access key of every signed request, in order (none for unsigned ones).
         self.access_keys: list[str] = []
         self.bearer_tokens: list[str] = []
+        #: (method, path, lower-cased header name -> value) of every request, in order.
+        self.headers: list[tuple[str, str, dict[str, str]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -461,6 +464,7 @@ class FaultProxy:
                 bearer = _bearer_token(head)
                 with self._lock:
                     self.requests.append((time.time(), method, target))
+                    self.headers.append((method, target, _header_map(head)))
                     if key:
                         self.access_keys.append(key)
                     if bearer:
@@ -623,6 +627,16 @@ def _access_key(head: bytes) -> str | None:
         return None
     end = head.find(b"/", at)
     return head[at + len(marker) : end].decode("latin-1") if end > at else None
+
+
+def _header_map(head: bytes) -> dict[str, str]:
+    """A request head's headers, names lower-cased."""
+    out: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
 
 
 def _bearer_token(head: bytes) -> str | None:

@@ -109,6 +109,17 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
         help="Azure: name of the environment variable holding a SAS token, appended to "
         "every request (default: none: account key or azure-identity's chain)",
     )
+    g.add_argument(
+        "--encryption-scope",
+        metavar="SCOPE",
+        help="Azure: the encryption scope of new blobs (default: the container's)",
+    )
+    g.add_argument(
+        "--kms-key-name",
+        metavar="KEY",
+        help="GCS: the Cloud KMS key of new objects, projects/P/locations/L/keyRings/R/"
+        "cryptoKeys/K (default: the bucket's)",
+    )
     s3 = p.add_argument_group("S3 credentials and object options")
     s3.add_argument(
         "--profile",

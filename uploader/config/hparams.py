@@ -62,6 +62,10 @@ from uploader.config.local import check_local, check_tls, local_root
 from uploader.config.providers import KNOWN_PROVIDERS, SCHEMES, is_loopback, provider_family
 from uploader.errors import ConfigError
 from uploader.transfer.backends.azure_identity import AZURE_OPTIONS, validate_azure_options
+from uploader.transfer.backends.encryption import (
+    ENCRYPTION_OPTIONS,
+    validate_encryption_options,
+)
 from uploader.transfer.backends.s3options import S3_OPTIONS, validate_s3_options
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.store import ObjectStore
@@ -164,6 +168,7 @@ class ObjectStoreHparams:
             )
         self._validate_tls()
         validate_s3_options(self.extra_init_kwargs, family)
+        validate_encryption_options(self.extra_init_kwargs, family)
         validate_azure_options(self.extra_init_kwargs, family)
         for bad in ("key", "secret"):
             # For 'local' the key is the base directory (libcloud's LOCAL), not a secret.
@@ -386,14 +391,15 @@ def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> Stor
     for name in ("region", "key_environ", "secret_environ"):
         if name in query:
             kw[name] = query.pop(name) or None
-    for name in (*S3_OPTIONS, *AZURE_OPTIONS):
+    for name in (*S3_OPTIONS, *AZURE_OPTIONS, *ENCRYPTION_OPTIONS):
         if name in query:
             extra[name] = query.pop(name) or None
     if query:
         raise ConfigError(
             f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; accepted: "
             "endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://), "
-            f"for s3:// {', '.join(S3_OPTIONS)}, for azure:// {', '.join(AZURE_OPTIONS)}"
+            f"for s3:// {', '.join(S3_OPTIONS)}, for azure:// "
+            f"{', '.join(AZURE_OPTIONS)}, encryption_scope, for gs:// kms_key_name"
         )
     # s3:// and gs:// name no variables: botocore's and google-auth's chains find the
     # credentials (google-auth reads $GOOGLE_APPLICATION_CREDENTIALS itself). azure://

@@ -64,6 +64,7 @@ from uploader.redact import redact
 from uploader.transfer.backends.azure_blocks import AzureBlocks, b64
 from uploader.transfer.backends.azure_identity import AzureIdentity
 from uploader.transfer.backends.base import ObjectInfo
+from uploader.transfer.backends.encryption import AZURE_SCOPE_VERSION
 from uploader.transfer.backends.http import (
     http_time,
     install_request_timeout,
@@ -146,6 +147,8 @@ class AzureBackend(AzureBlocks):
                 f"cannot set up the Azure driver: {redact(str(exc))}; check host, port "
                 "and extra_init_kwargs"
             ) from None
+        if self.settings.extra.get("encryption_scope") is not None:
+            drv.connection.API_VERSION = AZURE_SCOPE_VERSION  # type: ignore[attr-defined]
         if self.identity.mode != "shared key":
             conn = drv.connection
             conn.pre_connect_hook = lambda p, h: self._authorise(conn, p, h)  # type: ignore[method-assign]

@@ -53,6 +53,7 @@ from uploader.errors import (
 )
 from uploader.redact import redact
 from uploader.transfer.backends.base import ObjectInfo
+from uploader.transfer.backends.encryption import encryption_headers
 from uploader.transfer.backends.gcp_identity import GcpIdentity
 from uploader.transfer.backends.http import (
     LibcloudHTTPBackend,
@@ -320,6 +321,7 @@ class GCSBackend(LibcloudHTTPBackend):
     ) -> Any:
         """One PUT of ``data``; return the response (closed), raise the mapped error."""
         headers, content_type = self._headers_for(metadata)
+        headers.update(encryption_headers(self.settings.extra, "gcs"))
         headers.update(conditions)
         headers["Content-Type"] = content_type or "application/octet-stream"
         # x-goog-hash rather than Content-MD5: libcloud lower-cases Content-MD5 when it
@@ -356,8 +358,11 @@ class GCSBackend(LibcloudHTTPBackend):
         from libcloud.storage.base import Container
 
         headers, content_type = self._headers_for(metadata)
-        meta = {k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-")}
-        props = {k: v for k, v in headers.items() if not k.startswith("x-goog-")}
+        meta = {
+            k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-meta-")
+        }
+        props = {k: v for k, v in headers.items() if not k.startswith("x-goog-meta-")}
+        props.update(encryption_headers(self.settings.extra, "gcs"))
         props["Content-Length"] = str(size)
         drv = self._driver()
         body = _SizedStream(chunks, size)
