@@ -24,9 +24,12 @@ decide a fault for every request, with a seeded RNG:
   ``?uploads``) without ``x-amz-server-side-encryption`` with ``403 AccessDenied``, as a
   bucket policy that demands encryption does (UploadPart carries no such header and
   passes).
+* ``unauthorized``: answer the first N requests (of ``methods``, if given) with ``401``,
+  unforwarded: a bearer token the store no longer accepts.
 
 The access key of every signed request (from its ``Authorization`` header) is recorded
-in ``access_keys``, in order.
+in ``access_keys``, in order, every bearer token in ``bearer_tokens``, and every
+request's headers in ``headers``.
 
 Responses are relayed unchanged. Every request is recorded (``requests``), with the
 body bytes forwarded for each method and path (``body_bytes``, cut bodies included). Every
@@ -66,6 +69,7 @@ _CHUNK = 64 << 10
 #: The answers the proxy makes up: status -> (reason phrase, S3 error code, message).
 S3_ERRORS = {
     400: ("Bad Request", "ExpiredToken", "The provided token has expired."),
+    401: ("Unauthorized", "AuthenticationRequired", "Invalid Credentials"),
     403: ("Forbidden", "AccessDenied", "Access Denied"),
     412: (
         "Precondition Failed",
@@ -120,6 +124,7 @@ class FaultPlan:
     latency: float = 0.0
     expired_token: int = 0
     deny_unencrypted: bool = False
+    unauthorized: int = 0
 
     def __post_init__(self) -> None:
         if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
@@ -146,6 +151,7 @@ class _Stats:
     slowdown: int = 0
     conditional: int = 0
     expired_token: int = 0
+    unauthorized: int = 0
     denied: int = 0
     upstream_refused: int = 0
     bytes_up: int = 0
@@ -270,6 +276,9 @@ class FaultProxy:
         self._path = threading.local()
         #: The access key of every signed request, in order (none for unsigned ones).
         self.access_keys: list[str] = []
+        self.bearer_tokens: list[str] = []
+        #: (method, path, lower-cased header name -> value) of every request, in order.
+        self.headers: list[tuple[str, str, dict[str, str]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -411,6 +420,10 @@ class FaultProxy:
                 self._plan = replace(plan, expired_token=plan.expired_token - 1)
                 self._stats.expired_token += 1
                 return 400
+            if plan.unauthorized and (plan.methods is None or method in plan.methods):
+                self._plan = replace(plan, unauthorized=plan.unauthorized - 1)
+                self._stats.unauthorized += 1
+                return 401
             if plan.deny_unencrypted:
                 query = target.split("?", 1)[1] if "?" in target else ""
                 creates = (method == "PUT" and "uploadId=" not in query) or (
@@ -448,10 +461,14 @@ class FaultProxy:
                 raw_target = head.split(b" ", 2)[1].decode("latin-1")
                 target = unquote(raw_target.split("?", 1)[0])
                 key = _access_key(head)
+                bearer = _bearer_token(head)
                 with self._lock:
                     self.requests.append((time.time(), method, target))
+                    self.headers.append((method, target, _header_map(head)))
                     if key:
                         self.access_keys.append(key)
+                    if bearer:
+                        self.bearer_tokens.append(bearer)
                     self._stats.requests += 1
                     self._stats.methods[method] = self._stats.methods.get(method, 0) + 1
                 self._path.value = (method, target)
@@ -610,6 +627,26 @@ def _access_key(head: bytes) -> str | None:
         return None
     end = head.find(b"/", at)
     return head[at + len(marker) : end].decode("latin-1") if end > at else None
+
+
+def _header_map(head: bytes) -> dict[str, str]:
+    """A request head's headers, names lower-cased."""
+    out: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
+
+
+def _bearer_token(head: bytes) -> str | None:
+    """The bearer token a request carries (``Authorization: Bearer TOKEN``)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.decode("latin-1") if scheme.lower() == b"bearer" else None
+    return None
 
 
 def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:

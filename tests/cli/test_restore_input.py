@@ -307,3 +307,21 @@ def test_a_copied_prefix_restores_from_the_copy(
     _plant(local_store, Bad(objects, _pointer(entry)))
     got = fetch_latest(f"file://{local_hparams.container}?prefix={PREFIX}", tmp_path / "dest")
     assert _tree(got) == {"a.bin": b"a" * 100, "b.bin": b"b" * 7}
+
+
+def test_a_named_checkpoint_of_a_copied_prefix_restores_from_the_copy(
+    tmp_path: Path, local_hparams: ObjectStoreHparams, local_store: ObjectStore
+) -> None:
+    """``pull URI/rank_0/NAME`` of a copied run reads the copy beside its pointer, never
+    the prefix the pointer was written under (which may hold another run now)."""
+    files = {"ckpt/a.bin": b"a" * 100, "ckpt/b.bin": b"b" * 7}
+    entry = _entry("ckpt", files, object="first-run/rank_0/ckpt")
+    objects = {f"{PREFIX}/rank_0/ckpt/{p[len('ckpt/') :]}": d for p, d in files.items()}
+    # the first prefix holds other bytes under the same names: they must not be read
+    objects.update(
+        {f"first-run/rank_0/ckpt/{p[len('ckpt/') :]}": b"x" * len(d) for p, d in files.items()}
+    )
+    _plant(local_store, Bad(objects, _pointer(entry)))
+    uri = f"file://{local_hparams.container}?prefix={PREFIX}/rank_0/ckpt"
+    assert main(["pull", uri, f"{tmp_path / 'dest'}/", "-q"]) == ExitCode.OK
+    assert _tree(tmp_path / "dest" / "ckpt") == {"a.bin": b"a" * 100, "b.bin": b"b" * 7}

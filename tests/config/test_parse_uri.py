@@ -84,7 +84,9 @@ def test_uri_default_credential_variables() -> None:
     assert parse_uri("s3://b").hparams.key_environ is None
     assert parse_uri("s3://b").hparams.secret_environ is None
     assert parse_uri("azure://cc").hparams.key_environ == "AZURE_STORAGE_ACCOUNT"
-    assert parse_uri("gs://b").hparams.key_environ == "GOOGLE_CLIENT_EMAIL"
+    # gs:// names none either: google-auth's chain (GOOGLE_APPLICATION_CREDENTIALS first).
+    assert parse_uri("gs://b").hparams.key_environ is None
+    assert parse_uri("gs://b").hparams.secret_environ is None
     assert parse_uri("file:///x/y").hparams.key_environ is None
     hp = parse_uri("s3://b?key_environ=MY_KEY&secret_environ=MY_SECRET").hparams
     assert (hp.key_environ, hp.secret_environ) == ("MY_KEY", "MY_SECRET")

@@ -197,3 +197,63 @@ def test_sidecar_raises_when_a_run_committed_nothing(tmp_path: Path, local_bucke
         (run / "checkpoint-3" / "model.safetensors").write_bytes(os.urandom(1000))
         (run / "checkpoint-3" / "training_args.bin").write_bytes(b"args")
     assert "checkpoint-3" in str(err.value) and "trainer_state.json" in str(err.value)
+
+
+def _deepspeed_save(save_dir: Path, step: int, finish: bool = True) -> None:
+    """DeepSpeed's ``engine.save_checkpoint(save_dir)`` as its code writes it (reproduced:
+    the package builds native code and is not installed here): each rank's model and
+    optimizer states in ``global_step{N}/``, then, after a barrier, rank 0 writes the tag
+    file ``latest`` naming the directory."""
+    ck = save_dir / f"global_step{step}"
+    ck.mkdir(parents=True)
+    (ck / "mp_rank_00_model_states.pt").write_bytes(os.urandom(30_000))
+    for rank in range(2):
+        (ck / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(20_000))
+    if finish:
+        (save_dir / "latest").write_text(f"global_step{step}")
+
+
+def _megatron_save(save_dir: Path, iteration: int, finish: bool = True) -> None:
+    """Megatron-LM's ``save_checkpoint`` as its code writes it (reproduced: not on PyPI):
+    each tensor-parallel rank's ``iter_{:07d}/mp_rank_0T/model_optim_rng.pt``, then, after
+    a barrier, rank 0 writes ``latest_checkpointed_iteration.txt``."""
+    for tp in range(2):
+        d = save_dir / f"iter_{iteration:07d}" / f"mp_rank_0{tp}"
+        d.mkdir(parents=True)
+        (d / "model_optim_rng.pt").write_bytes(os.urandom(25_000))
+    if finish:
+        (save_dir / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+@pytest.mark.parametrize(
+    "save,names,rule",
+    [
+        (_deepspeed_save, ["global_step10", "global_step20", "global_step30"], "deepspeed"),
+        (_megatron_save, ["iter_0000010", "iter_0000020", "iter_0000030"], "megatron"),
+    ],
+)
+def test_tagged_layouts_commit_each_save_once_its_tag_names_it(
+    tmp_path: Path,
+    local_bucket: Path,
+    daemons: list[Daemon],  # noqa: F811
+    save: Any,
+    names: list[str],
+    rule: str,
+) -> None:
+    """Saves complete once the tag (DeepSpeed) or tracker (Megatron) file names them; a
+    save cut short before its tag is never committed, and the tag of the last complete
+    save keeps `latest` where it is."""
+    run = tmp_path / "run"
+    run.mkdir()
+    d = watch(daemons, run, local_bucket, rule, "--settle", "0.2")
+    save(run, 10)
+    d.wait_status(lambda s: s.get("committed", 0) >= 1, timeout=30)
+    save(run, 20)
+    d.wait_status(lambda s: s.get("committed", 0) >= 2, timeout=30)
+    save(run, 30, finish=False)  # killed before the tag: its files are all on disk
+    log = drain(d)
+    p = pointer(local_bucket, rule)
+    assert p["latest"]["name"] == names[1], log
+    assert {(e["name"], e["rule"]) for e in p["history"]} == {(n, rule) for n in names[:2]}
+    assert all(len(e["files"]) == (3 if rule == "deepspeed" else 2) for e in p["history"])
+    assert f"checkpoint {names[2]} was not committed" in log

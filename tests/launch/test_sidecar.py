@@ -180,8 +180,11 @@ def test_shell_example_does_not_start_training_when_the_uploader_cannot_start(
 
 
 def test_kubernetes_example_shares_a_volume_with_a_draining_sidecar() -> None:
-    pod = yaml.safe_load((ROOT / "examples" / "kubernetes" / "training-pod.yaml").read_text())
-    assert pod["kind"] == "Pod"
+    docs = list(
+        yaml.safe_load_all((ROOT / "examples" / "kubernetes" / "training-pod.yaml").read_text())
+    )
+    [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    [pod] = [d for d in docs if d["kind"] == "Pod"]
     spec = pod["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     [sidecar] = [c for c in spec["initContainers"] if c["name"] == "ckpt-uploader"]
@@ -196,10 +199,16 @@ def test_kubernetes_example_shares_a_volume_with_a_draining_sidecar() -> None:
     shared = set(mounts) & set(train_mounts)
     assert shared and all("emptyDir" in volumes[n] for n in shared)
     assert cmd[2] in {mounts[n] for n in shared}  # it watches the shared volume
-    # Credentials come from a Secret by name, never on the command line.
-    env = {e["name"]: e for e in sidecar["env"]}
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert "secretKeyRef" in env[name]["valueFrom"]
+    # No keys at all: the pod's service account is bound to an IAM role (IRSA), which
+    # botocore's chain finds (an s3:// URI names no key variables).
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role.startswith("arn:aws:iam::") and ":role/" in role
+    env = {e["name"]: e for e in sidecar.get("env", [])}
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    uri = cmd[cmd.index("--to") + 1]
+    assert uri.startswith("s3://") and "key_environ" not in uri
+    assert "secret" not in " ".join(cmd).lower()
     # The pod waits long enough for the drain.
     drain = float(cmd[cmd.index("--drain-timeout") + 1])
     assert spec["terminationGracePeriodSeconds"] > drain

@@ -252,7 +252,12 @@ def test_example_config_and_env_file_are_what_the_cli_reads(tmp_path: Path) -> N
     assert set(cfg["watch"]) <= set(WATCH_KEYS)
     env = read_environment_file(SYSTEMD / "ckpt-uploader.env.example")
     store = cfg["store"]
-    assert {store["key_environ"], store["secret_environ"]} <= set(env)
+    # No key variables named: the instance profile through botocore's chain; the env file
+    # holds no keys, only (commented out) the fallback where no role can be attached.
+    assert "key_environ" not in store and "secret_environ" not in store
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    text = (SYSTEMD / "ckpt-uploader.env.example").read_text()
+    assert "instance profile" in text and "# AWS_ACCESS_KEY_ID=" in text
 
 
 # -- run the ExecStart line -----------------------------------------------------------------
@@ -309,9 +314,10 @@ def test_exec_start_with_its_environment_file_uploads_drains_and_resumes(
     (etc / "myrun.toml").write_text(config)
     key, secret = os.environ[rclone_s3.key_env], os.environ[rclone_s3.secret_env]
     env_text = (SYSTEMD / "ckpt-uploader.env.example").read_text()
-    env_text = re.sub(r"(?m)^AWS_ACCESS_KEY_ID=.*$", f"AWS_ACCESS_KEY_ID={key}", env_text)
+    # No instance profile here: the example's commented static-key fallback, uncommented.
+    env_text = re.sub(r"(?m)^# AWS_ACCESS_KEY_ID=.*$", f"AWS_ACCESS_KEY_ID={key}", env_text)
     env_text = re.sub(
-        r"(?m)^AWS_SECRET_ACCESS_KEY=.*$", f"AWS_SECRET_ACCESS_KEY={secret}", env_text
+        r"(?m)^# AWS_SECRET_ACCESS_KEY=.*$", f"AWS_SECRET_ACCESS_KEY={secret}", env_text
     )
     (etc / "myrun.env").write_text(env_text)
     os.chmod(etc / "myrun.env", 0o600)

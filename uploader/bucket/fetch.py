@@ -84,7 +84,8 @@ def find_checkpoint(store: ObjectStore, name: str) -> PointerEntry | None:
         return None
     entry = pointer.entry(m.group(3)) if pointer is not None else None
     if entry is not None:
-        check_location(entry, m.group(1) or "", int(m.group(2)))
+        # A run copied to another prefix: its objects are read from the copy.
+        entry = check_location(entry, m.group(1) or "", int(m.group(2)))
     if entry is not None and not entry.is_directory and entry.name != m.group(3):
         entry = replace(entry, name=m.group(3))  # an alias lands under its own name
     return entry

@@ -72,7 +72,8 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
         "--secret-environ",
         metavar="VAR",
         help="name of the environment variable holding the secret "
-        "(default: none for s3://, the AWS credential chain; AZURE_STORAGE_KEY for azure://)",
+        "(default: none for s3://, the AWS credential chain; for azure://, $AZURE_STORAGE_KEY "
+        "if set, else azure-identity's chain)",
     )
     g.add_argument(
         "--host", help="endpoint host of an S3-compatible server or emulator (default: provider's)"
@@ -101,6 +102,23 @@ def add_store_options(p: argparse.ArgumentParser, to: bool = True) -> None:
     g.add_argument(
         "--prefix",
         help="object name prefix; overrides the URI's path (default: the URI's path)",
+    )
+    g.add_argument(
+        "--sas-environ",
+        metavar="VAR",
+        help="Azure: name of the environment variable holding a SAS token, appended to "
+        "every request (default: none: account key or azure-identity's chain)",
+    )
+    g.add_argument(
+        "--encryption-scope",
+        metavar="SCOPE",
+        help="Azure: the encryption scope of new blobs (default: the container's)",
+    )
+    g.add_argument(
+        "--kms-key-name",
+        metavar="KEY",
+        help="GCS: the Cloud KMS key of new objects, projects/P/locations/L/keyRings/R/"
+        "cryptoKeys/K (default: the bucket's)",
     )
     s3 = p.add_argument_group("S3 credentials and object options")
     s3.add_argument(

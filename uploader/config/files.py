@@ -23,6 +23,9 @@ A config file::
     # profile = "train"                     # S3: a profile of ~/.aws/config (else the AWS chain)
     # sse = "aws:kms"                       # S3: AES256 or aws:kms (+ sse_kms_key_id)
     # storage_class = "STANDARD_IA"         # S3; acl = "bucket-owner-full-control"
+    # sas_environ = "AZURE_STORAGE_SAS_TOKEN" # Azure: the variable holding a SAS token
+    # encryption_scope = "ckptscope"        # Azure: the encryption scope of new blobs
+    # kms_key_name = "projects/p/locations/l/keyRings/r/cryptoKeys/k"  # GCS: CMEK of new objects
     # prefix = "exp1"
 
     [watch]
@@ -45,6 +48,8 @@ from typing import Any
 
 from uploader.config.hparams import ObjectStoreHparams, StoreLocation, join_key, parse_uri
 from uploader.errors import ConfigError
+from uploader.transfer.backends.azure_identity import AZURE_OPTIONS
+from uploader.transfer.backends.encryption import ENCRYPTION_OPTIONS
 from uploader.transfer.backends.s3options import S3_OPTIONS
 from uploader.transfer.tls import CA_BUNDLE_OPTION, INSECURE_OPTION
 
@@ -68,8 +73,8 @@ STORE_FIELDS = (
     "extra_init_kwargs",
 )
 #: [store] keys (and flags) that go into extra_init_kwargs under the same name: TLS trust,
-#: and for S3 the credentials profile and what new objects carry.
-TLS_KEYS = (CA_BUNDLE_OPTION, INSECURE_OPTION, *S3_OPTIONS)
+#: for S3 the credentials profile and what new objects carry, for Azure the SAS variable.
+TLS_KEYS = (CA_BUNDLE_OPTION, INSECURE_OPTION, *S3_OPTIONS, *AZURE_OPTIONS, *ENCRYPTION_OPTIONS)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.I)
 
 

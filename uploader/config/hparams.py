@@ -39,7 +39,9 @@ base directory and the container a folder in it, ``"."`` being the base itself::
 For S3, naming no variables means botocore's credential chain (environment with
 session token, ``AWS_PROFILE`` or ``extra_init_kwargs={"profile": ...}``, SSO,
 credential_process, web identity, container credentials, instance metadata); see
-:mod:`uploader.transfer.backends.aws_identity`.
+:mod:`uploader.transfer.backends.aws_identity`. For GCS, naming none means google-auth's
+chain (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's application default credentials,
+the metadata server); see :mod:`uploader.transfer.backends.gcp_identity`.
 
 Example::
 
@@ -59,6 +61,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from uploader.config.local import check_local, check_tls, local_root
 from uploader.config.providers import KNOWN_PROVIDERS, SCHEMES, is_loopback, provider_family
 from uploader.errors import ConfigError
+from uploader.transfer.backends.azure_identity import AZURE_OPTIONS, validate_azure_options
+from uploader.transfer.backends.encryption import (
+    ENCRYPTION_OPTIONS,
+    validate_encryption_options,
+)
 from uploader.transfer.backends.s3options import S3_OPTIONS, validate_s3_options
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.store import ObjectStore
@@ -161,6 +168,8 @@ class ObjectStoreHparams:
             )
         self._validate_tls()
         validate_s3_options(self.extra_init_kwargs, family)
+        validate_encryption_options(self.extra_init_kwargs, family)
+        validate_azure_options(self.extra_init_kwargs, family)
         for bad in ("key", "secret"):
             # For 'local' the key is the base directory (libcloud's LOCAL), not a secret.
             if bad in self.extra_init_kwargs and not (bad == "key" and family == "local"):
@@ -382,22 +391,22 @@ def parse_uri(uri: str, *, split_target: bool = False, **overrides: Any) -> Stor
     for name in ("region", "key_environ", "secret_environ"):
         if name in query:
             kw[name] = query.pop(name) or None
-    for name in S3_OPTIONS:
+    for name in (*S3_OPTIONS, *AZURE_OPTIONS, *ENCRYPTION_OPTIONS):
         if name in query:
             extra[name] = query.pop(name) or None
     if query:
         raise ConfigError(
             f"unknown URI parameter(s) {', '.join(sorted(query))} in {uri!r}; accepted: "
             "endpoint, region, key_environ, secret_environ, ca_bundle, prefix (file://), "
-            f"and for s3:// {', '.join(S3_OPTIONS)}"
+            f"for s3:// {', '.join(S3_OPTIONS)}, for azure:// "
+            f"{', '.join(AZURE_OPTIONS)}, encryption_scope, for gs:// kms_key_name"
         )
-    # s3:// names no variables: botocore's chain finds the credentials.
+    # s3:// and gs:// name no variables: botocore's and google-auth's chains find the
+    # credentials (google-auth reads $GOOGLE_APPLICATION_CREDENTIALS itself). azure://
+    # names the account variable; the key, when no variable is named, is
+    # $AZURE_STORAGE_KEY if set, else azure-identity's chain (azure_identity.py).
     if provider == "azure_blobs":
         kw.setdefault("key_environ", "AZURE_STORAGE_ACCOUNT")
-        kw.setdefault("secret_environ", "AZURE_STORAGE_KEY")
-    elif provider == "google_storage":
-        kw.setdefault("key_environ", "GOOGLE_CLIENT_EMAIL")
-        kw.setdefault("secret_environ", "GOOGLE_APPLICATION_CREDENTIALS")
     for k, v in overrides.items():
         if v is None:
             continue

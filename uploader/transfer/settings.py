@@ -88,8 +88,9 @@ class StoreSettings:
         """Read the key and secret from the named environment variables.
 
         The values are registered as secrets (masked from then on in every message
-        and log line). Azure and GCS need at least the key; for S3, naming none means
-        the AWS credential chain (see :mod:`uploader.transfer.backends.aws_identity`).
+        and log line). Azure needs at least the key; for S3 and GCS, naming none means
+        the cloud's own chain (:mod:`uploader.transfer.backends.aws_identity`,
+        :mod:`uploader.transfer.backends.gcp_identity`).
         """
         values: list[str | None] = []
         for name, var in (
@@ -112,7 +113,7 @@ class StoreSettings:
                 )
             register_secret(value)
             values.append(value)
-        if self.family in ("azure", "gcs") and values[0] is None:
+        if self.family == "azure" and values[0] is None:
             raise ConfigError(
                 f"provider {self.provider!r} needs credentials: set key_environ and "
                 "secret_environ to the names of the environment variables that hold them"

@@ -2,9 +2,15 @@
 
 Block blobs carry the multipart protocol: ``begin`` only names the upload,
 ``put_part`` is a Put Block, ``complete`` a Put Block List that also sets the
-metadata. Requests are built here but signed and sent by libcloud's connection
-(Shared Key), one driver per thread because a libcloud connection holds the
-state of the request in flight.
+metadata. Requests are built here and sent by libcloud's connection, one driver
+per thread because a libcloud connection holds the state of the request in flight.
+
+Credentials (:mod:`uploader.transfer.backends.azure_identity`): a SAS named by
+``sas_environ`` (added to each request's query), an account key (libcloud signs
+each request with Shared Key), or a Microsoft Entra bearer token from
+azure-identity's chain, taken right before each request and renewed before it
+expires; a refused token (401, or 403 ``AuthenticationFailed``) gets a new token and
+the request is sent once more.
 
 Integrity in transit: Azure checks ``Content-MD5`` (or CRC64) and nothing
 stronger; the part's sha256 that the store passes in cannot be used. Each block
@@ -35,9 +41,11 @@ Example::
 
 from __future__ import annotations
 
-import base64
+import datetime as _dt
 import hashlib
+import logging
 import re
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -54,7 +62,9 @@ from uploader.errors import (
 )
 from uploader.redact import redact
 from uploader.transfer.backends.azure_blocks import AzureBlocks, b64
+from uploader.transfer.backends.azure_identity import AzureIdentity
 from uploader.transfer.backends.base import ObjectInfo
+from uploader.transfer.backends.encryption import AZURE_SCOPE_VERSION
 from uploader.transfer.backends.http import (
     http_time,
     install_request_timeout,
@@ -66,6 +76,8 @@ from uploader.transfer.tls import tls_failure
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 
+log = logging.getLogger(__name__)
+
 _CONTAINER = re.compile(r"^(\$root|[a-z0-9][a-z0-9-]{1,61}[a-z0-9])$")
 _PUBLIC_SUFFIX = "blob.core.windows.net"
 
@@ -75,7 +87,8 @@ class AzureBackend(AzureBlocks):
 
     Args:
         settings: ``provider="azure_blobs"``; ``key_environ`` names the variable with
-            the account name, ``secret_environ`` the one with the account key;
+            the account name, ``secret_environ`` the one with the account key (see
+            the module docstring for SAS and tokens);
             ``host``/``port`` point at another endpoint (Azurite, sovereign clouds);
             ``extra_init_kwargs`` may hold ``secure``, ``timeout`` (seconds per
             request, default 120), ``content_md5`` (default True) and further
@@ -93,27 +106,19 @@ class AzureBackend(AzureBlocks):
     conditional = True
 
     def __init__(self, settings: StoreSettings) -> None:
-        account, key = settings.credentials()
-        if not account or not key:
-            raise ConfigError(
-                "Azure needs the account name (key_environ) and the account key (secret_environ)"
-            )
-        try:
-            base64.b64decode(key, validate=True)
-        except ValueError:
-            raise ConfigError(
-                f"the Azure account key in ${settings.secret_environ} is not base64; copy the "
-                "key exactly as the portal shows it"
-            ) from None
         if not _CONTAINER.match(settings.container) or "--" in settings.container:
             raise ConfigError(
                 f"Azure container name {settings.container!r} is invalid: use 3-63 lower-case "
                 "letters, digits and single hyphens, starting with a letter or digit"
             )
         extra = self._init_drivers(settings)
-        self._account = account
-        self._key = key
+        extra.pop("sas_environ", None)
         self._content_md5 = bool(extra.pop("content_md5", True))
+        self.identity = AzureIdentity(settings, self._trust)
+        account = self.identity.account
+        self._account = account
+        # libcloud wants a base64 key even when it signs nothing (SAS, tokens: _authorise).
+        self._key = self.identity.key or "AAAA"
         host = settings.host
         if host and host.lower() == f"{account}.{_PUBLIC_SUFFIX}".lower():
             # The public endpoint written out in full: libcloud builds it itself, and
@@ -136,12 +141,74 @@ class AzureBackend(AzureBlocks):
     # -- plumbing ----------------------------------------------------------------------
     def _new_driver(self) -> Any:
         try:
-            return self._driver_cls(self._account, self._key, **self._driver_kwargs)
+            drv = self._driver_cls(self._account, self._key, **self._driver_kwargs)
         except Exception as exc:  # bad kwargs, bad key format ...
             raise ConfigError(
                 f"cannot set up the Azure driver: {redact(str(exc))}; check host, port "
                 "and extra_init_kwargs"
             ) from None
+        if self.settings.extra.get("encryption_scope") is not None:
+            drv.connection.API_VERSION = AZURE_SCOPE_VERSION  # type: ignore[attr-defined]
+        if self.identity.mode != "shared key":
+            conn = drv.connection
+            conn.pre_connect_hook = lambda p, h: self._authorise(conn, p, h)  # type: ignore[method-assign]
+        return drv
+
+    def _authorise(
+        self, conn: Any, params: dict[str, Any], headers: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """libcloud's last step before sending, in place of Shared Key signing: the
+        current bearer token, or the SAS in the query."""
+        headers = dict(headers)
+        headers.pop("Host", None)
+        headers["x-ms-date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        headers["x-ms-version"] = conn.API_VERSION  # 2018-11-09: OAuth needs 2017-11-09+
+        if self.identity.bearer:
+            headers["Authorization"] = "Bearer " + self.identity.token()
+        else:
+            params = {**(params or {}), **self.identity.sas}
+        return params, headers
+
+    def describe_identity(self) -> str:
+        return self.identity.describe()
+
+    def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request; a refused bearer token gets a new token and one more try."""
+        seen = self.identity.generation
+        resp = super()._request(what, path, method, params, headers, data, stream)
+        if not self._token_refused(resp):
+            return resp
+        resp.close()
+        self._renew(what, seen)
+        return super()._request(what, path, method, params, headers, data, stream)
+
+    def _token_refused(self, resp: Any) -> bool:
+        """Whether ``resp`` refuses this store's bearer token (401, or 403
+        ``AuthenticationFailed`` / ``InvalidAuthenticationInfo``)."""
+        if not self.identity.bearer or resp is None:
+            return False
+        status = getattr(resp, "status_code", None)
+        if status == 401:
+            return True
+        code = resp.headers.get("x-ms-error-code", "")
+        return status == 403 and code in ("AuthenticationFailed", "InvalidAuthenticationInfo")
+
+    def _renew(self, what: str, seen: int) -> None:
+        log.warning("%s: the store refused the access token; getting a new one", what)
+        self.identity.refresh(seen)
+
+    def close(self) -> None:
+        super().close()
+        self.identity.close()
 
     def _endpoint(self) -> str:
         if self.settings.host:
@@ -165,11 +232,7 @@ class AzureBackend(AzureBlocks):
             resp.close()
         detail = redact(f"HTTP {status} {code} {message}".strip())
         if status in (401, 403):
-            return AuthError(
-                f"{what}: the store refused the credentials ({detail}); check the account "
-                f"name in ${self.settings.key_environ} and the key in "
-                f"${self.settings.secret_environ}"
-            )
+            return self._auth_error(what, detail)
         if code == "ContainerNotFound":
             return self._no_container()
         if status == 404:
@@ -182,6 +245,19 @@ class AzureBackend(AzureBlocks):
         if status in TRANSIENT_HTTP or code in ("ServerBusy", "OperationTimedOut"):
             return TransientError(f"{what}: {detail}; the store is busy, retrying helps")
         return PermanentError(f"{what}: the store answered {detail}")
+
+    def _auth_error(self, what: str, detail: str) -> AuthError:
+        if self.identity.mode == "sas" and (
+            "expired" in detail.lower() or _past(self.identity.sas_expiry)
+        ):
+            return AuthError(
+                f"{what}: the store refused the SAS ({detail}); " + self.identity.sas_expired()
+            )
+        return AuthError(
+            f"{what}: the store refused the credentials ({detail}). The credentials in use: "
+            f"{self.identity.describe()}; check that they may use container "
+            f"{self.container!r} ('ckpt-uploader check URI' tests each permission)"
+        )
 
     def _no_container(self) -> ContainerNotFoundError:
         return ContainerNotFoundError(
@@ -271,6 +347,20 @@ class AzureBackend(AzureBlocks):
         )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        seen = self.identity.generation
+        listed = 0
+        try:
+            for info in self._list(prefix):
+                listed += 1
+                yield info
+        except AuthError:
+            last = getattr(self._driver().connection.connection, "response", None)
+            if listed or not self._token_refused(last):
+                raise
+            self._renew(f"list {prefix!r}", seen)
+            yield from self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container
         from libcloud.storage.types import ContainerDoesNotExistError
 
@@ -314,18 +404,19 @@ def _map_libcloud(what: str, exc: Exception, backend: AzureBackend) -> Exception
         return failed
     text = redact(str(exc))[:300]
     if isinstance(exc, InvalidCredsError):
-        return AuthError(
-            f"{what}: the store refused the credentials; check ${backend.settings.key_environ} "
-            f"and ${backend.settings.secret_environ}"
-        )
+        return backend._auth_error(what, text)
     if isinstance(exc, LibcloudError):
         m = re.search(r"[Ss]tatus code:? (\d{3})", text)
         status = int(m.group(1)) if m else 0
         if status in (401, 403):
-            return AuthError(f"{what}: the store refused the credentials ({text})")
+            return backend._auth_error(what, text)
         if status in TRANSIENT_HTTP:
             return TransientError(f"{what}: {text}")
         return PermanentError(f"{what}: {text}")
     if is_transient(exc):
         return TransientError(f"{what}: {type(exc).__name__}: {text}")
     return PermanentError(f"{what}: {type(exc).__name__}: {text}")
+
+
+def _past(when: _dt.datetime | None) -> bool:
+    return when is not None and when <= _dt.datetime.now(_dt.timezone.utc)

@@ -20,6 +20,7 @@ from xml.etree import ElementTree as ET
 
 from uploader.errors import ConfigError, TransientError
 from uploader.transfer.backends.base import HeldPart, PartToken
+from uploader.transfer.backends.encryption import encryption_headers
 from uploader.transfer.backends.http import LibcloudHTTPBackend
 
 __all__ = ["AzureBlocks", "b64"]
@@ -72,6 +73,7 @@ class AzureBlocks(LibcloudHTTPBackend):
                     f"metadata key {key!r} is not valid on Azure: use letters, digits "
                     "and underscores, starting with a letter"
                 )
+        headers.update(encryption_headers(self.settings.extra, "azure"))
         return headers
 
     def begin(self, name: str, metadata: Mapping[str, str]) -> str:
@@ -91,6 +93,7 @@ class AzureBlocks(LibcloudHTTPBackend):
     ) -> PartToken:
         block = self.block_id(upload_id, index)
         headers = {"Content-Length": str(len(data))}
+        headers.update(encryption_headers(self.settings.extra, "azure"))
         if self._content_md5:
             headers["Content-MD5"] = b64(hashlib.md5(data).digest())
         what = f"upload block {index + 1} of {name}"

@@ -13,10 +13,14 @@ Conditional writes (commit pointers): a PUT with ``x-goog-if-generation-match``
 (``0``: only if absent) writes only while the object has that generation; 412
 raises PreconditionFailedError. The version is the ``x-goog-generation`` header.
 
-Credentials: ``key_environ`` names the variable with the service account email
-(or an HMAC access id starting with ``GOOG``), ``secret_environ`` the one with
-the key file path (or the HMAC secret). ``extra_init_kwargs`` may hold
-``project`` and ``timeout`` and other libcloud driver arguments.
+Credentials (:mod:`uploader.transfer.backends.gcp_identity`): with no variables
+named, google-auth's default chain (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's
+application default credentials, the metadata server) and a bearer token on every
+request, renewed before it expires; a 401 gets a new token and the request is sent
+once more. ``key_environ`` may name the variable with an HMAC access id (``GOOG...``)
+or a service account email, ``secret_environ`` the one with the HMAC secret or the
+key file path. ``extra_init_kwargs`` may hold ``project`` and ``timeout`` and other
+libcloud driver arguments.
 
 Example::
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -48,6 +53,8 @@ from uploader.errors import (
 )
 from uploader.redact import redact
 from uploader.transfer.backends.base import ObjectInfo
+from uploader.transfer.backends.encryption import encryption_headers
+from uploader.transfer.backends.gcp_identity import GcpIdentity
 from uploader.transfer.backends.http import (
     LibcloudHTTPBackend,
     http_time,
@@ -58,6 +65,8 @@ from uploader.transfer.retry import TRANSIENT_HTTP
 from uploader.transfer.settings import StoreSettings
 
 __all__ = ["GCSBackend"]
+
+log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
 _META_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -116,10 +125,17 @@ class GCSBackend(LibcloudHTTPBackend):
     def __init__(self, settings: StoreSettings) -> None:
         from libcloud.storage.drivers.google_storage import GoogleStorageDriver
 
-        key, secret = settings.credentials()
         extra = self._init_drivers(settings)
-        self._key = key
-        self._secret = secret
+        self.identity = GcpIdentity(settings, self._trust)
+        if self.identity.signed is not None:
+            self._key, self._secret = self.identity.signed
+        else:
+            # libcloud builds and sends the request; the Authorization header is ours
+            # (_bearer). An HMAC-shaped placeholder keeps libcloud from starting an
+            # OAuth flow of its own; nothing is signed with it.
+            self._key, self._secret = "GOOG0BEARER0TOKEN0IN0USE", "-"
+            if self.identity.project and "project" not in extra:
+                extra["project"] = self.identity.project
         self._driver_kwargs: dict[str, Any] = {
             "secure": settings.secure,
             "timeout": self._timeout,
@@ -137,6 +153,8 @@ class GCSBackend(LibcloudHTTPBackend):
                 f"check ${self.settings.key_environ} (service account email or HMAC id) and "
                 f"${self.settings.secret_environ} (key file or HMAC secret)"
             ) from None
+        if self.identity.bearer:
+            drv.connection.pre_connect_hook = self._bearer  # type: ignore[method-assign]
         if self.settings.host:
             # Set on the connection: libcloud's GCS connection takes its 4th
             # positional argument as the auth type, so host cannot go through
@@ -147,6 +165,53 @@ class GCSBackend(LibcloudHTTPBackend):
             conn.port = self.settings.port or (443 if self.settings.secure else 80)
         return drv
 
+    def _bearer(self, params: dict[str, Any], headers: dict[str, Any]) -> tuple[Any, Any]:
+        """libcloud's last step before sending: the current bearer token."""
+        headers["Authorization"] = "Bearer " + self.identity.token()
+        return params, headers
+
+    def describe_identity(self) -> str:
+        return self.identity.describe()
+
+    def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request; a 401 to a bearer token gets a new token and one more try."""
+        seen = self.identity.generation
+        try:
+            resp = super()._request(what, path, method, params, headers, data, stream)
+        except AuthError:  # libcloud raises on 401 and 403
+            if not self._token_refused():
+                raise
+        else:
+            if resp.status_code != 401 or not self.identity.bearer:
+                return resp
+            resp.close()
+        self._renew(what, seen)
+        return super()._request(what, path, method, params, headers, data, stream)
+
+    def _token_refused(self) -> bool:
+        """Whether this thread's last request was a bearer token answered 401."""
+        if not self.identity.bearer:
+            return False
+        last = getattr(self._driver().connection.connection, "response", None)
+        return getattr(last, "status_code", None) == 401
+
+    def _renew(self, what: str, seen: int) -> None:
+        log.warning("%s: the store refused the access token (HTTP 401); getting a new one", what)
+        self.identity.refresh(seen)
+
+    def close(self) -> None:
+        super().close()
+        self.identity.close()
+
     def _endpoint(self) -> str:
         if self.settings.host:
             port = f":{self.settings.port}" if self.settings.port else ""
@@ -156,8 +221,9 @@ class GCSBackend(LibcloudHTTPBackend):
     def _auth_error(self, what: str, detail: str = "") -> AuthError:
         extra = f" ({detail})" if detail else ""
         return AuthError(
-            f"{what}: the store refused the credentials{extra}; check "
-            f"${self.settings.key_environ} and ${self.settings.secret_environ}"
+            f"{what}: the store refused the credentials{extra}. The credentials in use: "
+            f"{self.identity.describe()}; check that they may use bucket {self.container!r} "
+            "('ckpt-uploader check URI' tests each permission)"
         )
 
     def _map(self, what: str, exc: BaseException) -> UploaderError:
@@ -255,6 +321,7 @@ class GCSBackend(LibcloudHTTPBackend):
     ) -> Any:
         """One PUT of ``data``; return the response (closed), raise the mapped error."""
         headers, content_type = self._headers_for(metadata)
+        headers.update(encryption_headers(self.settings.extra, "gcs"))
         headers.update(conditions)
         headers["Content-Type"] = content_type or "application/octet-stream"
         # x-goog-hash rather than Content-MD5: libcloud lower-cases Content-MD5 when it
@@ -291,11 +358,15 @@ class GCSBackend(LibcloudHTTPBackend):
         from libcloud.storage.base import Container
 
         headers, content_type = self._headers_for(metadata)
-        meta = {k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-")}
-        props = {k: v for k, v in headers.items() if not k.startswith("x-goog-")}
+        meta = {
+            k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-meta-")
+        }
+        props = {k: v for k, v in headers.items() if not k.startswith("x-goog-meta-")}
+        props.update(encryption_headers(self.settings.extra, "gcs"))
         props["Content-Length"] = str(size)
         drv = self._driver()
         body = _SizedStream(chunks, size)
+        seen = self.identity.generation
         what = f"upload {name}"
         try:
             drv.upload_object_via_stream(
@@ -310,6 +381,12 @@ class GCSBackend(LibcloudHTTPBackend):
             )
         except Exception as exc:
             err = self._map(what, exc)
+            if isinstance(err, AuthError) and self._token_refused():
+                # The body is spent: a new token now, and the retry sends the file again.
+                self._renew(what, seen)
+                raise TransientError(
+                    f"{what}: the access token was refused; sending again"
+                ) from None
             # A PUT finds no object to miss: a 404 means the bucket is gone.
             raise (self._no_bucket() if isinstance(err, ObjectNotFoundError) else err) from None
         if body.sent != size:
@@ -323,6 +400,20 @@ class GCSBackend(LibcloudHTTPBackend):
         return ObjectInfo(name, int(size), meta, h.get("etag"), http_time(h.get("last-modified")))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        what = f"list {prefix!r}"
+        seen = self.identity.generation
+        listed = 0
+        try:
+            for info in self._list(prefix):
+                listed += 1
+                yield info
+        except AuthError:
+            if listed or not self._token_refused():
+                raise
+            self._renew(what, seen)
+            yield from self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container
 
         drv = self._driver()

@@ -35,6 +35,7 @@ from urllib.parse import quote
 from uploader.errors import PermanentError, TransientError, UploaderError
 from uploader.redact import redact
 from uploader.transfer.backends.base import Backend
+from uploader.transfer.backends.encryption import ENCRYPTION_OPTIONS
 from uploader.transfer.retry import is_transient
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.tls import tls_failure
@@ -153,6 +154,8 @@ class LibcloudHTTPBackend(Backend):
         self.container = settings.container
         extra = dict(settings.extra)
         self._timeout = float(extra.pop("timeout", DEFAULT_TIMEOUT))
+        for name in ENCRYPTION_OPTIONS:  # headers of ours, not driver arguments
+            extra.pop(name, None)
         self._local = threading.local()
         self._drivers: list[Any] = []
         self._lock = threading.Lock()
