@@ -218,3 +218,45 @@ def test_keep_local_deletes_a_superseded_checkpoint_only_after_a_newer_one_is_co
     assert body["superseded"] == 3
     text = run_cli("status", str(run)).stdout
     assert "skipped as superseded: 3 checkpoint(s)" in text and "lag 0.0s" in text
+
+
+def test_directory_checkpoints_skipped_leave_nothing_behind_across_a_restart(
+    tmp_path: Path,
+    local_bucket: Path,
+    daemons: list[Daemon],  # noqa: F811
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    uri = local_uri(local_bucket, "hf")
+    args = ("--to", uri, "--bwlimit", "2M", "--keep-remote", "1", "--settle", "0.2")
+    d = Daemon(tmp_path, run, *args, status=run / STATUS_FILE)
+    daemons.append(d)
+    d.wait_running()
+    for step in range(1, 6):  # Hugging Face layout: trainer_state.json is written last
+        ck = run / f"checkpoint-{step}"
+        ck.mkdir()
+        atomic_write(ck / "model.safetensors", 1 * MiB, seed=step)
+        atomic_write(ck / "optimizer.pt", 512 << 10, seed=100 + step)
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        time.sleep(0.3)
+    wait_for(lambda: _latest(local_bucket, "hf") == "checkpoint-5", 40, "latest = checkpoint-5")
+    d.wait_status(
+        lambda s: s.get("intake_finished") and not s.get("pending") and not s.get("uploading")
+    )
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    log = d.log()
+    assert "skipping checkpoint checkpoint-" in log, log
+    assert "was not committed" not in log and "incomplete" not in log, log
+    stored = {
+        p.relative_to(local_bucket / "hf" / "rank_0").parts[0]
+        for p in (local_bucket / "hf" / "rank_0").rglob("*")
+        if p.is_file() and p.name != "latest.json"
+    }
+    assert stored == {"checkpoint-5"}, stored  # nothing of a skipped checkpoint stays
+    again = Daemon(tmp_path, run, *args, "--exit-when-idle", name="d2", status=run / STATUS_FILE)
+    daemons.append(again)
+    assert again.wait(60) == 0, again.log()
+    assert "incomplete" not in again.log() and "was not committed" not in again.log()
+    assert again.status()["incomplete"] == {}
+    assert _latest(local_bucket, "hf") == "checkpoint-5"

@@ -41,15 +41,21 @@ class Skipping:
         e = self.engine
         e.assembler.superseded.add(ckpt.rel)
 
-        def record() -> list[FileRecord]:
+        def record() -> tuple[list[FileRecord], list[FileRecord]]:
             recs = [r for r in map(e.journal.get, rels) if r is not None]
-            for rel in rels:
+            # Files of a directory checkpoint verified before the skip: never committed
+            # now; superseded too (not judged again after a restart), their objects go.
+            sent = [r for r in e.journal.under(ckpt.rel) if r.state == "done" and not r.committed]
+            for rel in [*rels, *(r.path for r in sent)]:
                 e.journal.superseded(rel)
-            return recs
+            return recs, sent
 
         run = e.quick if len(rels) <= QUICK_ROWS else e.call
-        for rec in await run(record):
+        recs, sent = await run(record)
+        for rec in recs:
             e.uploads.orphans.add(rec)  # sent in part before a restart, maybe
+        for rec in sent:
+            e.uploads.orphans.add(rec, started=True)
         for rel in rels:
             e.uploads.outstanding.discard(rel)
             e.assembler.closed(rel)

@@ -309,6 +309,9 @@ class Uploads:
             )
             self.verified_files += 1
             self.failing = 0
+            if self.superseded(rel):  # superseded as its last part went out: not committed
+                await self._superseded(rec, started=True)
+                return
             self.assembler.verified(replace(rec, state="done", digest=at.digest))
             return
 
