@@ -209,3 +209,40 @@ def test_bad_metrics_options_say_what_to_do(tmp_path: Path, local_bucket: Path) 
         )
     assert out.returncode == 2, out.stderr
     assert "choose another --metrics-port" in out.stderr
+
+
+def test_readyz_fails_while_uploads_fail_in_a_real_daemon(
+    tmp_path: Path,
+    local_bucket: Path,
+    daemons: list[Daemon],  # noqa: F811
+) -> None:
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    d = Daemon(
+        tmp_path,
+        run,
+        "--to",
+        local_uri(local_bucket, "f"),
+        "--settle",
+        "0.2",
+        "--attempts",
+        "2",
+        "--retry-delay",
+        "0.1",
+        "--metrics-port",
+        "0",
+    )
+    daemons.append(d)
+    port = _port(d)
+    d.wait_running()
+    assert _get(port, "/readyz")[0] == 200
+    (local_bucket / "f").write_text("a file where the prefix's directory should be")
+    atomic_write(run / "ckpt" / "ep1.pt", 64 << 10)
+    wait_for(lambda: _get(port, "/readyz")[0] == 503, 20, "/readyz 503 once uploads fail")
+    assert "failed" in _get(port, "/readyz")[1]
+    assert _get(port, "/livez")[0] == 200
+    s = _samples(_get(port, "/metrics")[1])
+    assert _value(s, "ckpt_uploader_files_failed_total") == 1
+    assert _value(s, "ckpt_uploader_retries_total") >= 1
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 1, d.log()
