@@ -60,7 +60,12 @@ INTERVALS = 8
 
 
 class SupersededError(Exception):
-    """Raised in an upload thread when the file's checkpoint was superseded meanwhile."""
+    """Raised in an upload thread when the file's checkpoint was superseded meanwhile;
+    ``sent``: whether bytes of it may have reached the store."""
+
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,8 @@ class Uploads:
                     self.assembler.verified(rec)
                 return
             if at.step == "superseded" or isinstance(at.error, SupersededError):
-                await self._superseded(rec, started=at.step != "superseded")
+                sent = isinstance(at.error, SupersededError) and at.error.sent
+                await self._superseded(rec, started=sent)
                 return
             if at.step == "missing":
                 session = await self.call(self.journal.sessions.session, rec.object)
@@ -385,15 +386,23 @@ class Uploads:
         on arrival (runs in a worker thread)."""
         rel = rec.path
         bucket = self.bucket
+        prepaid = bucket is not None and rec.size <= self.store.effective_part_size(rec.size)
+        if prepaid:
+            # One request: the limit is waited for before it, so a checkpoint superseded
+            # meanwhile sends nothing (parts of a multipart upload wait after each part).
+            assert bucket is not None
+            bucket.consume(rec.size)
+            if self.superseded(rel):
+                raise SupersededError(f"{rel}: its checkpoint is superseded", sent=False)
 
         def progress(n: int) -> None:
-            if self.superseded(rel):
+            if self.superseded(rel) and not prepaid:
                 raise SupersededError(f"{rel}: its checkpoint is superseded")
             with self._sent_lock:
                 self._sent += n
                 self._inflight[rel] = self._inflight.get(rel, 0) + n
             self.progress.advance(rel, n)
-            if bucket is not None:
+            if bucket is not None and not prepaid:
                 bucket.consume(n)
                 if self.superseded(rel):  # superseded while the limit held it back
                     raise SupersededError(f"{rel}: its checkpoint is superseded")
