@@ -250,3 +250,19 @@ def test_lag_warning_when_the_lag_stays_above_twice_the_save_interval(
         clock.now += 60
         assert [reporter.check_lag(behind) for _ in range(LAG_CHECKS)][-1]
     assert "falling behind" in caplog.text and "5.0s" in caplog.text
+
+
+def test_a_checkpoint_saved_again_under_its_name_waits_again() -> None:
+    clock = Clock()
+    b = Backlog(1, clock)
+    rel, ck = single(1)
+    b.add(rel, ck, 10, 1, True)
+    assert drain(b) == [rel]
+    b.committed(0, [rel], [(1, rel)])
+    assert b.lag() == 0.0
+    clock.now += 1
+    b.add(rel, ck, 10, 2, True)  # model.pt overwritten by the next save
+    clock.now += 2
+    assert b.lag() == pytest.approx(2.0)
+    assert b.take_skipped() == []  # the new version is the newest: never superseded
+    assert drain(b) == [rel]

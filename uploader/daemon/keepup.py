@@ -152,6 +152,9 @@ class Backlog:
         queued: its checkpoint is superseded (it is then among :meth:`take_skipped`)."""
         if ckpt is not None:
             st = self._states.get(ckpt)
+            done = st is not None and (st.committed or st.superseded) and not st.waiting
+            if done and st is not None and mtime_ns > st.mtime_ns:
+                st = None  # saved again under the same name: a new checkpoint
             if st is None:
                 st = self._states[ckpt] = _State(ckpt)
             if st.superseded:
