@@ -213,6 +213,7 @@ def test_outermost_numbered_directory_wins(tmp_path: Path) -> None:
         (["model.safetensors", "rng_state.pth"], "hf", "trainer_state.json"),
         (["__0_0.distcp", "__1_0.distcp"], "dcp", ".metadata"),
         (["model.pt", "notes.txt"], "settled", ""),
+        (["pytorch_model_fsdp_0/.metadata"], "accelerate", "random_states_0.pkl"),
     ],
 )
 def test_a_numbered_directory_is_read_by_its_files(
@@ -229,6 +230,16 @@ def test_a_numbered_directory_is_read_by_its_files(
     if marker:
         _touch(tmp_path, f"step_5/{marker}")
         assert rules.complete(tmp_path, u)
+
+
+@pytest.mark.parametrize("name", ["checkpoint-7", "checkpoint_7"])
+def test_hf_and_accelerate_names_are_never_merely_settled(tmp_path: Path, name: str) -> None:
+    """Their first files (the model) show no trainer yet: they wait for a marker."""
+    rules = Checkpoints()
+    _touch(tmp_path, f"{name}/model.safetensors")
+    u = rules.unit(tmp_path, f"{name}/model.safetensors")
+    assert u is not None and rules.resolve(tmp_path, u).name == "hf"
+    assert not rules.complete(tmp_path, u)
 
 
 def test_settled_user_rule(tmp_path: Path) -> None:

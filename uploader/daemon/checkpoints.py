@@ -48,10 +48,11 @@ deepspeed  ``global_stepN/`` (name)            the ``latest`` tag beside it name
 megatron   ``iter_NNNNNNN/`` (name)            ``latest_checkpointed_iteration.txt``
                                                beside it names its iteration
 settled    a numbered directory no rule        every file in it is closed by every
-           recognises (but ``checkpoint-N``:   writer, quiet for ``--settle`` and
-           the HF Trainer's and diffusers'     verified
-           name, which waits for ``hf`` or
-           ``accelerate``'s marker)
+           recognises (but ``checkpoint-N``    writer, quiet for ``--settle`` and
+           and ``checkpoint_N``, the HF        verified
+           Trainer's, diffusers' and
+           Accelerate's names, which wait for
+           ``hf`` or ``accelerate``'s marker)
 dir:GLOB   ``--checkpoint-dir GLOB=MARKER``    MARKER exists
 settled:G  ``--checkpoint-dir settled:GLOB``   as ``settled``
 ========== ================================== =========================================
@@ -115,9 +116,9 @@ CHECKPOINT_PATTERNS: tuple[str, ...] = (
 _WORD = r"(?:checkpoint|ckpt|global_step|globalstep|step|iteration|iter|epoch|ep)"
 #: A directory whose name carries a step or epoch number: one checkpoint.
 NUMBERED = re.compile(rf"^{_WORD}[-_=]?\d+(?:[-_]{_WORD}[-_=]?\d+)*$", re.IGNORECASE)
-#: The name the HF Trainer (and diffusers' scripts, through Accelerate) give a checkpoint:
-#: never committed as merely settled.
-HF_NAME = re.compile(r"^checkpoint-\d+$")
+#: The names the HF Trainer and diffusers' scripts (``checkpoint-N``) and Accelerate's
+#: automatic naming (``checkpoint_N``) give a checkpoint: never committed as merely settled.
+HF_NAME = re.compile(r"^checkpoint[-_]\d+$")
 #: DeepSpeed's tag file: names the newest complete ``global_stepN`` directory.
 DEEPSPEED_TAG = "latest"
 #: Megatron-LM's tracker file: the newest complete iteration (``iter_{:07d}``).
@@ -240,6 +241,7 @@ ACCELERATE = DirRule(
         "sampler_*.bin",
         "dl_state_dict*.bin",
         "custom_checkpoint_*.pkl",
+        "pytorch_model_fsdp_*",  # FSDP sharded state: a DCP directory per model
     ),
 )
 DCP = DirRule("dcp", "*", ".metadata", named=False, signs=(".metadata", "*.distcp"))
@@ -352,8 +354,8 @@ class Checkpoints:
             if any(_matches(n, trainer.signs) for n in top):
                 return trainer
         if HF_NAME.match(unit.name.rsplit("/", 1)[-1]):
-            # The HF Trainer's and diffusers' name: waits for one of their markers (the
-            # model files they write first show neither trainer yet).
+            # The HF Trainer's, diffusers' and Accelerate's names: wait for one of their
+            # markers (the model files they write first show neither trainer yet).
             return HF
         return SETTLED_RULE
 

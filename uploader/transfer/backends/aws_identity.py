@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import threading
 from typing import Any, NamedTuple
 
 from uploader.errors import AuthError, ConfigError
 from uploader.redact import redact, register_secret
+from uploader.transfer.backends.identity import Identity
 from uploader.transfer.settings import StoreSettings
 
 __all__ = ["AwsIdentity", "Frozen", "EXPIRED_CODES", "is_expired_answer"]
@@ -86,7 +86,7 @@ def is_expired_answer(status: int, code: str | None, message: str) -> bool:
     return status in (400, 403) and "expired" in text and ("token" in text or "signature" in text)
 
 
-class AwsIdentity:
+class AwsIdentity(Identity):
     """The credentials an S3 store signs with (see the module docstring).
 
     Args:
@@ -96,13 +96,11 @@ class AwsIdentity:
     """
 
     def __init__(self, settings: StoreSettings, session_factory: Any = None) -> None:
+        super().__init__()
         self.settings = settings
         self.profile: str | None = settings.extra.get("profile") or None
         self._session_factory = session_factory
-        self._lock = threading.Lock()
-        self._generation = 0
         self._last: tuple[str, str | None] | None = None
-        self.refreshes = 0
         self.named = settings.key_environ is not None or settings.secret_environ is not None
         if self.named and self.profile:
             raise ConfigError(
@@ -191,22 +189,10 @@ class AwsIdentity:
             self._last = (ro.access_key, ro.token)
         return Frozen(ro.access_key, ro.secret_key, ro.token or None)
 
-    @property
-    def generation(self) -> int:
-        """Bumped by every :meth:`refresh`; pass it back so that threads that saw the
-        same refusal refresh once between them."""
-        return self._generation
-
-    def refresh(self, seen: int | None = None) -> None:
-        """Drop the credentials and find them again (a fresh resolver), unless another
-        thread already did since generation ``seen``."""
-        with self._lock:
-            if seen is not None and seen != self._generation:
-                return
-            self._creds = self._resolve()
-            self._source = self._describe_source()
-            self._generation += 1
-            self.refreshes += 1
+    def _renew_locked(self) -> None:
+        """A fresh resolver: botocore has no public call to force a refresh."""
+        self._creds = self._resolve()
+        self._source = self._describe_source()
 
     @property
     def temporary(self) -> bool:

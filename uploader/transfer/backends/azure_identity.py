@@ -40,13 +40,13 @@ import datetime as _dt
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from uploader.errors import AuthError, ConfigError
 from uploader.redact import redact, register_secret
+from uploader.transfer.backends.identity import Identity
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.tls import TLSTrust
 
@@ -90,7 +90,7 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-class AzureIdentity:
+class AzureIdentity(Identity):
     """How an Azure store authorises its requests (see the module docstring).
 
     Args:
@@ -106,12 +106,10 @@ class AzureIdentity:
         trust: TLSTrust,
         clock: Callable[[], _dt.datetime] = _utcnow,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self._trust = trust
         self.clock = clock
-        self._lock = threading.Lock()
-        self._generation = 0
-        self.refreshes = 0
         #: ``shared key``, ``sas`` or ``token``.
         self.mode = ""
         #: The account key (Shared Key mode).
@@ -318,21 +316,9 @@ class AzureIdentity:
             assert self._token is not None
             return self._token
 
-    @property
-    def generation(self) -> int:
-        """Bumped by every :meth:`refresh`; pass it back so that threads that saw the
-        same refusal refresh once between them."""
-        return self._generation
-
-    def refresh(self, seen: int | None = None) -> None:
-        """Get a new token now (the store refused the current one), unless another
-        thread already did since generation ``seen``."""
-        with self._lock:
-            if seen is not None and seen != self._generation:
-                return
-            self._fetch_locked(fresh=True)
-            self._generation += 1
-            self.refreshes += 1
+    def _renew_locked(self) -> None:
+        """Get a new token now: the store refused the current one."""
+        self._fetch_locked(fresh=True)
 
     def expires(self) -> _dt.datetime | None:
         """When the current token (or the SAS) expires, where known."""

@@ -36,12 +36,12 @@ import datetime as _dt
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from uploader.errors import AuthError, ConfigError
 from uploader.redact import redact, register_secret
+from uploader.transfer.backends.identity import Identity
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.tls import TLSTrust
 
@@ -61,7 +61,7 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-class GcpIdentity:
+class GcpIdentity(Identity):
     """How a GCS store authorises its requests (see the module docstring).
 
     Args:
@@ -77,12 +77,10 @@ class GcpIdentity:
         trust: TLSTrust,
         clock: Callable[[], _dt.datetime] = _utcnow,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self._trust = trust
         self.clock = clock
-        self._lock = threading.Lock()
-        self._generation = 0
-        self.refreshes = 0
         #: ``(access id, secret)`` when libcloud signs with HMAC keys or a PEM/P12 key.
         self.signed: tuple[str, str] | None = None
         self.project: str | None = settings.extra.get("project") or None
@@ -264,21 +262,9 @@ class GcpIdentity:
                 self._last = token
             return token
 
-    @property
-    def generation(self) -> int:
-        """Bumped by every :meth:`refresh`; pass it back so that threads that saw the
-        same refusal refresh once between them."""
-        return self._generation
-
-    def refresh(self, seen: int | None = None) -> None:
-        """Get a new token now (the store refused the current one), unless another
-        thread already did since generation ``seen``."""
-        with self._lock:
-            if seen is not None and seen != self._generation:
-                return
-            self._refresh_locked()
-            self._generation += 1
-            self.refreshes += 1
+    def _renew_locked(self) -> None:
+        """Get a new token now: the store refused the current one."""
+        self._refresh_locked()
 
     def expires(self) -> _dt.datetime | None:
         """When the current token expires, where known."""
