@@ -206,7 +206,7 @@ def test_retention_deletes_manifest_objects_with_their_checkpoints(
 def test_a_damaged_manifest_object_is_refused_with_what_to_do(
     local_store: ObjectStore, tmp_path: Path
 ) -> None:
-    entry = _upload_dir(local_store, tmp_path / "src", "step_9", 700)
+    entry = _upload_dir(local_store, tmp_path / "src", "step_9", 1000)
     commit(local_store, PREFIX, 0, entry)
     got = read_pointer(local_store, PREFIX, 0)
     assert got is not None

@@ -1,8 +1,12 @@
 """S3 multipart uploads: the part protocol of :class:`uploader.transfer.backends.s3.S3Backend`.
 
-``begin`` is CreateMultipartUpload, ``put_part`` an UploadPart signed with the part's
-sha256 (the store computed it already; the body is not hashed again), ``complete`` a
-CompleteMultipartUpload (whose 200 answer may still carry an error, checked here),
+``begin`` is CreateMultipartUpload (a ``FULL_OBJECT`` CRC64NVME upload when the
+digest is a CRC), ``put_part`` an UploadPart with the part's CRC64NVME header or
+signed with its sha256 (computed once by the store; the body is not hashed again; see
+:mod:`uploader.transfer.backends.s3` for which), ``complete`` a
+CompleteMultipartUpload with each part's ``ChecksumCRC64NVME`` and the whole
+object's value where the upload has them (whose 200 answer may still carry an
+error, checked here),
 ``abort`` an AbortMultipartUpload. Resuming reads what an unfinished upload holds
 (ListParts, page by page; NoSuchUpload means the store forgot it), and
 ``list_uploads`` pages through ListMultipartUploads for the stale ones. A part's token
@@ -24,6 +28,7 @@ from uploader.transfer.backends.s3request import (
     S3TransientError,
     parse_xml,
 )
+from uploader.transfer.digest import crc64nvme_b64
 
 __all__ = ["S3Multipart"]
 
@@ -37,8 +42,11 @@ class S3Multipart(S3RequestBackend):
     min_part_size = 5 << 20
     resumable = True
 
-    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
+    def begin(self, name: str, metadata: Mapping[str, str], checksum: str | None = None) -> str:
         headers = self._object_headers(metadata)
+        if checksum == "crc64nvme":
+            headers["x-amz-checksum-algorithm"] = "CRC64NVME"
+            headers["x-amz-checksum-type"] = "FULL_OBJECT"
         _, body = self._request(
             "POST", name, f"start upload of {name}", params={"uploads": ""}, headers=headers
         )
@@ -51,16 +59,26 @@ class S3Multipart(S3RequestBackend):
         return upload_id
 
     def put_part(
-        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+        self,
+        name: str,
+        upload_id: str,
+        index: int,
+        offset: int,
+        data: memoryview,
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
     ) -> PartToken:
         number = index + 1
+        headers: dict[str, str] = {}
+        payload = self._payload(data, sha256, crc64nvme, headers)
         resp, _ = self._request(
             "PUT",
             name,
             f"upload part {number} of {name}",
             params={"partNumber": str(number), "uploadId": upload_id},
+            headers=headers,
             body=data,
-            payload_sha256=sha256.hex(),
+            payload_sha256=payload,
         )
         etag = resp.getheader("ETag")
         if not etag:
@@ -69,14 +87,34 @@ class S3Multipart(S3RequestBackend):
             )
         return (number, etag)
 
-    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
+    def complete(
+        self,
+        name: str,
+        upload_id: str,
+        tokens: list[PartToken],
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
+    ) -> None:
         parts = "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(etag)}</ETag></Part>"
-            for n, etag in tokens
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(etag)}</ETag>"
+            + (
+                f"<ChecksumCRC64NVME>{crc64nvme_b64(part_crcs[i])}</ChecksumCRC64NVME>"
+                if part_crcs is not None
+                else ""
+            )
+            + "</Part>"
+            for i, (n, etag) in enumerate(tokens)
         )
         body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        headers: dict[str, str] = {}
+        if crc64nvme is not None:
+            # The whole object's value: S3 checks it against the one it combined.
+            headers["x-amz-checksum-crc64nvme"] = crc64nvme_b64(crc64nvme)
+            headers["x-amz-checksum-type"] = "FULL_OBJECT"
         what = f"complete upload of {name}"
-        _, reply = self._request("POST", name, what, params={"uploadId": upload_id}, body=body)
+        _, reply = self._request(
+            "POST", name, what, params={"uploadId": upload_id}, headers=headers, body=body
+        )
         root = parse_xml(reply)
         if root is not None and root.tag == "Error":
             # S3 may answer 200 and report the failure in the body.

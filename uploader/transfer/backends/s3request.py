@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import itertools
@@ -60,6 +61,7 @@ from uploader.transfer.backends.sigv4 import (
     EMPTY_SHA256,
     SigV4Signer,
     canonical_query,
+    payload_hash,
     quote_path,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP
@@ -93,6 +95,8 @@ TRANSIENT_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "OperationAborted",
+        "BadDigest",  # bytes damaged on the way (checksum or signed hash): sent again
+        "XAmzContentSHA256Mismatch",
     }
 )
 _MISSING_OBJECT_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound"})
@@ -154,6 +158,9 @@ class S3RequestBackend(Backend):
         self.settings = settings
         self.bucket = settings.container
         self.secure = settings.secure
+        # Over plain HTTP the payload is signed (nothing else guards it on the way).
+        self.payload_sha256 = not self.secure
+        self._payload = functools.partial(payload_hash, unsigned=not self.payload_sha256)
         port = f":{settings.port}" if settings.port else ""
         where = f"{'https' if self.secure else 'http'}://{settings.host or settings.provider}{port}"
         # Before libcloud is imported: it refuses a missing $SSL_CERT_FILE with a bare error.
