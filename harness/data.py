@@ -11,7 +11,7 @@ from awscrt import checksums
 
 from uploader.transfer.digest import Digest
 
-__all__ = ["write_random", "file_digest"]
+__all__ = ["write_random", "file_digest", "bytes_digest"]
 
 _READ = 4 << 20
 
@@ -60,3 +60,8 @@ def file_digest(path: str | os.PathLike[str], part_size: int, kind: str = "crc64
     if len(parts) <= 1:
         return Digest("sha256", whole.hexdigest())
     return Digest("sha256-parts", hashlib.sha256(b"".join(parts)).hexdigest(), part_size)
+
+
+def bytes_digest(data: bytes) -> str:
+    """The digest a store records by default (``crc64nvme``) for a file holding ``data``."""
+    return f"crc64nvme:{checksums.crc64nvme(data):016x}"
