@@ -16,8 +16,9 @@ measures the client, not the server's first touch of the object.
 
 * ours: ``ObjectStore.upload_file(verify=False)`` / ``download_file`` (default
   part size and concurrency; each part sent with its CRC64NVME, and over plain
-  HTTP signed with its sha256; the file digest computed and recorded; the download verifies the digest and fsyncs). Like
-  boto3, no read-back after the upload.
+  HTTP signed with its sha256; the file digest computed and recorded; the
+  download verifies the digest and fsyncs). Like boto3, no read-back after the
+  upload.
 * ours+readback: the same, with the read-back the daemon does before it calls a
   file verified (``verify=True``: a HEAD of the object). Against ``rclone serve
   s3`` the first HEAD of an object makes the server compute its MD5 over the
