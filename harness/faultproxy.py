@@ -29,6 +29,9 @@ decide a fault for every request, with a seeded RNG:
 * ``bad_digest``: answer the first N uploads of bytes (PutObject, UploadPart: a PUT
   with a body) with ``400 BadDigest``, unforwarded, as S3 does when the bytes that
   arrived do not match their ``x-amz-checksum-*`` header.
+* ``refuse_checksums``: answer every request carrying an ``x-amz-checksum-*`` or
+  ``x-amz-sdk-checksum-algorithm`` header with ``400 InvalidArgument``, unforwarded, as
+  an S3-compatible server that does not implement them does.
 * ``flip_byte``: forward the first N uploads of bytes (as above) with one body byte
   inverted, the middle one: damage in transit that TLS would have stopped, for a
   server that does not check the checksum header.
@@ -91,6 +94,12 @@ S3_ERRORS = {
 }
 
 
+#: The 400 answer of ``refuse_checksums``.
+CHECKSUMS_REFUSED = (
+    "Bad Request",
+    "InvalidArgument",
+    "x-amz-checksum-crc64nvme is not supported by this server.",
+)
 #: The 400 answer of ``bad_digest`` (S3_ERRORS' 400 is ExpiredToken).
 BAD_DIGEST = (
     "Bad Request",
@@ -141,6 +150,7 @@ class FaultPlan:
     unauthorized: int = 0
     bad_digest: int = 0
     flip_byte: int = 0
+    refuse_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
@@ -171,6 +181,7 @@ class _Stats:
     denied: int = 0
     bad_digest: int = 0
     flipped: int = 0
+    checksums_refused: int = 0
     upstream_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -429,6 +440,16 @@ class FaultProxy:
                 self._stats.conditional += 1
             return status
 
+    def _refuses_checksums(self, head: bytes) -> bool:
+        lower = head.lower()
+        if not self._plan.refuse_checksums or not (
+            b"\r\nx-amz-checksum-" in lower or b"\r\nx-amz-sdk-checksum-" in lower
+        ):
+            return False
+        with self._lock:
+            self._stats.checksums_refused += 1
+        return True
+
     def _take(self, fault: str) -> bool:
         """Whether this request gets the counted fault ``fault`` (``bad_digest``,
         ``flip_byte``): True while the plan's count for it lasts."""
@@ -508,6 +529,11 @@ class FaultProxy:
                 if answer is None:
                     answer = self._answer_identity(method, raw_target, head)
                 uploads = method == "PUT" and has_body
+                if answer is None and self._refuses_checksums(head):
+                    if not expect:
+                        _drain_body(reader, body_len, chunked)
+                    _send_error(client, method, 400, CHECKSUMS_REFUSED)
+                    return
                 if answer is None and uploads and self._take("bad_digest"):
                     if not expect:
                         _drain_body(reader, body_len, chunked)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import os
 import subprocess
 import uuid
@@ -104,6 +105,32 @@ def test_a_bad_digest_answer_sends_the_part_again(
         assert result.digest == file_digest(src, PART)
         out = store.download_file("run/f.bin", tmp_path / "out.bin", progress=False)
         assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_store_refusing_the_checksum_headers_gets_none_and_the_payload_signed(
+    proxied: tuple[S3Server, FaultProxy, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An S3-compatible server that answers 400 InvalidArgument to x-amz-checksum-*
+    (played by the proxy): the refused request is sent again without them, and no later
+    one carries them; uploads complete, and restores still check the CRC64NVME digest."""
+    server, proxy, bucket = proxied
+    big = write_random(tmp_path / "big.bin", 2 * PART + 5, seed=7)
+    small = write_random(tmp_path / "small.bin", 100, seed=8)
+    with _store(server, proxy, bucket) as store:
+        proxy.set_plan(FaultPlan(refuse_checksums=True))
+        caplog.set_level(logging.WARNING, "uploader.transfer.backends.s3")
+        assert store.upload_file(big, "run/big.bin").digest == file_digest(big, PART)
+        assert store.upload_file(small, "run/small.bin").digest == file_digest(small, PART)
+        assert proxy.stats()["checksums_refused"] == 1  # CreateMultipartUpload, once
+        assert [r.getMessage() for r in caplog.records if "refuses" in r.getMessage()]
+        for path in (big, small):
+            out = store.download_file(f"run/{path.name}", tmp_path / "o", progress=False)
+            assert out.read_bytes() == path.read_bytes()
+    puts = _puts(proxy)
+    assert puts and not [h for h in puts if "x-amz-checksum-crc64nvme" in h]
+    assert all(len(h["x-amz-content-sha256"]) == 64 for h in puts)
 
 
 def test_a_byte_flipped_in_transit_of_an_unsigned_payload_is_caught_at_restore(

@@ -23,9 +23,12 @@ its downloads read whole objects into memory.
   FULL_OBJECT CRC64NVME it combines itself; ``HeadObject`` with
   ``x-amz-checksum-mode: ENABLED`` returns them) but refuses no wrong one; rclone
   serve s3 accepts and ignores them (it echoes a PutObject's header back, keeps
-  none for multipart). Neither refuses a request for them, so nothing falls back:
-  where the server does not check, TLS (or over plain HTTP the signed payload) and
-  the download's own check against the recorded digest guard the bytes.
+  none for multipart). Neither refuses a request for them. A server that does
+  (400 ``InvalidArgument``, 501 ``NotImplemented``: older S3-compatibles) gets that
+  request again without them and no checksum header from then on, with a warning;
+  the payload's sha256 is then signed (``S3Multipart._checksummed``). Where the
+  server does not check, TLS (or over plain HTTP the signed payload) and the
+  download's own check against the recorded digest guard the bytes.
 * Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash the
   store already computed for each part, or ``UNSIGNED-PAYLOAD`` (above). The body
   is never hashed a second time. ``Content-MD5`` is not sent: it would cost a
@@ -143,11 +146,13 @@ class S3Backend(S3Multipart):
         sha256: bytes | None,
         crc64nvme: int | None = None,
     ) -> None:
-        headers = self._object_headers(metadata)
-        payload = self._payload(data, sha256, crc64nvme, headers)
-        self._request(
-            "PUT", name, f"upload {name}", headers=headers, body=data, payload_sha256=payload
-        )
+        def send() -> None:
+            headers = self._object_headers(metadata)
+            payload = self._payload(data, sha256, crc64nvme, headers)
+            self._request("PUT", name, what, headers=headers, body=data, payload_sha256=payload)
+
+        what = f"upload {name}"
+        self._checksummed(send, what)
 
     # -- conditional writes ---------------------------------------------------------------
     def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:

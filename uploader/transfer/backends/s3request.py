@@ -34,7 +34,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.client
 import itertools
@@ -61,7 +60,6 @@ from uploader.transfer.backends.sigv4 import (
     EMPTY_SHA256,
     SigV4Signer,
     canonical_query,
-    payload_hash,
     quote_path,
 )
 from uploader.transfer.retry import TRANSIENT_HTTP
@@ -160,7 +158,6 @@ class S3RequestBackend(Backend):
         self.secure = settings.secure
         # Over plain HTTP the payload is signed (nothing else guards it on the way).
         self.payload_sha256 = not self.secure
-        self._payload = functools.partial(payload_hash, unsigned=not self.payload_sha256)
         port = f":{settings.port}" if settings.port else ""
         where = f"{'https' if self.secure else 'http'}://{settings.host or settings.provider}{port}"
         # Before libcloud is imported: it refuses a missing $SSL_CERT_FILE with a bare error.
