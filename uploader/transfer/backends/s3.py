@@ -152,7 +152,7 @@ class S3Backend(S3Multipart):
             self._request("PUT", name, what, headers=headers, body=data, payload_sha256=payload)
 
         what = f"upload {name}"
-        self._checksummed(send, what)
+        self._checksummed(send, what, crc64nvme is not None)
 
     # -- conditional writes ---------------------------------------------------------------
     def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:

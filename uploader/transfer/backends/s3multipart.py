@@ -66,15 +66,16 @@ class S3Multipart(S3RequestBackend):
         crc = crc64nvme if self.checksums else None
         return payload_hash(body, sha256, crc, headers, unsigned=not self.payload_sha256)
 
-    def _checksummed(self, send: Callable[[], T], what: str) -> T:
+    def _checksummed(self, send: Callable[[], T], what: str, carries: bool = True) -> T:
         """``send()``, which builds its request by :attr:`checksums`. A store that refuses
         the checksum headers (400 ``InvalidArgument``, 501 ``NotImplemented``...) gets
         the request once more without them, and no checksum header from then on: the
-        payload's sha256 is signed instead, and the download's check still guards it."""
+        payload's sha256 is signed instead, and the download's check still guards it.
+        ``carries``: whether the request has checksum headers to drop at all."""
         try:
             return send()
         except (S3Error, S3TransientError) as exc:
-            if not self.checksums or exc.code not in _CHECKSUM_REFUSALS:
+            if not (carries and self.checksums) or exc.code not in _CHECKSUM_REFUSALS:
                 raise
             answer = f"HTTP {exc.status} {exc.code}"
         self.checksums = False
@@ -101,7 +102,7 @@ class S3Multipart(S3RequestBackend):
             what = f"start upload of {name}"
             return self._request("POST", name, what, params={"uploads": ""}, headers=headers)[1]
 
-        body = self._checksummed(send, f"start upload of {name}")
+        body = self._checksummed(send, f"start upload of {name}", checksum == "crc64nvme")
         root = parse_xml(body)
         upload_id = root.findtext("UploadId") if root is not None else None
         if not upload_id:
@@ -132,7 +133,7 @@ class S3Multipart(S3RequestBackend):
             )
             return resp.getheader("ETag")
 
-        etag = self._checksummed(send, what)
+        etag = self._checksummed(send, what, crc64nvme is not None)
         if not etag:
             raise S3TransientError(
                 f"upload part {number} of {name}: no ETag in the reply", 500, None
@@ -170,7 +171,7 @@ class S3Multipart(S3RequestBackend):
             params = {"uploadId": upload_id}
             return self._request("POST", name, what, params=params, headers=headers, body=body)[1]
 
-        reply = self._checksummed(send, what)
+        reply = self._checksummed(send, what, crc64nvme is not None or part_crcs is not None)
         root = parse_xml(reply)
         if root is not None and root.tag == "Error":
             # S3 may answer 200 and report the failure in the body.
