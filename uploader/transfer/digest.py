@@ -46,9 +46,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
-
-from awscrt import checksums
+from typing import Any, Protocol
 
 from uploader.errors import IntegrityError
 
@@ -81,15 +79,23 @@ _DIGEST_RE = re.compile(
 _CRC_RE = re.compile(r"crc64nvme:(?P<hex>[0-9a-fA-F]{16})", re.ASCII)
 
 
+def _checksums() -> Any:
+    # Imported when first needed: loading awscrt's native library takes some 45 ms, which
+    # commands that compute no checksum (status, ls) need not pay at start-up.
+    from awscrt import checksums
+
+    return checksums
+
+
 def crc64nvme(data: bytes | bytearray | memoryview, previous: int = 0) -> int:
     """The CRC-64/NVME of ``data``, continuing from ``previous`` (the CRC of the bytes
-    before it); hardware-accelerated by awscrt."""
-    return int(checksums.crc64nvme(data, previous))
+    before it); hardware-accelerated by awscrt (which lets go of the interpreter lock)."""
+    return int(_checksums().crc64nvme(data, previous))
 
 
 def crc64nvme_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-64/NVME of ``a + b`` from ``crc(a)``, ``crc(b)`` and ``len(b)``."""
-    return int(checksums.combine_crc64nvme(crc1, crc2, len2))
+    return int(_checksums().combine_crc64nvme(crc1, crc2, len2))
 
 
 def crc64nvme_b64(crc: int) -> str:
