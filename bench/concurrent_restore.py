@@ -192,7 +192,7 @@ def report(runs: Sequence[Run], size: int, limit: int) -> str:
     lines = [
         "## Many ranks restoring at once",
         "",
-        f"N processes each download their own {size // MiB} MiB object (verified sha256) from "
+        f"N processes each download their own {size // MiB} MiB object (verified against its digest) from "
         "one `rclone serve s3` at the same instant (start-up and the server's first touch "
         f"not timed). *limited*: the server's total rate is capped (`--bwlimit "
         f"{limit // MiB}M`), so it is the bottleneck; *unlimited*: the 2 CPU cores are. "

@@ -11,7 +11,7 @@ compute and cache its MD5, then one full read).
 (a) Downloads of a random file:
 
 * ours: ``ObjectStore.download_file`` (default options: parallel ranges received
-  into the temporary file's mapped pages, sha256 verified end to end, renamed into
+  into the temporary file's mapped pages, digest (CRC64NVME) verified end to end, renamed into
   place; left in the page cache like every peer's file)
 * ours-fsync: the same with ``fsync=True`` (``pull --fsync``): on disk before the rename
 * ours-pwrite: the path taken on a filesystem that cannot allocate ahead (forced here
@@ -376,7 +376,7 @@ def report_downloads(res: Results, runs: int) -> str:
         f"s3` on 127.0.0.1, the object warmed before any timing (one HEAD, so the server "
         f"computes its MD5 first, and one full read); {runs} interleaved run(s) per client, "
         "medians; `sync` before each run, so no client pays for another's writeback. `ours` "
-        "verifies the sha256 end to end, receives into a temporary file's mapped pages and "
+        "verifies the recorded digest (CRC64NVME) end to end, receives into a temporary file's mapped pages and "
         "renames it into place, leaving it in the page cache as every peer does; `ours-fsync` "
         "also flushes it to disk first (`pull --fsync`); `ours-pwrite` takes the path of a "
         "filesystem that cannot allocate ahead (4 MiB buffers written at their offsets); `pull` is the whole `ckpt-uploader "
@@ -414,7 +414,7 @@ def report_resume(res: Results, runs: int) -> str:
         f"A {res.size // MiB} MiB checkpoint (`ckpt` format, zstd, {TENSORS} float32 tensors of "
         "normal noise), pushed and warmed as in (a); from the call until every tensor is copied "
         f"into model tensors allocated beforehand. {runs} interleaved run(s) per client, "
-        "medians. `ours` is `ckpt.load` from the bucket (download, sha256, zstd decompression "
+        "medians. `ours` is `ckpt.load` from the bucket (download, digest check, zstd decompression "
         "and `torch.load(mmap=True)` pipelined); the others download, then decompress with "
         "`zstandard` into a file, then `torch.load(weights_only=True)`.",
         "",

@@ -8,7 +8,7 @@ rotates; medians over the runs; ``sync`` before each run):
 
 * pull: ``ckpt-uploader pull URI/rank_0/checkpoint-10 DEST/`` (resolves the
   checkpoint through its pointer, fetches every file of its manifest 16 at a time,
-  each verified against the manifest's sha256)
+  each verified against the manifest's digest)
 * pull-1: the same with ``--files 1``: one file after another
 * s5cmd: ``s5cmd cp 's3://bucket/prefix/*' DEST/``
 * rclone: ``rclone copy remote:bucket/prefix DEST``
@@ -150,7 +150,7 @@ def report(res: Results, runs: int, files: int, latency_ms: float) -> str:
         "to `rclone serve s3` on 127.0.0.1 and every object warmed; each client restores it "
         f"as a whole process, start-up included; {runs} interleaved run(s), medians, `sync` "
         "before each. `pull` resolves the checkpoint through its pointer and checks every "
-        "file against the manifest's sha256; `s5cmd cp 'prefix/*'` and `rclone copy` fetch "
+        "file against the manifest's digest; `s5cmd cp 'prefix/*'` and `rclone copy` fetch "
         "the objects under the prefix (s5cmd checks nothing; rclone compares the MD5 the "
         "server reports, where it reports one). `pull-1` is `pull --files 1`, one file after "
         "another."

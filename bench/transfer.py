@@ -15,9 +15,10 @@ compute and cache the object's MD5, then one full read), so the download
 measures the client, not the server's first touch of the object.
 
 * ours: ``ObjectStore.upload_file(verify=False)`` / ``download_file`` (default
-  part size and concurrency; parts signed with their sha256, the file digest
-  computed and recorded; the download verifies the digest and fsyncs). Like
-  boto3, no read-back after the upload.
+  part size and concurrency; each part sent with its CRC64NVME, and over plain
+  HTTP signed with its sha256; the file digest computed and recorded; the
+  download verifies the digest and fsyncs). Like boto3, no read-back after the
+  upload.
 * ours+readback: the same, with the read-back the daemon does before it calls a
   file verified (``verify=True``: a HEAD of the object). Against ``rclone serve
   s3`` the first HEAD of an object makes the server compute its MD5 over the
@@ -333,7 +334,7 @@ def report(res: Results, runs: int) -> str:
             m("ours", "up", "cpu_gib") <= m("boto3", "up", "cpu_gib"),
         ),
         (
-            "download CPU per GiB <= boto3's (ours also verifies sha256)",
+            "download CPU per GiB <= boto3's (ours also verifies the digest)",
             m("ours", "down", "cpu_gib") <= m("boto3", "down", "cpu_gib"),
         ),
         (f"peak RSS < 128 MiB ({rss:.0f} MiB)", rss < 128),

@@ -18,7 +18,7 @@ into memory, so the checkpoint is held once (as the tensors' storage) and the
 process's own memory stays at the stream's few ranges whatever the size. The
 file is an anonymous in-memory one (``memfd_create``) when the checkpoint takes
 at most a quarter of the memory available, so a restore never waits for a disk;
-otherwise a temporary file, whose pages the kernel may drop and read again. The zip CRC check is skipped for such a file: the sha256 of every
+otherwise a temporary file, whose pages the kernel may drop and read again. The zip CRC check is skipped for such a file: the recorded digest of every
 byte (and zstd's own checksum) already vouch for it. :func:`local_copy` instead
 downloads the file as it is (``chunk_size`` pieces, a progress bar).
 
@@ -391,7 +391,7 @@ def load(
             callers that pass it; :func:`local_copy` takes it).
         progress: a progress bar for a download.
         verify: check the zip CRCs of a local torch file before loading (a download is
-            checked by its sha256 instead).
+            checked by its recorded digest instead).
         distributed: when a torch.distributed process group of several ranks is
             initialised, ``latest`` is resolved by rank 0 and broadcast, so every
             rank must load it together; False: this process resolves it alone

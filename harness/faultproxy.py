@@ -26,6 +26,15 @@ decide a fault for every request, with a seeded RNG:
   passes).
 * ``unauthorized``: answer the first N requests (of ``methods``, if given) with ``401``,
   unforwarded: a bearer token the store no longer accepts.
+* ``bad_digest``: answer the first N uploads of bytes (PutObject, UploadPart: a PUT
+  with a body) with ``400 BadDigest``, unforwarded, as S3 does when the bytes that
+  arrived do not match their ``x-amz-checksum-*`` header.
+* ``refuse_checksums``: answer every request carrying an ``x-amz-checksum-*`` or
+  ``x-amz-sdk-checksum-algorithm`` header with ``400 InvalidArgument``, unforwarded, as
+  an S3-compatible server that does not implement them does.
+* ``flip_byte``: forward the first N uploads of bytes (as above) with one body byte
+  inverted, the middle one: damage in transit that TLS would have stopped, for a
+  server that does not check the checksum header.
 
 The access key of every signed request (from its ``Authorization`` header) is recorded
 in ``access_keys``, in order, every bearer token in ``bearer_tokens``, and every
@@ -85,8 +94,22 @@ S3_ERRORS = {
 }
 
 
-def _error_body(status: int) -> bytes:
-    _, code, message = S3_ERRORS[status]
+#: The 400 answer of ``refuse_checksums``.
+CHECKSUMS_REFUSED = (
+    "Bad Request",
+    "InvalidArgument",
+    "x-amz-checksum-crc64nvme is not supported by this server.",
+)
+#: The 400 answer of ``bad_digest`` (S3_ERRORS' 400 is ExpiredToken).
+BAD_DIGEST = (
+    "Bad Request",
+    "BadDigest",
+    "The CRC64NVME you specified did not match the calculated checksum.",
+)
+
+
+def _error_body(status: int, error: tuple[str, str, str] | None = None) -> bytes:
+    _, code, message = error or S3_ERRORS[status]
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{code}</Code><Message>{message}</Message>"
@@ -125,6 +148,9 @@ class FaultPlan:
     expired_token: int = 0
     deny_unencrypted: bool = False
     unauthorized: int = 0
+    bad_digest: int = 0
+    flip_byte: int = 0
+    refuse_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.conditional_status is not None and self.conditional_status not in S3_ERRORS:
@@ -153,6 +179,9 @@ class _Stats:
     expired_token: int = 0
     unauthorized: int = 0
     denied: int = 0
+    bad_digest: int = 0
+    flipped: int = 0
+    checksums_refused: int = 0
     upstream_refused: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -411,6 +440,28 @@ class FaultProxy:
                 self._stats.conditional += 1
             return status
 
+    def _refuses_checksums(self, head: bytes) -> bool:
+        lower = head.lower()
+        if not self._plan.refuse_checksums or not (
+            b"\r\nx-amz-checksum-" in lower or b"\r\nx-amz-sdk-checksum-" in lower
+        ):
+            return False
+        with self._lock:
+            self._stats.checksums_refused += 1
+        return True
+
+    def _take(self, fault: str) -> bool:
+        """Whether this request gets the counted fault ``fault`` (``bad_digest``,
+        ``flip_byte``): True while the plan's count for it lasts."""
+        with self._lock:
+            left = getattr(self._plan, fault)
+            if not left:
+                return False
+            self._plan = replace(self._plan, **{fault: left - 1})
+            stat = "flipped" if fault == "flip_byte" else fault
+            setattr(self._stats, stat, getattr(self._stats, stat) + 1)
+            return True
+
     def _answer_identity(self, method: str, target: str, head: bytes) -> int | None:
         """400 ExpiredToken while ``expired_token`` lasts; 403 for an unencrypted upload
         under ``deny_unencrypted``; None to forward."""
@@ -477,11 +528,25 @@ class FaultProxy:
                 answer = self._answer_conditional() if conditional else None
                 if answer is None:
                     answer = self._answer_identity(method, raw_target, head)
+                uploads = method == "PUT" and has_body
+                if answer is None and self._refuses_checksums(head):
+                    if not expect:
+                        _drain_body(reader, body_len, chunked)
+                    _send_error(client, method, 400, CHECKSUMS_REFUSED)
+                    return
+                if answer is None and uploads and self._take("bad_digest"):
+                    if not expect:
+                        _drain_body(reader, body_len, chunked)
+                    _send_error(client, method, 400, BAD_DIGEST)
+                    return
                 if answer is not None or kind == "slowdown":
                     if not expect:
                         _drain_body(reader, body_len, chunked)
                     _send_error(client, method, answer or 503)
                     return
+                flip_at = (
+                    body_len // 2 if uploads and not chunked and self._take("flip_byte") else None
+                )
                 if up is None:
                     up = self._connect_upstream()
                     if up is None:
@@ -503,7 +568,7 @@ class FaultProxy:
                 if chunked:
                     ok = self._relay_chunked(reader, up, stop_at, stall_at)
                 else:
-                    ok = self._relay_body(reader, up, body_len, stop_at, stall_at)
+                    ok = self._relay_body(reader, up, body_len, stop_at, stall_at, flip_at)
                 if not ok:
                     log.debug("reset %s request mid-body", method)
                     _rst_close(client)
@@ -535,11 +600,23 @@ class FaultProxy:
         length: int,
         stop_at: int | None,
         stall_at: int | None,
+        flip_at: int | None = None,
     ) -> bool:
-        """Forward ``length`` body bytes; False when cut at ``stop_at`` (reset)."""
+        """Forward ``length`` body bytes (the one at ``flip_at`` inverted); False when
+        cut at ``stop_at`` (reset)."""
         sent = 0
         while sent < length:
             want = length - sent
+            if flip_at is not None and flip_at >= sent:
+                data = reader.read_some(min(flip_at - sent + 1, _CHUNK))
+                if sent + len(data) > flip_at:
+                    damaged = bytearray(data)
+                    damaged[flip_at - sent] ^= 0xFF
+                    data, flip_at = bytes(damaged), None
+                up.sendall(data)
+                self._count_up(len(data), body=True)
+                sent += len(data)
+                continue
             for mark in (stop_at, stall_at):
                 if mark is not None and mark > sent:
                     want = min(want, mark - sent)
@@ -665,12 +742,15 @@ def _drain_body(reader: _Reader, length: int, chunked: bool) -> None:
         left -= len(reader.read_some(min(left, _CHUNK)))
 
 
-def _send_error(client: socket.socket, method: str, status: int) -> None:
-    """Answer with ``status`` and its S3 error body (see :data:`S3_ERRORS`), then close."""
-    full = _error_body(status)
+def _send_error(
+    client: socket.socket, method: str, status: int, error: tuple[str, str, str] | None = None
+) -> None:
+    """Answer with ``status`` and its S3 error body (see :data:`S3_ERRORS`; ``error``:
+    another reason, code and message), then close."""
+    full = _error_body(status, error)
     body = b"" if method == "HEAD" else full
     head = (
-        f"HTTP/1.1 {status} {S3_ERRORS[status][0]}\r\n"
+        f"HTTP/1.1 {status} {(error or S3_ERRORS[status])[0]}\r\n"
         "Content-Type: application/xml\r\n"
         f"Content-Length: {len(full)}\r\n"
         f"x-amz-request-id: {uuid.uuid4().hex[:16]}\r\n"

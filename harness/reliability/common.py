@@ -331,7 +331,9 @@ def check_pointer_on_disk(data_dir: Path, bucket: str, prefix: str, rank: int) -
             problems.append(f"{e.object}: {obj.stat().st_size} bytes, pointer says {e.size}")
             continue
         want = Digest.parse(e.digest)
-        got = file_digest(obj, want.part_size if want.algo == "sha256-parts" else e.size or 1)
+        got = file_digest(
+            obj, want.part_size if want.algo == "sha256-parts" else e.size or 1, want.kind
+        )
         if got != want:
             problems.append(f"{e.object}: digest {got}, pointer says {want}")
     return problems

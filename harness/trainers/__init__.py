@@ -156,6 +156,19 @@ def saves(done: subprocess.CompletedProcess[str]) -> dict[int, str]:
     return {r["step"]: r["digest"] for r in records(done) if r["event"] == "save"}
 
 
+def recorded_digests(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """``{relative path: digest}`` as a store records them by default (``crc64nvme``),
+    of every file under ``directory``."""
+    from harness.data import file_digest
+
+    root = Path(directory)
+    return {
+        p.relative_to(root).as_posix(): str(file_digest(p, 1 << 30))
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 def files_digest(directory: str | os.PathLike[str]) -> dict[str, str]:
     """``{relative path: sha256 hex}`` of every file under ``directory`` (symbolic links
     are followed, so ``last.ckpt`` as a link digests its target's bytes)."""

@@ -206,7 +206,7 @@ def test_retention_deletes_manifest_objects_with_their_checkpoints(
 def test_a_damaged_manifest_object_is_refused_with_what_to_do(
     local_store: ObjectStore, tmp_path: Path
 ) -> None:
-    entry = _upload_dir(local_store, tmp_path / "src", "step_9", 700)
+    entry = _upload_dir(local_store, tmp_path / "src", "step_9", 1000)
     commit(local_store, PREFIX, 0, entry)
     got = read_pointer(local_store, PREFIX, 0)
     assert got is not None
@@ -279,7 +279,7 @@ def test_a_reader_of_format_2_refuses_format_3(
 ) -> None:
     """A reader that knows formats up to 2 meets a pointer naming a manifest object: it
     refuses it, and says why, instead of taking the entry for a single file."""
-    commit(local_store, PREFIX, 0, _upload_dir(local_store, tmp_path / "src", "big", 700))
+    commit(local_store, PREFIX, 0, _upload_dir(local_store, tmp_path / "src", "big", 1000))
     monkeypatch.setattr(pointer_format, "FORMAT", pointer_format.FORMAT_INLINE)
     monkeypatch.setattr(pointer_format, "FORMATS", pointer_format.FORMATS[:2])
     with pytest.raises(IntegrityError, match="format 3, written by a newer ckpt-uploader"):

@@ -25,7 +25,7 @@ import pytest
 
 import uploader
 from harness.reliability import wait_gone
-from harness.trainers import files_digest, last, run_trainer, saves, succeeded
+from harness.trainers import files_digest, last, recorded_digests, run_trainer, saves, succeeded
 from tests.daemon.test_process import local_uri
 from tests.scenarios.test_trainers_sidecar import PREFIX, Side, beside
 from uploader.transfer.digest import DIGEST_SUFFIX
@@ -158,8 +158,8 @@ def test_each_step_is_committed_by_the_dcp_rule_with_a_full_manifest(
         assert entry["object"] == f"{PREFIX}/rank_0/{step}"
         manifest = {f["path"]: (f["size"], f["digest"]) for f in entry["files"]}
         assert manifest == {
-            f"{step}/{rel}": ((run_dir / step / rel).stat().st_size, f"sha256:{digest}")
-            for rel, digest in files_digest(run_dir / step).items()
+            f"{step}/{rel}": ((run_dir / step / rel).stat().st_size, digest)
+            for rel, digest in recorded_digests(run_dir / step).items()
         }
         assert entry["size"] == sum(size for size, _ in manifest.values())
 

@@ -21,7 +21,14 @@ import pytest
 
 from harness.reliability import wait_gone
 from harness.reliability.common import journal_rows
-from harness.trainers import files_digest, last, records, run_trainer, succeeded
+from harness.trainers import (
+    files_digest,
+    last,
+    recorded_digests,
+    records,
+    run_trainer,
+    succeeded,
+)
 from uploader import ConfigError, parse_uri
 from uploader.bucket.pointer import read_pointer
 
@@ -93,7 +100,7 @@ def test_every_checkpoint_is_in_the_bucket_when_fit_returns(runs: dict[str, Any]
     pointer = report["pointers"]["0"]
     committed = {entry["name"] for entry in pointer["history"]}
     assert committed == set(local)
-    assert pointer["latest"]["digest"] == f"sha256:{local['epoch=2-step=24.ckpt']}"
+    assert pointer["latest"]["digest"] == recorded_digests(run_dir)["epoch=2-step=24.ckpt"]
     # no worker process left: none among the trainer's children, and the one it ran is gone
     assert report["workers_alive"] == []
     worker = last(runs["full"], "worker")
@@ -113,8 +120,8 @@ def test_resume_on_another_machine_from_fetch_latest(runs: dict[str, Any]) -> No
     assert end["digest"] == full_end["digest"]  # bit for bit: the uninterrupted weights
     # and the resumed run uploaded its own checkpoints to the same place
     pointer = last(runs["resumed"], "bucket")["pointers"]["0"]
-    latest = _checkpoints(runs["base"] / "resumed")["epoch=2-step=24.ckpt"]
-    assert pointer["latest"]["digest"] == f"sha256:{latest}"
+    latest = recorded_digests(runs["base"] / "resumed")["epoch=2-step=24.ckpt"]
+    assert pointer["latest"]["digest"] == latest
 
 
 def test_permanent_store_error_raises_in_training(tmp_path: Path) -> None:
@@ -169,7 +176,7 @@ def test_after_sigkill_of_training_the_worker_uploads_what_is_complete_and_exits
     with parse_uri(bucket.as_uri()).hparams.initialize_object() as store:
         pointer = read_pointer(store, "", 0)
     assert pointer is not None  # latest: epoch 1's checkpoint (last.ckpt is its copy)
-    assert pointer.latest.digest == f"sha256:{saved['epoch=1-step=16.ckpt']}", pointer
+    assert pointer.latest.digest == recorded_digests(run_dir)["epoch=1-step=16.ckpt"], pointer
 
 
 def test_two_ddp_ranks_upload_each_file_once(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from ckpt import Trainer
+from harness.data import bytes_digest
 from harness.reliability import wait_gone
 from harness.servers.s3 import S3Server
 from uploader import ObjectStoreHparams, RunDirectoryUploader, WorkerError
@@ -468,7 +469,7 @@ def test_sigkill_of_training_right_after_a_save_still_uploads_it(tmp_path: Path)
     local = Path(info["path"])
     data = store.get_bytes("exp/rank_0/checkpoints/ep2.pt")
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(local.read_bytes()).hexdigest()
-    assert pointer.latest.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert pointer.latest.digest == bytes_digest(data)
 
 
 def test_make_demo_trains_uploads_and_resumes_from_latest(tmp_path: Path) -> None:

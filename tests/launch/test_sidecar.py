@@ -8,7 +8,6 @@ atomic way); when training ends it gets SIGTERM and drains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.data import bytes_digest
 from harness.servers.s3 import find_binary
 from uploader import ObjectStoreHparams, Sidecar
 from uploader.bucket.pointer import read_pointer
@@ -41,7 +41,8 @@ def save(path: Path, data: bytes) -> Path:
 
 
 def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    """The digest the store records by default for a file of ``data``."""
+    return bytes_digest(data)
 
 
 def test_sidecar_context_manager_uploads_and_drains_on_exit(tmp_path: Path) -> None:

@@ -27,7 +27,15 @@ from typing import Any
 import psutil
 import pytest
 
-from harness.trainers import HF_FILES, files_digest, last, run_trainer, saves, succeeded
+from harness.trainers import (
+    HF_FILES,
+    files_digest,
+    last,
+    recorded_digests,
+    run_trainer,
+    saves,
+    succeeded,
+)
 from tests.daemon.test_process import Daemon, local_uri, run_cli
 from tests.fixtures.s3 import S3Server
 from uploader.transfer.digest import DIGEST_SUFFIX
@@ -144,9 +152,9 @@ def _manifest(entry: dict[str, Any]) -> dict[str, tuple[int, str]]:
 def _on_disk(side: Side, name: str) -> dict[str, tuple[int, str]]:
     """The manifest that ``name`` (a directory in RUN_DIR) should have."""
     out = {}
-    for rel, digest in files_digest(side.run_dir / name).items():
+    for rel, digest in recorded_digests(side.run_dir / name).items():
         size = (side.run_dir / name / rel).stat().st_size
-        out[f"{name}/{rel}"] = (size, f"sha256:{digest}")
+        out[f"{name}/{rel}"] = (size, digest)
     return out
 
 

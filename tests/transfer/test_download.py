@@ -27,18 +27,55 @@ from uploader.transfer.files import reserve
 KiB = 1 << 10
 
 
-def _store(bucket: Path, part_size: int) -> ObjectStore:
+def _store(
+    bucket: Path, part_size: int, digest: str = "crc64nvme", download_part_size: int | None = None
+) -> ObjectStore:
     hp = ObjectStoreHparams(provider="local", container=str(bucket))
-    return hp.initialize_object(part_size=part_size, create_container=True)
+    return hp.initialize_object(
+        part_size=part_size,
+        create_container=True,
+        digest=digest,
+        download_part_size=download_part_size,
+    )
+
+
+@pytest.mark.parametrize("ranges", [48 * KiB, 64 * KiB, 100 * KiB, 1 << 20])
+def test_a_crc_digest_is_checked_over_ranges_that_cut_across_the_upload_parts(
+    tmp_path: Path, ranges: int
+) -> None:
+    src = write_random(tmp_path / "src.bin", 300 * KiB + 17, seed=3)
+    bucket = tmp_path / "bucket"
+    with _store(bucket, 64 * KiB) as up:
+        result = up.upload_file(src, "run/f.bin")
+    assert result.parts == 5 and result.digest == file_digest(src, 64 * KiB)
+    with _store(bucket, 64 * KiB, download_part_size=ranges) as down:
+        out = down.download_file("run/f.bin", tmp_path / "out.bin", progress=False)
+        assert out.read_bytes() == src.read_bytes()
+        got = bytearray()
+        down.download_stream("run/f.bin", got.extend)
+        assert bytes(got) == src.read_bytes()
+    with open(bucket / "run" / "f.bin", "r+b") as f:  # one flipped bit
+        f.seek(200 * KiB + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    dest = tmp_path / "bad.bin"
+    with _store(bucket, 64 * KiB, download_part_size=ranges) as down:
+        with pytest.raises(IntegrityError, match="crc64nvme:.* was recorded at upload"):
+            down.download_file("run/f.bin", dest, progress=False)
+        with pytest.raises(IntegrityError, match="do not use it"):
+            down.download_stream("run/f.bin", lambda v: None)
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
 def test_plain_digest_larger_than_download_parts(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src.bin", 200 * KiB, seed=7)
     bucket = tmp_path / "bucket"
-    with _store(bucket, 256 * KiB) as big:
+    with _store(bucket, 256 * KiB, "sha256") as big:
         result = big.upload_file(src, "run/one-part.bin")
     assert result.parts == 1 and result.digest.algo == "sha256"
-    assert result.digest == file_digest(src, 256 * KiB)
+    assert result.digest == file_digest(src, 256 * KiB, "sha256")
     with _store(bucket, 64 * KiB) as small:
         out = small.download_file("run/one-part.bin", tmp_path / "out.bin", progress=False)
         assert out.read_bytes() == src.read_bytes()
@@ -51,7 +88,7 @@ def test_plain_digest_larger_than_download_parts(tmp_path: Path) -> None:
 def test_plain_digest_mismatch_across_download_parts_is_refused(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src.bin", 200 * KiB, seed=8)
     bucket = tmp_path / "bucket"
-    with _store(bucket, 256 * KiB) as big:
+    with _store(bucket, 256 * KiB, "sha256") as big:
         big.upload_file(src, "one-part.bin")
     with open(bucket / "one-part.bin", "r+b") as f:  # same size, other bytes
         f.seek(150 * KiB)

@@ -186,3 +186,40 @@ def test_an_upload_completed_before_a_kill_is_not_sent_again(cut: CutUpload) -> 
     assert sent == []
     assert result.digest == c.store.stat(c.name).digest
     c.check(result)
+
+
+@pytest.mark.parametrize("target", ["moto", "local"], indirect=True)
+def test_parts_are_recorded_with_the_uploads_kind_and_another_kind_starts_afresh(
+    cut: CutUpload, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CRC64NVME upload records each part's CRC (no sha256); a session recorded by a
+    sha256 upload (an older uploader's journal) is not continued by a CRC one, which
+    aborts it and sends the file whole."""
+    c = cut(4, 99, seed=6, name="k.bin", after=2, concurrency=1)
+    session = c.session()
+    assert session is not None and session.parts
+    data = c.src.read_bytes()
+    for i, p in session.parts.items():
+        chunk = data[i * c.part : i * c.part + p.size]
+        assert p.sha256 == "" and p.crc64nvme == file_digest_of(chunk)
+    # The same interrupted upload by a sha256 uploader: its records are sha256 ones.
+    c.journal.sessions.end_session(c.name, session.upload_id)
+    c.store.backend.abort(c.name, session.upload_id)
+    with target.store(concurrency=1, digest="sha256") as sha_store, pytest.raises(Interrupted):
+        sha_store.upload_file(
+            c.src, c.name, progress=_cut_after(2), resume=Resume(c.journal.sessions)
+        )
+    old = c.session()
+    assert old is not None and all(p.sha256 and not p.crc64nvme for p in old.parts.values())
+    caplog.set_level(logging.INFO, "uploader.transfer.upload")
+    result, sent = c.again()
+    assert sum(sent) == len(data)  # sent whole
+    assert "recorded without their crc64nvme checksum" in caplog.text
+    assert c.session() is None and c.store.backend.list_uploads("run/") == []
+    c.check(result)
+
+
+def file_digest_of(chunk: bytes) -> str:
+    from uploader.transfer.digest import crc64nvme
+
+    return f"{crc64nvme(chunk):016x}"

@@ -5,7 +5,7 @@
 * a single-file checkpoint lands as ``dest`` (a file path), or as ``dest/<name>``
   when ``dest`` is an existing directory or ends with ``/``;
 * a directory checkpoint lands as ``dest/<name>/...``: every file of its manifest,
-  each checked against the size and sha256 the manifest records before it is
+  each checked against the size and digest the manifest records before it is
   renamed into place. A manifest stored as an object of its own is read and checked
   first (:func:`uploader.bucket.manifest.load_manifest`). The manifest's paths were
   checked when it was read (relative, no ``..``), and each target is checked again to

@@ -1,7 +1,7 @@
 """Re-check what a prefix of the bucket holds: every object's bytes, every pointer's claims.
 
 :func:`verify_prefix` downloads each object that records a digest (the download
-checks size and sha256, then the copy is removed) and audits each commit pointer
+checks size and digest, then the copy is removed) and audits each commit pointer
 with :func:`audit_pointer`: every entry it names must exist (``latest`` at least),
 with the size and digest the entry records; a manifest object is read and checked
 against its pointer there (and not downloaded a second time). Both return the failures as sentences

@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
         help="re-check sizes and digests of stored objects",
         description="Download every object under URI's prefix (URI as push wrote to it, "
         "or with /rank_N or a checkpoint's path appended) into a temporary directory, "
-        "check its size and recorded sha256 digest, and check that every commit "
+        "check its size and recorded digest (CRC64NVME or sha256), and check that every commit "
         "pointer's entries match the objects they name. Reports each failure.",
         epilog=EXIT_CODES,
         formatter_class=Formatter,

@@ -33,8 +33,9 @@ from typing import Any
 from uploader.config.files import STORE_FIELDS, parse_bytes
 from uploader.config.hparams import StoreLocation
 from uploader.errors import ConfigError, ExitCode
+from uploader.transfer.digest import DIGEST_KINDS
 from uploader.transfer.retry import RetryPolicy
-from uploader.transfer.store import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from uploader.transfer.store import DEFAULT_CONCURRENCY, DEFAULT_DIGEST, DEFAULT_PART_SIZE
 
 __all__ = [
     "WatchOptions",
@@ -52,6 +53,7 @@ __all__ = [
     "SWITCH",
     "PORT",
     "HOST",
+    "DIGEST",
     "option",
     "option_of",
     "to_argv",
@@ -152,6 +154,17 @@ def _host(key: str, value: Any) -> str:
 
 PORT = Kind(_port, argparse={"type": int, "metavar": "PORT"})
 HOST = Kind(_host, argparse={"metavar": "ADDR"})
+
+
+def _digest_kind(key: str, value: Any) -> str:
+    if value not in DIGEST_KINDS:
+        raise ConfigError(
+            f"{flag_name(key)} {value!r} is not a digest kind; use one of {', '.join(DIGEST_KINDS)}"
+        )
+    return str(value)
+
+
+DIGEST = Kind(_digest_kind, argparse={"choices": DIGEST_KINDS})
 
 FILES, TRANSFERS, LIFECYCLE = "files", "transfers", "lifecycle and reporting"
 
@@ -348,6 +361,13 @@ class WatchOptions:
         TRANSFERS,
         "create the bucket or container when missing "
         f"(default: {{default}}; missing is exit {int(ExitCode.CONFIG)})",
+    )
+    digest: str = option(
+        DEFAULT_DIGEST,
+        DIGEST,
+        TRANSFERS,
+        "the checksum each file is uploaded and recorded with: crc64nvme (hardware speed, "
+        "checked by S3 on arrival) or sha256 (a cryptographic identity) (default: {default})",
     )
     verify_resumed: bool = option(
         False,

@@ -48,11 +48,13 @@ class Options:
 
     def store_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`uploader.transfer.store.ObjectStore` that
-        the options set (part size, concurrency, request retries, container creation)."""
+        the options set (part size, concurrency, request retries, digest kind, container
+        creation)."""
         return {
             "part_size": self.watch.part_size,
             "concurrency": self.watch.concurrency,
             "retry": self.watch.retry,
+            "digest": self.watch.digest,
             "create_container": self.watch.create_container,
         }
 

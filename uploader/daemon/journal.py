@@ -47,7 +47,7 @@ from uploader.daemon.journal_db import (
     make_reserve,
     room,
 )
-from uploader.daemon.sessions import SESSIONS_SCHEMA, JournalSessions
+from uploader.daemon.sessions import SESSIONS_SCHEMA, JournalSessions, upgrade_sessions
 from uploader.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,9 @@ STATE_NAMES = frozenset(
 #: "superseded": not sent, because --keep-remote would delete its checkpoint on arrival
 #: (newer complete checkpoints wait or are committed; see :mod:`uploader.daemon.keepup`).
 STATES = ("pending", "uploading", "done", "failed", "removed", "superseded")
-#: The schema version: 0 had the files table only; 1 added sessions and parts.
-JOURNAL_VERSION = 1
+#: The schema version: 0 had the files table only; 1 added sessions and parts; 2 added
+#: the parts' crc64nvme.
+JOURNAL_VERSION = 2
 
 _SCHEMA = (
     """
@@ -218,7 +219,7 @@ class Journal:
     def __init__(self, path: Path, lock: Any = None, readonly: bool = False) -> None:
         self.path = path
         self._lock = lock
-        self._conn = JournalDb(path, _SCHEMA, readonly, JOURNAL_VERSION)
+        self._conn = JournalDb(path, _SCHEMA, readonly, JOURNAL_VERSION, upgrade_sessions)
         #: Multipart sessions, for callers holding the journal's lock (the upload
         #: threads use ``sessions.locked(lock)``).
         self.sessions = JournalSessions(self._conn)

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,21 @@ class JournalDb:
         readonly: open for reading only (no schema, no reserve).
         version: the schema version (sqlite's ``user_version``): an older journal is
             upgraded to it; a newer one, written by a later release, is refused.
+        upgrade: run on an older journal before ``schema``: alters what
+            ``CREATE ... IF NOT EXISTS`` cannot (a column added to a table).
     """
 
-    def __init__(self, path: Path, schema: str, readonly: bool = False, version: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        readonly: bool = False,
+        version: int = 0,
+        upgrade: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
         self.path = path
         self._schema = schema
+        self._upgrade = upgrade
         self._version = version
         # While the disk is full, ``db`` is in memory and ``_disk`` holds the
         # connection to the file, to save to once there is room.
@@ -143,6 +154,8 @@ class JournalDb:
                 f"{found}, this one knows {self._version}); upgrade ckpt-uploader, or move "
                 "the journal away to start afresh (verified files are then checked again)"
             )
+        if found < self._version and self._upgrade is not None:
+            self._upgrade(db)  # tables of the older schema, before its new indexes
         db.executescript(self._schema)
         if found < self._version:
             db.execute(f"PRAGMA user_version = {int(self._version)}")

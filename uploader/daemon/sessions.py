@@ -5,7 +5,7 @@ two tables in the journal's sqlite file, written before the store's answer is re
 on, so a restarted daemon continues an interrupted upload where it stopped::
 
     sessions: object, upload_id, part_size, size, mtime_ns, started_at
-    parts:    object, upload_id, idx, size, sha256, etag   (one row a confirmed part)
+    parts:    object, upload_id, idx, size, sha256, etag, crc64nvme   (one row a confirmed part)
 
 One session per object name: beginning a new one replaces the old one's rows.
 The upload threads call it directly; each call takes the journal's lock (the
@@ -26,7 +26,7 @@ import threading
 from uploader.daemon.journal_db import JournalDb
 from uploader.transfer.resume import PartRecord, Session
 
-__all__ = ["JournalSessions", "SESSIONS_SCHEMA"]
+__all__ = ["JournalSessions", "SESSIONS_SCHEMA", "upgrade_sessions"]
 
 #: The tables, created (in an older journal too) when the journal is opened for writing.
 SESSIONS_SCHEMA = """
@@ -43,12 +43,21 @@ CREATE TABLE IF NOT EXISTS parts (
     upload_id   TEXT NOT NULL,
     idx         INTEGER NOT NULL,   -- 0-based part index
     size        INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
+    sha256      TEXT NOT NULL,      -- '' when the upload's digest is a CRC
     etag        TEXT NOT NULL,      -- ETag or block id the store answered
+    crc64nvme   TEXT NOT NULL DEFAULT '',  -- 16 hex; '' when the digest is sha256 (schema 2)
     PRIMARY KEY (upload_id, idx)
 );
 CREATE INDEX IF NOT EXISTS parts_object ON parts(object);
 """
+
+
+def upgrade_sessions(db: sqlite3.Connection) -> None:
+    """Bring the parts table of an older journal (schema 1: no ``crc64nvme``) up to date;
+    its sha256 part records stay valid."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(parts)")}
+    if columns and "crc64nvme" not in columns:
+        db.execute("ALTER TABLE parts ADD COLUMN crc64nvme TEXT NOT NULL DEFAULT ''")
 
 
 class JournalSessions:
@@ -76,7 +85,14 @@ class JournalSessions:
 
     def _session(self, row: sqlite3.Row) -> Session:
         parts = {
-            int(p["idx"]): PartRecord(int(p["idx"]), int(p["size"]), p["sha256"], p["etag"])
+            int(p["idx"]): PartRecord(
+                int(p["idx"]),
+                int(p["size"]),
+                p["sha256"],
+                p["etag"],
+                # A journal of schema 1 opened read-only has no such column.
+                p["crc64nvme"] if "crc64nvme" in p.keys() else "",  # noqa: SIM118 (a Row)
+            )
             for p in self._rows(
                 "SELECT * FROM parts WHERE object = ? AND upload_id = ?",
                 (row["object"], row["upload_id"]),
@@ -117,9 +133,17 @@ class JournalSessions:
     def record_part(self, object_name: str, upload_id: str, part: PartRecord) -> None:
         with self._lock:
             self._conn.write(
-                "INSERT OR REPLACE INTO parts (object, upload_id, idx, size, sha256, etag) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (object_name, upload_id, part.index, part.size, part.sha256, part.etag),
+                "INSERT OR REPLACE INTO parts (object, upload_id, idx, size, sha256, etag, "
+                "crc64nvme) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    object_name,
+                    upload_id,
+                    part.index,
+                    part.size,
+                    part.sha256,
+                    part.etag,
+                    part.crc64nvme,
+                ),
             )
 
     def end_session(self, object_name: str, upload_id: str) -> None:

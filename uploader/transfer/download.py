@@ -12,11 +12,11 @@ the kernel copies from the socket into the page cache and nothing else copies,
 and concurrent ranges do not queue on the file's lock as positional writes do.
 Elsewhere (a filesystem without fallocate or shared mappings) a range is received
 in pieces into one of the pool's reusable 4 MiB buffers and written at its offset
-(``pwrite``). Each piece is hashed as it arrives, while it is in the processor's
-cache; where the digest names the upload's parts, a range holds whole parts and
-each is hashed on its own (see :mod:`uploader.transfer.digest` for how that yields
-the file digest); hashlib lets go of the interpreter lock, so threads hash while
-others receive. The file's size and digest are compared with the recorded ones,
+(``pwrite``). Each piece is checksummed as it arrives, while it is in the
+processor's cache: a CRC64NVME per range, combined in order; where a sha256 digest
+names the upload's parts, a range holds whole parts and each is hashed on its own
+(:mod:`uploader.transfer.rangecheck`); the checksums let go of the interpreter
+lock, so threads checksum while others receive. The file's size and digest are compared with the recorded ones,
 and only then is it renamed into place; on any failure the temporary file is
 removed, so the destination holds either the verified object or what it held
 before, and no process dies with a partial file under the destination's name.
@@ -56,9 +56,10 @@ from typing import Any
 
 from uploader.errors import IntegrityError, UploaderError
 from uploader.transfer.backends.base import Backend, Ring
-from uploader.transfer.digest import Digest, PartHasher
+from uploader.transfer.digest import Digest
 from uploader.transfer.files import fsync_dir, reserve
 from uploader.transfer.parts import PartPool
+from uploader.transfer.rangecheck import Plan, RangeHasher
 from uploader.transfer.upload import Call, ProgressFn
 
 __all__ = ["Downloader", "progress_bar"]
@@ -154,7 +155,7 @@ class Downloader:
         bar: Any,
         mapped: bool,
     ) -> None:
-        plan = _Plan(size, digest, self.range_size(size))
+        plan = Plan(size, digest, self.range_size(size))
         lock = threading.Lock()
         piece = max(chunk_size, MIN_PIECE)
 
@@ -162,7 +163,7 @@ class Downloader:
             start, length = plan.range(i)
 
             def attempt() -> list[bytes]:
-                hashes = _RangeHasher(plan, start, length, hashed)
+                hashes = RangeHasher(plan, start, length, hashed)
                 got = 0
                 if buf is None:  # into the file's mapped pages
                     into = _MappedRange(fd, size, start, length)
@@ -186,9 +187,9 @@ class Downloader:
                 bar.update(length)
             return digests
 
-        hasher = PartHasher(size, plan.hash_part) if plan.parts_digest else None
+        hasher = plan.hasher()
         # A plain sha256 can be computed while receiving only when one range is all.
-        hashed = digest is not None and (plan.parts_digest or plan.count == 1)
+        hashed = digest is not None and (plan.split or plan.count == 1)
         whole: list[bytes] = []
 
         def one(i: int) -> None:
@@ -238,14 +239,14 @@ class Downloader:
         raises what ``sink`` raised.
         At most ``concurrency + 2`` ranges are held in memory.
         """
-        plan = _Plan(size, digest, self.range_size(size, STREAM_RANGE))
+        plan = Plan(size, digest, self.range_size(size, STREAM_RANGE))
         window = self.pool.concurrency + 2
         cond = threading.Condition()
         ready: dict[int, memoryview] = {}
         free: list[bytearray] = []
         state: dict[str, Any] = {"next": 0, "error": None, "done": False}
         failed = threading.Event()
-        hasher = PartHasher(size, plan.hash_part) if plan.parts_digest else None
+        hasher = plan.hasher()
         bar = progress_bar(progress, size, name.rsplit("/", 1)[-1])
 
         def one(i: int) -> None:
@@ -266,8 +267,8 @@ class Downloader:
                     got += len(piece)
                 if got != length:
                     raise _short(name, got, length, start)
-                hashes = _RangeHasher(plan, start, length, plan.parts_digest)
-                hashes.update(view)  # hashlib lets go of the interpreter lock meanwhile
+                hashes = RangeHasher(plan, start, length, plan.split)
+                hashes.update(view)  # lets go of the interpreter lock meanwhile
                 return hashes.digests()
 
             digests = self.call(attempt, f"download {name} [{start}:{start + length}]")
@@ -333,63 +334,6 @@ class Downloader:
         _check(name, digest, actual)
         if sink_error is not None:
             raise sink_error
-
-
-class _Plan:
-    """How an object is cut into ranged reads, and how its digest is checked.
-
-    With a ``sha256-parts`` digest each range holds whole upload parts, each hashed
-    on its own; otherwise the object's bytes are hashed as one sha256.
-    """
-
-    def __init__(self, size: int, digest: Digest | None, part_size: int) -> None:
-        self.size = size
-        self.parts_digest = (
-            digest is not None and digest.algo == "sha256-parts" and size > digest.part_size
-        )
-        if self.parts_digest:
-            assert digest is not None
-            self.hash_part = digest.part_size
-            self.range_size = max(1, part_size // digest.part_size) * digest.part_size
-        else:
-            self.hash_part = max(size, 1)
-            self.range_size = part_size
-        self.count = max(1, -(-size // self.range_size))
-
-    def range(self, i: int) -> tuple[int, int]:
-        start = i * self.range_size
-        return start, min(self.range_size, self.size - start)
-
-
-class _RangeHasher:
-    """sha256 of each upload part inside one range, fed in order (or of the range
-    itself when the digest is one plain sha256)."""
-
-    def __init__(self, plan: _Plan, start: int, length: int, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.part = plan.hash_part
-        self.pos = start
-        self.end = start + length
-        self.done: list[bytes] = []
-        self.h = hashlib.sha256()
-
-    def update(self, view: memoryview) -> None:
-        if not self.enabled:
-            return
-        while len(view):
-            left = self.part - self.pos % self.part
-            take = view[:left]
-            self.h.update(take)
-            self.pos += len(take)
-            view = view[len(take) :]
-            if self.pos % self.part == 0 or self.pos == self.end:
-                self.done.append(self.h.digest())
-                self.h = hashlib.sha256()
-
-    def digests(self) -> list[bytes]:
-        if self.enabled and not self.done and self.pos == self.end:
-            return [self.h.digest()]  # an empty object
-        return self.done
 
 
 class _MappedRange:

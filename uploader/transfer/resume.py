@@ -8,8 +8,9 @@ journal:
 
 * each session when it begins (:class:`Session`): the store's upload id, the part
   size, the object name, and the file's size and mtime at that moment;
-* each part as the store confirms it (:class:`PartRecord`): number, size, sha256,
-  and the store's ETag or block id.
+* each part as the store confirms it (:class:`PartRecord`): number, size, its
+  checksum of the upload's digest kind (CRC64NVME or sha256), and the store's ETag
+  or block id.
 
 The transfer layer asks for and writes these records through a
 :class:`SessionStore`, which the daemon's journal implements; it never knows
@@ -20,8 +21,9 @@ those recorded (a changed file is never stitched from two versions: the session
 is aborted and the file sent whole), the part size is unchanged, the session is
 younger than :data:`SESSION_MAX_AGE`, and the store still knows it. It keeps the
 parts where the record and the store's listing agree on size and ETag, and
-sends the rest. The file digest then comes from the recorded part hashes, or,
-with ``verify``, from hashing the kept parts again.
+sends the rest. The file digest then comes from the recorded part checksums, or,
+with ``verify``, from checksumming the kept parts again. A session whose parts were
+recorded with another digest kind than the upload now uses is not resumed.
 
 Example::
 
@@ -43,13 +45,20 @@ SESSION_MAX_AGE = 6 * 86400.0
 
 @dataclass(frozen=True)
 class PartRecord:
-    """One part the store confirmed: 0-based ``index``, ``size`` bytes, its sha256 (hex)
-    and the store's ETag or block id (what it answered for the part)."""
+    """One part the store confirmed: 0-based ``index``, ``size`` bytes, its sha256 (hex;
+    empty when the upload's digest is a CRC), the store's ETag or block id (what it
+    answered for the part) and its CRC64NVME (16 hex; empty when the digest is sha256)."""
 
     index: int
     size: int
     sha256: str
     etag: str
+    crc64nvme: str = ""
+
+    def checksum(self, kind: str) -> str | None:
+        """The part's recorded checksum of ``kind`` (hex), None when it was not recorded."""
+        value = self.crc64nvme if kind == "crc64nvme" else self.sha256
+        return value or None
 
 
 @dataclass(frozen=True)

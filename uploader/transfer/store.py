@@ -44,7 +44,7 @@ from uploader.errors import (
     ObjectNotFoundError,
 )
 from uploader.transfer.backends.base import Backend, ObjectInfo
-from uploader.transfer.digest import DIGEST_META, DIGEST_SUFFIX, Digest
+from uploader.transfer.digest import DIGEST_KINDS, DIGEST_META, DIGEST_SUFFIX, Digest
 from uploader.transfer.download import Downloader
 from uploader.transfer.names import check_object_name
 from uploader.transfer.parts import PartPool
@@ -69,6 +69,8 @@ log = logging.getLogger("uploader.transfer.store")
 MiB = 1 << 20
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_CONCURRENCY = 4
+#: The digest kind uploads write unless asked otherwise.
+DEFAULT_DIGEST = DIGEST_KINDS[0]
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class ObjectStore(SmallObjects):
             ranges (rounded to whole upload parts where the digest names them). A
             download's memory is ``concurrency`` buffers of 4 MiB whatever the range.
         retry: bounds for retrying transient failures.
+        digest: the digest kind uploads write: ``crc64nvme`` (the default: checked by
+            S3 itself on arrival) or ``sha256`` (a cryptographic identity); downloads
+            verify every kind (see :mod:`uploader.transfer.digest`).
         create_container: create the container when it does not exist.
         check: look the container up now, so a wrong name or bad credentials fail
             here with a clear error rather than at the first upload.
@@ -152,12 +157,18 @@ class ObjectStore(SmallObjects):
         concurrency: int = DEFAULT_CONCURRENCY,
         download_part_size: int | None = None,
         retry: RetryPolicy | None = None,
+        digest: str = DEFAULT_DIGEST,
         create_container: bool = False,
         check: bool = True,
         backend: Backend | None = None,
     ) -> None:
         if concurrency < 1 or concurrency > 64:
             raise ConfigError(f"concurrency {concurrency} must be between 1 and 64")
+        if digest not in DIGEST_KINDS:
+            raise ConfigError(
+                f"digest {digest!r} is not one this store can write; use one of "
+                f"{', '.join(DIGEST_KINDS)}"
+            )
         self.hparams = hparams
         self.settings = resolve_settings(hparams)
         self.backend = backend or make_backend(self.settings)
@@ -171,7 +182,8 @@ class ObjectStore(SmallObjects):
         self.retry = retry or RetryPolicy()
         self.retries = _Counter()
         self._pool = PartPool(concurrency)
-        self._uploader = Uploader(self.backend, self._pool, self._call)
+        self.digest = digest
+        self._uploader = Uploader(self.backend, self._pool, self._call, digest)
         if download_part_size is not None and download_part_size < 1:
             raise ConfigError(f"download part size {download_part_size} must be positive")
         self._downloader = Downloader(self.backend, self._pool, self._call, download_part_size)
@@ -200,7 +212,10 @@ class ObjectStore(SmallObjects):
         return self.backend.describe_identity()
 
     def __repr__(self) -> str:
-        return f"ObjectStore({self.hparams!r}, part_size={self.part_size}, concurrency={self.concurrency})"
+        return (
+            f"ObjectStore({self.hparams!r}, part_size={self.part_size}, "
+            f"concurrency={self.concurrency}, digest={self.digest!r})"
+        )
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         return self.retry.call(fn, what, self.retries)

@@ -1,10 +1,13 @@
 """Sending one open file to the store: one request, parallel multipart, or one stream.
 
-The file is read once and each part hashed once: read into a buffer of the
-store's :class:`uploader.transfer.parts.PartPool` (one request, multipart), or
-read straight into the body of a streamed request. A part's hash signs its
-request (where the backend signs payloads) and goes into the file's digest
-(:mod:`uploader.transfer.digest`). Which way a file goes:
+The file is read once and each part checksummed once, on the thread that sends
+it: read into a buffer of the store's :class:`uploader.transfer.parts.PartPool`
+(one request, multipart), or read straight into the body of a streamed request.
+The checksum is of the uploader's digest kind (``crc64nvme`` by default, or
+``sha256``); it goes with the part to the store (S3 checks a CRC64NVME header, and
+signs with a sha256) and into the file's digest (:mod:`uploader.transfer.digest`).
+A sha256 is computed beside a CRC only where the backend signs payloads with it
+(``Backend.payload_sha256``: S3 over plain HTTP). Which way a file goes:
 
 * at most one part: one request from one buffer; the digest is known before the
   request, so it travels in the object's metadata (or, where the store keeps
@@ -46,6 +49,7 @@ from typing import Any
 from uploader.errors import FileChangedError, IntegrityError
 from uploader.transfer.backends.base import Backend
 from uploader.transfer.digest import (
+    DIGEST_KINDS,
     DIGEST_META,
     DIGEST_SUFFIX,
     Digest,
@@ -53,6 +57,7 @@ from uploader.transfer.digest import (
     combine_parts,
     digest_record,
     parse_digest_record,
+    running_sum,
 )
 from uploader.transfer.files import pread_exact
 from uploader.transfer.parts import PartPool
@@ -70,12 +75,33 @@ Call = Callable[[Callable[[], Any], str], Any]
 
 
 class Uploader:
-    """Uploads of one store: its backend, its part pool and its retrying ``call``."""
+    """Uploads of one store: its backend, its part pool, its retrying ``call`` and the
+    digest kind it writes (``crc64nvme`` or ``sha256``)."""
 
-    def __init__(self, backend: Backend, pool: PartPool, call: Call) -> None:
+    def __init__(
+        self, backend: Backend, pool: PartPool, call: Call, digest: str = DIGEST_KINDS[0]
+    ) -> None:
+        if digest not in DIGEST_KINDS:
+            raise ValueError(f"digest {digest!r}: expected one of {', '.join(DIGEST_KINDS)}")
         self.backend = backend
         self.pool = pool
         self.call = call
+        self.kind = digest
+
+    def _sums(self, view: memoryview) -> tuple[bytes, bytes | None, int | None]:
+        """One part's checksum of the digest kind (binary), the sha256 to sign it with
+        (None where none is needed) and its CRC64NVME (None for a sha256 upload)."""
+        value = running_sum(self.kind)
+        value.update(view)
+        part = value.digest()
+        if self.kind == "sha256":
+            return part, part, None
+        sha = hashlib.sha256(view).digest() if self.backend.payload_sha256 else None
+        return part, sha, int.from_bytes(part, "big")
+
+    def _whole(self, part: bytes) -> Digest:
+        """The digest of a file of one part whose checksum is ``part``."""
+        return Digest(self.kind, part.hex())
 
     def upload(
         self,
@@ -128,13 +154,15 @@ class Uploader:
             pread_exact(fd, view, 0)
             if before_commit is not None:
                 before_commit()
-            sha = hashlib.sha256(view).digest()
-            digest = Digest("sha256", sha.hex())
+            part, sha, crc = self._sums(view)
+            digest = self._whole(part)
             meta = dict(meta)
             if self.backend.keeps_metadata:
                 meta[DIGEST_META] = str(digest)
             data = bytes(view)
-        self.call(lambda: self.backend.put_bytes(name, data, meta, sha), f"upload {name}")
+        self.call(
+            lambda: self.backend.put_bytes(name, data, meta, sha, crc64nvme=crc), f"upload {name}"
+        )
         if not self.backend.keeps_metadata:
             self.write_digest_record(name, size, digest)
         if progress:
@@ -153,8 +181,9 @@ class Uploader:
         resume: Resume | None,
         mtime_ns: int,
     ) -> tuple[Digest, int]:
-        hasher = PartHasher(size, part_size)
+        hasher = PartHasher(size, part_size, self.kind)
         backend = self.backend
+        kind = self.kind
         kept: dict[int, PartRecord] = {}
         found = None
         if resume is not None:
@@ -165,7 +194,9 @@ class Uploader:
             upload_id, kept = found
             backend.reopen(name, upload_id, meta)
         else:
-            upload_id = self.call(lambda: backend.begin(name, meta), f"start upload of {name}")
+            upload_id = self.call(
+                lambda: backend.begin(name, meta, checksum=kind), f"start upload of {name}"
+            )
             if resume is not None:
                 resume.sessions.begin_session(
                     Session(name, upload_id, part_size, size, mtime_ns, time.time())
@@ -181,22 +212,28 @@ class Uploader:
             with self.pool.buffer(part_size) as buf:
                 view = memoryview(buf)[:length]
                 pread_exact(fd, view, start)
-                sha = hashlib.sha256(view).digest()
-                if index in kept:  # --verify-resumed: a kept part is read and hashed again
-                    if sha.hex() == kept[index].sha256:
-                        hasher.add(index, sha)
+                value, sha, crc = self._sums(view)
+                if index in kept:  # --verify-resumed: a kept part is read and checked again
+                    if value.hex() == kept[index].checksum(kind):
+                        hasher.add(index, value)
                         return
                     log.warning(
                         "part %d of %s differs from its record; sending it again", index + 1, name
                     )
-                hasher.add(index, sha)
+                hasher.add(index, value)
                 token = self.call(
-                    lambda: backend.put_part(name, upload_id, index, start, view, sha),
+                    lambda: backend.put_part(
+                        name, upload_id, index, start, view, sha, crc64nvme=crc
+                    ),
                     f"upload part {index + 1}/{hasher.count} of {name}",
                 )
                 tokens[index] = token
             if resume is not None:
-                record = PartRecord(index, length, sha.hex(), backend.part_etag(token))
+                etag = backend.part_etag(token)
+                if kind == "crc64nvme":
+                    record = PartRecord(index, length, "", etag, value.hex())
+                else:
+                    record = PartRecord(index, length, value.hex(), etag)
                 resume.sessions.record_part(name, upload_id, record)
             if progress:
                 progress(length)
@@ -205,13 +242,20 @@ class Uploader:
         todo = [i for i in range(hasher.count) if verify or i not in kept]
         if not verify:
             for i, p in kept.items():
-                hasher.add(i, bytes.fromhex(p.sha256))
+                hasher.add(i, bytes.fromhex(p.checksum(kind) or ""))
         try:
             self.pool.run(part, todo, failed)
             if before_commit is not None:
                 before_commit()
+            digest = hasher.digest()
+            crcs = whole = None
+            if kind == "crc64nvme":
+                crcs = [int.from_bytes(hasher.part(i), "big") for i in range(hasher.count)]
+                whole = int(digest.hex, 16)
             self.call(
-                lambda: backend.complete(name, upload_id, [tokens[i] for i in range(hasher.count)]),
+                lambda: backend.complete(
+                    name, upload_id, [tokens[i] for i in range(hasher.count)], crcs, whole
+                ),
                 f"complete upload of {name}",
             )
         except BaseException as exc:
@@ -224,7 +268,6 @@ class Uploader:
             raise
         if resume is not None:
             resume.sessions.end_session(name, upload_id)
-        digest = hasher.digest()
         self.write_digest_record(name, size, digest)
         return digest, hasher.count
 
@@ -240,6 +283,8 @@ class Uploader:
         why = ""
         if (prior.size, prior.mtime_ns) != (size, mtime_ns):
             why = "the file changed since its upload began"
+        elif any(p.checksum(self.kind) is None for p in prior.parts.values()):
+            why = f"its parts were recorded without their {self.kind} checksum"
         elif prior.part_size != part_size:
             why = f"the part size is now {part_size}, not {prior.part_size}"
         elif time.time() - prior.started_at > SESSION_MAX_AGE:
@@ -286,14 +331,15 @@ class Uploader:
         """The digest of ``name`` when the store holds it as the completed ``prior``
         session: every part recorded, the object's size the recorded one, and either its
         digest record (written after completion) names the digest the recorded part
-        hashes give, or the store says it was completed from exactly the recorded parts
-        (the digest record is then written)."""
+        checksums give, or the store says it was completed from exactly the recorded
+        parts (the digest record is then written)."""
         if sorted(prior.parts) != list(range(count)):
             return None
         digest = combine_parts(
-            (bytes.fromhex(prior.parts[i].sha256) for i in range(count)),
+            (bytes.fromhex(prior.parts[i].checksum(self.kind) or "") for i in range(count)),
             prior.size,
             prior.part_size,
+            self.kind,
         )
         backend = self.backend
         try:
@@ -345,10 +391,10 @@ class Uploader:
 
         def chunks() -> Iterator[bytes]:
             # A fresh hasher for every attempt: a retried stream starts from byte 0.
-            hasher = holder["h"] = PartHasher(size, part_size)
+            hasher = holder["h"] = PartHasher(size, part_size, self.kind)
             step = min(part_size, 4 * MiB)
             for index in range(hasher.count):
-                h = hashlib.sha256()
+                h = running_sum(self.kind)
                 start = index * part_size
                 end = min(size, start + part_size)
                 pos = start

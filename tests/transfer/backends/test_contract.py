@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import write_random
+from harness.data import file_digest, write_random
 from tests.fixtures.local import assert_growing_file_is_refused
 from tests.fixtures.stores import Target, roundtrip
 from uploader import (
@@ -69,17 +69,25 @@ def test_many_parts_in_parallel(target: Target, tmp_path: Path) -> None:
         roundtrip(store, tmp_path, 8 * target.part + 3)
 
 
-def test_digest_form_and_parts(target: Target, store: ObjectStore, tmp_path: Path) -> None:
+def test_digest_form_and_parts(target: Target, tmp_path: Path) -> None:
     src = write_random(tmp_path / "a.bin", 2 * target.part + 3)
-    result = store.upload_file(src, "a.bin")
-    assert result.parts == 3
-    assert result.digest.algo == "sha256-parts" and result.digest.part_size == target.part
-    assert store.stat("a.bin").digest == result.digest
     small = write_random(tmp_path / "b.bin", 1000)
-    r2 = store.upload_file(small, "b.bin")
-    assert r2.parts == 1
-    assert str(r2.digest) == "sha256:" + hashlib.sha256(small.read_bytes()).hexdigest()
-    assert store.stat("b.bin").digest == r2.digest
+    with target.store(digest="sha256") as store:
+        result = store.upload_file(src, "a.bin")
+        assert result.parts == 3
+        assert result.digest.algo == "sha256-parts" and result.digest.part_size == target.part
+        assert store.stat("a.bin").digest == result.digest
+        r2 = store.upload_file(small, "b.bin")
+        assert r2.parts == 1
+        assert str(r2.digest) == "sha256:" + hashlib.sha256(small.read_bytes()).hexdigest()
+        assert store.stat("b.bin").digest == r2.digest
+    with target.store() as store:  # the default: the whole file's CRC64NVME
+        for path in (src, small):
+            r = store.upload_file(path, "c/" + path.name)
+            assert r.digest == file_digest(path, target.part, "crc64nvme")
+            assert r.digest == store.stat("c/" + path.name).digest
+            out = store.download_file("c/" + path.name, tmp_path / "out", progress=False)
+            assert out.read_bytes() == path.read_bytes()
 
 
 def test_put_and_get_bytes(store: ObjectStore) -> None:
@@ -110,11 +118,11 @@ def test_overwrite_and_metadata(target: Target, store: ObjectStore, tmp_path: Pa
     r1 = store.upload_file(first, "run/ep1.pt", metadata={"Run": "r1", "epoch": "1"})
     st = store.stat("run/ep1.pt")
     assert st.metadata == user_metadata(store, {"Run": "r1", "epoch": "1"})
-    assert st.digest == r1.digest and st.digest.algo == "sha256"
+    assert st.digest == r1.digest and st.digest.algo == "crc64nvme"
     r2 = store.upload_file(second, "run/ep1.pt", metadata={"epoch": "2"})
     st = store.stat("run/ep1.pt")
     assert st.size == second.stat().st_size
-    assert st.digest == r2.digest and st.digest.algo == "sha256-parts"
+    assert st.digest == r2.digest and st.digest.algo == "crc64nvme" and r2.parts == 3
     assert st.metadata == user_metadata(store, {"epoch": "2"})
     out = store.download_file("run/ep1.pt", tmp_path / "out.pt", progress=False)
     assert out.read_bytes() == second.read_bytes()
@@ -266,20 +274,34 @@ def test_stream_in_order(target: Target, tmp_path: Path, parts: str) -> None:
 # -- integrity ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("multipart", [False, True], ids=["single", "multipart"])
+@pytest.mark.parametrize(
+    ("multipart", "kind", "algo"),
+    [
+        (False, "sha256", "sha256"),
+        (True, "sha256", "sha256-parts"),
+        (False, "crc64nvme", "crc64nvme"),
+        (True, "crc64nvme", "crc64nvme"),
+    ],
+    ids=["sha256", "sha256-parts", "crc64nvme-single", "crc64nvme-multipart"],
+)
 def test_corrupted_object_detected(
-    target: Target, store: ObjectStore, tmp_path: Path, multipart: bool
+    target: Target, tmp_path: Path, multipart: bool, kind: str, algo: str
 ) -> None:
+    """One flipped byte in the bucket, the recorded digest kept: the restore is an
+    IntegrityError, whichever digest kind the object was uploaded with."""
     size = 2 * target.part + 5 if multipart else 1000
     src = write_random(tmp_path / "a.bin", size)
-    store.upload_file(src, "c/a.bin")
-    damaged = bytearray(src.read_bytes())
-    damaged[size // 2] ^= 0xFF
-    target.replace_bytes(store, "c/a.bin", bytes(damaged))
-    out_dir = tmp_path / "out"
-    with pytest.raises(IntegrityError, match="corrupt"):
-        store.download_file("c/a.bin", out_dir / "a.bin", progress=False)
-    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+    with target.store(digest=kind) as store:
+        assert store.upload_file(src, "c/a.bin").digest.algo == algo
+        damaged = bytearray(src.read_bytes())
+        damaged[size // 2] ^= 0xFF
+        target.replace_bytes(store, "c/a.bin", bytes(damaged))
+        out_dir = tmp_path / "out"
+        with pytest.raises(IntegrityError, match="corrupt"):
+            store.download_file("c/a.bin", out_dir / "a.bin", progress=False)
+        assert not out_dir.exists() or list(out_dir.iterdir()) == []
+        with pytest.raises(IntegrityError, match="corrupt"):
+            store.download_stream("c/a.bin", lambda view: None)
 
 
 def test_corrupted_object_detected_in_a_stream(target: Target, tmp_path: Path) -> None:

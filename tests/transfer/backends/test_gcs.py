@@ -277,7 +277,7 @@ def test_streamed_upload_is_one_put_with_length(
     assert st.mtime is not None and abs(st.mtime - time.time()) < 3600
     small = write_random(tmp_path / "s.bin", 10)
     gcs_store.upload_file(small, "run/s.bin")
-    assert gcs_store.backend.stat("run/s.bin").metadata[DIGEST_META].startswith("sha256:")
+    assert gcs_store.backend.stat("run/s.bin").metadata[DIGEST_META].startswith("crc64nvme:")
 
 
 def test_list_paginated_delete_and_ranges(gcs_store: ObjectStore) -> None:

@@ -291,7 +291,14 @@ class AzureBackend(AzureBlocks):
         raise self._fail(what, resp)
 
     # -- small objects -----------------------------------------------------------------
-    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+    def put_bytes(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
+    ) -> None:
         self._put_blob(name, data, metadata, {})
 
     def _put_blob(

@@ -76,7 +76,7 @@ class AzureBlocks(LibcloudHTTPBackend):
         headers.update(encryption_headers(self.settings.extra, "azure"))
         return headers
 
-    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
+    def begin(self, name: str, metadata: Mapping[str, str], checksum: str | None = None) -> str:
         headers = self._headers_for(metadata)  # validate before any byte is sent
         upload_id = uuid.uuid4().hex
         with self._lock:
@@ -89,7 +89,14 @@ class AzureBlocks(LibcloudHTTPBackend):
         return b64(f"{upload_id}-{index:08d}".encode())
 
     def put_part(
-        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+        self,
+        name: str,
+        upload_id: str,
+        index: int,
+        offset: int,
+        data: memoryview,
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
     ) -> PartToken:
         block = self.block_id(upload_id, index)
         headers = {"Content-Length": str(len(data))}
@@ -105,7 +112,14 @@ class AzureBlocks(LibcloudHTTPBackend):
         resp.close()
         return block
 
-    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
+    def complete(
+        self,
+        name: str,
+        upload_id: str,
+        tokens: list[PartToken],
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
+    ) -> None:
         root = ET.Element("BlockList")
         for block in tokens:
             ET.SubElement(root, "Latest").text = str(block)

@@ -115,6 +115,9 @@ class Backend(ABC):
     min_part_size: int = 5 << 20
     #: Whether object metadata survives a round trip (LOCAL keeps none).
     keeps_metadata: bool = True
+    #: Whether put_bytes/put_part need the body's sha256 even when the upload's digest is
+    #: a CRC (S3 over plain HTTP signs the payload; elsewhere none is computed).
+    payload_sha256: bool = False
     #: Whether the store checks a whole-object put against a digest of the bytes sent (S3:
     #: the signed ``x-amz-content-sha256``), so that its success means they are stored as
     #: sent: the daemon then reads back no size and digest after such a put.
@@ -134,8 +137,18 @@ class Backend(ABC):
 
     # -- small objects -----------------------------------------------------------------
     @abstractmethod
-    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
-        """Store ``data`` in one request; ``sha256`` is its binary digest (for signing)."""
+    def put_bytes(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
+    ) -> None:
+        """Store ``data`` in one request. ``sha256`` is its binary digest (for signing;
+        None when the caller computed none: see :attr:`payload_sha256`); ``crc64nvme``
+        its CRC64NVME where the upload's digest is one (a backend whose store checks
+        that checksum sends it with the body)."""
 
     # -- streaming upload (backends without multipart) ---------------------------------------
     def put_stream(
@@ -144,20 +157,39 @@ class Backend(ABC):
         raise NotImplementedError
 
     # -- multipart ---------------------------------------------------------------------
-    def begin(self, name: str, metadata: Mapping[str, str]) -> str:  # pragma: no cover
+    def begin(
+        self, name: str, metadata: Mapping[str, str], checksum: str | None = None
+    ) -> str:  # pragma: no cover
+        """Start a multipart upload; ``checksum`` is the upload's digest kind
+        (``crc64nvme``: its parts come with their CRC64NVME)."""
         raise NotImplementedError
 
     def put_part(
-        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+        self,
+        name: str,
+        upload_id: str,
+        index: int,
+        offset: int,
+        data: memoryview,
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
     ) -> PartToken:  # pragma: no cover
         """Upload part ``index`` (0-based), which starts at byte ``offset`` of the object.
-        ``sha256`` is the part's binary digest (sign with it; never hash again).
-        Must be safe to call again for the same index (retries)."""
+        ``sha256`` is the part's binary digest (sign with it; never hash again), None
+        when the caller computed none; ``crc64nvme`` its CRC64NVME (when the upload's
+        digest is one). Must be safe to call again for the same index (retries)."""
         raise NotImplementedError
 
     def complete(
-        self, name: str, upload_id: str, tokens: list[PartToken]
+        self,
+        name: str,
+        upload_id: str,
+        tokens: list[PartToken],
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
     ) -> None:  # pragma: no cover
+        """Stitch the parts together; for a CRC64NVME upload, ``part_crcs`` are the
+        parts' values and ``crc64nvme`` the whole object's."""
         raise NotImplementedError
 
     def abort(self, name: str, upload_id: str) -> None:  # pragma: no cover

@@ -274,26 +274,6 @@ class GCSBackend(LibcloudHTTPBackend):
             "--create-container (create_container=True)"
         )
 
-    def _headers_for(self, metadata: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
-        meta: dict[str, str] = {}
-        content_type = None
-        for key, value in metadata.items():
-            k = key.lower()
-            v = str(value)
-            if not v.isascii() or "\n" in v or "\r" in v:
-                raise ConfigError(f"metadata value of {key!r} must be one line of ASCII text")
-            if k == "content-type":
-                content_type = v
-            elif k in _PROPERTIES:
-                meta[k] = v
-            elif _META_KEY.match(k):
-                meta[f"x-goog-meta-{k}"] = v
-            else:
-                raise ConfigError(
-                    f"metadata key {key!r} is not valid: use letters, digits, '-', '_' and '.'"
-                )
-        return meta, content_type
-
     # -- container ---------------------------------------------------------------------
     def check_container(self, create: bool = False) -> None:
         what = f"checking bucket {self.container!r}"
@@ -313,14 +293,21 @@ class GCSBackend(LibcloudHTTPBackend):
         raise self._fail(what, resp)
 
     # -- uploads -----------------------------------------------------------------------
-    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+    def put_bytes(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
+    ) -> None:
         self._put(name, data, metadata, {})
 
     def _put(
         self, name: str, data: bytes, metadata: Mapping[str, str], conditions: dict[str, str]
     ) -> Any:
         """One PUT of ``data``; return the response (closed), raise the mapped error."""
-        headers, content_type = self._headers_for(metadata)
+        headers, content_type = _headers_for(metadata)
         headers.update(encryption_headers(self.settings.extra, "gcs"))
         headers.update(conditions)
         headers["Content-Type"] = content_type or "application/octet-stream"
@@ -357,7 +344,7 @@ class GCSBackend(LibcloudHTTPBackend):
     ) -> None:
         from libcloud.storage.base import Container
 
-        headers, content_type = self._headers_for(metadata)
+        headers, content_type = _headers_for(metadata)
         meta = {
             k[len("x-goog-meta-") :]: v for k, v in headers.items() if k.startswith("x-goog-meta-")
         }
@@ -455,3 +442,25 @@ def _precondition_failed(what: str) -> PreconditionFailedError:
         f"{what}: another writer changed it since it was read (generation mismatch); "
         "read it again and merge"
     )
+
+
+def _headers_for(metadata: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The headers of an object's metadata, and its content type (None: not given)."""
+    meta: dict[str, str] = {}
+    content_type = None
+    for key, value in metadata.items():
+        k = key.lower()
+        v = str(value)
+        if not v.isascii() or "\n" in v or "\r" in v:
+            raise ConfigError(f"metadata value of {key!r} must be one line of ASCII text")
+        if k == "content-type":
+            content_type = v
+        elif k in _PROPERTIES:
+            meta[k] = v
+        elif _META_KEY.match(k):
+            meta[f"x-goog-meta-{k}"] = v
+        else:
+            raise ConfigError(
+                f"metadata key {key!r} is not valid: use letters, digits, '-', '_' and '.'"
+            )
+    return meta, content_type

@@ -10,7 +10,7 @@ folder fsynced too); reads seek and stream.
 
 A multipart upload is one staged file that each part is written into at its offset
 (and flushed to disk), plus a ``.parts`` list beside it naming each part written
-(index, size, and the first 128 bits of its sha256 as its ETag), from which an
+(index, size, and its CRC64NVME or the first 128 bits of its sha256 as its ETag), from which an
 interrupted upload is resumed (``list_parts``).
 
 The driver keeps no metadata, so the store records digests in digest records
@@ -133,7 +133,14 @@ class LocalBackend(Backend):
             raise
         fsync_dir(dest.parent)
 
-    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
+    def put_bytes(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
+    ) -> None:
         self._require_root()
         tmp = self._staging_file()
         try:
@@ -182,7 +189,7 @@ class LocalBackend(Backend):
             os.close(fd)  # releases the lock
         return self._version(data)
 
-    def begin(self, name: str, metadata: Mapping[str, str]) -> str:
+    def begin(self, name: str, metadata: Mapping[str, str], checksum: str | None = None) -> str:
         self._require_root()
         self._path(name)
         tmp = self._staging_file()
@@ -193,7 +200,14 @@ class LocalBackend(Backend):
         return tmp.name
 
     def put_part(
-        self, name: str, upload_id: str, index: int, offset: int, data: memoryview, sha256: bytes
+        self,
+        name: str,
+        upload_id: str,
+        index: int,
+        offset: int,
+        data: memoryview,
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
     ) -> PartToken:
         staged = self.staging / upload_id
         try:
@@ -209,7 +223,12 @@ class LocalBackend(Backend):
             os.fdatasync(fd)  # the part is on disk before it is listed as held
         finally:
             os.close(fd)
-        etag = sha256[:16].hex()
+        if sha256 is not None:
+            etag = sha256[:16].hex()
+        elif crc64nvme is not None:
+            etag = f"crc64nvme-{crc64nvme:016x}"
+        else:
+            etag = hashlib.sha256(data).digest()[:16].hex()
         fd = os.open(staged.with_suffix(".parts"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, f"{index} {len(data)} {etag}\n".encode())
@@ -233,7 +252,14 @@ class LocalBackend(Backend):
                 held[int(fields[0])] = HeldPart(int(fields[1]), fields[2])
         return held
 
-    def complete(self, name: str, upload_id: str, tokens: list[PartToken]) -> None:
+    def complete(
+        self,
+        name: str,
+        upload_id: str,
+        tokens: list[PartToken],
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
+    ) -> None:
         tmp = self.staging / upload_id
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -8,12 +8,31 @@ signer hashes a bytes body again (or signs a stream as ``UNSIGNED-PAYLOAD``),
 its stream upload sends 5 MiB parts one after another on one connection, and
 its downloads read whole objects into memory.
 
+* Checksums: with a CRC64NVME upload (the default digest) every PutObject and
+  UploadPart carries ``x-amz-checksum-crc64nvme`` (and
+  ``x-amz-sdk-checksum-algorithm``), which S3 checks against the bytes it received
+  (``BadDigest`` otherwise: the part is sent again); a multipart upload is created as
+  a ``FULL_OBJECT`` CRC64NVME one and completed with each part's value and the whole
+  object's, which S3 checks again. Over HTTPS the payload is then not signed
+  (``x-amz-content-sha256: UNSIGNED-PAYLOAD``, the checksum header is) and no
+  sha256 is computed at all; over plain HTTP the payload's sha256 is signed too.
+  With a sha256 upload the part's sha256, computed once by the store, is the signed
+  payload hash, and no checksum header is sent.
+  What S3-compatible servers do with them (probed in the tests, moto 5.2 and rclone
+  1.7x): moto accepts the headers and stores the values (a multipart object's
+  FULL_OBJECT CRC64NVME it combines itself; ``HeadObject`` with
+  ``x-amz-checksum-mode: ENABLED`` returns them) but refuses no wrong one; rclone
+  serve s3 accepts and ignores them (it echoes a PutObject's header back, keeps
+  none for multipart). Neither refuses a request for them. A server that does
+  (400 ``InvalidArgument``, 501 ``NotImplemented``: older S3-compatibles) gets that
+  request again without them and no checksum header from then on, with a warning;
+  the payload's sha256 is then signed (``S3Multipart._checksummed``). Where the
+  server does not check, TLS (or over plain HTTP the signed payload) and the
+  download's own check against the recorded digest guard the bytes.
 * Signing: SigV4 (:mod:`uploader.transfer.backends.sigv4`) with the payload hash the
-  store already computed for each part. The body is never hashed a second time,
-  and the signed hash is the in-transit check: the server rejects a body that
-  does not match it. ``Content-MD5`` is not sent: it would cost a second full
-  pass over every byte (MD5 is slower than the sha256 pass here) and adds no
-  protection beyond the signed sha256.
+  store already computed for each part, or ``UNSIGNED-PAYLOAD`` (above). The body
+  is never hashed a second time. ``Content-MD5`` is not sent: it would cost a
+  second full pass over every byte and adds no protection beyond the checksum.
 * Parallel parts: each thread keeps its own keep-alive HTTP connection
   (``http.client``), and bodies are sent as ``memoryview`` slices of the
   store's part buffer, without copies.
@@ -119,11 +138,21 @@ class S3Backend(S3Multipart):
         log.info("created %s", self._where)
 
     # -- small objects --------------------------------------------------------------------
-    def put_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], sha256: bytes) -> None:
-        headers = self._object_headers(metadata)
-        self._request(
-            "PUT", name, f"upload {name}", headers=headers, body=data, payload_sha256=sha256.hex()
-        )
+    def put_bytes(
+        self,
+        name: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        sha256: bytes | None,
+        crc64nvme: int | None = None,
+    ) -> None:
+        def send() -> None:
+            headers = self._object_headers(metadata)
+            payload = self._payload(data, sha256, crc64nvme, headers)
+            self._request("PUT", name, what, headers=headers, body=data, payload_sha256=payload)
+
+        what = f"upload {name}"
+        self._checksummed(send, what, crc64nvme is not None)
 
     # -- conditional writes ---------------------------------------------------------------
     def get_versioned(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
@@ -145,6 +174,7 @@ class S3Backend(S3Multipart):
         expected: str | None,
     ) -> str | None:
         headers = self._object_headers(metadata)
+        payload = self._payload(data, sha256, None, headers)
         if expected is None:
             headers["if-none-match"] = "*"
         else:
@@ -152,7 +182,7 @@ class S3Backend(S3Multipart):
         what = f"upload {name}"
         try:
             resp, _ = self._request(
-                "PUT", name, what, headers=headers, body=data, payload_sha256=sha256.hex()
+                "PUT", name, what, headers=headers, body=data, payload_sha256=payload
             )
         except (S3Error, S3TransientError) as exc:
             if exc.status == 412 or exc.code in (

@@ -93,6 +93,8 @@ TRANSIENT_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "OperationAborted",
+        "BadDigest",  # bytes damaged on the way (checksum or signed hash): sent again
+        "XAmzContentSHA256Mismatch",
     }
 )
 _MISSING_OBJECT_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound"})
@@ -154,6 +156,8 @@ class S3RequestBackend(Backend):
         self.settings = settings
         self.bucket = settings.container
         self.secure = settings.secure
+        # Over plain HTTP the payload is signed (nothing else guards it on the way).
+        self.payload_sha256 = not self.secure
         port = f":{settings.port}" if settings.port else ""
         where = f"{'https' if self.secure else 'http'}://{settings.host or settings.provider}{port}"
         # Before libcloud is imported: it refuses a missing $SSL_CERT_FILE with a bare error.

@@ -28,10 +28,43 @@ import threading
 from collections.abc import Mapping, MutableMapping
 from urllib.parse import quote
 
-__all__ = ["SigV4Signer", "EMPTY_SHA256", "canonical_query", "quote_path"]
+from uploader.transfer.digest import crc64nvme_b64
+
+__all__ = [
+    "SigV4Signer",
+    "EMPTY_SHA256",
+    "UNSIGNED_PAYLOAD",
+    "canonical_query",
+    "payload_hash",
+    "quote_path",
+]
 
 #: sha256 of the empty string: the payload hash of bodiless requests.
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+#: The payload "hash" of a body that is not signed (over HTTPS, where a signed
+#: ``x-amz-checksum-*`` header guards the body instead).
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+
+def payload_hash(
+    body: bytes | memoryview,
+    sha256: bytes | None,
+    crc64nvme: int | None,
+    headers: MutableMapping[str, str],
+    unsigned: bool,
+) -> str:
+    """The payload hash to sign ``body`` with, adding its checksum headers to
+    ``headers``: with a CRC, ``x-amz-checksum-crc64nvme`` (signed, as every header is)
+    and, where ``unsigned`` (over HTTPS), ``UNSIGNED-PAYLOAD``; otherwise the body's
+    sha256 (the one given, else computed here)."""
+    if crc64nvme is not None:
+        headers["x-amz-checksum-crc64nvme"] = crc64nvme_b64(crc64nvme)
+        headers["x-amz-sdk-checksum-algorithm"] = "CRC64NVME"
+        if unsigned:
+            return UNSIGNED_PAYLOAD
+    if sha256 is None:
+        return hashlib.sha256(body).hexdigest() if len(body) else EMPTY_SHA256
+    return sha256.hex()
 
 
 def quote_path(path: str) -> str:
@@ -92,7 +125,7 @@ class SigV4Signer:
 
         ``path`` is already encoded (see :func:`quote_path`); ``headers`` must hold
         ``host``; every header in it is signed. ``payload_sha256`` is the hex digest
-        of the body (``EMPTY_SHA256`` for none). ``credentials``: access key, secret
+        of the body (``EMPTY_SHA256`` for none), or ``UNSIGNED_PAYLOAD``. ``credentials``: access key, secret
         and session token (None for long-term keys).
         """
         access_key, secret, token = credentials
