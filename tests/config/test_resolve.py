@@ -47,6 +47,7 @@ def test_flags_win_over_the_config_file_for_the_store_and_the_daemon(tmp_path: P
         "concurrency": WatchOptions().concurrency,
         "retry": options.watch.retry,
         "create_container": False,
+        "digest": "crc64nvme",
     }
 
 

@@ -487,7 +487,7 @@ def test_make_demo_trains_uploads_and_resumes_from_latest(tmp_path: Path) -> Non
     text = proc.stdout
     assert "uploader worker pid" in text and "3 checkpoints verified" in text
     assert "done 3" in text and "failed 0" in text  # `ckpt-uploader status`
-    assert "resuming from latest = rank_0/checkpoints/ep3.pt (verified sha256:" in text
+    assert "resuming from latest = rank_0/checkpoints/ep3.pt (verified crc64nvme:" in text
     assert "latest is now rank_0/checkpoints/ep5.pt" in text
     store = ObjectStoreHparams(provider="local", container=str(out / "bucket")).initialize_object()
     pointer = read_pointer(store, "demo", 0)
