@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m bench.restore_dir
 	$(PY) -m bench.restore_dir --latency-ms 20
 	$(PY) -m bench.many_files
+	$(PY) -m bench.upload_tls
 	$(PY) -m bench.latest
 	$(PY) -m bench.concurrent_restore
 	$(PY) -m bench.stall
