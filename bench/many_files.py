@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import client_env, ratio_text
+from bench.report import publish
 from bench.restore import BUCKET, Results, _measure, _rotations
 
 __all__ = ["main", "CLIENTS"]
@@ -179,14 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.close()
     text = report(results, args.runs, (load0, load1))
-    print(text + "\n")
-    if not args.no_write:
-        from bench.report import write_section
-
-        command = "python -m bench.many_files" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        )
-        write_section("many-files", text, command)
+    publish("many-files", text, "bench.many_files", argv, not args.no_write)
     return 0
 
 

@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import ROOT, MiB, client_env, warm_object
+from bench.report import publish
 
 __all__ = ["main", "STEPS"]
 
@@ -151,14 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{load0:.1f} and {load1:.1f}.",
     ]
     text = "\n".join(lines)
-    print(text + "\n")
-    if not args.no_write:
-        from bench.report import write_section
-
-        command = "python -m bench.pull_profile" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        )
-        write_section("pull-profile", text, command)
+    publish("pull-profile", text, "bench.pull_profile", argv, not args.no_write)
     return 0
 
 

@@ -35,3 +35,14 @@ def write_section(name: str, markdown: str, command: str) -> Path:
         text = text.rstrip() + "\n\n" + body + "\n"
     DOC.write_text(text)
     return DOC
+
+
+def publish(name: str, text: str, module: str, argv: list[str] | None, write: bool) -> None:
+    """Print a benchmark's section and, with ``write``, put it in docs/benchmarks.md under
+    the command that produced it (``python -m MODULE ARGS``; ``argv`` None: this process's)."""
+    import sys
+
+    print(text + "\n")
+    if write:
+        given = argv if argv is not None else sys.argv[1:]
+        write_section(name, text, " ".join(["python -m " + module, *given]))

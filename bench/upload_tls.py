@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import ROOT, MiB
+from bench.report import publish
 from bench.restore import _measure
 
 __all__ = ["main"]
@@ -155,14 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f"runs: {load0:.1f} and {load1:.1f}.",
     ]
     text = "\n".join(lines)
-    print(text + "\n")
-    if not args.no_write:
-        from bench.report import write_section
-
-        command = "python -m bench.upload_tls" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        )
-        write_section("upload-tls", text, command)
+    publish("upload-tls", text, "bench.upload_tls", argv, not args.no_write)
     return 0
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from harness.servers.net import answers_http, find_binary, free_port, spawn, stop_group, wait_ready
+from harness.servers.stub import Served
 
 __all__ = [
     "ACCOUNT",
@@ -168,7 +169,7 @@ def start_moto_iam(workdir: Path) -> MotoIam:
 
 
 # -- credential endpoints ----------------------------------------------------------------
-class _Stub:
+class _Stub(Served):
     """A threaded loopback HTTP server whose handler calls ``self.answer``."""
 
     def __init__(self) -> None:
@@ -199,21 +200,6 @@ class _Stub:
 
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, str, bytes]:
         raise NotImplementedError
-
-    def start(self) -> Any:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _mint(self, moto: MotoIam, lifetime: float) -> dict[str, Any]:
         creds = moto.assume_role()

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
+from harness.servers.stub import Served
+
 __all__ = ["STORAGE_AUDIENCE", "EntraTokenEndpoint", "account_sas"]
 
 STORAGE_AUDIENCE = "https://storage.azure.com"
@@ -52,7 +54,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class EntraTokenEndpoint:
+class EntraTokenEndpoint(Served):
     """A threaded HTTPS Microsoft Entra token endpoint (see the module docstring).
 
     Args:
@@ -191,21 +193,6 @@ class EntraTokenEndpoint:
         payload = _b64url(json.dumps(claims).encode())
         mac = hmac.new(self._signing_key, f"{head}.{payload}".encode(), hashlib.sha256)
         return f"{head}.{payload}.{_b64url(mac.digest())}"
-
-    def start(self) -> EntraTokenEndpoint:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> EntraTokenEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def account_sas(

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from harness.servers.stub import Served
+
 __all__ = ["MetadataServer", "OAuthTokenEndpoint", "write_service_account_key"]
 
 _SA = "/computeMetadata/v1/instance/service-accounts/default/"
@@ -46,7 +48,7 @@ GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 _ACCOUNTS = "/computeMetadata/v1/instance/service-accounts/"
 
 
-class MetadataServer:
+class MetadataServer(Served):
     """A threaded loopback GCE metadata server (see the module docstring).
 
     Args:
@@ -126,21 +128,6 @@ class MetadataServer:
             return 200, "application/json", json.dumps(body).encode()
         return 404, "text/html", b"Not Found\n"
 
-    def start(self) -> MetadataServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> MetadataServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def write_service_account_key(path: Path, email: str, token_uri: str) -> Any:
     """Write a service account key file (a fresh RSA key, as the console's JSON download)
@@ -168,7 +155,7 @@ def write_service_account_key(path: Path, email: str, token_uri: str) -> Any:
     return key
 
 
-class OAuthTokenEndpoint:
+class OAuthTokenEndpoint(Served):
     """Google's OAuth 2.0 token endpoint for service accounts, over HTTPS on loopback.
 
         ``POST /token`` with ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`` and
@@ -250,18 +237,3 @@ class OAuthTokenEndpoint:
             self.issued.append(token)
         answer = {"access_token": token, "expires_in": self.lifetime, "token_type": "Bearer"}
         return 200, json.dumps(answer).encode()
-
-    def start(self) -> OAuthTokenEndpoint:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> OAuthTokenEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
