@@ -101,6 +101,8 @@ class AzureBackend(AzureBlocks):
         backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
     """
 
+    identity: AzureIdentity
+
     keeps_metadata = True
     range_header = "x-ms-range"
     conditional = True
@@ -169,46 +171,20 @@ class AzureBackend(AzureBlocks):
             params = {**(params or {}), **self.identity.sas}
         return params, headers
 
-    def describe_identity(self) -> str:
-        return self.identity.describe()
-
-    def _request(
-        self,
-        what: str,
-        path: str,
-        method: str = "GET",
-        params: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        data: Any = None,
-        stream: bool = False,
-    ) -> Any:
-        """One request; a refused bearer token gets a new token and one more try."""
-        seen = self.identity.generation
-        resp = super()._request(what, path, method, params, headers, data, stream)
-        if not self._token_refused(resp):
-            return resp
-        resp.close()
-        self._renew(what, seen)
-        return super()._request(what, path, method, params, headers, data, stream)
-
     def _token_refused(self, resp: Any) -> bool:
-        """Whether ``resp`` refuses this store's bearer token (401, or 403
-        ``AuthenticationFailed`` / ``InvalidAuthenticationInfo``)."""
-        if not self.identity.bearer or resp is None:
+        """Whether ``resp`` (None: this thread's last request) refuses this store's bearer
+        token (401, or 403 ``AuthenticationFailed`` / ``InvalidAuthenticationInfo``)."""
+        if not self.identity.bearer:
             return False
+        if resp is None:  # this thread's last request
+            resp = getattr(self._driver().connection.connection, "response", None)
+            if resp is None:
+                return False
         status = getattr(resp, "status_code", None)
         if status == 401:
             return True
         code = resp.headers.get("x-ms-error-code", "")
         return status == 403 and code in ("AuthenticationFailed", "InvalidAuthenticationInfo")
-
-    def _renew(self, what: str, seen: int) -> None:
-        log.warning("%s: the store refused the access token; getting a new one", what)
-        self.identity.refresh(seen)
-
-    def close(self) -> None:
-        super().close()
-        self.identity.close()
 
     def _endpoint(self) -> str:
         if self.settings.host:
@@ -354,18 +330,7 @@ class AzureBackend(AzureBlocks):
         )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        seen = self.identity.generation
-        listed = 0
-        try:
-            for info in self._list(prefix):
-                listed += 1
-                yield info
-        except AuthError:
-            last = getattr(self._driver().connection.connection, "response", None)
-            if listed or not self._token_refused(last):
-                raise
-            self._renew(f"list {prefix!r}", seen)
-            yield from self._list(prefix)
+        return self._listing(f"list {prefix!r}", lambda: self._list(prefix))
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container

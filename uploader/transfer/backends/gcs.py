@@ -112,6 +112,8 @@ class GCSBackend(LibcloudHTTPBackend):
         backend.put_bytes("a.txt", b"hi", {}, hashlib.sha256(b"hi").digest())
     """
 
+    identity: GcpIdentity
+
     multipart = False
     keeps_metadata = True
     version_header = "x-goog-generation"  # a pointer's version is its generation
@@ -170,47 +172,14 @@ class GCSBackend(LibcloudHTTPBackend):
         headers["Authorization"] = "Bearer " + self.identity.token()
         return params, headers
 
-    def describe_identity(self) -> str:
-        return self.identity.describe()
-
-    def _request(
-        self,
-        what: str,
-        path: str,
-        method: str = "GET",
-        params: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        data: Any = None,
-        stream: bool = False,
-    ) -> Any:
-        """One request; a 401 to a bearer token gets a new token and one more try."""
-        seen = self.identity.generation
-        try:
-            resp = super()._request(what, path, method, params, headers, data, stream)
-        except AuthError:  # libcloud raises on 401 and 403
-            if not self._token_refused():
-                raise
-        else:
-            if resp.status_code != 401 or not self.identity.bearer:
-                return resp
-            resp.close()
-        self._renew(what, seen)
-        return super()._request(what, path, method, params, headers, data, stream)
-
-    def _token_refused(self) -> bool:
-        """Whether this thread's last request was a bearer token answered 401."""
+    def _token_refused(self, resp: Any) -> bool:
+        """Whether ``resp`` (None: this thread's last request) answered a bearer token
+        with 401."""
         if not self.identity.bearer:
             return False
-        last = getattr(self._driver().connection.connection, "response", None)
-        return getattr(last, "status_code", None) == 401
-
-    def _renew(self, what: str, seen: int) -> None:
-        log.warning("%s: the store refused the access token (HTTP 401); getting a new one", what)
-        self.identity.refresh(seen)
-
-    def close(self) -> None:
-        super().close()
-        self.identity.close()
+        if resp is None:
+            resp = getattr(self._driver().connection.connection, "response", None)
+        return getattr(resp, "status_code", None) == 401
 
     def _endpoint(self) -> str:
         if self.settings.host:
@@ -368,7 +337,7 @@ class GCSBackend(LibcloudHTTPBackend):
             )
         except Exception as exc:
             err = self._map(what, exc)
-            if isinstance(err, AuthError) and self._token_refused():
+            if isinstance(err, AuthError) and self._token_refused(None):
                 # The body is spent: a new token now, and the retry sends the file again.
                 self._renew(what, seen)
                 raise TransientError(
@@ -387,18 +356,7 @@ class GCSBackend(LibcloudHTTPBackend):
         return ObjectInfo(name, int(size), meta, h.get("etag"), http_time(h.get("last-modified")))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        what = f"list {prefix!r}"
-        seen = self.identity.generation
-        listed = 0
-        try:
-            for info in self._list(prefix):
-                listed += 1
-                yield info
-        except AuthError:
-            if listed or not self._token_refused():
-                raise
-            self._renew(what, seen)
-            yield from self._list(prefix)
+        return self._listing(f"list {prefix!r}", lambda: self._list(prefix))
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         from libcloud.storage.base import Container

@@ -24,18 +24,20 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-from uploader.errors import PermanentError, TransientError, UploaderError
+from uploader.errors import AuthError, PermanentError, TransientError, UploaderError
 from uploader.redact import redact
-from uploader.transfer.backends.base import Backend
+from uploader.transfer.backends.base import Backend, ObjectInfo
 from uploader.transfer.backends.encryption import ENCRYPTION_OPTIONS
+from uploader.transfer.backends.identity import Identity
 from uploader.transfer.retry import is_transient
 from uploader.transfer.settings import StoreSettings
 from uploader.transfer.tls import tls_failure
@@ -135,6 +137,9 @@ def install_request_timeout(session: Any, timeout: float) -> None:
         session.mount(prefix, _Adapter())
 
 
+log = logging.getLogger(__name__)
+
+
 class LibcloudHTTPBackend(Backend):
     """A backend that sends its own requests through per-thread libcloud drivers.
 
@@ -207,7 +212,70 @@ class LibcloudHTTPBackend(Backend):
             return TransientError(f"{text}; check that {self._endpoint()} is reachable")
         return PermanentError(text)
 
+    # -- credentials renewed when refused --------------------------------------------------
+    #: The store's renewable credentials (bearer tokens), set by the adapter; None while
+    #: libcloud signs every request with a fixed key.
+    identity: Identity | None = None
+
+    def describe_identity(self) -> str:
+        return (
+            self.identity.describe() if self.identity is not None else super().describe_identity()
+        )
+
+    def _token_refused(self, resp: Any) -> bool:
+        """Whether ``resp`` (None: this thread's last request, which raised AuthError)
+        refuses the current token. No token, no refusal of one."""
+        return False
+
+    def _renew(self, what: str, seen: int) -> None:
+        """A new token, unless another thread renewed it since generation ``seen``."""
+        assert self.identity is not None
+        log.warning("%s: the store refused the access token; getting a new one", what)
+        self.identity.refresh(seen)
+
+    def _listing(
+        self, what: str, listing: Callable[[], Iterator[ObjectInfo]]
+    ) -> Iterator[ObjectInfo]:
+        """The objects ``listing`` yields; when the store refuses the token before the
+        first one, a new token and the listing once more."""
+        seen = self.identity.generation if self.identity is not None else 0
+        listed = 0
+        try:
+            for info in listing():
+                listed += 1
+                yield info
+        except AuthError:
+            if listed or not self._token_refused(None):
+                raise
+            self._renew(what, seen)
+            yield from listing()
+
     def _request(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """One request (see :meth:`_send`); a token the store refuses is renewed and the
+        request sent once more (a second refusal is the caller's to see)."""
+        seen = self.identity.generation if self.identity is not None else 0
+        try:
+            resp = self._send(what, path, method, params, headers, data, stream)
+        except AuthError:  # libcloud raises on 401 and 403 for some stores
+            if not self._token_refused(None):
+                raise
+        else:
+            if not self._token_refused(resp):
+                return resp
+            resp.close()
+        self._renew(what, seen)
+        return self._send(what, path, method, params, headers, data, stream)
+
+    def _send(
         self,
         what: str,
         path: str,
@@ -300,6 +368,8 @@ class LibcloudHTTPBackend(Backend):
             resp.close()
 
     def close(self) -> None:
+        if self.identity is not None:
+            self.identity.close()
         with self._lock:
             drivers, self._drivers = self._drivers, []
         for drv in drivers:

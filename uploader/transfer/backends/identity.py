@@ -57,6 +57,9 @@ class Identity(ABC):
     def _renew_locked(self) -> None:
         """Find fresh credentials (the lock is held)."""
 
+    def close(self) -> None:
+        """Let go of what renewal holds (HTTP sessions of a credential library)."""
+
     @abstractmethod
     def describe(self) -> str:
         """The source of the credentials in words, with their expiry; never a secret."""
