@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import logging
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -76,7 +75,6 @@ from uploader.transfer.tls import tls_failure
 
 __all__ = ["AzureBackend", "install_request_timeout"]
 
-log = logging.getLogger(__name__)
 
 _CONTAINER = re.compile(r"^(\$root|[a-z0-9][a-z0-9-]{1,61}[a-z0-9])$")
 _PUBLIC_SUFFIX = "blob.core.windows.net"

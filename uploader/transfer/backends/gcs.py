@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -66,7 +65,6 @@ from uploader.transfer.settings import StoreSettings
 
 __all__ = ["GCSBackend"]
 
-log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
 _META_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
