@@ -20,7 +20,8 @@ measures the client, not the server's first touch of the object.
   download verifies the digest and fsyncs). Like boto3, no read-back after the
   upload.
 * ours+readback: the same, with the read-back the daemon does before it calls a
-  file verified (``verify=True``: a HEAD of the object). Against ``rclone serve
+  file verified on a store that does not check uploads on arrival (``verify=True``: a
+  HEAD of the object; on S3 the daemon skips it). Against ``rclone serve
   s3`` the first HEAD of an object makes the server compute its MD5 over the
   whole object (about 2 s per GiB here), a server cost S3 itself does not have;
   it is counted in this client's upload.

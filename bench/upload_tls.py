@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, MiB
+from bench.common import ROOT, MiB, client_env
 from bench.report import publish
 from bench.restore import _measure
 
@@ -53,6 +53,35 @@ def _push(tree: str, run: Path, uri: str, state: Path) -> list[str]:
     ]
 
 
+_OBSTORE = """
+import os, sys
+from pathlib import Path
+import obstore
+from obstore.store import S3Store
+endpoint, path, key, ca, unsigned = sys.argv[1:6]
+opts = {"allow_http": True}
+if ca:
+    opts["root_certificate"] = Path(ca).read_bytes()
+store = S3Store(
+    "bench", endpoint=endpoint, access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+    secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
+    virtual_hosted_style_request=False, unsigned_payload=unsigned == "1", client_options=opts,
+)
+obstore.put(store, key, Path(path))
+"""
+
+PEERS = ("obstore", "obstore unsigned", "s5cmd")
+
+
+def _peer(name: str, endpoint: str, ca: str, path: Path, key: str, s5cmd: str) -> list[str]:
+    """A peer's upload as its users type it: ``s5cmd cp``; obstore's ``put`` of a path (its
+    own multipart), with its default signed payload or with ``unsigned_payload``."""
+    if name == "s5cmd":
+        return [s5cmd, "--endpoint-url", endpoint, "cp", str(path), f"s3://bench/{key}"]
+    unsigned = "1" if name == "obstore unsigned" else "0"
+    return [sys.executable, "-c", _OBSTORE, endpoint, str(path), key, ca, unsigned]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.upload_tls", description=__doc__.split("\n")[0]
@@ -61,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--no-peers", action="store_true", help="leave out obstore and s5cmd")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from harness.data import write_random
     from harness.servers.certs import make_certs
-    from harness.servers.s3 import start_rclone_s3
+    from harness.servers.s3 import find_binary, start_rclone_s3
 
     trees = {"this tree": ROOT, **({"base": args.base} if args.base else {})}
+    rows = [*trees, *(() if args.no_peers else PEERS)]
+    s5cmd = find_binary("s5cmd")
     samples: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-upload-tls-") as tmp:
         base = Path(tmp)
@@ -82,27 +114,39 @@ def main(argv: list[str] | None = None) -> int:
             run = base / "run"
             run.mkdir()
             write_random(run / "model.pt", args.size_mib * MiB)
-            env = {**os.environ, **plain.env, **tls.env, "PYTHONPATH": ROOT}
+            env = {**client_env(plain, base), **tls.env, "AWS_CA_BUNDLE": str(certs.ca)}
             load0 = os.getloadavg()[0]
             n = 0
             for r in range(args.runs):
-                for tree_name, tree in trees.items():
+                for tree_name in rows[r % len(rows) :] + rows[: r % len(rows)]:
                     for scheme, server in (("http", plain), ("https", tls)):
                         n += 1
+                        https = f"https://localhost:{server.port}"
                         endpoint = (
-                            server.endpoint
-                            if scheme == "http"
-                            else f"https://localhost:{server.port}&ca_bundle={certs.ca}"
+                            server.endpoint if scheme == "http" else f"{https}&ca_bundle={certs.ca}"
                         )
                         uri = (
                             f"s3://bench/r{n}?endpoint={endpoint}"
                             f"&key_environ={server.key_env}&secret_environ={server.secret_env}"
                         )
-                        binary = _push(tree, run, uri, base / f"state-{n}")
+                        if tree_name in trees:
+                            binary = _push(trees[tree_name], run, uri, base / f"state-{n}")
+                        else:
+                            peer_endpoint = server.endpoint if scheme == "http" else https
+                            ca = str(certs.ca) if scheme == "https" else ""
+                            key = f"r{n}/model.pt"
+                            binary = _peer(
+                                tree_name, peer_endpoint, ca, run / "model.pt", key, s5cmd
+                            )
                         child = [sys.executable, "-m", "bench.restore", "--child-download"]
                         s = _measure(
                             [*child, "push", "-", "-", server.endpoint],
-                            dict(env, BENCH_ARGV=json.dumps(binary)),
+                            dict(
+                                env,
+                                BENCH_ARGV=json.dumps(binary),
+                                AWS_ACCESS_KEY_ID=server.key,
+                                AWS_SECRET_ACCESS_KEY=server.secret,
+                            ),
                         )
                         gib = args.size_mib * MiB / GiB
                         samples.setdefault((tree_name, scheme), []).append(
@@ -137,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "| tree | scheme | MiB/s | CPU s/GiB | peak RSS MiB |",
         "|---|---|---:|---:|---:|",
     ]
-    for tree_name in trees:
+    for tree_name in rows:
         for scheme in ("http", "https"):
             key = (tree_name, scheme)
             lines.append(
@@ -150,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.base:
         ratio = this_https / med(("base", "https"), 1)
         lines.append(f"Upload CPU per GiB over HTTPS, this tree / base: {ratio:.2f}x.")
+    for peer in () if args.no_peers else PEERS:
+        for scheme in ("http", "https"):
+            speed = med((peer, scheme), 0) / med(("this tree", scheme), 0)
+            cpu = med(("this tree", scheme), 1) / med((peer, scheme), 1)
+            lines.append(
+                f"Over {scheme.upper()}, this tree / {peer}: {speed:.2f}x the speed, "
+                f"{cpu:.2f}x the CPU per GiB."
+            )
     lines += [
         "",
         f"Load average (1 min) on this 2-core machine at the start and the end of these "

@@ -18,7 +18,8 @@ their expiry (botocore refreshes within 15 minutes of it, and blocks for it with
   ``AWS_PROFILE`` or the ``profile`` option picks a profile (an explicit ``profile``
   option also turns the environment-variable keys off, as in the AWS CLI).
 
-botocore is imported only here, and only when an S3 store is opened. It has no public
+botocore is imported only here, and only when an S3 store takes the default chain or a
+profile (keys named by key_environ/secret_environ need none). It has no public
 way to force a refresh: :meth:`AwsIdentity.refresh` builds a fresh resolver, which
 is what the adapter does once when the store answers that the token expired.
 
@@ -84,6 +85,19 @@ def is_expired_answer(status: int, code: str | None, message: str) -> bool:
         return True
     text = message.lower()
     return status in (400, 403) and "expired" in text and ("token" in text or "signature" in text)
+
+
+class _Static(NamedTuple):
+    """Keys named by the store's settings: what botocore's ``Credentials`` offers here,
+    without importing botocore (a tenth of a second of every start) for keys at hand."""
+
+    access_key: str
+    secret_key: str
+    token: str | None
+    method: str = "env"
+
+    def get_frozen_credentials(self) -> _Static:
+        return self
 
 
 class AwsIdentity(Identity):
@@ -155,8 +169,6 @@ class AwsIdentity(Identity):
         )
 
     def _from_named(self) -> Any:
-        from botocore.credentials import Credentials
-
         key, secret = self.settings.credentials()
         if not key or not secret:
             raise ConfigError(
@@ -166,7 +178,7 @@ class AwsIdentity(Identity):
         token = None
         if (self.settings.key_environ, self.settings.secret_environ) == _STANDARD:
             token = os.environ.get("AWS_SESSION_TOKEN") or None
-        return Credentials(key, secret, token, method="env")
+        return _Static(key, secret, token)
 
     # -- using them -----------------------------------------------------------------------
     def frozen(self) -> Frozen:

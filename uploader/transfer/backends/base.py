@@ -118,9 +118,10 @@ class Backend(ABC):
     #: Whether put_bytes/put_part need the body's sha256 even when the upload's digest is
     #: a CRC (S3 over plain HTTP signs the payload; elsewhere none is computed).
     payload_sha256: bool = False
-    #: Whether the store checks a whole-object put against a digest of the bytes sent (S3:
-    #: the signed ``x-amz-content-sha256``), so that its success means they are stored as
-    #: sent: the daemon then reads back no size and digest after such a put.
+    #: Whether the store checks every put and part against a digest of the bytes sent (S3:
+    #: the signed ``x-amz-content-sha256`` or the signed ``x-amz-checksum-crc64nvme``) and a
+    #: multipart completion against the parts it holds, so that success means the bytes
+    #: are stored as sent: the daemon then reads back no size and digest after an upload.
     put_checked: bool = False
     #: Whether an unfinished multipart upload can be listed and continued.
     resumable: bool = False
