@@ -179,9 +179,11 @@ def resolve_remote(
     rank: int,
     world_size: int | None,
     share: Callable[[Callable[[], Any]], Any] | None = None,
-) -> tuple[str, str | None, int | None]:
-    """(object name, expected digest, expected size) for a path or ``latest`` in ``store``;
-    ``share`` resolves ``latest`` once for the whole job (see :mod:`ckpt.distributed`)."""
+) -> tuple[str, str | None, int | None, Any]:
+    """(object name, expected digest, expected size, committed entry or None) for a path
+    or ``latest`` in ``store``; ``share`` resolves ``latest`` once for the whole job (see
+    :mod:`ckpt.distributed`). A chunked entry (``--dedup``) has no object of that name:
+    restore it through the entry (``uploader.bucket.fetch``)."""
     from uploader.bucket import pointer
     from uploader.errors import UploaderError
 
@@ -203,7 +205,7 @@ def resolve_remote(
                 "'ckpt-uploader pull' and load it with the framework that wrote it"
             )
         log.info("latest resolves to %s (%s)", e.object, e.digest)
-        return e.object, e.digest, e.size
+        return e.object, e.digest, e.size, e
     if prefix:
         name = f"{prefix.strip('/')}/{name}"
     m = _RANK_DIR.match(name)
@@ -213,8 +215,8 @@ def resolve_remote(
             if p is not None:
                 for e in (p.latest, *p.history):
                     if e.object == name:
-                        return name, e.digest, e.size
-    return name, None, None
+                        return name, e.digest, e.size, e
+    return name, None, None, None
 
 
 def _remote(path_or_uri: str, object_store: Any, rank: int) -> tuple[str, Any] | None:
@@ -265,8 +267,13 @@ def local_copy(
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
         share = default_share() if distributed else None
-        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
+        obj, digest, size, entry = resolve_remote(store, name, prefix, rank, world_size, share)
         dest = work / Path(obj).name
+        if entry is not None and entry.chunked:
+            from uploader.bucket.fetch import fetch_entry
+
+            yield fetch_entry(store, entry, dest, progress=progress, into=False)
+            return
         store.download_file(
             obj,
             dest,
@@ -301,18 +308,23 @@ def _load_remote(
     work = Path(tempfile.mkdtemp(prefix="ckpt-download-", dir=tmp_dir))
     try:
         share = default_share() if distributed else None
-        obj, digest, size = resolve_remote(store, name, prefix, rank, world_size, share)
+        obj, digest, size, entry = resolve_remote(store, name, prefix, rank, world_size, share)
         known = size if size is not None else store.stat(obj).size
         with _scratch(work / Path(obj).name, known) as (f, out):
             dec = StreamDecoder(f)
-            store.download_stream(
-                obj,
-                dec.write,
-                progress=progress,
-                expected_digest=digest,
-                expected_size=size,
-                require_digest=True,
-            )
+            if entry is not None and entry.chunked:
+                from uploader.bucket.fetch import stream_entry
+
+                stream_entry(store, entry, dec.write, progress=progress)
+            else:
+                store.download_stream(
+                    obj,
+                    dec.write,
+                    progress=progress,
+                    expected_digest=digest,
+                    expected_size=size,
+                    require_digest=True,
+                )
             dec.close()
             fmt = detect_format(_head(out)) if dec.decoded else dec.fmt
             if fmt == "zip":

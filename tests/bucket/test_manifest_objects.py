@@ -269,8 +269,8 @@ def test_pointers_of_the_older_formats_still_resolve(
 
 
 def test_a_pointer_of_a_newer_format_says_to_upgrade() -> None:
-    body = {"format": "ckpt-uploader/pointer/4", "rank": 0, "latest": {}}
-    with pytest.raises(IntegrityError, match="format 4, written by a newer ckpt-uploader.*upgrade"):
+    body = {"format": "ckpt-uploader/pointer/5", "rank": 0, "latest": {}}
+    with pytest.raises(IntegrityError, match="format 5, written by a newer ckpt-uploader.*upgrade"):
         Pointer.from_json(json.dumps(body).encode(), "run/rank_0/latest.json")
 
 

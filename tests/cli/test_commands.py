@@ -25,7 +25,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_option_of_every_command_documents_its_default() -> None:
     subs = _subparsers(build_parser())
-    assert set(subs) == {"watch", "push", "pull", "ls", "verify", "status", "check"}
+    assert set(subs) == {"watch", "push", "pull", "ls", "verify", "status", "check", "gc"}
     for name, sub in subs.items():
         for action in sub._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS:

@@ -22,6 +22,12 @@
 :func:`find_checkpoint` resolves a name under a prefix (``exp/rank_0/checkpoint-16``,
 or an alias such as ``exp/rank_0/last.ckpt``) through its rank's pointer.
 
+A chunked checkpoint (``--dedup``) is restored the same way: each of its files is put
+together from its chunks, in parallel, each chunk checked against its BLAKE3 name and the
+whole file against its CRC64NVME (:func:`uploader.transfer.chunks.restore_file`);
+:func:`stream_entry` feeds a single-file checkpoint's bytes to a reader in order, either
+kind, as a pipelined load wants them.
+
 Example::
 
     entry = find_checkpoint(store, "exp/rank_0/checkpoint-16")
@@ -43,13 +49,21 @@ from typing import TYPE_CHECKING
 from uploader.bucket.manifest import load_manifest
 from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
+from uploader.transfer.chunks import Chunk, restore_file, stream_chunks
 from uploader.transfer.digest import Digest
 from uploader.transfer.download import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
 
-__all__ = ["Download", "download_all", "fetch_entry", "find_checkpoint", "is_dir_dest"]
+__all__ = [
+    "Download",
+    "download_all",
+    "fetch_entry",
+    "find_checkpoint",
+    "is_dir_dest",
+    "stream_entry",
+]
 
 _RANK_NAME = re.compile(r"^(?:(.*)/)?rank_(\d+)/(.+)$")
 #: Files of a directory checkpoint downloaded at once.
@@ -112,6 +126,13 @@ def fetch_entry(
     if into is None:
         into = is_dir_dest(dest)
     base = Path(dest)
+    if not entry.is_directory and entry.chunked:
+        entry = load_manifest(store, entry)
+        f = entry.manifest[0]
+        job = Download(entry.object, base / entry.name if into else base, f.digest, f.size)
+        job = replace(job, chunks=f.chunks, scope=entry.scope)
+        download_all(store, [job], progress=progress, label=entry.name, fsync=fsync)
+        return job.target
     if not entry.is_directory:
         target = base / entry.name if into else base
         return store.download_file(
@@ -137,7 +158,7 @@ def fetch_entry(
             )
         if target.is_dir():
             raise ConfigError(f"{target} is a directory; cannot restore {f.path} there")
-        jobs.append(Download(obj, target, f.digest, f.size))
+        jobs.append(Download(obj, target, f.digest, f.size, f.chunks, entry.scope))
     download_all(store, jobs, files=files, progress=progress, label=entry.name, fsync=fsync)
     return top
 
@@ -151,6 +172,9 @@ class Download:
     target: Path
     digest: Digest | str | None = None
     size: int | None = None
+    #: A chunked file's chunks (then ``object`` is not read) and the scope they are in.
+    chunks: tuple[Chunk, ...] = ()
+    scope: str | None = None
 
 
 def download_all(
@@ -178,6 +202,23 @@ def download_all(
             bar.update(n)
 
     def one(job: Download) -> None:
+        if job.chunks:
+            if job.scope is None or job.size is None or job.digest is None:
+                raise IntegrityError(f"{job.target.name}: a chunked file without its manifest")
+            restore_file(
+                store,
+                job.scope,
+                job.chunks,
+                job.target,
+                job.size,
+                job.digest,
+                progress=count,
+                fsync=fsync,
+            )
+            if done is not None:
+                with lock:
+                    done(job, job.target)
+            return
         got = store.download_file(
             job.object,
             job.target,
@@ -236,3 +277,34 @@ def _refuse_collisions(entry: PointerEntry) -> None:
                     "written by ckpt-uploader (run 'ckpt-uploader push' on the run directory "
                     "to write it again)"
                 )
+
+
+def stream_entry(
+    store: ObjectStore,
+    entry: PointerEntry,
+    sink: Callable[[memoryview], None],
+    *,
+    progress: bool | Callable[[int], None] = False,
+) -> None:
+    """Feed single-file checkpoint ``entry``'s bytes to ``sink`` in order, verified
+    (a chunked one's chunks as they come; a plain object's ranges)."""
+    if entry.is_directory:
+        raise ConfigError(f"{entry.name} is a directory checkpoint; restore it with fetch_entry")
+    if not entry.chunked:
+        store.download_stream(
+            entry.object,
+            sink,
+            progress=progress,
+            expected_digest=entry.digest,
+            expected_size=entry.size,
+            require_digest=True,
+        )
+        return
+    entry = load_manifest(store, entry)
+    f = entry.manifest[0]
+    assert entry.scope is not None
+    bar = progress_bar(progress, f.size, entry.name)
+    try:
+        stream_chunks(store, entry.scope, f.chunks, sink, f.size, f.digest, progress=bar.update)
+    finally:
+        bar.close()

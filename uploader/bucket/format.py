@@ -30,7 +30,9 @@ the pointer (:mod:`uploader.bucket.manifest`), and the entry names it instead of
 
 Format versions: 1 (one file per entry, no manifest, no aliases), 2 (manifests inline),
 3 (some entry names a manifest object; written only then, so a pointer without one
-stays readable by versions that know format 2). All three resolve: an entry without
+stays readable by versions that know format 2), 4 (some entry's files are stored as
+chunks, ``--dedup``: its manifest object, ``"chunked": true``, lists each file's chunks;
+see :mod:`uploader.bucket.manifest`). All three resolve: an entry without
 ``files`` or ``manifest`` is a single-file checkpoint. A pointer of a newer format is
 refused with a message saying to upgrade, never parsed as if it were an older one.
 
@@ -55,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from uploader.config.hparams import join_key
 from uploader.errors import IntegrityError, ObjectNotFoundError, UploaderError
+from uploader.transfer.chunks import Chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
@@ -69,6 +72,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MAX_PATH_BYTES",
     "FORMAT_INLINE",
+    "FORMAT_CHUNKED",
     "INLINE_MANIFEST_BYTES",
     "MANIFEST_DIR",
     "ManifestFile",
@@ -89,8 +93,10 @@ FORMAT_PREFIX = "ckpt-uploader/pointer/"
 FORMAT_INLINE = FORMAT_PREFIX + "2"
 #: Written when some entry names a manifest object instead of holding its files.
 FORMAT = FORMAT_PREFIX + "3"
+#: Written when some entry's files are stored as chunks (its manifest is an object).
+FORMAT_CHUNKED = FORMAT_PREFIX + "4"
 #: Formats read (1: one file per entry, before checkpoints had manifests).
-FORMATS = (FORMAT_PREFIX + "1", FORMAT_INLINE, FORMAT)
+FORMATS = (FORMAT_PREFIX + "1", FORMAT_INLINE, FORMAT, FORMAT_CHUNKED)
 #: The rule of a single-file checkpoint (and of every format-1 entry).
 FILE_RULE = "file"
 POINTER_FILE = "latest.json"
@@ -131,18 +137,32 @@ def _safe_path(path: str, where: str) -> str:
 
 @dataclass(frozen=True)
 class ManifestFile:
-    """One file of a checkpoint: its path inside the rank directory, size and digest."""
+    """One file of a checkpoint: its path inside the rank directory, size and digest;
+    ``chunks`` when it is stored as chunks (``--dedup``), in order."""
 
     path: str
     size: int
     digest: str
+    chunks: tuple[Chunk, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "digest": self.digest}
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "digest": self.digest}
+        if self.chunks:
+            d["chunks"] = [c.to_json() for c in self.chunks]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ManifestFile:
-        return cls(_safe_path(str(d["path"]), "manifest"), int(d["size"]), str(d["digest"]))
+        f = cls(_safe_path(str(d["path"]), "manifest"), int(d["size"]), str(d["digest"]))
+        if "chunks" not in d:
+            return f
+        chunks = tuple(Chunk.from_json(c) for c in d["chunks"])
+        if sum(c.size for c in chunks) != f.size:
+            raise ValueError(
+                f"the chunks of {f.path!r} add up to {sum(c.size for c in chunks)} bytes, "
+                f"not its {f.size}"
+            )
+        return replace(f, chunks=chunks)
 
 
 def manifest_digest(files: Iterable[ManifestFile]) -> str:
@@ -178,28 +198,43 @@ _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 @dataclass(frozen=True)
 class ManifestRef:
     """A manifest stored as an object of its own: its name, its size in bytes, the
-    sha256 of those bytes (``sha256:<hex>``), and how many files it lists."""
+    sha256 of those bytes (``sha256:<hex>``), how many files it lists, and whether they
+    are stored as chunks (``--dedup``); ``stored`` is then the bytes of the chunks this
+    checkpoint added to its scope (compressed), for ``ls``."""
 
     object: str
     size: int
     digest: str
     files: int
+    chunked: bool = False
+    stored: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "object": self.object,
             "size": self.size,
             "digest": self.digest,
             "files": self.files,
         }
+        if self.chunked:
+            d["chunked"] = True
+            if self.stored is not None:
+                d["stored"] = self.stored
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ManifestRef:
+        chunked = d.get("chunked", False)
+        stored = d.get("stored")
+        if chunked not in (True, False) or not (stored is None or isinstance(stored, int)):
+            raise ValueError(f"manifest reference {d!r} is malformed")
         ref = cls(
             _safe_path(str(d["object"]), "manifest object"),
             int(d["size"]),
             str(d["digest"]),
             int(d["files"]),
+            bool(chunked),
+            stored,
         )
         if not _SHA256.match(ref.digest) or ref.size < 1 or ref.files < 1:
             raise ValueError(f"manifest reference {d!r} is malformed")
@@ -215,10 +250,13 @@ class PointerEntry:
     ``digest`` the file's, or :func:`manifest_digest` for a directory; ``rule`` the
     layout rule that recognised it; ``files`` the manifest (empty: the one file).
 
-    ``manifest_ref`` names the manifest object of a large manifest
-    (:mod:`uploader.bucket.manifest`). An entry read from the bucket then has no
-    ``files`` until :func:`uploader.bucket.manifest.load_manifest` reads them (the
+    ``manifest_ref`` names the manifest object of a large manifest, or of a chunked
+    checkpoint (:mod:`uploader.bucket.manifest`). An entry read from the bucket then has
+    no ``files`` until :func:`uploader.bucket.manifest.load_manifest` reads them (the
     committing process keeps them); ``manifest`` and ``objects`` refuse to guess.
+    ``scope`` is the bucket prefix a chunked checkpoint's chunks are under (set by the
+    committing process, and by ``load_manifest``); ``stored`` the bytes its chunks added
+    to the scope (the committing process's count, kept in its manifest reference).
     """
 
     name: str
@@ -230,6 +268,15 @@ class PointerEntry:
     rule: str = FILE_RULE
     files: tuple[ManifestFile, ...] = ()
     manifest_ref: ManifestRef | None = None
+    scope: str | None = None
+    stored: int | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether its files are stored as chunks (restored with their manifest)."""
+        if self.manifest_ref is not None:
+            return self.manifest_ref.chunked
+        return any(f.chunks for f in self.files)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -297,7 +344,7 @@ class PointerEntry:
         ref = None
         if d.get("manifest") is not None:
             ref = ManifestRef.from_dict(d["manifest"])
-            if rule == FILE_RULE or files:
+            if files or (rule == FILE_RULE and not ref.chunked):
                 raise ValueError(f"entry {name!r} names a manifest object and is not a directory")
             if ref.object != manifest_object(obj, name, ref.digest):
                 raise ValueError(
@@ -343,9 +390,10 @@ class Pointer:
         )
 
     def to_json(self) -> bytes:
-        external = any(e.manifest_ref is not None for e in (self.latest, *self.history))
+        refs = [e.manifest_ref for e in (self.latest, *self.history) if e.manifest_ref]
+        fmt = FORMAT_CHUNKED if any(r.chunked for r in refs) else FORMAT if refs else FORMAT_INLINE
         body: dict[str, Any] = {
-            "format": FORMAT if external else FORMAT_INLINE,
+            "format": fmt,
             "rank": self.rank,
             "latest": self.latest.to_dict(),
             "history": [e.to_dict() for e in self.history],
@@ -416,9 +464,10 @@ def _refuse_newer(fmt: object, where: str) -> None:
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX) or fmt in FORMATS:
         return
     version = fmt[len(FORMAT_PREFIX) :]
-    if version.isdigit() and int(version) > int(FORMAT[len(FORMAT_PREFIX) :]):
+    newest = FORMATS[-1][len(FORMAT_PREFIX) :]
+    if version.isdigit() and int(version) > int(newest):
         raise IntegrityError(
             f"commit pointer {where} is of format {version}, written by a newer "
-            f"ckpt-uploader; this version reads formats up to {FORMAT[len(FORMAT_PREFIX) :]}: "
+            f"ckpt-uploader; this version reads formats up to {newest}: "
             "upgrade ckpt-uploader here to read it (do not rewrite it with this version)"
         )

@@ -27,6 +27,7 @@ from uploader.bucket.manifest import is_manifest_object, load_manifest
 from uploader.bucket.pointer import MAX_POINTER_BYTES, POINTER_FILE, Pointer
 from uploader.config.hparams import listing_prefix
 from uploader.errors import ObjectNotFoundError, UploaderError
+from uploader.transfer.chunks import check_chunk, chunk_object, is_chunk_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStat, ObjectStore
@@ -73,6 +74,20 @@ def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> li
             failures.append(f"{name}: {exc}")
             continue
         for f, obj in e.objects():
+            if f.chunks:  # a chunked file: every chunk must be there (each checked alone)
+                assert e.scope is not None
+                gone = [
+                    c.hash
+                    for c in f.chunks
+                    if chunk_object(e.scope, c.hash) not in sizes
+                    and not store.exists(chunk_object(e.scope, c.hash))
+                ]
+                if gone:
+                    failures.append(
+                        f"{name}: {e.name} names {len(gone)} chunk(s) of {f.path} that are "
+                        f"missing (first {chunk_object(e.scope, gone[0])}); it cannot be restored"
+                    )
+                continue
             if obj not in sizes:
                 if is_latest:
                     failures.append(f"{name}: latest ({e.name}) names {obj}, which is missing")
@@ -116,6 +131,13 @@ def verify_prefix(
                 continue
             if is_manifest_object(info.name):
                 continue  # checked against the sha256 its pointer records, by the audit
+            if is_chunk_object(info.name):  # named by its BLAKE3: checked against its name
+                try:
+                    check_chunk(store, info.name)
+                    report.checked += 1
+                except UploaderError as exc:
+                    report.failures.append(f"{info.name}: {exc}")
+                continue
             stat = store.stat(info.name)
             if stat.digest is None:
                 msg = f"{info.name}: no digest recorded; size only ({info.size} bytes)"

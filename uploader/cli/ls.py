@@ -85,10 +85,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
             )
         wanted = _wanted(store, loc)
         shown = 0
+        totals = [0, 0]  # logical and stored bytes of chunked checkpoints shown
         for rank in ranks:
             pointer = read_pointer(store, loc.prefix, rank)
             if pointer is not None:
-                shown += _list_pointer(pointer, args.json, wanted)
+                shown += _list_pointer(pointer, args.json, wanted, totals)
+        if totals[1] and not args.json:
+            print(
+                f"dedup: {format_bytes(totals[0])} of chunked checkpoints stored as "
+                f"{format_bytes(totals[1])} of new chunks ({totals[0] / totals[1]:.1f}x)"
+            )
         if not shown:
             raise UploaderError(
                 f"no committed checkpoint {loc.target!r} under {loc.prefix or '(root)'!r}; "
@@ -114,8 +120,12 @@ def _wanted(store: ObjectStore, loc: StoreLocation) -> Callable[[int, str], bool
     return lambda rank, name: rank == want_rank and want_name in (None, name)
 
 
-def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], bool]) -> int:
-    """Print the pointer's checkpoints that ``wanted`` picks; how many."""
+def _list_pointer(
+    pointer: Pointer, as_json: bool, wanted: Callable[[int, str], bool], totals: list[int]
+) -> int:
+    """Print the pointer's checkpoints that ``wanted`` picks; how many. A chunked one
+    (``--dedup``) shows the bytes its chunks added to the scope; ``totals`` adds its
+    logical and stored bytes."""
     aliases: dict[str, list[str]] = {}
     for a, t in pointer.aliases.items():
         aliases.setdefault(t, []).append(a)
@@ -128,6 +138,10 @@ def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], 
             continue
         shown += 1
         latest = e.name == pointer.latest.name
+        stored = e.manifest_ref.stored if e.manifest_ref is not None else None
+        if stored is not None:
+            totals[0] += e.size
+            totals[1] += stored
         if as_json:
             row = {
                 "rank": pointer.rank,
@@ -140,10 +154,14 @@ def _list_pointer(pointer: Pointer, as_json: bool, wanted: Callable[[int, str], 
                 "committed_at": e.committed_at,
                 "latest": latest,
                 "aliases": sorted(aliases.get(e.name, [])),
+                "chunked": e.chunked,
+                "stored_bytes": stored,
             }
             print(json.dumps(row))
             continue
         also = f"  (also {', '.join(sorted(aliases[e.name]))})" if e.name in aliases else ""
+        if stored is not None:
+            also = f"  new {format_bytes(stored)}{also}"
         print(
             f"rank_{pointer.rank}  {e.name + ('/' if e.is_directory else ''):<32} "
             f"{e.rule:<9} {e.file_count:>5} files {format_bytes(e.size):>10}  "

@@ -1,6 +1,6 @@
 """The ``ckpt-uploader`` command line (also ``python -m uploader``).
 
-Subcommands: ``watch``, ``push``, ``pull``, ``ls``, ``verify``, ``status``, ``check``, one
+Subcommands: ``watch``, ``push``, ``pull``, ``ls``, ``verify``, ``status``, ``check``, ``gc``, one
 module each in this package; the option groups they share are in
 :mod:`uploader.cli.options`. Each one that talks to a store takes it as a URI (after
 RUN_DIR for watch/push, or ``--to URI``; first for pull/ls/verify, with ``/latest`` or
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from uploader import __version__
-from uploader.cli import check, ls, pull, status, verify, watch
+from uploader.cli import check, gc, ls, pull, status, verify, watch
 from uploader.cli.options import EXIT_CODES, Formatter
 from uploader.errors import ConfigError, ExitCode, UploaderError
 from uploader.redact import RedactingFilter, redact
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckpt-uploader {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (watch, pull, ls, verify, status, check):
+    for command in (watch, pull, ls, verify, status, check, gc):
         command.register(sub)
     return parser
 

@@ -128,6 +128,9 @@ def engine_options(
         metrics_addr=options.metrics_addr,
         metrics_file=options.metrics_file,
         ready_max_lag=options.ready_max_lag,
+        dedup_scope=(prefix if options.dedup_scope is None else options.dedup_scope)
+        if options.dedup
+        else None,
     )
 
 

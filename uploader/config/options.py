@@ -154,6 +154,7 @@ def _host(key: str, value: Any) -> str:
 
 PORT = Kind(_port, argparse={"type": int, "metavar": "PORT"})
 HOST = Kind(_host, argparse={"metavar": "ADDR"})
+TEXT = Kind(lambda k, v: str(v).strip("/"), argparse={})
 
 
 def _digest_kind(key: str, value: Any) -> str:
@@ -368,6 +369,21 @@ class WatchOptions:
         TRANSFERS,
         "the checksum each file is uploaded and recorded with: crc64nvme (hardware speed, "
         "checked by S3 on arrival) or sha256 (a cryptographic identity) (default: {default})",
+    )
+    dedup: bool = option(
+        False,
+        SWITCH,
+        TRANSFERS,
+        "store checkpoint files as content-named chunks shared inside --dedup-scope, "
+        "cut at tensor boundaries; only chunks the scope lacks are sent (default: {default})",
+    )
+    dedup_scope: str | None = option(
+        None,
+        TEXT,
+        TRANSFERS,
+        "the bucket prefix whose runs share chunks: the run's prefix or a parent of it "
+        "(default: the run's prefix)",
+        "PREFIX",
     )
     verify_resumed: bool = option(
         False,

@@ -50,6 +50,7 @@ from uploader.daemon.checkpoints import (
     DirRule,
     Unit,
 )
+from uploader.daemon.chunk_journal import with_chunks
 from uploader.daemon.committer import Committer
 from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.layouts import FileFilter, RunLayout, alias_target, is_inside, scan_stat
@@ -131,6 +132,8 @@ class Assembler:
         #: Checkpoints not sent because retention would delete them on arrival (rel):
         #: never committed (:mod:`uploader.daemon.keepup`).
         self.superseded: set[str] = set()
+        #: The dedup scope (set by the engine; None: files are plain objects).
+        self.scope: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -287,7 +290,7 @@ class Assembler:
             if st is not None and (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
                 return None  # a newer version is on its way
             entry = PointerEntry(unit.name, obj, rec.size, rec.digest, rec.mtime_ns, rule=unit.rule)
-            return entry, [rec.path]
+            return with_chunks(self.journal.chunks, self.scope, entry, {rec.path: rec}), [rec.path]
         try:
             names = os.listdir(self.root / key.rel)
         except OSError:
@@ -340,7 +343,7 @@ class Assembler:
             rule=rule.name,
             files=manifest,
         )
-        return entry, sorted(files)
+        return with_chunks(self.journal.chunks, self.scope, entry, files), sorted(files)
 
     def uncommitted(self) -> tuple[dict[str, str], set[str]]:
         """Checkpoints with verified files that are not committed, and why; and those the

@@ -47,7 +47,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -89,6 +89,10 @@ class _Queue:
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.aliases)
+
+
+class ChunkedManifests(Protocol):
+    def store_manifest(self, entry: PointerEntry, paths: list[str]) -> PointerEntry: ...
 
 
 class Committer:
@@ -168,6 +172,8 @@ class Committer:
         #: Awaited after each write that committed checkpoints: (rank, their names, the
         #: pointer written); the work queue learns what is committed from it.
         self.on_commit: Callable[[int, list[str], Pointer], Awaitable[None]] | None = None
+        #: Writes chunked checkpoints' manifests (``--dedup``; set by the engine).
+        self.chunked: ChunkedManifests | None = None
 
     @property
     def busy(self) -> bool:
@@ -230,8 +236,17 @@ class Committer:
         it, and the aliases still waiting for their target."""
         if self.fenced is None:
             self.prepare()
-        # Large manifests are objects of their own, durable before a pointer names them.
-        batch.entries = [(store_manifest(self.store, e), p) for e, p in batch.entries]
+        # Large manifests are objects of their own, durable before a pointer names them;
+        # a chunked checkpoint's after its chunks are confirmed (:mod:`uploader.bucket.gc`).
+        batch.entries = [
+            (
+                self.chunked.store_manifest(e, p)
+                if e.chunked and self.chunked is not None
+                else store_manifest(self.store, e),
+                p,
+            )
+            for e, p in batch.entries
+        ]
         if self.fenced:
             return self._apply_fenced(rank, batch, waiting)
         if rank in self._pointers:

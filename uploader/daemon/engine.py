@@ -52,6 +52,7 @@ from anyio.abc import TaskStatus
 from uploader.daemon.accept import QUICK_ROWS, Acceptor
 from uploader.daemon.artifacts import ArtifactThrottle
 from uploader.daemon.assembly import Assembler
+from uploader.daemon.chunk_send import ChunkSender
 from uploader.daemon.committer import Committer
 from uploader.daemon.intake import Intake, ignore_lease_breaks, watch_parent
 from uploader.daemon.journal import Journal, Totals
@@ -114,6 +115,8 @@ class EngineOptions:
         metrics_port / metrics_addr: serve Prometheus metrics there (None: not served).
         metrics_file: write them there in node_exporter's textfile format (None: not).
         ready_max_lag: /readyz fails while the lag is above this (seconds).
+        dedup_scope: store checkpoint files as chunks shared under this prefix (the run's
+            prefix or a parent; None: files as they are).
     """
 
     run_dir: Path
@@ -141,6 +144,7 @@ class EngineOptions:
     metrics_addr: str = "127.0.0.1"
     metrics_file: Path | None = None
     ready_max_lag: float = 600.0
+    dedup_scope: str | None = None
 
     def pause(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` of a file or a pointer write."""
@@ -187,6 +191,7 @@ class Engine:
         self.assembler = Assembler(
             self.layout, options.checkpoints, options.filter, journal, self.call, self.committer
         )
+        self.assembler.scope = options.dedup_scope
         bucket = TokenBucket(options.bwlimit) if options.bwlimit > 0 else None
         self.uploads = Uploads(
             store,
@@ -200,6 +205,11 @@ class Engine:
             Progress(options.progress),
             bucket,
         )
+        if options.dedup_scope is not None:
+            sender = ChunkSender(
+                store, options.dedup_scope, journal.chunks.locked(self.journal_lock), self.root
+            )
+            self.uploads.chunked = self.committer.chunked = sender
         self.intake: Intake | None = None
         self.last_error: str | None = None
         #: The last failure whose error calls for exit 2 (a configuration error).

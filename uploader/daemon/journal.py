@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uploader.daemon.chunk_journal import CHUNKS_SCHEMA, JournalChunks
 from uploader.daemon.journal_db import (
     RESERVE_BYTES,
     RESERVE_NAME,
@@ -85,8 +86,8 @@ STATE_NAMES = frozenset(
 #: (newer complete checkpoints wait or are committed; see :mod:`uploader.daemon.keepup`).
 STATES = ("pending", "uploading", "done", "failed", "removed", "superseded")
 #: The schema version: 0 had the files table only; 1 added sessions and parts; 2 added
-#: the parts' crc64nvme.
-JOURNAL_VERSION = 2
+#: the parts' crc64nvme; 3 the chunk lists and chunk index of --dedup.
+JOURNAL_VERSION = 3
 
 _SCHEMA = (
     """
@@ -112,6 +113,7 @@ CREATE INDEX IF NOT EXISTS files_state ON files(state);
 CREATE INDEX IF NOT EXISTS files_rank_name ON files(rank, name);
 """
     + SESSIONS_SCHEMA
+    + CHUNKS_SCHEMA
 )
 
 
@@ -223,6 +225,8 @@ class Journal:
         #: Multipart sessions, for callers holding the journal's lock (the upload
         #: threads use ``sessions.locked(lock)``).
         self.sessions = JournalSessions(self._conn)
+        #: Chunk lists and the chunk index (--dedup), for callers holding the lock.
+        self.chunks = JournalChunks(self._conn)
 
     @property
     def _db(self) -> sqlite3.Connection:

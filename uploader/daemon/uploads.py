@@ -37,11 +37,13 @@ from typing import Any, Protocol
 import anyio
 
 from uploader.daemon.assembly import Assembler
+from uploader.daemon.chunk_send import ChunkSender
 from uploader.daemon.journal import FileRecord, Journal
 from uploader.daemon.keepup import SupersededError
 from uploader.daemon.layouts import is_inside
 from uploader.daemon.orphans import Orphans
 from uploader.daemon.progress import Progress
+from uploader.daemon.session_cleanup import SessionCleanup
 from uploader.errors import (
     AuthError,
     ConfigError,
@@ -52,6 +54,7 @@ from uploader.errors import (
 )
 from uploader.redact import redact
 from uploader.transfer.bandwidth import TokenBucket
+from uploader.transfer.chunks import FileChunks
 from uploader.transfer.resume import Resume
 from uploader.transfer.store import ObjectStore, UploadResult
 
@@ -71,6 +74,7 @@ class _Attempt:
     error: Exception | None = None
     digest: str = ""
     seconds: float = 0.0
+    chunks: str | None = None
 
 
 class _Options(Protocol):
@@ -82,7 +86,7 @@ class _Options(Protocol):
     def pause(self, attempt: int) -> float: ...
 
 
-class Uploads:
+class Uploads(SessionCleanup):
     """The files accepted and not finished, and how each one is uploaded.
 
     Args:
@@ -144,70 +148,13 @@ class Uploads:
         self.failing = 0
         #: Files whose upload failed for good since the caller last looked.
         self.failed_now: set[str] = set()
+        #: Sends checkpoint files as chunks (``--dedup``; set by the engine).
+        self.chunked: ChunkSender | None = None
 
     def sent(self) -> tuple[int, int]:
         """Bytes sent since start, and bytes of uploads in flight."""
         with self._sent_lock:
             return self._sent, sum(self._inflight.values())
-
-    async def abort_stale(self, rec: FileRecord) -> None:
-        """Abort the multipart uploads an interrupted attempt of ``rec`` left behind,
-        except the session the journal records to resume."""
-        age = max(0.0, time.time() - (rec.started_at or time.time()) - 1.0)
-        session = await self.call(self.journal.sessions.session, rec.object)
-        keep = {session.upload_id} if session is not None else set()
-
-        def abort() -> int:
-            return self.store.abort_stale_uploads(rec.object, older_than=age, keep=keep)
-
-        try:
-            n = await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
-            if n:
-                log.info("aborted %d stale multipart upload(s) of %s", n, rec.object)
-        except Exception as exc:  # best effort: the store expires them too
-            log.warning("could not abort stale uploads of %s: %s", rec.object, redact(str(exc)))
-        if session is not None:
-            log.info(
-                "upload of %s can resume: %d part(s), %d bytes recorded as held",
-                rec.object,
-                len(session.parts),
-                session.bytes_held,
-            )
-
-    async def abort_orphans(self) -> None:
-        """Abort the recorded sessions no file will resume: the journal no longer holds
-        their file, or holds it as verified, or the file is gone from the run directory."""
-
-        def orphans() -> list[tuple[str, str, str]]:
-            out = []
-            for session in self.journal.sessions.all():
-                row = self.journal.find_object(session.object)
-                if row is None:
-                    why = "the journal no longer holds its file"
-                elif row.state == "done":
-                    why = "its file is verified"
-                elif is_inside(self.root, row.path) is None:
-                    why = "its file is gone"
-                else:
-                    continue
-                out.append((session.object, session.upload_id, why))
-            return out
-
-        for name, upload_id, why in await self.call(orphans):
-            await self.drop_session(name, upload_id, why)
-
-    async def drop_session(self, name: str, upload_id: str, why: str) -> None:
-        """Abort one recorded session in the store (best effort) and forget it."""
-
-        def abort() -> None:
-            self.store.backend.abort(name, upload_id)
-
-        try:
-            await anyio.to_thread.run_sync(abort, abandon_on_cancel=True)
-        except Exception as exc:  # the store expires it too
-            log.warning("could not abort the upload of %s: %s", name, redact(str(exc)))
-        await self.call(self.journal.sessions.end_session, name, upload_id)
-        log.info("aborted the unfinished upload of %s: %s", name, why)
 
     async def process(self, rel: str) -> None:
         """Upload ``rel`` (accepted in the journal) until verified, failed or gone."""
@@ -303,7 +250,7 @@ class Uploads:
             log.info(
                 "verified path=%s object=%s size=%d digest=%s seconds=%.3f",
                 rel,
-                rec.object,
+                rec.object if at.chunks is None else at.chunks,
                 rec.size,
                 at.digest,
                 at.seconds,
@@ -361,7 +308,11 @@ class Uploads:
         with self.lock:
             if not self.journal.done(rel, digest, (rec.size, rec.mtime_ns)):
                 return _Attempt("changed", rec)  # accepted again meanwhile, or forgotten
-        return _Attempt("verified", rec, digest=digest, seconds=time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        if isinstance(result, FileChunks):
+            what = f"{len(result.chunks)} chunk(s), {result.new_bytes} byte(s) new"
+            return _Attempt("verified", rec, digest=digest, seconds=seconds, chunks=what)
+        return _Attempt("verified", rec, digest=digest, seconds=seconds)
 
     def _begin(self, rel: str) -> tuple[str, FileRecord | None]:
         """What to do with ``rel`` ("gone", "done", "missing" or "start"); on "start",
@@ -381,12 +332,14 @@ class Uploads:
         self.journal.start(rel)
         return "start", rec
 
-    def _upload_verified(self, rec: FileRecord) -> UploadResult:
+    def _upload_verified(self, rec: FileRecord) -> UploadResult | FileChunks:
         """Upload, then read back size and digest, unless the store checked a single put
         on arrival (runs in a worker thread)."""
         rel = rec.path
         bucket = self.bucket
-        prepaid = bucket is not None and rec.size <= self.store.effective_part_size(rec.size)
+        chunked = self.chunked is not None and rec.checkpoint  # limited per chunk sent
+        small = rec.size <= self.store.effective_part_size(rec.size)
+        prepaid = bucket is not None and small and not chunked
         if prepaid:
             # One request: the limit is waited for before it, so a checkpoint superseded
             # meanwhile sends nothing (parts of a multipart upload wait after each part).
@@ -402,12 +355,16 @@ class Uploads:
                 self._sent += n
                 self._inflight[rel] = self._inflight.get(rel, 0) + n
             self.progress.advance(rel, n)
-            if bucket is not None and not prepaid:
+            if bucket is not None and not prepaid and not chunked:
                 bucket.consume(n)
                 if self.superseded(rel):  # superseded while the limit held it back
                     raise SupersededError(f"{rel}: its checkpoint is superseded")
 
         log.debug("sending path=%s object=%s", rel, rec.object)
+        if chunked:
+            assert self.chunked is not None
+            limit = None if bucket is None else bucket.consume
+            return self.chunked.send(rel, self.root / rel, rec.mtime_ns, progress, limit)
         result = self.store.upload_file(
             self.root / rel,
             rec.object,

@@ -25,7 +25,13 @@ from uploader.errors import (
     UploaderError,
 )
 from uploader.transfer.backends.base import Backend, ObjectInfo
-from uploader.transfer.digest import DIGEST_META, DIGEST_SUFFIX, Digest, parse_digest_record
+from uploader.transfer.digest import (
+    DIGEST_META,
+    DIGEST_SUFFIX,
+    Digest,
+    crc64nvme,
+    parse_digest_record,
+)
 from uploader.transfer.names import check_object_name
 from uploader.transfer.settings import StoreSettings
 
@@ -74,6 +80,18 @@ class SmallObjects:
             f"upload {object_name}",
         )
         return digest
+
+    def put_blob(self, object_name: str, data: bytes | bytearray) -> None:
+        """Store ``data`` in one request, checked by the store on arrival where it checks
+        (its CRC64NVME sent with it; its sha256 only where the payload is signed); no
+        metadata and no digest record (a chunk object is named by its own hash)."""
+        object_name = check_object_name(object_name)
+        sha = hashlib.sha256(data).digest() if self.backend.payload_sha256 else None
+        crc = crc64nvme(data)
+        self._call(
+            lambda: self.backend.put_bytes(object_name, data, {}, sha, crc),  # type: ignore[arg-type]
+            f"upload {object_name}",
+        )
 
     def get_bytes(self, object_name: str, max_size: int | None = None) -> bytes:
         """The whole object in memory (small objects: pointers, digest records); unverified.

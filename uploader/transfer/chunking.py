@@ -1,0 +1,176 @@
+"""Where a file is cut into chunks for ``--dedup``: at tensor boundaries where its format
+says where tensors lie, content-defined elsewhere.
+
+An unchanged tensor is an identical byte range, so a chunker that starts a chunk at every
+tensor finds each unchanged tensor exactly, whatever moved around it. Formats read here
+(never by importing torch):
+
+* **safetensors** (``*.safetensors``): an 8-byte little-endian header length, a JSON
+  header whose ``data_offsets`` place each tensor in the data section after it.
+* **torch's zip** (``torch.save``, what ``*.pt``/``*.bin``/``*.pth``/``*.ckpt`` usually
+  are; Lightning's ``.ckpt`` and the HF Trainer's ``optimizer.pt`` among them): one
+  stored (uncompressed) zip entry per tensor storage, found through the central
+  directory; each entry's data starts a chunk.
+* anything else (DCP's ``.distcp``, whose offsets are in a torch pickle; a legacy
+  ``torch.save``; a log): **FastCDC** (PyPI ``fastcdc``), content-defined boundaries that
+  survive insertions, average :data:`CDC_AVERAGE`.
+
+Boundaries then become spans: pieces smaller than :data:`MIN_CHUNK` (biases, norms,
+headers) are joined with their neighbours until the chunk reaches it, a piece of at
+least :data:`MIN_CHUNK` always starts its own chunk (so a large tensor's chunks do not
+depend on the small ones before it), and anything longer than :data:`MAX_CHUNK` is cut
+into pieces of :data:`MAX_CHUNK` from its start. Sizes are chosen for requests against
+bytes saved (docs/benchmarks.md, ``bench/dedup.py``): 16 MiB pieces keep a GiB at 64 or
+more requests, and a changed tensor costs its own bytes plus at most one neighbour's
+1 MiB.
+
+Example::
+
+    for offset, length in spans("/run/checkpoint-8/model.safetensors"):
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["MAX_CHUNK", "MIN_CHUNK", "CDC_AVERAGE", "boundaries", "spans", "kind_of"]
+
+MiB = 1 << 20
+#: The longest chunk: a longer tensor or content-defined piece is cut at this length.
+MAX_CHUNK = 16 * MiB
+#: Pieces shorter than this are joined with their neighbours into one chunk.
+MIN_CHUNK = 1 * MiB
+#: FastCDC's average chunk length where no tensor boundaries are known.
+CDC_AVERAGE = 4 * MiB
+#: The most header bytes a safetensors file may claim (its own readers cap it at 100 MB).
+_MAX_ST_HEADER = 100_000_000
+
+
+def kind_of(path: str | os.PathLike[str]) -> str:
+    """How ``path`` is cut: "safetensors", "zip" (torch.save) or "cdc"."""
+    p = Path(path)
+    if p.suffix == ".safetensors" and _safetensors(p) is not None:
+        return "safetensors"
+    if _zip(p) is not None:
+        return "zip"
+    return "cdc"
+
+
+def boundaries(path: str | os.PathLike[str], size: int) -> list[int]:
+    """The offsets where pieces of ``path`` (``size`` bytes) start, sorted, from 0."""
+    p = Path(path)
+    found = None
+    if p.suffix == ".safetensors":
+        found = _safetensors(p)
+    if found is None:
+        found = _zip(p)
+    if found is None:
+        found = _cdc(p, size)
+    return sorted({0, *(b for b in found if 0 < b < size)})
+
+
+def spans(path: str | os.PathLike[str], size: int | None = None) -> list[tuple[int, int]]:
+    """The chunks of ``path`` as (offset, length), in order, covering it exactly."""
+    if size is None:
+        size = os.stat(path).st_size
+    if size == 0:
+        return []
+    return list(_spans(boundaries(path, size), size))
+
+
+def _spans(starts: list[int], size: int) -> Iterable[tuple[int, int]]:
+    pieces = [(a, b - a) for a, b in zip(starts, [*starts[1:], size], strict=True)]
+    cur_start, cur_len = 0, 0
+    for start, length in pieces:
+        if length >= MIN_CHUNK or cur_len >= MIN_CHUNK:
+            if cur_len:  # a large piece starts its own chunk; a full chunk is closed
+                yield from _cut(cur_start, cur_len)
+            cur_start, cur_len = start, length
+        else:
+            cur_len += length
+    if cur_len:
+        yield from _cut(cur_start, cur_len)
+
+
+def _cut(start: int, length: int) -> Iterable[tuple[int, int]]:
+    end = start + length
+    while start < end:
+        n = min(MAX_CHUNK, end - start)
+        yield start, n
+        start += n
+
+
+def _safetensors(path: Path) -> list[int] | None:
+    """Each tensor's start (and the data section's); None unless a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if not 2 <= n <= _MAX_ST_HEADER:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    base = 8 + n
+    out = [base]
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin = int(info["data_offsets"][0])
+        except (TypeError, KeyError, IndexError, ValueError):
+            return None
+        out.append(base + begin)
+    return out
+
+
+def _zip(path: Path) -> list[int] | None:
+    """Each zip entry's local header and data start; None unless a zip file."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
+            zf = zipfile.ZipFile(f)
+            out = []
+            for info in zf.infolist():
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                out.append(info.header_offset)
+                out.append(info.header_offset + 30 + name_len + extra_len)
+            if zf.infolist():
+                last = zf.infolist()[-1]
+                out.append(last.header_offset + 30 + len(last.filename) + last.compress_size)
+            return out
+    except (OSError, zipfile.BadZipFile, ValueError, struct.error):
+        return None
+
+
+def _cdc(path: Path, size: int) -> list[int]:
+    """FastCDC's boundaries (the file mapped, not read into memory)."""
+    if size <= MIN_CHUNK:
+        return [0]
+    from fastcdc import fastcdc  # noqa: PLC0415 - its import pulls click; only when needed
+
+    return [
+        c.offset
+        for c in fastcdc(
+            str(path),
+            min_size=MIN_CHUNK,
+            avg_size=CDC_AVERAGE,
+            max_size=MAX_CHUNK,
+            fat=False,
+        )
+    ]

@@ -1,0 +1,432 @@
+"""Chunk objects for ``--dedup``: a file stored as content-named chunks shared inside a
+scope, sent only when the scope does not hold them yet, and put back together verified.
+
+**Names.** A chunk is named by the BLAKE3 (256 bits, hex) of its bytes:
+``{scope}/.ckpt-uploader/chunks/{blake3 hex}``, where ``scope`` is a bucket prefix
+(``--dedup-scope``: by default the run's prefix; a parent prefix shares chunks between
+runs). Equal bytes have one name in a scope, so an unchanged tensor is stored once.
+
+**Bodies.** A chunk object is a 5-byte header, ``b"CKC1"`` and an encoding byte, then
+the payload: encoding 0 is the bytes as they are, 1 a zstd frame of them. Each chunk is
+compressed on its own (so compression and dedup compose) when a zstd pass over its first
+64 KiB saves at least a tenth; float weights rarely compress that well and are stored as
+they are, which keeps a full fine-tune's CPU near a plain upload's.
+
+**Reading** checks everything: the header, the decoded length against the manifest's,
+and the BLAKE3 against the name; a file's chunks are written at their offsets into a
+temporary file, their CRC64NVMEs combined into the file's and compared with the digest
+the manifest records, before the file gets its name.
+
+Example::
+
+    writer = ChunkWriter(store, "runs", index)
+    result = writer.upload_file(Path("ckpt/model.safetensors"))  # FileChunks
+    restore_file(store, "runs", result.chunks, Path("out/model.safetensors"),
+                 result.size, result.digest)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from uploader.errors import FileChangedError, IntegrityError, ObjectNotFoundError
+from uploader.transfer.chunking import MAX_CHUNK, spans
+from uploader.transfer.digest import Digest, crc64nvme, crc64nvme_combine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uploader.transfer.store import ObjectStore
+
+__all__ = [
+    "CHUNK_DIR",
+    "Chunk",
+    "ChunkIndex",
+    "ChunkWriter",
+    "FileChunks",
+    "chunk_object",
+    "chunk_prefix",
+    "check_chunk",
+    "is_chunk_object",
+    "decode_chunk",
+    "encode_chunk",
+    "restore_file",
+    "stream_chunks",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where a scope's chunks live, under the scope's prefix.
+CHUNK_DIR = ".ckpt-uploader/chunks"
+MAGIC = b"CKC1"
+RAW, ZSTD = 0, 1
+_SAMPLE = 64 << 10
+#: A chunk is compressed when its sample shrinks to at most this fraction.
+_WORTH = 0.9
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a file: its BLAKE3 (hex) and its length in bytes."""
+
+    hash: str
+    size: int
+
+    def to_json(self) -> list[object]:
+        return [self.hash, self.size]
+
+    @classmethod
+    def from_json(cls, item: object) -> Chunk:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ValueError(f"chunk {item!r} is not [blake3, size]")
+        h, size = item
+        if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
+            raise ValueError(f"chunk name {h!r} is not a BLAKE3 in hex")
+        if not (isinstance(size, int) and 0 < size <= MAX_CHUNK):
+            raise ValueError(f"chunk {h[:16]} has size {size!r} (1 to {MAX_CHUNK} bytes)")
+        return cls(h, size)
+
+
+@dataclass(frozen=True)
+class FileChunks:
+    """A file as sent: its size, digest (CRC64NVME), chunks in order, and how many bytes
+    were new to the scope (sent) and how many the store holds for them (compressed)."""
+
+    size: int
+    digest: Digest
+    chunks: tuple[Chunk, ...]
+    new_bytes: int = 0
+    stored_bytes: int = 0
+
+
+def chunk_prefix(scope: str) -> str:
+    """The prefix of the chunks of ``scope`` (a bucket prefix; "" for the bucket's root)."""
+    scope = scope.strip("/")
+    return f"{scope}/{CHUNK_DIR}" if scope else CHUNK_DIR
+
+
+def chunk_object(scope: str, h: str) -> str:
+    return f"{chunk_prefix(scope)}/{h}"
+
+
+def _blake3(data: bytes | bytearray | memoryview) -> str:
+    from blake3 import blake3  # noqa: PLC0415 - a native library, only for --dedup
+
+    return str(blake3(data).hexdigest())
+
+
+def encode_chunk(raw: bytes | bytearray | memoryview) -> bytes:
+    """The body of the chunk object holding ``raw``."""
+    import zstandard  # noqa: PLC0415
+
+    sample = bytes(raw[:_SAMPLE])
+    if sample and len(zstandard.ZstdCompressor(level=1).compress(sample)) <= _WORTH * len(sample):
+        packed = zstandard.ZstdCompressor(level=3).compress(bytes(raw))
+        if len(packed) < len(raw):
+            return MAGIC + bytes([ZSTD]) + packed
+    return MAGIC + bytes([RAW]) + bytes(raw)
+
+
+def is_chunk_object(name: str) -> bool:
+    """Whether object ``name`` is a chunk (``.../.ckpt-uploader/chunks/<blake3>``)."""
+    head, _, h = name.rpartition("/")
+    return (head == CHUNK_DIR or head.endswith("/" + CHUNK_DIR)) and len(h) == 64
+
+
+def check_chunk(store: ObjectStore, name: str) -> int:
+    """Read chunk object ``name`` and check it against its name; its decoded length.
+    IntegrityError when it is damaged."""
+    body = store.get_bytes(name, max_size=MAX_CHUNK + (MAX_CHUNK >> 7) + 69)
+    h = name.rpartition("/")[2]
+    if body[4:5] == bytes([ZSTD]):
+        import zstandard  # noqa: PLC0415
+
+        try:
+            size = len(zstandard.ZstdDecompressor().decompress(body[5:], max_output_size=MAX_CHUNK))
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(
+                f"chunk {name} does not decompress ({exc}); it was damaged"
+            ) from None
+    else:
+        size = len(body) - 5
+    decode_chunk(body, Chunk(h, max(size, 1)), name)
+    return size
+
+
+def decode_chunk(body: bytes, chunk: Chunk, name: str) -> bytes:
+    """The bytes of ``chunk`` from its object's ``body``; IntegrityError unless they are
+    exactly the chunk its name and the manifest say."""
+    what = f"chunk {name}"
+    if body[:4] != MAGIC or len(body) < 5 or body[4] not in (RAW, ZSTD):
+        raise IntegrityError(f"{what} is not a chunk object (bad header); it was damaged")
+    if body[4] == RAW:
+        raw = body[5:]
+    else:
+        import zstandard  # noqa: PLC0415
+
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(body[5:], max_output_size=chunk.size)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{what} does not decompress ({exc}); it was damaged") from None
+    if len(raw) != chunk.size:
+        raise IntegrityError(
+            f"{what} holds {len(raw)} bytes, the manifest says {chunk.size}; it was damaged"
+        )
+    if _blake3(raw) != chunk.hash:
+        raise IntegrityError(f"{what} does not hash to its name; it was damaged in the store")
+    return raw
+
+
+class ChunkIndex(Protocol):
+    """Which chunks of a scope are known to be stored (a local cache of the bucket)."""
+
+    def known(self, hashes: Sequence[str]) -> set[str]: ...
+
+    def add(self, chunks: Sequence[Chunk]) -> None: ...
+
+
+class ChunkWriter:
+    """Sends the chunks of files to a scope; a chunk the index knows, or the store
+    already holds (one HEAD), is not sent.
+
+    Args:
+        store: the destination.
+        scope: the bucket prefix chunks are shared in.
+        index: the local index (None: ask the store about every chunk).
+        concurrency: chunks read, hashed and sent at once (default: the store's).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        scope: str,
+        index: ChunkIndex | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.store = store
+        self.scope = scope.strip("/")
+        self.index = index
+        self.concurrency = max(1, concurrency or store.concurrency)
+
+    def upload_file(
+        self,
+        path: Path,
+        progress: Callable[[int], None] | None = None,
+        before_send: Callable[[int], None] | None = None,
+    ) -> FileChunks:
+        """Send the chunks of ``path`` the scope lacks; FileChangedError when the file
+        changed while it was read. ``progress(n)`` after each chunk, sent or not;
+        ``before_send(n)`` before a chunk object of ``n`` bytes is sent (a bandwidth
+        limit waits there)."""
+        st = os.stat(path)
+        cuts = spans(path, st.st_size)
+        crcs: list[tuple[int, int]] = [(0, 0)] * len(cuts)
+        chunks: list[Chunk | None] = [None] * len(cuts)
+        new = [0, 0]
+        lock = threading.Lock()
+        fd = os.open(path, os.O_RDONLY)
+
+        def one(i: int) -> None:
+            offset, length = cuts[i]
+            raw = os.pread(fd, length, offset)
+            if len(raw) != length:
+                raise FileChangedError(f"{path} shrank while it was read")
+            crcs[i] = (crc64nvme(raw), length)
+            h = _blake3(raw)
+            chunks[i] = Chunk(h, length)
+            if not self._stored(h):
+                body = encode_chunk(raw)
+                if before_send is not None:
+                    before_send(len(body))
+                self.store.put_blob(chunk_object(self.scope, h), body)
+                with lock:
+                    new[0] += length
+                    new[1] += len(body)
+            if progress is not None:
+                progress(length)
+
+        try:
+            _run(self.concurrency, one, range(len(cuts)))
+        finally:
+            os.close(fd)
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise FileChangedError(f"{path} changed while it was read")
+        done = tuple(c for c in chunks if c is not None)
+        if self.index is not None:
+            self.index.add(done)
+        crc = 0
+        for value, length in crcs:
+            crc = crc64nvme_combine(crc, value, length)
+        digest = Digest("crc64nvme", f"{crc:016x}")
+        return FileChunks(st.st_size, digest, done, new[0], new[1])
+
+    def _stored(self, h: str) -> bool:
+        if self.index is not None and self.index.known([h]):
+            return True
+        return self.store.exists(chunk_object(self.scope, h))
+
+
+def _run(threads: int, fn: Callable[[int], None], items: Sequence[int] | range) -> None:
+    """``fn`` on every item, ``threads`` at a time; the first failure in item order is
+    raised once the running ones have ended (the rest are not started)."""
+    if threads == 1 or len(items) <= 1:
+        for i in items:
+            fn(i)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="chunk") as pool:
+        futures = [pool.submit(fn, i) for i in items]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in pending:
+            fut.cancel()
+    for fut in futures:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            raise exc
+
+
+def _chunk_offsets(chunks: Sequence[Chunk]) -> Iterator[tuple[int, Chunk]]:
+    offset = 0
+    for c in chunks:
+        yield offset, c
+        offset += c.size
+
+
+def restore_file(
+    store: ObjectStore,
+    scope: str,
+    chunks: Sequence[Chunk],
+    target: Path,
+    size: int,
+    digest: Digest | str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    fsync: bool = False,
+    concurrency: int | None = None,
+) -> Path:
+    """Put ``target`` together from its chunks, verified (each chunk's BLAKE3, the
+    file's size and CRC64NVME); written to a temporary name and renamed into place.
+
+    Raises IntegrityError (a damaged or wrong chunk, a manifest that does not add up)
+    and ObjectNotFoundError naming the missing chunk; the partial file is removed.
+    """
+    want = Digest.parse(str(digest))
+    if sum(c.size for c in chunks) != size:
+        raise IntegrityError(
+            f"the manifest of {target.name} lists chunks of {sum(c.size for c in chunks)} "
+            f"bytes for a file of {size}; the manifest is damaged"
+        )
+    if want.kind != "crc64nvme":
+        raise IntegrityError(f"{target.name}: a chunked file's digest must be a crc64nvme")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.ckpt-part-{os.getpid()}-{threading.get_ident()}")
+    placed = list(_chunk_offsets(chunks))
+    crcs = [0] * len(placed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+
+        def one(i: int) -> None:
+            offset, chunk = placed[i]
+            name = chunk_object(scope, chunk.hash)
+            try:
+                body = store.get_bytes(name, max_size=chunk.size + 5 + (chunk.size >> 7) + 64)
+            except ObjectNotFoundError:
+                raise ObjectNotFoundError(
+                    f"chunk {name} of {target.name} is missing from the store; this "
+                    "checkpoint cannot be restored (was the chunk deleted by hand, or by a "
+                    "garbage collection that ignored the scope's protocol?); restore "
+                    "another checkpoint ('ckpt-uploader ls')"
+                ) from None
+            raw = decode_chunk(body, chunk, name)
+            crcs[i] = crc64nvme(raw)
+            view = memoryview(raw)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            if progress is not None:
+                progress(chunk.size)
+
+        _run(max(1, concurrency or store.concurrency), one, range(len(placed)))
+        crc = 0
+        for (_, chunk), value in zip(placed, crcs, strict=True):
+            crc = crc64nvme_combine(crc, value, chunk.size)
+        got = Digest("crc64nvme", f"{crc:016x}")
+        if got != want:
+            raise IntegrityError(
+                f"{target.name} put together from its chunks has digest {got}, the manifest "
+                f"records {want}; the manifest or a chunk is damaged"
+            )
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+        if fsync:
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def stream_chunks(
+    store: ObjectStore,
+    scope: str,
+    chunks: Sequence[Chunk],
+    sink: Callable[[memoryview], None],
+    size: int,
+    digest: Digest | str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    concurrency: int | None = None,
+) -> None:
+    """Feed a chunked file's bytes to ``sink`` in order, each chunk verified as it comes
+    (a few fetched ahead, in parallel); IntegrityError at the end unless the whole adds
+    up to ``size`` bytes with ``digest``."""
+    want = Digest.parse(str(digest))
+    if sum(c.size for c in chunks) != size or want.kind != "crc64nvme":
+        raise IntegrityError(f"the manifest's chunks do not make a file of {size} bytes")
+    ahead = max(1, concurrency or store.concurrency)
+
+    def fetch(chunk: Chunk) -> bytes:
+        name = chunk_object(scope, chunk.hash)
+        try:
+            body = store.get_bytes(name, max_size=chunk.size + 5 + (chunk.size >> 7) + 64)
+        except ObjectNotFoundError:
+            raise ObjectNotFoundError(
+                f"chunk {name} is missing from the store; this checkpoint cannot be "
+                "restored: restore another one ('ckpt-uploader ls')"
+            ) from None
+        return decode_chunk(body, chunk, name)
+
+    crc = 0
+    with ThreadPoolExecutor(ahead, thread_name_prefix="chunk") as pool:
+        pending = [pool.submit(fetch, c) for c in chunks[:ahead]]
+        for i, chunk in enumerate(chunks):
+            raw = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload]
+            if i + ahead < len(chunks):
+                pending.append(pool.submit(fetch, chunks[i + ahead]))
+            crc = crc64nvme_combine(crc, crc64nvme(raw), chunk.size)
+            sink(memoryview(raw))
+            if progress is not None:
+                progress(chunk.size)
+    got = Digest("crc64nvme", f"{crc:016x}")
+    if got != want:
+        raise IntegrityError(
+            f"the file put together from its chunks has digest {got}, the manifest records "
+            f"{want}; the manifest or a chunk is damaged"
+        )
