@@ -154,9 +154,50 @@ def _external(
     return Bad({**good.objects, ref["object"]: planted(data)}, json.dumps(pointer).encode())
 
 
+def _chunked(
+    files: dict[str, bytes],
+    change: Callable[[dict[str, Any]], None] = lambda body: None,
+    chunk: Callable[[bytes], bytes] = lambda body: body,
+) -> Bad:
+    """A chunked checkpoint (``--dedup``, pointer format 4): each file one chunk object
+    (``chunk(body)``: its stored bytes; a missing chunk is tests/scenarios/test_dedup.py's), a manifest object of format 2
+    (after ``change``) that the pointer records exactly."""
+    from blake3 import blake3
+
+    from uploader.transfer.digest import crc64nvme
+
+    name, objects, manifest = "ckpt", {}, []
+    for p, d in sorted(files.items()):
+        h = blake3(d).hexdigest()
+        objects[f"{PREFIX}/.ckpt-uploader/chunks/{h}"] = chunk(b"CKC1\x00" + d)
+        digest = f"crc64nvme:{crc64nvme(d):016x}"
+        manifest.append({"path": p, "size": len(d), "digest": digest, "chunks": [[h, len(d)]]})
+    mf = [ManifestFile(f["path"], f["size"], f["digest"]) for f in manifest]
+    body_d = {"format": "ckpt-uploader/manifest/2", "name": name, "scope_up": 0, "files": manifest}
+    change(body_d)
+    data = json.dumps(body_d).encode()
+    digest = _sha(data)
+    ref = {
+        "object": f"{PREFIX}/rank_0/.ckpt-uploader/manifests/{name}.{digest[7:23]}.json",
+        "size": len(data),
+        "digest": digest,
+        "files": len(files),
+        "chunked": True,
+    }
+    entry = _entry(name, files, digest=manifest_digest(mf), manifest=ref)
+    del entry["files"]
+    pointer = json.loads(_pointer(entry))
+    pointer["format"] = "ckpt-uploader/pointer/4"
+    return Bad({**objects, ref["object"]: data}, json.dumps(pointer).encode())
+
+
+def _flip(body: bytes) -> bytes:
+    return body[:-1] + bytes([body[-1] ^ 1])
+
+
 def _newer_format() -> Bad:
     good = _checkpoint({"ckpt/a.bin": b"a" * 100})
-    return Bad(good.objects, good.pointer.replace(b"pointer/2", b"pointer/4"))
+    return Bad(good.objects, good.pointer.replace(b"pointer/2", b"pointer/5"))
 
 
 _ONE = {"ckpt/a.bin": b"a" * 100, "ckpt/b.bin": b"b" * 50}
@@ -222,6 +263,28 @@ CASES: dict[str, tuple[Callable[[], Bad], str]] = {
     "manifest object of another format": (
         lambda: _external(_ONE, body={**_manifest_body(_ONE), "format": "x"}),
         "unknown format 'x'",
+    ),
+    "chunked manifest whose chunks do not add up to the file": (
+        lambda: _chunked(
+            {"ckpt/a.bin": b"a" * 100},
+            lambda b: b["files"][0]["chunks"][0].__setitem__(1, 99),
+        ),
+        "add up to 99 bytes",
+    ),
+    "chunked manifest naming something that is not a BLAKE3": (
+        lambda: _chunked(
+            {"ckpt/a.bin": b"a" * 100},
+            lambda b: b["files"][0]["chunks"][0].__setitem__(0, "../../etc/passwd"),
+        ),
+        "not a BLAKE3",
+    ),
+    "chunked manifest whose scope lies above the bucket's root": (
+        lambda: _chunked({"ckpt/a.bin": b"a" * 100}, lambda b: b.__setitem__("scope_up", 5)),
+        "scope_up 5",
+    ),
+    "chunk whose bytes do not hash to its name": (
+        lambda: _chunked({"ckpt/a.bin": b"a" * 100}, chunk=_flip),
+        "does not hash to its name",
     ),
     "names equal after case folding, in a manifest object": (
         lambda: _external({"ckpt/Model.bin": b"A" * 10, "ckpt/model.bin": b"B" * 10}),

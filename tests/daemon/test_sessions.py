@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uploader.daemon.journal import Journal
+from uploader.daemon.journal import JOURNAL_VERSION, Journal
 from uploader.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def test_a_journal_of_the_previous_version_is_upgraded(tmp_path: Path) -> None:
         assert journal.sessions.all() == []
         assert journal.recover()[0].path == "checkpoints/ep1.pt"
     con = sqlite3.connect(state / ".ckpt-uploader.sqlite")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == JOURNAL_VERSION == 3
     con.execute("PRAGMA user_version = 99")
     con.commit()
     con.close()
@@ -73,7 +73,7 @@ def test_a_journal_of_schema_1_keeps_its_sha256_parts_and_gains_crc_records(
         assert session.parts[1].checksum("crc64nvme") == "0123456789abcdef"
         assert session.parts[1].checksum("sha256") is None
     con = sqlite3.connect(state / ".ckpt-uploader.sqlite")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == JOURNAL_VERSION == 3
 
 
 def test_status_lists_resumable_uploads_and_the_bytes_held(

@@ -224,7 +224,7 @@ def _parse(data: bytes, entry: PointerEntry) -> tuple[tuple[ManifestFile, ...], 
     want = MANIFEST_FORMAT_CHUNKED if chunked else MANIFEST_FORMAT
     if d.get("format") != want:
         raise ValueError(
-            f"format {d.get('format')!r} where the pointer expects {want!r} "
+            f"unknown format {d.get('format')!r} where the pointer expects {want!r} "
             "(a newer format needs a newer ckpt-uploader)"
         )
     if d.get("name") != entry.name:

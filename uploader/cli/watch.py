@@ -78,6 +78,25 @@ def cmd_push(args: argparse.Namespace) -> int:
     return _run(args, push=True)
 
 
+def _dedup_scope(options: WatchOptions, prefix: str) -> str | None:
+    """The scope chunks are shared in (None: no --dedup); ConfigError unless it is the
+    run's prefix or a parent of it."""
+    if not options.dedup:
+        if options.dedup_scope is not None:
+            raise ConfigError("--dedup-scope is given without --dedup; add --dedup")
+        return None
+    if options.dedup_scope is None:
+        return prefix.strip("/")
+    scope = [p for p in options.dedup_scope.split("/") if p]
+    run = [p for p in prefix.split("/") if p]
+    if run[: len(scope)] != scope:
+        raise ConfigError(
+            f"--dedup-scope {options.dedup_scope!r} is not the run's prefix {prefix!r} or a "
+            "parent of it; chunks are shared under a prefix that holds the runs"
+        )
+    return "/".join(scope)
+
+
 def engine_options(
     options: WatchOptions, run_dir: Path, prefix: str, *, push: bool, progress: bool
 ) -> EngineOptions:
@@ -128,9 +147,7 @@ def engine_options(
         metrics_addr=options.metrics_addr,
         metrics_file=options.metrics_file,
         ready_max_lag=options.ready_max_lag,
-        dedup_scope=(prefix if options.dedup_scope is None else options.dedup_scope)
-        if options.dedup
-        else None,
+        dedup_scope=_dedup_scope(options, prefix),
     )
 
 
