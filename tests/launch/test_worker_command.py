@@ -45,9 +45,12 @@ def test_the_cli_reads_the_worker_command_back_as_its_settings(tmp_path: Path) -
         keep_local=2,
         drain_timeout=None,
         create_container=True,
+        dedup=True,
+        dedup_scope="team",
         parent_pid=4242,
     )
     options, loc = read_back(worker.command())
+    assert options.dedup and options.dedup_scope == "team"
     assert options == worker.options()
     assert loc == StoreLocation(hp, "exp1")
     assert options.rank == 3 and options.keep_local == 2 and options.create_container

@@ -157,6 +157,14 @@ def _print_report(report: StatusReport) -> None:
         f"lag {report.lag_seconds:.1f}s (largest {report.max_lag_seconds:.1f}s)  pending "
         f"{report.pending_checkpoints} checkpoint(s), {format_bytes(report.pending_bytes)}"
     )
+    if report.dedup_scope is not None:
+        new, reused = report.dedup_new_bytes, report.dedup_reused_bytes
+        ratio = f" ({(new + reused) / new:.1f}x)" if new else ""
+        print(
+            f"dedup in scope {report.dedup_scope or '(root)'!r}: {format_bytes(new + reused)} "
+            f"of checkpoint files, {format_bytes(new)} sent as new chunks{ratio}, "
+            f"{format_bytes(reused)} already in the scope"
+        )
     if report.rotated:
         print(
             f"rotated away before upload: {report.rotated} checkpoint(s) (deleted by the trainer)"

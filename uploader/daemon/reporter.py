@@ -82,6 +82,7 @@ class Reporter:
             phase = "failed"
         backlog = e.backlog
         interval = backlog.save_interval()
+        chunked = e.uploads.chunked
         return StatusReport(
             pid=os.getpid(),
             state=phase,
@@ -103,6 +104,9 @@ class Reporter:
             removed=t.removed,
             rotated=len(e.assembler.rotated),
             skipped_superseded=backlog.skipped,
+            dedup_scope=e.opts.dedup_scope,
+            dedup_new_bytes=chunked.new_bytes if chunked is not None else 0,
+            dedup_reused_bytes=chunked.reused_bytes if chunked is not None else 0,
             lag_seconds=round(backlog.lag(), 3),
             max_lag_seconds=round(backlog.max_lag, 3),
             pending_bytes=backlog.pending_bytes,

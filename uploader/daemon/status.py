@@ -99,6 +99,11 @@ class StatusReport:
     pending_bytes: int = 0
     pending_checkpoints: int = 0
     save_interval_seconds: float | None = None
+    #: --dedup: the scope chunks are shared in (None: files are plain objects), and since
+    #: start the bytes of checkpoint files sent as new chunks and found in the scope
+    dedup_scope: str | None = None
+    dedup_new_bytes: int = 0
+    dedup_reused_bytes: int = 0
     #: checkpoints with files uploaded that are not committed, and why
     incomplete: dict[str, str] = dataclasses.field(default_factory=dict)
     #: files in RUN_DIR not uploaded, and why (at most LEFT_OUT_SHOWN named)
@@ -157,6 +162,9 @@ class StatusReport:
             removed=num("removed"),
             rotated=num("rotated"),
             skipped_superseded=num("skipped_superseded"),
+            dedup_scope=str(d["dedup_scope"]) if isinstance(d.get("dedup_scope"), str) else None,
+            dedup_new_bytes=num("dedup_new_bytes"),
+            dedup_reused_bytes=num("dedup_reused_bytes"),
             lag_seconds=num("lag_seconds", float),
             max_lag_seconds=num("max_lag_seconds", float),
             pending_bytes=num("pending_bytes"),

@@ -64,6 +64,7 @@ class RunDirectoryUploader:
         state_dir: where the worker keeps its journal, status file and log; default: the
             run directory itself (hidden ``.ckpt-uploader.*`` files).
         create_container: create the bucket if it does not exist.
+        dedup, dedup_scope: store checkpoint files as chunks shared in a scope (``--dedup``).
         log_to: ``"file"`` (``.ckpt-uploader.log`` in the state dir) or ``"stderr"``.
         check_interval: least seconds between two reads of the worker's status.
         env: extra environment variables for the worker. Credentials reach it

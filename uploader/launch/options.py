@@ -56,6 +56,8 @@ class WorkerOptions(TypedDict, total=False):
     keep_local: int | None
     nice: int | None
     create_container: bool
+    dedup: bool
+    dedup_scope: str | None
     log_to: str
     log_format: str
     verbosity: int

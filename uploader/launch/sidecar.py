@@ -70,6 +70,7 @@ class Sidecar:
         state_dir: journal, status file and log; default: the
             run directory itself (hidden ``.ckpt-uploader.*`` files).
         create_container: create the bucket if it does not exist.
+        dedup, dedup_scope: store checkpoint files as chunks shared in a scope (``--dedup``).
         log_to: ``"file"`` (``.ckpt-uploader.log`` in the state dir) or ``"stderr"``.
         env: extra environment variables for the worker (credentials come from
             the environment variables the store configuration names).

@@ -55,6 +55,8 @@ class WorkerSpec:
             default :data:`WORKER_NICE`; 0 or None: the same): uploads never take the
             CPU from a training step.
         create_container: create the bucket when it does not exist.
+        dedup: store checkpoint files as chunks shared in ``dedup_scope`` (``--dedup``).
+        dedup_scope: the bucket prefix whose runs share chunks (default: the run's prefix).
         log_to: ``"file"`` (``.ckpt-uploader.log`` in the state dir) or ``"stderr"``
             (inherit this process's stderr).
         log_format: ``"text"`` or ``"json"``.
@@ -80,6 +82,8 @@ class WorkerSpec:
         keep_local: int | None = WatchOptions.keep_local,
         nice: int | None = None,
         create_container: bool = WatchOptions.create_container,
+        dedup: bool = WatchOptions.dedup,
+        dedup_scope: str | None = WatchOptions.dedup_scope,
         log_to: str = "file",
         log_format: str = "text",
         verbosity: int = 0,
@@ -124,6 +128,8 @@ class WorkerSpec:
         self.keep_local = keep_local
         self.nice = WORKER_NICE if nice is None else nice
         self.create_container = create_container
+        self.dedup = bool(dedup)
+        self.dedup_scope = dedup_scope
         self.log_to = log_to
         self.log_format = log_format
         self.verbosity = verbosity
@@ -146,6 +152,8 @@ class WorkerSpec:
             keep_local=self.keep_local,
             nice=self.nice or None,
             create_container=self.create_container,
+            dedup=self.dedup,
+            dedup_scope=self.dedup_scope,
         )
 
     def command(self) -> list[str]:
