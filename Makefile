@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) -m bench.integrations
 	$(PY) -m bench.resume
 	$(PY) -m bench.keepup
+	$(PY) -m bench.dedup
 
 reliability: $(STAMP) $(NODE_STAMP)
 	$(PY) -m bench.reliability
