@@ -28,10 +28,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 from uploader.errors import FileChangedError, IntegrityError, ObjectNotFoundError
 from uploader.transfer.chunking import MAX_CHUNK, spans
 from uploader.transfer.digest import Digest, crc64nvme, crc64nvme_combine
+from uploader.transfer.files import fsync_dir, reserve
 
 if TYPE_CHECKING:  # pragma: no cover
     from uploader.transfer.store import ObjectStore
@@ -122,14 +124,18 @@ def _blake3(data: bytes | bytearray | memoryview) -> str:
 
 
 def encode_chunk(raw: bytes | bytearray | memoryview) -> bytes:
-    """The body of the chunk object holding ``raw``."""
+    """The body of the chunk object holding ``raw`` (for a chunk stored as it is, only
+    when ``raw`` is not a memoryview: then the 5-byte header alone, for the caller to
+    put in front of the bytes it holds)."""
     import zstandard  # noqa: PLC0415
 
     sample = bytes(raw[:_SAMPLE])
     if sample and len(zstandard.ZstdCompressor(level=1).compress(sample)) <= _WORTH * len(sample):
-        packed = zstandard.ZstdCompressor(level=3).compress(bytes(raw))
+        packed = zstandard.ZstdCompressor(level=1).compress(raw)
         if len(packed) < len(raw):
             return MAGIC + bytes([ZSTD]) + packed
+    if isinstance(raw, memoryview):
+        return MAGIC + bytes([RAW])
     return MAGIC + bytes([RAW]) + bytes(raw)
 
 
@@ -199,7 +205,6 @@ class ChunkWriter:
         store: the destination.
         scope: the bucket prefix chunks are shared in.
         index: the local index (None: ask the store about every chunk).
-        concurrency: chunks read, hashed and sent at once (default: the store's).
     """
 
     def __init__(
@@ -207,12 +212,10 @@ class ChunkWriter:
         store: ObjectStore,
         scope: str,
         index: ChunkIndex | None = None,
-        concurrency: int | None = None,
     ) -> None:
         self.store = store
         self.scope = scope.strip("/")
         self.index = index
-        self.concurrency = max(1, concurrency or store.concurrency)
 
     def upload_file(
         self,
@@ -234,17 +237,24 @@ class ChunkWriter:
 
         def one(i: int) -> None:
             offset, length = cuts[i]
-            raw = os.pread(fd, length, offset)
-            if len(raw) != length:
+            # Read after room for the header: a chunk stored as it is is sent from here.
+            buf = bytearray(5 + length)
+            raw = memoryview(buf)[5:]
+            if os.preadv(fd, [raw], offset) != length:
                 raise FileChangedError(f"{path} shrank while it was read")
-            crcs[i] = (crc64nvme(raw), length)
+            crc = crc64nvme(raw)
+            crcs[i] = (crc, length)
             h = _blake3(raw)
             chunks[i] = Chunk(h, length)
             if not self._stored(h):
-                body = encode_chunk(raw)
+                body: bytes | bytearray = encode_chunk(raw)
+                body_crc = None
+                if body[4] == RAW:
+                    buf[:5] = body[:5]
+                    body, body_crc = buf, crc64nvme_combine(crc64nvme(body[:5]), crc, length)
                 if before_send is not None:
                     before_send(len(body))
-                self.store.put_blob(chunk_object(self.scope, h), body)
+                self.store.put_blob(chunk_object(self.scope, h), body, body_crc)
                 with lock:
                     new[0] += length
                     new[1] += len(body)
@@ -252,7 +262,7 @@ class ChunkWriter:
                 progress(length)
 
         try:
-            _run(self.concurrency, one, range(len(cuts)))
+            _run(self.store, one, range(len(cuts)))
         finally:
             os.close(fd)
         after = os.stat(path)
@@ -273,22 +283,15 @@ class ChunkWriter:
         return self.store.exists(chunk_object(self.scope, h))
 
 
-def _run(threads: int, fn: Callable[[int], None], items: Sequence[int] | range) -> None:
-    """``fn`` on every item, ``threads`` at a time; the first failure in item order is
-    raised once the running ones have ended (the rest are not started)."""
-    if threads == 1 or len(items) <= 1:
+def _run(store: ObjectStore, fn: Callable[[int], None], items: Sequence[int] | range) -> None:
+    """``fn`` on every item, on the store's shared worker threads (so chunks of every
+    file of the store together hold at most ``concurrency`` buffers, on warm
+    connections); the first failure stops the rest and is raised."""
+    if len(items) <= 1:
         for i in items:
             fn(i)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="chunk") as pool:
-        futures = [pool.submit(fn, i) for i in items]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in pending:
-            fut.cancel()
-    for fut in futures:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
-            raise exc
+    store.pool.run(fn, items, threading.Event())
 
 
 def _chunk_offsets(chunks: Sequence[Chunk]) -> Iterator[tuple[int, Chunk]]:
@@ -296,6 +299,42 @@ def _chunk_offsets(chunks: Sequence[Chunk]) -> Iterator[tuple[int, Chunk]]:
     for c in chunks:
         yield offset, c
         offset += c.size
+
+
+class _Landing:
+    """Where a chunk object's bytes land: its 5-byte header in a buffer of its own, the
+    payload in ``view`` (the file's mapped pages at the chunk's offset), so a chunk
+    stored as it is is received straight into the file; a compressed payload lands
+    there too and is then replaced by its decompressed bytes."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.head = bytearray(5)
+        self.view = view
+
+    def window(self, offset: int, limit: int) -> memoryview:
+        if offset < 5:
+            return memoryview(self.head)[offset : offset + min(limit, 5 - offset)]
+        return self.view[offset - 5 : offset - 5 + limit]
+
+
+def _land(store: ObjectStore, name: str, chunk: Chunk, view: memoryview) -> None:
+    """Receive chunk ``name`` into ``view`` (its ``chunk.size`` bytes of the file),
+    decoded and checked (IntegrityError otherwise)."""
+    landing = _Landing(view)
+    got = store.read_into(name, chunk.size + 5, landing)
+    head = bytes(landing.head[: min(got, 5)])
+    if head[:4] != MAGIC or len(head) < 5 or head[4] not in (RAW, ZSTD):
+        raise IntegrityError(f"chunk {name} is not a chunk object (bad header); it was damaged")
+    if head[4] == ZSTD:
+        body = MAGIC + bytes([ZSTD]) + bytes(view[: got - 5])
+        view[:] = decode_chunk(body, chunk, name)
+        return
+    if got != chunk.size + 5:
+        raise IntegrityError(
+            f"chunk {name} holds {got - 5} bytes, the manifest says {chunk.size}; it was damaged"
+        )
+    if _blake3(view) != chunk.hash:
+        raise IntegrityError(f"chunk {name} does not hash to its name; it was damaged in the store")
 
 
 def restore_file(
@@ -308,10 +347,11 @@ def restore_file(
     *,
     progress: Callable[[int], None] | None = None,
     fsync: bool = False,
-    concurrency: int | None = None,
 ) -> Path:
     """Put ``target`` together from its chunks, verified (each chunk's BLAKE3, the
     file's size and CRC64NVME); written to a temporary name and renamed into place.
+    Each chunk is received straight into the file's mapped pages (as a plain download
+    is), on the store's worker threads.
 
     Raises IntegrityError (a damaged or wrong chunk, a manifest that does not add up)
     and ObjectNotFoundError naming the missing chunk; the partial file is removed.
@@ -328,15 +368,22 @@ def restore_file(
     tmp = target.with_name(f".{target.name}.ckpt-part-{os.getpid()}-{threading.get_ident()}")
     placed = list(_chunk_offsets(chunks))
     crcs = [0] * len(placed)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    mapped: mmap.mmap | None = None
     try:
-        os.ftruncate(fd, size)
+        if not reserve(fd, size):
+            os.ftruncate(fd, size)
+        if size:
+            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        whole = memoryview(mapped) if mapped is not None else memoryview(b"")
 
         def one(i: int) -> None:
             offset, chunk = placed[i]
             name = chunk_object(scope, chunk.hash)
+            view = whole[offset : offset + chunk.size]
             try:
-                body = store.get_bytes(name, max_size=chunk.size + 5 + (chunk.size >> 7) + 64)
+                _land(store, name, chunk, view)
+                crcs[i] = crc64nvme(view)
             except ObjectNotFoundError:
                 raise ObjectNotFoundError(
                     f"chunk {name} of {target.name} is missing from the store; this "
@@ -344,16 +391,17 @@ def restore_file(
                     "garbage collection that ignored the scope's protocol?); restore "
                     "another checkpoint ('ckpt-uploader ls')"
                 ) from None
-            raw = decode_chunk(body, chunk, name)
-            crcs[i] = crc64nvme(raw)
-            view = memoryview(raw)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            finally:
+                view.release()  # the mapping closes only once no view of it is left
             if progress is not None:
                 progress(chunk.size)
 
-        _run(max(1, concurrency or store.concurrency), one, range(len(placed)))
+        try:
+            _run(store, one, range(len(placed)))
+        finally:
+            whole.release()
+            if mapped is not None:
+                mapped.close()
         crc = 0
         for (_, chunk), value in zip(placed, crcs, strict=True):
             crc = crc64nvme_combine(crc, value, chunk.size)
@@ -363,23 +411,26 @@ def restore_file(
                 f"{target.name} put together from its chunks has digest {got}, the manifest "
                 f"records {want}; the manifest or a chunk is damaged"
             )
+        os.fchmod(fd, 0o644 & ~_umask())
         if fsync:
             os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, target)
         if fsync:
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(target.parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def stream_chunks(

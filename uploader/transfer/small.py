@@ -24,7 +24,7 @@ from uploader.errors import (
     TransientError,
     UploaderError,
 )
-from uploader.transfer.backends.base import Backend, ObjectInfo
+from uploader.transfer.backends.base import Backend, ObjectInfo, RangeTarget
 from uploader.transfer.digest import (
     DIGEST_META,
     DIGEST_SUFFIX,
@@ -81,17 +81,28 @@ class SmallObjects:
         )
         return digest
 
-    def put_blob(self, object_name: str, data: bytes | bytearray) -> None:
+    def put_blob(self, object_name: str, data: bytes | bytearray, crc: int | None = None) -> None:
         """Store ``data`` in one request, checked by the store on arrival where it checks
-        (its CRC64NVME sent with it; its sha256 only where the payload is signed); no
-        metadata and no digest record (a chunk object is named by its own hash)."""
+        (its CRC64NVME, ``crc`` when the caller has it, sent with it; its sha256 only
+        where the payload is signed); no metadata and no digest record (a chunk object
+        is named by its own hash)."""
         object_name = check_object_name(object_name)
         sha = hashlib.sha256(data).digest() if self.backend.payload_sha256 else None
-        crc = crc64nvme(data)
+        crc = crc64nvme(data) if crc is None else crc
         self._call(
             lambda: self.backend.put_bytes(object_name, data, {}, sha, crc),  # type: ignore[arg-type]
             f"upload {object_name}",
         )
+
+    def read_into(self, object_name: str, length: int, into: RangeTarget) -> int:
+        """Receive the object's first ``length`` bytes (fewer when it is shorter) into
+        ``into`` (retried as a whole on transient errors); how many arrived."""
+        object_name = check_object_name(object_name)
+
+        def go() -> int:
+            return sum(len(w) for w in self.backend.read_range_into(object_name, 0, length, into))
+
+        return int(self._call(go, f"download {object_name}"))
 
     def get_bytes(self, object_name: str, max_size: int | None = None) -> bytes:
         """The whole object in memory (small objects: pointers, digest records); unverified.

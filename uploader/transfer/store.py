@@ -182,6 +182,8 @@ class ObjectStore(SmallObjects):
         self.retry = retry or RetryPolicy()
         self.retries = _Counter()
         self._pool = PartPool(concurrency)
+        #: The worker threads every transfer of this store shares (chunked ones too).
+        self.pool = self._pool
         self.digest = digest
         self._uploader = Uploader(self.backend, self._pool, self._call, digest)
         if download_part_size is not None and download_part_size < 1:
