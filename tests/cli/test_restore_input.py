@@ -11,6 +11,7 @@ the destination, and not inside it either (a refused checkpoint is not half rest
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -281,6 +282,20 @@ CASES: dict[str, tuple[Callable[[], Bad], str]] = {
     "chunked manifest whose scope lies above the bucket's root": (
         lambda: _chunked({"ckpt/a.bin": b"a" * 100}, lambda b: b.__setitem__("scope_up", 5)),
         "scope_up 5",
+    ),
+    "inline chunk whose bytes do not hash to its name": (
+        lambda: _chunked(
+            {"ckpt/a.bin": b"a" * 100},
+            lambda b: b["files"][0]["chunks"][0].append(base64.b64encode(b"b" * 100).decode()),
+        ),
+        "inline does not hash to its name",
+    ),
+    "inline chunk that is not base64": (
+        lambda: _chunked(
+            {"ckpt/a.bin": b"a" * 100},
+            lambda b: b["files"][0]["chunks"][0].append("not base64!"),
+        ),
+        "inline is not base64",
     ),
     "chunk whose bytes do not hash to its name": (
         lambda: _chunked({"ckpt/a.bin": b"a" * 100}, chunk=_flip),

@@ -157,6 +157,13 @@ def test_a_restart_sends_only_the_chunks_not_yet_stored(tmp_path: Path, local_bu
     dest = tmp_path / "out"
     assert run_cli("pull", local_uri(local_bucket, "exp/latest"), str(dest) + "/").returncode == 0
     assert _files(dest / "checkpoint-1") == _files(run)
+    status = run_cli("status", str(run.parent), "--state-dir", str(state), "--json")
+    daemon = json.loads(status.stdout)["daemon"]  # the second push's report
+    assert daemon["dedup_scope"] == "exp" and daemon["dedup_new_bytes"] == new
+    every = sum(p.stat().st_size for p in run.iterdir())  # both files, sent or found
+    assert daemon["dedup_new_bytes"] + daemon["dedup_reused_bytes"] == every
+    text = run_cli("status", str(run.parent), "--state-dir", str(state)).stdout
+    assert "dedup in scope 'exp'" in text and "sent as new chunks" in text
 
 
 @pytest.fixture

@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from uploader import IntegrityError, ObjectNotFoundError, ObjectStore
 from uploader.transfer.chunking import MAX_CHUNK, MIN_CHUNK, kind_of, spans
 from uploader.transfer.chunks import (
+    INLINE_MAX,
     Chunk,
     ChunkWriter,
     check_chunk,
     chunk_object,
+    chunk_prefix,
     decode_chunk,
     encode_chunk,
     restore_file,
@@ -113,6 +115,26 @@ def test_torch_save_zip_cuts_at_its_storages_so_unchanged_tensors_are_equal_chun
 
     shared = chunks(a) & chunks(b)
     assert sum(len(c) for c in shared) >= 4 * 2 * MiB  # every frozen tensor's bytes
+
+
+def test_tiny_chunks_live_in_the_manifest_not_as_objects(
+    local_store: ObjectStore, local_bucket: Path, tmp_path: Path
+) -> None:
+    """A torch.save zip's entry headers (about 100 bytes each, named after the file) are
+    chunks of their own; kept inline, they cost no request and no object."""
+    torch.manual_seed(1)
+    path = tmp_path / "epoch=0-step=8.ckpt"
+    torch.save({f"w{i}": torch.randn(512, 1024) for i in range(6)}, path)
+    got = ChunkWriter(local_store, "s").upload_file(path)
+    inline = [c for c in got.chunks if c.data is not None]
+    stored = [c for c in got.chunks if c.data is None]
+    assert len(inline) >= 6 and all(c.size <= INLINE_MAX for c in inline)
+    objects = list((local_bucket / chunk_prefix("s")).iterdir())
+    assert sorted(p.name for p in objects) == sorted({c.hash for c in stored})
+    back = [Chunk.from_json(json.loads(json.dumps(c.to_json()))) for c in got.chunks]
+    assert back == list(got.chunks)
+    out = restore_file(local_store, "s", back, tmp_path / "o" / path.name, got.size, got.digest)
+    assert out.read_bytes() == path.read_bytes()
 
 
 def test_other_files_get_content_defined_cuts_that_survive_an_insertion(tmp_path: Path) -> None:

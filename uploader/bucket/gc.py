@@ -179,7 +179,7 @@ def _check_present(
     store: ObjectStore, scope: str, f: ManifestFile, resend: Callable[[ManifestFile], None]
 ) -> None:
     prefix = chunk_prefix(scope)
-    missing = [c for c in f.chunks if not store.exists(f"{prefix}/{c.hash}")]
+    missing = [c for c in f.chunks if c.data is None and not store.exists(f"{prefix}/{c.hash}")]
     if missing:
         log.warning(
             "%d chunk(s) of %s were collected while it was sent; sending them again",

@@ -24,6 +24,8 @@ manifest as an object, whatever its size (a single file too), of the second form
      "files": [{"path": "checkpoint-16/model.safetensors", "size": 100,
                 "digest": "crc64nvme:<16 hex>", "chunks": [["<blake3 hex>", 100]]}, ...]}
 
+(a chunk of at most 4 KiB carries its bytes: ``["<blake3 hex>", 112, "<base64>"]``)
+
 ``scope_up`` says where its chunks are: the run's prefix (the pointer's, ``{prefix}``)
 with that many trailing path parts removed is the scope, and the chunks are under
 ``{scope}/.ckpt-uploader/chunks/``; relative, so a run copied to another prefix with its

@@ -6,7 +6,9 @@ the newest N from the pointer (never ``latest``); once that pointer is written,
 :func:`delete_checkpoints` deletes every file of each removed checkpoint that no
 remaining entry names, then its manifest object when it has one (never one that a
 remaining entry names). The pointer therefore never names a deleted object. Objects
-the pointer never named (artifacts, another tool's files) are never touched.
+the pointer never named (artifacts, another tool's files) are never touched. A chunked
+checkpoint (``--dedup``) loses its manifest object; its chunks are collected later by
+:mod:`uploader.bucket.gc`, since other checkpoints may share them.
 
 Example::
 
@@ -55,10 +57,12 @@ def delete_checkpoints(
             entries.append(load_manifest(store, e))
         except UploaderError as exc:
             log.warning("retention keeps checkpoint=%s: %s", e.name, exc)
-    live = _live(store, pointer, {obj for e in entries for _, obj in e.objects()})
+    # A chunked file has no object of its own: its manifest goes, its chunks stay for
+    # a collection (``ckpt-uploader gc``) to find unreferenced.
+    live = _live(store, pointer, {obj for e in entries for f, obj in e.objects() if not f.chunks})
     gone = []
     for e in entries:
-        names = [obj for _, obj in e.objects()]
+        names = [obj for f, obj in e.objects() if not f.chunks]
         if e.manifest_ref is not None:
             names.append(e.manifest_ref.object)  # last: while files remain, it lists them
         for obj in names:

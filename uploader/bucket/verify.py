@@ -79,7 +79,8 @@ def audit_pointer(store: ObjectStore, name: str, sizes: Mapping[str, int]) -> li
                 gone = [
                     c.hash
                     for c in f.chunks
-                    if chunk_object(e.scope, c.hash) not in sizes
+                    if c.data is None
+                    and chunk_object(e.scope, c.hash) not in sizes
                     and not store.exists(chunk_object(e.scope, c.hash))
                 ]
                 if gone:

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import logging
 import mmap
 import os
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CHUNK_DIR",
+    "INLINE_MAX",
     "Chunk",
     "ChunkIndex",
     "ChunkWriter",
@@ -71,28 +73,46 @@ _SAMPLE = 64 << 10
 #: A chunk is compressed when its sample shrinks to at most this fraction.
 _WORTH = 0.9
 _HEX = frozenset("0123456789abcdef")
+#: A chunk of at most this many bytes is kept in the manifest, not as an object.
+INLINE_MAX = 4096
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk of a file: its BLAKE3 (hex) and its length in bytes."""
+    """One chunk of a file: its BLAKE3 (hex) and its length in bytes; ``data`` holds a
+    chunk of at most :data:`INLINE_MAX` bytes, kept in the manifest instead of an object
+    of its own (a zip entry's header, a small norm: no request for a few bytes)."""
 
     hash: str
     size: int
+    data: bytes | None = None
 
     def to_json(self) -> list[object]:
+        if self.data is not None:
+            return [self.hash, self.size, base64.b64encode(self.data).decode()]
         return [self.hash, self.size]
 
     @classmethod
     def from_json(cls, item: object) -> Chunk:
-        if not (isinstance(item, list) and len(item) == 2):
-            raise ValueError(f"chunk {item!r} is not [blake3, size]")
-        h, size = item
+        if not (isinstance(item, list) and len(item) in (2, 3)):
+            raise ValueError(f"chunk {item!r} is not [blake3, size] or [blake3, size, base64]")
+        h, size = item[0], item[1]
         if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
             raise ValueError(f"chunk name {h!r} is not a BLAKE3 in hex")
         if not (isinstance(size, int) and 0 < size <= MAX_CHUNK):
             raise ValueError(f"chunk {h[:16]} has size {size!r} (1 to {MAX_CHUNK} bytes)")
-        return cls(h, size)
+        if len(item) == 2:
+            return cls(h, size)
+        text = item[2]
+        if not (isinstance(text, str) and size <= INLINE_MAX and len(text) <= 2 * INLINE_MAX):
+            raise ValueError(f"chunk {h[:16]} inline is not base64 of at most {INLINE_MAX} bytes")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError(f"chunk {h[:16]} inline is not base64") from None
+        if len(data) != size or _blake3(data) != h:
+            raise ValueError(f"chunk {h[:16]} inline does not hash to its name")
+        return cls(h, size, data)
 
 
 @dataclass(frozen=True)
@@ -245,8 +265,14 @@ class ChunkWriter:
             crc = crc64nvme(raw)
             crcs[i] = (crc, length)
             h = _blake3(raw)
-            chunks[i] = Chunk(h, length)
-            if not self._stored(h):
+            if length <= INLINE_MAX:  # kept in the manifest: no request
+                chunks[i] = Chunk(h, length, bytes(raw))
+                with lock:
+                    new[0] += length
+                    new[1] += length
+            else:
+                chunks[i] = Chunk(h, length)
+            if length > INLINE_MAX and not self._stored(h):
                 body: bytes | bytearray = encode_chunk(raw)
                 body_crc = None
                 if body[4] == RAW:
@@ -270,7 +296,7 @@ class ChunkWriter:
             raise FileChangedError(f"{path} changed while it was read")
         done = tuple(c for c in chunks if c is not None)
         if self.index is not None:
-            self.index.add(done)
+            self.index.add([c for c in done if c.data is None])
         crc = 0
         for value, length in crcs:
             crc = crc64nvme_combine(crc, value, length)
@@ -382,7 +408,10 @@ def restore_file(
             name = chunk_object(scope, chunk.hash)
             view = whole[offset : offset + chunk.size]
             try:
-                _land(store, name, chunk, view)
+                if chunk.data is not None:
+                    view[:] = chunk.data  # checked against its name when it was read
+                else:
+                    _land(store, name, chunk, view)
                 crcs[i] = crc64nvme(view)
             except ObjectNotFoundError:
                 raise ObjectNotFoundError(
@@ -453,6 +482,8 @@ def stream_chunks(
     ahead = max(1, concurrency or store.concurrency)
 
     def fetch(chunk: Chunk) -> bytes:
+        if chunk.data is not None:
+            return chunk.data
         name = chunk_object(scope, chunk.hash)
         try:
             body = store.get_bytes(name, max_size=chunk.size + 5 + (chunk.size >> 7) + 64)
