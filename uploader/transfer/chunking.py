@@ -17,14 +17,20 @@ tensor finds each unchanged tensor exactly, whatever moved around it. Formats re
   ``torch.save``; a log): **FastCDC** (PyPI ``fastcdc``), content-defined boundaries that
   survive insertions, average :data:`CDC_AVERAGE`.
 
-Boundaries then become spans: pieces smaller than :data:`MIN_CHUNK` (biases, norms,
-headers) are joined with their neighbours until the chunk reaches it, a piece of at
-least :data:`MIN_CHUNK` always starts its own chunk (so a large tensor's chunks do not
-depend on the small ones before it), and anything longer than :data:`MAX_CHUNK` is cut
-into pieces of :data:`MAX_CHUNK` from its start. Sizes are chosen for requests against
-bytes saved (docs/benchmarks.md, ``bench/dedup.py``): a GiB of large tensors is 64
-requests, one of a small model's (MiniLM: tensors of 0.6 and 2.3 MiB) about 500; a
-changed tensor costs its own bytes plus at most the small pieces joined with it.
+Boundaries then become spans. In a safetensors file, pieces smaller than
+:data:`MIN_CHUNK` (biases, norms, smaller matrices) are joined with their neighbours until
+the chunk reaches it, and a piece of at least :data:`MIN_CHUNK` always starts its own
+chunk (so a large tensor's chunks do not depend on the small ones before it). A zip's
+pieces are never joined: a local header names the file it is in (Lightning's
+``epoch=3-step=9.ckpt``), so joined with a tensor it would make that tensor's chunk new at
+every save; headers and small storages become chunks of a few bytes, which the manifest
+carries inline (:data:`uploader.transfer.chunks.INLINE_MAX`). FastCDC's pieces are its
+own. Anything longer than :data:`MAX_CHUNK` is cut into pieces of :data:`MAX_CHUNK` from
+its start. Sizes are chosen for requests against bytes saved (docs/benchmarks.md,
+``bench/dedup.py``): a GiB of large tensors is 64 requests; MiniLM's 87 MiB (tensors of
+0.6 and 2.3 MiB) are 14 chunks with a 4 MiB minimum against 41 with 1 MiB, and its
+frozen-base saves add the same 0.6 MiB either way (5.6 MiB with 8 MiB); a changed tensor
+costs its own bytes plus the small pieces joined with it.
 
 Example::
 
@@ -47,9 +53,10 @@ MiB = 1 << 20
 #: The longest chunk: a longer tensor or content-defined piece is cut at this length.
 MAX_CHUNK = 16 * MiB
 #: Pieces shorter than this are joined with their neighbours into one chunk.
-MIN_CHUNK = 1 * MiB
-#: FastCDC's average chunk length where no tensor boundaries are known.
+MIN_CHUNK = 4 * MiB
+#: FastCDC's average and smallest chunk lengths where no tensor boundaries are known.
 CDC_AVERAGE = 4 * MiB
+CDC_MIN = 1 * MiB
 #: The most header bytes a safetensors file may claim (its own readers cap it at 100 MB).
 _MAX_ST_HEADER = 100_000_000
 
@@ -64,17 +71,18 @@ def kind_of(path: str | os.PathLike[str]) -> str:
     return "cdc"
 
 
-def boundaries(path: str | os.PathLike[str], size: int) -> list[int]:
-    """The offsets where pieces of ``path`` (``size`` bytes) start, sorted, from 0."""
+def boundaries(path: str | os.PathLike[str], size: int) -> tuple[str, list[int]]:
+    """How ``path`` (``size`` bytes) is cut (see :func:`kind_of`) and the offsets where
+    its pieces start, sorted, from 0."""
     p = Path(path)
-    found = None
+    kind, found = "safetensors", None
     if p.suffix == ".safetensors":
         found = _safetensors(p)
     if found is None:
-        found = _zip(p)
+        kind, found = "zip", _zip(p)
     if found is None:
-        found = _cdc(p, size)
-    return sorted({0, *(b for b in found if 0 < b < size)})
+        kind, found = "cdc", _cdc(p, size)
+    return kind, sorted({0, *(b for b in found if 0 < b < size)})
 
 
 def spans(path: str | os.PathLike[str], size: int | None = None) -> list[tuple[int, int]]:
@@ -83,11 +91,14 @@ def spans(path: str | os.PathLike[str], size: int | None = None) -> list[tuple[i
         size = os.stat(path).st_size
     if size == 0:
         return []
-    return list(_spans(boundaries(path, size), size))
-
-
-def _spans(starts: list[int], size: int) -> Iterable[tuple[int, int]]:
+    kind, starts = boundaries(path, size)
     pieces = [(a, b - a) for a, b in zip(starts, [*starts[1:], size], strict=True)]
+    if kind != "safetensors":
+        return [cut for start, length in pieces for cut in _cut(start, length)]
+    return list(_joined(pieces))
+
+
+def _joined(pieces: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
     cur_start, cur_len = 0, 0
     for start, length in pieces:
         if length >= MIN_CHUNK or cur_len >= MIN_CHUNK:
@@ -159,7 +170,7 @@ def _zip(path: Path) -> list[int] | None:
 
 def _cdc(path: Path, size: int) -> list[int]:
     """FastCDC's boundaries (the file mapped, not read into memory)."""
-    if size <= MIN_CHUNK:
+    if size <= CDC_MIN:
         return [0]
     from fastcdc import fastcdc  # noqa: PLC0415 - its import pulls click; only when needed
 
@@ -167,7 +178,7 @@ def _cdc(path: Path, size: int) -> list[int]:
         c.offset
         for c in fastcdc(
             str(path),
-            min_size=MIN_CHUNK,
+            min_size=CDC_MIN,
             avg_size=CDC_AVERAGE,
             max_size=MAX_CHUNK,
             fat=False,
