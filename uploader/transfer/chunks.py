@@ -257,9 +257,16 @@ class ChunkWriter:
 
         def one(i: int) -> None:
             offset, length = cuts[i]
+            if length <= INLINE_MAX:
+                one_in(i, memoryview(bytearray(5 + length)))
+                return
+            with self.store.pool.buffer(5 + length) as big:  # reused, as parts' buffers are
+                one_in(i, memoryview(big)[: 5 + length])
+
+        def one_in(i: int, buf: memoryview) -> None:
+            offset, length = cuts[i]
             # Read after room for the header: a chunk stored as it is is sent from here.
-            buf = bytearray(5 + length)
-            raw = memoryview(buf)[5:]
+            raw = buf[5:]
             if os.preadv(fd, [raw], offset) != length:
                 raise FileChangedError(f"{path} shrank while it was read")
             crc = crc64nvme(raw)
@@ -273,7 +280,7 @@ class ChunkWriter:
             else:
                 chunks[i] = Chunk(h, length)
             if length > INLINE_MAX and not self._stored(h):
-                body: bytes | bytearray = encode_chunk(raw)
+                body: bytes | memoryview = encode_chunk(raw)
                 body_crc = None
                 if body[4] == RAW:
                     buf[:5] = body[:5]

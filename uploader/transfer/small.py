@@ -81,7 +81,9 @@ class SmallObjects:
         )
         return digest
 
-    def put_blob(self, object_name: str, data: bytes | bytearray, crc: int | None = None) -> None:
+    def put_blob(
+        self, object_name: str, data: bytes | bytearray | memoryview, crc: int | None = None
+    ) -> None:
         """Store ``data`` in one request, checked by the store on arrival where it checks
         (its CRC64NVME, ``crc`` when the caller has it, sent with it; its sha256 only
         where the payload is signed); no metadata and no digest record (a chunk object

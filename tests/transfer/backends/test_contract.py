@@ -101,6 +101,35 @@ def test_put_and_get_bytes(store: ObjectStore) -> None:
         store.get_bytes("b/missing")
 
 
+def test_a_file_sent_as_chunks_is_restored_and_streamed(store: ObjectStore, tmp_path: Path) -> None:
+    """--dedup on every backend: chunk objects sent from reused buffers (memoryviews),
+    received into the file's mapped pages, a compressible chunk stored compressed, a
+    tiny one inline; a second send finds every chunk in the store (one HEAD each)."""
+    from tests.transfer.test_chunks import write_safetensors
+    from uploader.transfer.chunks import ChunkWriter, restore_file, stream_chunks
+
+    src = tmp_path / "model.safetensors"
+    write_safetensors(
+        src,
+        [
+            ("zeros", bytes(5 * MiB)),
+            ("noise", write_random(tmp_path / "r", 6 * MiB).read_bytes()),
+            ("bias", b"b" * 100),
+        ],
+    )
+    first = ChunkWriter(store, "scope").upload_file(src)
+    assert 0 < first.stored_bytes < first.new_bytes == src.stat().st_size  # zeros compress
+    again = ChunkWriter(store, "scope").upload_file(src)
+    assert again.new_bytes == sum(c.size for c in again.chunks if c.data is not None)
+    out = restore_file(
+        store, "scope", first.chunks, tmp_path / "o" / src.name, first.size, first.digest
+    )
+    assert out.read_bytes() == src.read_bytes()
+    got = bytearray()
+    stream_chunks(store, "scope", first.chunks, got.extend, first.size, first.digest)
+    assert bytes(got) == src.read_bytes()
+
+
 def test_download_into_directory(target: Target, store: ObjectStore, tmp_path: Path) -> None:
     src = write_random(tmp_path / "a.bin", target.part + 1500)
     store.upload_file(src, "run/rank_0/ep1.pt")
