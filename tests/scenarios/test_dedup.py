@@ -408,3 +408,46 @@ def test_gc_racing_two_daemons_of_one_scope_never_deletes_a_referenced_chunk(
             assert out.read_bytes() == (run / r["name"]).read_bytes()
     verify = run_cli("verify", moto_s3.uri(bucket, "scope"))
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]
+
+
+def test_a_writer_resends_chunks_a_collection_took_before_its_manifest(
+    moto_store: ObjectStore, tmp_path: Path
+) -> None:
+    """The protocol's writer side, step by step: chunks sent at generation 0; a collection
+    (grace 0) deletes them, since no manifest names them yet; before its manifest the
+    writer sees the generation moved, finds its chunks gone, sends them again, and only
+    then writes the manifest, which restores."""
+    from uploader.bucket.gc import confirm_chunks, read_generation
+
+    scope = "exp"
+    token = read_generation(moto_store, scope)
+    entry = _entry(moto_store, tmp_path, scope, "a.safetensors", 7)
+    f = entry.files[0]
+    report = collect(moto_store, scope, grace=0, window=0)
+    assert report.deleted == sum(1 for c in f.chunks if c.data is None)
+    resent: list[str] = []
+    written: list[PointerEntry] = []
+
+    def resend(mf: ManifestFile) -> None:
+        resent.append(mf.path)
+        ChunkWriter(moto_store, scope).upload_file(tmp_path / mf.path)
+
+    confirm_chunks(
+        moto_store,
+        scope,
+        [(f, token)],
+        resend,
+        lambda: written.append(store_manifest(moto_store, entry)),
+    )
+    assert resent == ["a.safetensors"] and len(written) == 1
+    out = fetch_entry(moto_store, written[0], tmp_path / "out" / "a", into=False)
+    assert out.read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+    # the same writer, with the generation it sent at now current: no check, no resend
+    confirm_chunks(
+        moto_store,
+        scope,
+        [(f, read_generation(moto_store, scope))],
+        resend,
+        lambda: None,
+    )
+    assert resent == ["a.safetensors"]

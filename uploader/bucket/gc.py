@@ -8,14 +8,16 @@ compare-and-swap, not a lock over a scope; so writers (daemons of any run in the
 and a collector coordinate through one small object, ``{scope}/.ckpt-uploader/gc.json``::
 
     {"format": "ckpt-uploader/gc/1", "generation": 7, "state": "running" | "done",
-     "window": 30.0, "limit": 300.0}
+     "window": 5.0, "limit": 300.0}
 
 **The collector** (:func:`collect`):
 
 1. writes ``generation + 1``, state ``running`` (only-if-unchanged where the store honours
    conditions, so two collectors do not overlap; refused while another one's is live);
-2. waits ``window`` seconds, so that every writer that read the state before step 1 has
-   written its manifest (a writer redoes its check when it took longer than that);
+2. waits :data:`WINDOW` seconds (or its ``window``, when longer) and a margin, so that
+   every writer that read the state before step 1 has written its manifest (a writer
+   redoes its check when it took longer than :data:`WINDOW`, a constant of the protocol
+   that no collector may shorten);
 3. lists the scope: every manifest object (each read; one it cannot read stops the
    collection, deleting nothing) and every chunk;
 4. deletes the chunks no manifest references that are older than ``grace``, but only
@@ -29,9 +31,9 @@ the generation it sent them at (``"7:done"``). Before it writes a manifest
 ``limit`` plus a margin: a collector stops deleting by then); when the generation differs
 from the one a file's chunks were sent or looked up at, a collection ran in between, so
 it asks the store for each of that file's chunks and sends the missing ones again from
-the file (which must be unchanged). Then it writes the manifest; if more than ``window``
-seconds passed since it read the state, it checks again. A collector that started after
-that read waits ``window`` before listing and so sees the manifest; one that started
+the file (which must be unchanged). Then it writes the manifest; if more than
+:data:`WINDOW` seconds passed since it read the state, it checks again. A collector that started after
+that read waits at least :data:`WINDOW` before listing and so sees the manifest; one that started
 before it is seen by the writer. Either way no chunk a manifest names is deleted, and
 the grace period spares chunks of uploads still in flight in the common case.
 
@@ -74,13 +76,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GC_FORMAT = "ckpt-uploader/gc/1"
-#: Seconds a writer may take from reading the state to its manifest being written.
-WINDOW = 30.0
+#: Seconds a writer may take from reading the state to its manifest being written: a
+#: constant of the protocol (a collector waits at least this long, whatever it is told).
+WINDOW = 5.0
 #: Seconds a collection may delete for after it began (then it stops).
 LIMIT = 300.0
 #: Default age a chunk must have before it may be deleted.
 GRACE = 6 * 3600.0
-_MARGIN = 5.0
+_MARGIN = 2.0
 
 
 def gc_object(scope: str) -> str:
@@ -162,14 +165,14 @@ def confirm_chunks(
         seen = clock()
         while state.state == "running" and clock() - seen < state.limit + _MARGIN:
             log.info("a garbage collection runs in scope %r; the manifest waits", scope or "/")
-            sleep(min(2.0, state.window))
+            sleep(1.0)
             t0 = clock()
             state, _ = read_state(store, scope)
         for f, token in files:
             if token != state.token:
                 _check_present(store, scope, f, resend)
         write()
-        if clock() - t0 <= state.window:
+        if clock() - t0 <= WINDOW:
             return
         log.info("the manifest took longer than the collection window; checking again")
     raise IntegrityError("the manifest could not be written inside the collection window")
@@ -232,7 +235,7 @@ def collect(
         running = GcState(state.generation + 1, "running", window, limit)
         _write_state(store, scope, running, version)
         t0 = clock()
-        sleep(window + _MARGIN)
+        sleep(max(window, WINDOW) + _MARGIN)
     report = GcReport()
     try:
         referenced, chunks = _survey(store, scope, report)

@@ -54,8 +54,8 @@ def register(sub: Any) -> None:
         type=float,
         default=WINDOW,
         metavar="SECONDS",
-        help="wait this long after marking the scope, for uploaders writing a manifest "
-        "(default: %(default)s)",
+        help="wait this long after marking the scope, for uploaders writing a manifest; "
+        "never less than the protocol's 5 s (default: %(default)s)",
     )
     p.add_argument(
         "--limit",
