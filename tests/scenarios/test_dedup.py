@@ -119,6 +119,7 @@ def test_a_restart_sends_only_the_chunks_not_yet_stored(tmp_path: Path, local_bu
         run / "model.safetensors", [(f"w{i}", random.randbytes(4 * MiB)) for i in range(8)]
     )
     (run / "trainer_state.json").write_text("{}")
+    (run / "empty.txt").write_bytes(b"")  # no chunk at all: a plain empty object
     for p in run.iterdir():
         os.utime(p, (1e9, 1e9))
     uri = local_uri(local_bucket, "exp")

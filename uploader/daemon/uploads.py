@@ -337,7 +337,8 @@ class Uploads(SessionCleanup):
         on arrival (runs in a worker thread)."""
         rel = rec.path
         bucket = self.bucket
-        chunked = self.chunked is not None and rec.checkpoint  # limited per chunk sent
+        # Limited per chunk sent. An empty file has no chunk: a plain (empty) object.
+        chunked = self.chunked is not None and rec.checkpoint and rec.size > 0
         small = rec.size <= self.store.effective_part_size(rec.size)
         prepaid = bucket is not None and small and not chunked
         if prepaid:
