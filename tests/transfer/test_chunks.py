@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uploader import IntegrityError, ObjectNotFoundError, ObjectStore
+from uploader.transfer.chunk_restore import restore_file, stream_chunks
 from uploader.transfer.chunking import MAX_CHUNK, MIN_CHUNK, kind_of, spans
 from uploader.transfer.chunks import (
     INLINE_MAX,
@@ -25,8 +26,6 @@ from uploader.transfer.chunks import (
     chunk_prefix,
     decode_chunk,
     encode_chunk,
-    restore_file,
-    stream_chunks,
 )
 from uploader.transfer.digest import crc64nvme
 

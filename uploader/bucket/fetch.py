@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING
 from uploader.bucket.manifest import load_manifest
 from uploader.bucket.pointer import PointerEntry, check_location, read_pointer
 from uploader.errors import ConfigError, IntegrityError, UploaderError
-from uploader.transfer.chunks import Chunk, restore_file, stream_chunks
+from uploader.transfer.chunk_restore import restore_file, stream_chunks
+from uploader.transfer.chunks import Chunk
 from uploader.transfer.digest import Digest
 from uploader.transfer.download import progress_bar
 

@@ -106,7 +106,8 @@ def test_a_file_sent_as_chunks_is_restored_and_streamed(store: ObjectStore, tmp_
     received into the file's mapped pages, a compressible chunk stored compressed, a
     tiny one inline; a second send finds every chunk in the store (one HEAD each)."""
     from tests.transfer.test_chunks import write_safetensors
-    from uploader.transfer.chunks import ChunkWriter, restore_file, stream_chunks
+    from uploader.transfer.chunk_restore import restore_file, stream_chunks
+    from uploader.transfer.chunks import ChunkWriter
 
     src = tmp_path / "model.safetensors"
     write_safetensors(
