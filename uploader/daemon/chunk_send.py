@@ -95,7 +95,7 @@ class ChunkSender:
         ``paths`` are its files' journal paths. Blocking."""
         if entry.manifest_ref is not None:
             return entry
-        rels = {f.path: _journal_path(f.path, paths) for f in entry.files}
+        rels = _journal_paths([f.path for f in entry.files], paths)
         files = [(f, self.chunks.generation_of(rels[f.path])) for f in entry.files if f.chunks]
         out: list[PointerEntry] = []
 
@@ -117,9 +117,14 @@ class ChunkSender:
         return out[-1]
 
 
-def _journal_path(name: str, paths: list[str]) -> str:
-    """The journal path of a manifest file ``name`` (inside its rank directory)."""
-    for p in paths:
-        if p == name or p.endswith("/" + name):
-            return p
-    raise KeyError(f"{name} is not among the checkpoint's files")
+def _journal_paths(names: list[str], paths: list[str]) -> dict[str, str]:
+    """The journal path of each manifest file name (inside its rank directory): the
+    checkpoint's files share the rank directory's place in the run directory."""
+    have = set(paths)
+    first = next(p for p in paths if p == names[0] or p.endswith("/" + names[0]))
+    base = first[: len(first) - len(names[0])]
+    out = {n: base + n for n in names}
+    missing = [n for n, p in out.items() if p not in have]
+    if missing:
+        raise KeyError(f"{missing[0]} is not among the checkpoint's files")
+    return out
