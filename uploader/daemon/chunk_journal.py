@@ -20,17 +20,14 @@ The upload threads call it directly; each call takes the journal's lock.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 from uploader.bucket.pointer import PointerEntry
-from uploader.daemon.journal_db import JournalDb
+from uploader.daemon.journal_db import JournalTables
 from uploader.transfer.chunks import Chunk, FileChunks
 from uploader.transfer.digest import Digest
 
@@ -62,27 +59,9 @@ CREATE TABLE IF NOT EXISTS chunk_scopes (
 _BATCH = 500
 
 
-class JournalChunks:
+class JournalChunks(JournalTables):
     """Chunk lists and the chunk index in the journal ``db``; every call holds ``lock``
     (None: the caller holds the journal's lock already)."""
-
-    def __init__(self, db: JournalDb, lock: threading.Lock | None = None) -> None:
-        self._conn = db
-        self._lock: contextlib.AbstractContextManager[object] = (
-            lock if lock is not None else contextlib.nullcontext()
-        )
-
-    def locked(self, lock: threading.Lock) -> JournalChunks:
-        """The same records, each call holding ``lock`` (for the upload threads)."""
-        return JournalChunks(self._conn, lock)
-
-    def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        try:
-            return list(self._conn.db.execute(sql, params))
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):  # a journal of an earlier version, read-only
-                return []
-            raise
 
     # -- a file's chunks ----------------------------------------------------------------
     def record_file(self, path: str, mtime_ns: int, chunks: FileChunks, generation: str) -> None:

@@ -27,14 +27,23 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from uploader.errors import ConfigError, UploaderError
 
-__all__ = ["JournalDb", "JournalFullError", "RESERVE_NAME", "RESERVE_BYTES", "make_reserve", "room"]
+__all__ = [
+    "JournalDb",
+    "JournalFullError",
+    "JournalTables",
+    "RESERVE_NAME",
+    "RESERVE_BYTES",
+    "make_reserve",
+    "room",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,29 @@ _FLUSH_EVERY = 5.0  # seconds between attempts to save an in-memory journal
 
 class JournalFullError(UploaderError):
     """The journal's disk is full even after releasing the space reserve."""
+
+
+class JournalTables:
+    """Tables of their own in the journal ``db`` (sessions, chunks): every call holds
+    ``lock`` (None: the caller holds the journal's lock already)."""
+
+    def __init__(self, db: JournalDb, lock: threading.Lock | None = None) -> None:
+        self._conn = db
+        self._lock: contextlib.AbstractContextManager[object] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
+
+    def locked(self, lock: threading.Lock) -> Self:
+        """The same records, each call holding ``lock`` (for the upload threads)."""
+        return type(self)(self._conn, lock)
+
+    def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(self._conn.db.execute(sql, params))
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a journal of an earlier version, read-only
+                return []
+            raise
 
 
 def _is_full(exc: sqlite3.OperationalError) -> bool:

@@ -19,11 +19,9 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-import threading
 
-from uploader.daemon.journal_db import JournalDb
+from uploader.daemon.journal_db import JournalTables
 from uploader.transfer.resume import PartRecord, Session
 
 __all__ = ["JournalSessions", "SESSIONS_SCHEMA", "upgrade_sessions"]
@@ -60,28 +58,9 @@ def upgrade_sessions(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE parts ADD COLUMN crc64nvme TEXT NOT NULL DEFAULT ''")
 
 
-class JournalSessions:
+class JournalSessions(JournalTables):
     """Multipart sessions in the journal ``db``; every call holds ``lock`` (None: the
     caller holds the journal's lock already)."""
-
-    def __init__(self, db: JournalDb, lock: threading.Lock | None = None) -> None:
-        self._conn = db
-        self._given = lock
-        self._lock: contextlib.AbstractContextManager[object] = (
-            lock if lock is not None else contextlib.nullcontext()
-        )
-
-    def locked(self, lock: threading.Lock) -> JournalSessions:
-        """The same records, each call holding ``lock`` (for the upload threads)."""
-        return JournalSessions(self._conn, lock)
-
-    def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        try:
-            return list(self._conn.db.execute(sql, params))
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):  # a journal of an earlier version, read-only
-                return []
-            raise
 
     def _session(self, row: sqlite3.Row) -> Session:
         parts = {

@@ -179,7 +179,6 @@ def restore_file(
                 f"{target.name} put together from its chunks has digest {got}, the manifest "
                 f"records {want}; the manifest or a chunk is damaged"
             )
-        os.fchmod(fd, 0o644 & ~_umask())
         if fsync:
             os.fsync(fd)
         os.close(fd)
@@ -193,12 +192,6 @@ def restore_file(
         tmp.unlink(missing_ok=True)
         raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def stream_chunks(
