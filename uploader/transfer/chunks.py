@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from uploader.errors import FileChangedError, IntegrityError
 from uploader.transfer.chunking import MAX_CHUNK, spans
@@ -141,15 +141,28 @@ def blake3_hex(data: bytes | bytearray | memoryview) -> str:
     return str(blake3(data).hexdigest())
 
 
+_local = threading.local()
+
+
+def _compressor() -> Any:
+    """This thread's zstd compressor (level 1), made once: a context per call costs more
+    than compressing an incompressible chunk's sample."""
+    zc = getattr(_local, "zc", None)
+    if zc is None:
+        import zstandard  # noqa: PLC0415 - a native library, only for --dedup
+
+        zc = _local.zc = zstandard.ZstdCompressor(level=1)
+    return zc
+
+
 def encode_chunk(raw: bytes | bytearray | memoryview) -> bytes:
     """The body of the chunk object holding ``raw`` (for a chunk stored as it is, only
     when ``raw`` is not a memoryview: then the 5-byte header alone, for the caller to
     put in front of the bytes it holds)."""
-    import zstandard  # noqa: PLC0415
-
+    zc = _compressor()
     sample = bytes(raw[:_SAMPLE])
-    if sample and len(zstandard.ZstdCompressor(level=1).compress(sample)) <= _WORTH * len(sample):
-        packed = zstandard.ZstdCompressor(level=1).compress(raw)
+    if sample and len(zc.compress(sample)) <= _WORTH * len(sample):
+        packed = zc.compress(raw)
         if len(packed) < len(raw):
             return MAGIC + bytes([ZSTD]) + packed
     if isinstance(raw, memoryview):
