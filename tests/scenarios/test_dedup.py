@@ -452,3 +452,34 @@ def test_a_writer_resends_chunks_a_collection_took_before_its_manifest(
         lambda: None,
     )
     assert resent == ["a.safetensors"]
+
+
+def test_a_collection_that_died_blocks_neither_writers_nor_the_next_one(
+    moto_store: ObjectStore,
+) -> None:
+    """A collector killed while it ran leaves its mark ``running``; once its limit has
+    passed (by the store's clock) writers stop waiting for it and the next collection
+    takes over. A live one is still waited for, and refused to a second collector."""
+    from uploader.bucket.gc import GcState, confirm_chunks, gc_object
+    from uploader.errors import ConfigError
+
+    moto_store.put_bytes(gc_object("exp"), GcState(3, "running", 5.0, 0.5).to_json())
+    time.sleep(3.5)  # its limit, the margin, and Last-Modified's whole seconds
+    waited: list[float] = []
+    confirm_chunks(moto_store, "exp", [], lambda f: None, lambda: None, sleep=waited.append)
+    assert waited == []
+    collect(moto_store, "exp", grace=0, window=0)
+    assert read_state(moto_store, "exp")[0].token == "4:done"
+    moto_store.put_bytes(gc_object("exp"), GcState(5, "running", 5.0, 300.0).to_json())
+    with pytest.raises(ConfigError, match="is running"):
+        collect(moto_store, "exp", grace=0, window=0)
+    now = [0.0]  # a clock that moves only while the writer sleeps, 100 s a sleep
+
+    def nap(seconds: float) -> None:
+        waited.append(seconds)
+        now[0] += 100.0
+
+    confirm_chunks(
+        moto_store, "exp", [], lambda f: None, lambda: None, sleep=nap, clock=lambda: now[0]
+    )
+    assert len(waited) == 4  # waited for the live one until its limit and margin (302 s)

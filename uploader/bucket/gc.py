@@ -23,7 +23,9 @@ and a collector coordinate through one small object, ``{scope}/.ckpt-uploader/gc
 4. deletes the chunks no manifest references that are older than ``grace``, but only
    while less than ``limit`` seconds have passed since step 1 (then it stops: run it
    again);
-5. writes state ``done``.
+5. writes state ``done``. A collector that dies leaves ``running``: once that mark is older
+   than its limit and a margin (by the store's clock), writers no longer wait for it and
+   the next collection takes over.
 
 **A writer** sends a file's chunks (skipping those its index or a HEAD finds) and records
 the generation it sent them at (``"7:done"``). Before it writes a manifest
@@ -140,6 +142,19 @@ def read_state(store: ObjectStore, scope: str) -> tuple[GcState, str | None]:
     return _parse_state(data, name), version
 
 
+def _dead(store: ObjectStore, scope: str, state: GcState) -> bool:
+    """Whether a ``running`` state was left by a collection that can no longer delete:
+    its mark is older (by the store's clock) than its limit and the margin."""
+    if state.state != "running":
+        return False
+    try:
+        mtime = store.stat(gc_object(scope)).mtime
+    except ObjectNotFoundError:
+        return True
+    now = store.backend.server_date() or time.time()
+    return mtime is not None and now - mtime > state.limit + _MARGIN
+
+
 def read_generation(store: ObjectStore, scope: str) -> str:
     """The scope's generation token (``"7:done"``) as writers record it."""
     return read_state(store, scope)[0].token
@@ -163,7 +178,11 @@ def confirm_chunks(
         t0 = clock()
         state, _ = read_state(store, scope)
         seen = clock()
-        while state.state == "running" and clock() - seen < state.limit + _MARGIN:
+        while (
+            state.state == "running"
+            and clock() - seen < state.limit + _MARGIN
+            and not _dead(store, scope, state)
+        ):
             log.info("a garbage collection runs in scope %r; the manifest waits", scope or "/")
             sleep(1.0)
             t0 = clock()
@@ -226,11 +245,18 @@ def collect(
     state, version = read_state(store, scope)
     t0 = clock()
     if not dry_run:
-        if state.state == "running":
+        if state.state == "running" and _dead(store, scope, state):
+            log.warning(
+                "the collection of generation %d in scope %r ended without marking it done "
+                "(its limit passed); taking over",
+                state.generation,
+                scope or "/",
+            )
+        elif state.state == "running":
             raise ConfigError(
                 f"a garbage collection of scope {scope or '/'!r} is running (generation "
                 f"{state.generation}); wait for it, or, if it died, for its limit of "
-                f"{state.limit:.0f} s to pass, then delete {gc_object(scope)} and run again"
+                f"{state.limit:.0f} s to pass, and run again"
             )
         running = GcState(state.generation + 1, "running", window, limit)
         _write_state(store, scope, running, version)
