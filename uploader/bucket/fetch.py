@@ -130,8 +130,8 @@ def fetch_entry(
     if not entry.is_directory and entry.chunked:
         entry = load_manifest(store, entry)
         f = entry.manifest[0]
-        job = Download(entry.object, base / entry.name if into else base, f.digest, f.size)
-        job = replace(job, chunks=f.chunks, scope=entry.scope)
+        target = base / entry.name if into else base
+        job = Download(entry.object, target, f.digest, f.size, f.chunks, entry.scope)
         download_all(store, [job], progress=progress, label=entry.name, fsync=fsync)
         return job.target
     if not entry.is_directory:

@@ -32,6 +32,7 @@ from uploader.transfer.chunks import (
     chunk_object,
     chunk_offsets,
     decode_chunk,
+    max_body,
     run_on_pool,
 )
 from uploader.transfer.digest import Digest, crc64nvme, crc64nvme_combine
@@ -213,12 +214,12 @@ def stream_chunks(
         raise IntegrityError(f"the manifest's chunks do not make a file of {size} bytes")
     ahead = max(1, concurrency or store.concurrency)
 
-    def fetch(chunk: Chunk) -> bytes:
+    def fetch(chunk: Chunk) -> bytes | memoryview:
         if chunk.data is not None:
             return chunk.data
         name = chunk_object(scope, chunk.hash)
         try:
-            body = store.get_bytes(name, max_size=chunk.size + 5 + (chunk.size >> 7) + 64)
+            body = store.get_bytes(name, max_size=max_body(chunk.size))
         except ObjectNotFoundError:
             raise ObjectNotFoundError(
                 f"chunk {name} is missing from the store; this checkpoint cannot be "

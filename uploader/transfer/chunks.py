@@ -56,6 +56,7 @@ __all__ = [
     "chunk_object",
     "chunk_prefix",
     "check_chunk",
+    "max_body",
     "is_chunk_object",
     "decode_chunk",
     "encode_chunk",
@@ -176,47 +177,46 @@ def is_chunk_object(name: str) -> bool:
     return (head == CHUNK_DIR or head.endswith("/" + CHUNK_DIR)) and len(h) == 64
 
 
+def max_body(size: int) -> int:
+    """The most bytes a chunk object holding ``size`` bytes may have: the header and
+    zstd's worst case for incompressible data (a read bound, against planted objects)."""
+    return 5 + size + (size >> 7) + 64
+
+
+def _payload(body: bytes, name: str, limit: int) -> bytes | memoryview:
+    """The decoded bytes of chunk object ``name`` (at most ``limit`` of them); IntegrityError
+    for a bad header or a frame that does not decompress."""
+    if body[:4] != MAGIC or len(body) < 5 or body[4] not in (RAW, ZSTD):
+        raise IntegrityError(f"chunk {name} is not a chunk object (bad header); it was damaged")
+    if body[4] == RAW:
+        return memoryview(body)[5:]
+    import zstandard  # noqa: PLC0415
+
+    try:
+        return bytes(zstandard.ZstdDecompressor().decompress(body[5:], max_output_size=limit))
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"chunk {name} does not decompress ({exc}); it was damaged") from None
+
+
 def check_chunk(store: ObjectStore, name: str) -> int:
     """Read chunk object ``name`` and check it against its name; its decoded length.
     IntegrityError when it is damaged."""
-    body = store.get_bytes(name, max_size=MAX_CHUNK + (MAX_CHUNK >> 7) + 69)
-    h = name.rpartition("/")[2]
-    if body[4:5] == bytes([ZSTD]):
-        import zstandard  # noqa: PLC0415
-
-        try:
-            size = len(zstandard.ZstdDecompressor().decompress(body[5:], max_output_size=MAX_CHUNK))
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(
-                f"chunk {name} does not decompress ({exc}); it was damaged"
-            ) from None
-    else:
-        size = len(body) - 5
-    decode_chunk(body, Chunk(h, max(size, 1)), name)
-    return size
+    raw = _payload(store.get_bytes(name, max_size=max_body(MAX_CHUNK)), name, MAX_CHUNK)
+    if blake3_hex(raw) != name.rpartition("/")[2]:
+        raise IntegrityError(f"chunk {name} does not hash to its name; it was damaged in the store")
+    return len(raw)
 
 
-def decode_chunk(body: bytes, chunk: Chunk, name: str) -> bytes:
+def decode_chunk(body: bytes, chunk: Chunk, name: str) -> bytes | memoryview:
     """The bytes of ``chunk`` from its object's ``body``; IntegrityError unless they are
     exactly the chunk its name and the manifest say."""
-    what = f"chunk {name}"
-    if body[:4] != MAGIC or len(body) < 5 or body[4] not in (RAW, ZSTD):
-        raise IntegrityError(f"{what} is not a chunk object (bad header); it was damaged")
-    if body[4] == RAW:
-        raw = body[5:]
-    else:
-        import zstandard  # noqa: PLC0415
-
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(body[5:], max_output_size=chunk.size)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{what} does not decompress ({exc}); it was damaged") from None
+    raw = _payload(body, name, chunk.size)
     if len(raw) != chunk.size:
         raise IntegrityError(
-            f"{what} holds {len(raw)} bytes, the manifest says {chunk.size}; it was damaged"
+            f"chunk {name} holds {len(raw)} bytes, the manifest says {chunk.size}; it was damaged"
         )
     if blake3_hex(raw) != chunk.hash:
-        raise IntegrityError(f"{what} does not hash to its name; it was damaged in the store")
+        raise IntegrityError(f"chunk {name} does not hash to its name; it was damaged in the store")
     return raw
 
 
